@@ -1,0 +1,43 @@
+# Set-up and the project's jobs. `make demo` is the main job; `make test` is what CI runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Where this machine keeps a CPU build of torch on disk, take it (an unpinned
+# torch would download a multi-GB CUDA build); elsewhere pip resolves the range
+# in pyproject.toml, which admits the CUDA build GPU users need.
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0*.whl))
+TORCH_PIN   := $(if $(TORCH_WHEEL),--find-links $(dir $(TORCH_WHEEL)) torch==2.13.0,)
+HTMX        := frontend/static/vendor/htmx.min.js
+
+.PHONY: install assets browser test demo clean
+
+install: $(VENV)/.installed assets
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[record,test]'
+	touch $@
+
+assets: $(HTMX)
+
+$(HTMX): frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p $(dir $@)
+	cp frontend/node_modules/htmx.org/dist/htmx.min.js $@
+
+# Debian's chromium and chromium-driver for the browser tests.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "chromium/chromedriver missing and not root: browser tests will be skipped"; fi
+
+test: install browser
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m gluscope.cli demo
+
+clean:
+	rm -rf $(VENV) frontend/node_modules frontend/static/vendor

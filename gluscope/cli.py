@@ -1,0 +1,112 @@
+"""The `gluscope` command: dataset, record, serve, demo.
+
+Heavy imports (torch, transformers) happen inside the subcommands that need
+them, so `gluscope serve` runs in an image without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, no traceback."""
+
+
+def _add_corpus_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per text, BOS included (default: 1024)")
+    p.add_argument("--max-tokens", type=int, default=20_000_000, help="stop once this many tokens are kept (default: 20M)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    p.add_argument("--split", default="train", help="split of a hub or multi-split dataset (default: train)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gluscope", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dataset", help="shuffle, tokenize and truncate a text dataset into a folder `record` reads")
+    p.add_argument("source", help="hub dataset name, .txt/.jsonl/.parquet file(s) or folder, or a save_to_disk folder")
+    p.add_argument("--tokenizer", required=True, help="model name or folder whose tokenizer to use")
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    _add_corpus_options(p)
+
+    p = sub.add_parser("record", help="run a gated-MLP model over a corpus and write the statistics database")
+    p.add_argument("--model", required=True, help="hub name or local folder")
+    p.add_argument("--dataset", required=True, help="folder from `gluscope dataset`, or any source it takes")
+    p.add_argument("--out", required=True, type=Path, help="the .duckdb file to write")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default: 8)")
+    p.add_argument("--k", type=int, default=16, help="examples kept per neuron, quadrant and value (default: 16)")
+    p.add_argument("--window-before", type=int, default=24, help="window tokens before an example (default: 24)")
+    p.add_argument("--window-after", type=int, default=2, help="window tokens after an example (default: 2)")
+    p.add_argument("--no-refactor-glu", dest="refactor_glu", action="store_false",
+                   help="keep raw weights instead of flipping w_in, w_out so that cos(w_gate, w_in) >= 0")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the per-batch reductions (auto: on for runs over 1M tokens)")
+    p.add_argument("--revision", default=None, help="model revision on the hub")
+    p.add_argument("--overwrite", action="store_true")
+    _add_corpus_options(p)
+
+    p = sub.add_parser("serve", help="browse one or more recorded databases")
+    p.add_argument("files", nargs="*", type=Path, help=".duckdb files recorded by `gluscope record`")
+    p.add_argument("--data-dir", type=Path, default=None, help="also serve every *.duckdb file in this folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = sub.add_parser("demo", help="record the bundled demo model on held-out stdlib code and serve it")
+    p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-serve", action="store_true", help="record only")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from gluscope.server.app import create_app
+
+    files = list(args.files)
+    if args.data_dir is not None:
+        if not args.data_dir.is_dir():
+            raise UserError(f"--data-dir {args.data_dir} is not a folder")
+        files += sorted(args.data_dir.glob("*.duckdb"))
+    if not files:
+        raise UserError("no database given: name .duckdb files or a --data-dir holding some")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f} does not exist (record one with `gluscope record`)")
+    app = create_app(files)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            _serve(args)
+        elif args.command == "dataset":
+            from gluscope.recorder.cli import run_dataset
+            run_dataset(args)
+        elif args.command == "record":
+            from gluscope.recorder.cli import run_record
+            run_record(args)
+        elif args.command == "demo":
+            from gluscope.demo import run_demo
+            run_demo(args)
+    except UserError as e:
+        print(f"gluscope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gluscope {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

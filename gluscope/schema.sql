@@ -1,0 +1,145 @@
+-- GLUScope database schema: the contract between the recorder (which writes
+-- a file with exactly these tables) and the server (which only reads them).
+-- Layers, neurons, text ids and positions are zero-based. Position 0 of every
+-- text is its BOS token; it is stored but never counted in any statistic.
+-- Quadrant and hook codes are small integers; the lookup tables `quadrants`
+-- and `hooks` below say what each code means, so the file describes itself.
+
+-- One row: what was recorded, how, and with which conventions.
+CREATE TABLE metadata (
+    schema_version   INTEGER   NOT NULL,
+    tool_version     VARCHAR   NOT NULL,
+    created_at       TIMESTAMP NOT NULL,
+    model_name       VARCHAR   NOT NULL,  -- hub name or local folder as given
+    model_revision   VARCHAR,             -- commit hash when known
+    architecture     VARCHAR   NOT NULL,  -- e.g. LlamaForCausalLM
+    act_fn           VARCHAR   NOT NULL,  -- the config's name, e.g. silu, gelu_pytorch_tanh
+    n_layers         INTEGER   NOT NULL,
+    d_model          INTEGER   NOT NULL,
+    d_mlp            INTEGER   NOT NULL,
+    vocab_size       INTEGER   NOT NULL,
+    dtype            VARCHAR   NOT NULL,  -- dtype the model ran in
+    dataset          VARCHAR   NOT NULL,  -- where the texts came from
+    text_column      VARCHAR,
+    max_length       INTEGER   NOT NULL,  -- tokens per text, BOS included
+    bos_token_id     INTEGER   NOT NULL,  -- the id put first in every text (EOS if no BOS)
+    n_texts          INTEGER   NOT NULL,
+    n_tokens         BIGINT    NOT NULL,  -- tokens counted: no BOS, no padding
+    k                INTEGER   NOT NULL,  -- examples kept per (neuron, quadrant, hook)
+    window_before    INTEGER   NOT NULL,  -- a window spans position-before ..
+    window_after     INTEGER   NOT NULL,  -- .. position+after, clipped to the text
+    refactor_glu     BOOLEAN   NOT NULL,  -- true: w_in and w_out of each neuron multiplied by sign(w_gate . w_in)
+    weight_convention VARCHAR  NOT NULL   -- a sentence saying the same for humans
+);
+
+-- Code tables, written with the schema.
+CREATE TABLE quadrants (
+    quadrant  TINYINT PRIMARY KEY,  -- 0..3
+    label     VARCHAR NOT NULL,     -- gate+_in+ ...
+    slug      VARCHAR NOT NULL,     -- pp, pn, np, nn (URL-safe)
+    gate_sign TINYINT NOT NULL,
+    in_sign   TINYINT NOT NULL
+);
+INSERT INTO quadrants VALUES
+    (0, 'gate+_in+', 'pp',  1,  1),
+    (1, 'gate+_in-', 'pn',  1, -1),
+    (2, 'gate-_in+', 'np', -1,  1),
+    (3, 'gate-_in-', 'nn', -1, -1);
+
+CREATE TABLE hooks (
+    hook        TINYINT PRIMARY KEY,  -- 0..3
+    name        VARCHAR NOT NULL,
+    description VARCHAR NOT NULL
+);
+INSERT INTO hooks VALUES
+    (0, 'hook_post',       'act(x_gate) * x_in, what the neuron writes (times w_out)'),
+    (1, 'hook_pre_linear', 'x_in = w_in . x'),
+    (2, 'hook_pre',        'x_gate = w_gate . x'),
+    (3, 'act',             'act_fn(x_gate): swish for SiLU models, GELU for Gemma');
+
+-- Every recorded text, in text_id order.
+CREATE TABLE texts (
+    text_id      INTEGER   NOT NULL,  -- 0 .. n_texts-1
+    source_index BIGINT    NOT NULL,  -- row index in the source dataset
+    n_tokens     INTEGER   NOT NULL,  -- length including BOS
+    token_ids    INTEGER[] NOT NULL
+);
+
+-- The tokenizer's vocabulary, so texts decode without the tokenizer.
+CREATE TABLE vocab (
+    token_id    INTEGER NOT NULL,
+    token       VARCHAR NOT NULL,  -- what the tokenizer decodes this id to alone
+    token_bytes BLOB    NOT NULL   -- the raw bytes it contributes to a text; concatenate and decode UTF-8
+);
+
+-- One row per neuron: quadrant counts and weight geometry (after the weight convention).
+CREATE TABLE neurons (
+    layer        SMALLINT NOT NULL,
+    neuron       INTEGER  NOT NULL,
+    count_pp     BIGINT   NOT NULL,  -- tokens with x_gate > 0 and x_in > 0
+    count_pn     BIGINT   NOT NULL,  -- x_gate > 0, x_in < 0
+    count_np     BIGINT   NOT NULL,  -- x_gate < 0, x_in > 0
+    count_nn     BIGINT   NOT NULL,  -- x_gate < 0, x_in < 0
+    flipped      BOOLEAN  NOT NULL,  -- w_in, w_out were multiplied by -1
+    cos_gate_in  FLOAT    NOT NULL,
+    cos_gate_out FLOAT    NOT NULL,
+    cos_in_out   FLOAT    NOT NULL,
+    norm_gate    FLOAT    NOT NULL,
+    norm_in      FLOAT    NOT NULL,
+    norm_out     FLOAT    NOT NULL
+);
+
+-- Min, max and mean of each hook over the tokens of each quadrant (NULL when
+-- the quadrant never occurred). 16 rows per neuron.
+CREATE TABLE value_stats (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    quadrant TINYINT  NOT NULL,
+    hook     TINYINT  NOT NULL,
+    min      FLOAT,
+    max      FLOAT,
+    mean     DOUBLE
+);
+
+-- Top-k texts per (neuron, quadrant, hook) by absolute value; each text at
+-- most once per list, at its own most extreme position. Rank 0 is the most
+-- extreme; ties go to the lower text_id, then the lower position.
+CREATE TABLE examples (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    quadrant TINYINT  NOT NULL,
+    hook     TINYINT  NOT NULL,
+    rank     TINYINT  NOT NULL,
+    value    FLOAT    NOT NULL,
+    text_id  INTEGER  NOT NULL,
+    position SMALLINT NOT NULL
+);
+
+-- x_gate and x_in of one neuron around each distinct example token, stored
+-- once per (layer, neuron, text_id, position) however many lists it is in.
+-- Values are IEEE float16 bit patterns (decode with f16 below, or in NumPy
+-- with np.asarray(x, np.int16).view(np.float16)); act and hook_post follow
+-- from them. The window covers window_start .. window_start+len(x_gate)-1.
+CREATE TABLE windows (
+    layer        SMALLINT   NOT NULL,
+    neuron       INTEGER    NOT NULL,
+    text_id      INTEGER    NOT NULL,
+    position     SMALLINT   NOT NULL,
+    window_start SMALLINT   NOT NULL,
+    x_gate       SMALLINT[] NOT NULL,
+    x_in         SMALLINT[] NOT NULL
+);
+
+-- float16 bit pattern (as SMALLINT) -> FLOAT, for reading windows in SQL.
+CREATE MACRO f16(h) AS (
+    CASE
+        WHEN ((h::INTEGER & 32767) >> 10) = 0
+            THEN (1 - 2 * ((h::INTEGER >> 15) & 1)) * ((h::INTEGER & 1023) / 1024.0) * pow(2, -14)
+        WHEN ((h::INTEGER & 32767) >> 10) = 31
+            THEN CASE WHEN (h::INTEGER & 1023) = 0
+                      THEN (1 - 2 * ((h::INTEGER >> 15) & 1)) * 'inf'::DOUBLE
+                      ELSE 'nan'::DOUBLE END
+        ELSE (1 - 2 * ((h::INTEGER >> 15) & 1)) * (1 + (h::INTEGER & 1023) / 1024.0)
+             * pow(2, ((h::INTEGER & 32767) >> 10) - 15)
+    END
+)::FLOAT;

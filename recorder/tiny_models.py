@@ -1,0 +1,88 @@
+"""Tiny gated-MLP models built locally from a config, with a BPE tokenizer trained on the spot.
+
+Nothing here downloads anything: tests, benchmarks and the demo use these to
+exercise the exact code path a hub model takes (a folder with config,
+weights and tokenizer, loaded through TransformerLens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>"]
+
+# Per architecture: config class and the keyword arguments that make it tiny
+# but keep every structural feature (GQA, GEGLU, fused gate/up, ...).
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
+    "olmo": ("OlmoConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "gemma": ("GemmaConfig", {"head_dim": 16, "num_key_value_heads": 1, "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "num_key_value_heads": 2, "hidden_activation": "gelu_pytorch_tanh"}),
+    "phi3": ("Phi3Config", {"num_key_value_heads": 4, "pad_token_id": 2}),
+    "gpt2": ("GPT2Config", {}),  # not gated: for the error path
+}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with BOS/EOS/PAD tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+
+
+def make_config(arch: str, vocab_size: int, d_model: int = 64, d_mlp: int = 96, n_layers: int = 2,
+                n_heads: int = 4, max_positions: int = 1024) -> transformers.PretrainedConfig:
+    """A small config of the named architecture (see ARCHITECTURES)."""
+    class_name, extra = ARCHITECTURES[arch]
+    cls = getattr(transformers, class_name)
+    if arch == "gpt2":
+        return cls(vocab_size=vocab_size, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads,
+                   n_positions=max_positions, bos_token_id=0, eos_token_id=1)
+    return cls(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=0,
+        eos_token_id=1,
+        **{"pad_token_id": 2, **extra},
+    )
+
+
+def save_tiny_model(out_dir: Path, arch: str, texts: list[str], *, vocab_size: int = 384, seed: int = 0,
+                    init_std: float | None = None, **config_kwargs) -> Path:
+    """Write config, random weights and a freshly trained tokenizer to `out_dir`; return it.
+
+    `init_std` widens the initialisation so that activations of a random model
+    spread over all four quadrants instead of hugging zero.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    config = make_config(arch, len(tokenizer), **config_kwargs)
+    if init_std is not None:
+        config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

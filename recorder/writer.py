@@ -1,0 +1,189 @@
+"""The only code that writes a GLUScope database.
+
+Everything arrives as NumPy arrays and goes in as Arrow tables, one bulk
+INSERT per table and layer, ordered by (layer, neuron) so that a lookup of
+one neuron touches few row groups. The file is built under a temporary name
+and renamed when complete, so a crash or a bad input never leaves a
+half-written database where the server would pick it up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from gluscope.schema import schema_sql
+
+N_Q, N_H = 4, 4  # quadrants, hooks
+
+
+@dataclass
+class LayerResult:
+    """Everything recorded for one layer. Shapes: n = d_mlp, k = examples per list, W = window slots.
+
+    Quadrant and hook axes follow the codes in schema.sql.
+    """
+
+    counts: np.ndarray        # [4, n] int64
+    value_min: np.ndarray     # [4, 4, n] float32, NaN where the quadrant is empty
+    value_max: np.ndarray     # [4, 4, n] float32
+    value_mean: np.ndarray    # [4, 4, n] float64
+    example_value: np.ndarray  # [4, 4, n, k] float32
+    example_text: np.ndarray   # [4, 4, n, k] int32, -1 marks an empty slot
+    example_pos: np.ndarray    # [4, 4, n, k] int16
+    window_start: np.ndarray   # [4, 4, n, k] int16
+    window_len: np.ndarray     # [4, 4, n, k] int16
+    window_gate: np.ndarray    # [4, 4, n, k, W] float16
+    window_in: np.ndarray      # [4, 4, n, k, W] float16
+    geometry: dict[str, np.ndarray]  # cos_gate_in, cos_gate_out, cos_in_out, norm_gate, norm_in, norm_out: [n]
+    flipped: np.ndarray        # [n] bool
+
+
+def _list_array(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+class DatabaseWriter:
+    """Writes one database file; use as a context manager so failures clean up."""
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} already exists; pass --overwrite to replace it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp_path.unlink(missing_ok=True)
+        self.con = duckdb.connect(str(self.tmp_path))
+        self.con.execute(schema_sql())
+
+    def __enter__(self) -> "DatabaseWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+    def _insert(self, table: str, data: pa.Table) -> None:
+        self.con.register("_batch", data)
+        try:
+            self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+        finally:
+            self.con.unregister("_batch")
+
+    def write_metadata(self, meta: dict[str, Any]) -> None:
+        columns = [row[0] for row in self.con.execute("DESCRIBE metadata").fetchall()]
+        missing = set(columns) - set(meta)
+        if missing:
+            raise ValueError(f"metadata lacks {sorted(missing)}")
+        placeholders = ", ".join("?" for _ in columns)
+        self.con.execute(f"INSERT INTO metadata ({', '.join(columns)}) VALUES ({placeholders})",
+                         [meta[c] for c in columns])
+
+    def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray], first_text_id: int = 0) -> None:
+        lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+        flat = np.concatenate(token_ids).astype(np.int32) if len(token_ids) else np.zeros(0, np.int32)
+        self._insert("texts", pa.table({
+            "text_id": pa.array(np.arange(first_text_id, first_text_id + len(token_ids), dtype=np.int32)),
+            "source_index": pa.array(np.asarray(source_index, dtype=np.int64)),
+            "n_tokens": pa.array(lengths.astype(np.int32)),
+            "token_ids": _list_array(flat, lengths),
+        }))
+
+    def write_vocab(self, tokens: Sequence[str], token_bytes: Sequence[bytes]) -> None:
+        self._insert("vocab", pa.table({
+            "token_id": pa.array(np.arange(len(tokens), dtype=np.int32)),
+            "token": pa.array(list(tokens), pa.string()),
+            "token_bytes": pa.array(list(token_bytes), pa.binary()),
+        }))
+
+    def write_layer(self, layer: int, r: LayerResult) -> None:
+        n = r.counts.shape[1]
+        k = r.example_value.shape[-1]
+        neuron = np.arange(n, dtype=np.int32)
+
+        self._insert("neurons", pa.table({
+            "layer": pa.array(np.full(n, layer, np.int16)),
+            "neuron": pa.array(neuron),
+            **{f"count_{s}": pa.array(r.counts[q].astype(np.int64)) for q, s in enumerate(("pp", "pn", "np", "nn"))},
+            "flipped": pa.array(r.flipped.astype(bool)),
+            **{name: pa.array(r.geometry[name].astype(np.float32)) for name in
+               ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")},
+        }))
+
+        # [q, h, n] -> rows ordered by (neuron, quadrant, hook)
+        def by_neuron(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.moveaxis(a, 2, 0)).reshape(-1)
+
+        q_idx, h_idx = np.meshgrid(np.arange(N_Q, dtype=np.int8), np.arange(N_H, dtype=np.int8), indexing="ij")
+        self._insert("value_stats", pa.table({
+            "layer": pa.array(np.full(n * 16, layer, np.int16)),
+            "neuron": pa.array(np.repeat(neuron, 16)),
+            "quadrant": pa.array(np.tile(q_idx.reshape(-1), n)),
+            "hook": pa.array(np.tile(h_idx.reshape(-1), n)),
+            "min": pa.array(by_neuron(r.value_min).astype(np.float32), from_pandas=True),
+            "max": pa.array(by_neuron(r.value_max).astype(np.float32), from_pandas=True),
+            "mean": pa.array(by_neuron(r.value_mean).astype(np.float64), from_pandas=True),
+        }))
+
+        # Examples: [q, h, n, k] -> [n, q, h, k], empty slots dropped.
+        def ex(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.moveaxis(a, 2, 0)).reshape(-1, *a.shape[4:])
+
+        text = ex(r.example_text)
+        keep = text >= 0
+        shape = (n, N_Q, N_H, k)
+        grid = np.indices(shape, dtype=np.int32).reshape(4, -1)
+        self._insert("examples", pa.table({
+            "layer": pa.array(np.full(int(keep.sum()), layer, np.int16)),
+            "neuron": pa.array(grid[0][keep]),
+            "quadrant": pa.array(grid[1][keep].astype(np.int8)),
+            "hook": pa.array(grid[2][keep].astype(np.int8)),
+            "rank": pa.array(grid[3][keep].astype(np.int8)),
+            "value": pa.array(ex(r.example_value)[keep].astype(np.float32)),
+            "text_id": pa.array(text[keep].astype(np.int32)),
+            "position": pa.array(ex(r.example_pos)[keep].astype(np.int16)),
+        }))
+
+        # Windows: one per distinct (neuron, text, position); the same token is
+        # often the top example of several lists (act and hook_pre always agree for gate+).
+        pos = ex(r.example_pos)[keep].astype(np.int64)
+        ex_neuron = grid[0][keep].astype(np.int64)
+        key = (ex_neuron << 44) | (text[keep].astype(np.int64) << 16) | pos
+        _, first = np.unique(key, return_index=True)  # sorted by key = by (neuron, text, position)
+        lengths = ex(r.window_len)[keep][first].astype(np.int64)
+        w_slots = r.window_gate.shape[-1]
+        slot_ok = np.arange(w_slots)[None, :] < lengths[:, None]
+        gate = ex(r.window_gate)[keep][first]
+        inn = ex(r.window_in)[keep][first]
+        self._insert("windows", pa.table({
+            "layer": pa.array(np.full(len(first), layer, np.int16)),
+            "neuron": pa.array(ex_neuron[first].astype(np.int32)),
+            "text_id": pa.array(text[keep][first].astype(np.int32)),
+            "position": pa.array(pos[first].astype(np.int16)),
+            "window_start": pa.array(ex(r.window_start)[keep][first].astype(np.int16)),
+            "x_gate": _list_array(gate.astype(np.float16).view(np.int16)[slot_ok], lengths),
+            "x_in": _list_array(inn.astype(np.float16).view(np.int16)[slot_ok], lengths),
+        }))
+
+    def finish(self) -> Path:
+        self.con.execute("CHECKPOINT")
+        self.con.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.con.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+            Path(str(self.tmp_path) + ".wal").unlink(missing_ok=True)
