@@ -10,9 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, no traceback."""
+from gluscope.errors import UserError
 
 
 def _add_corpus_options(p: argparse.ArgumentParser) -> None:

@@ -70,14 +70,17 @@ def make_config(arch: str, vocab_size: int, d_model: int = 64, d_mlp: int = 96, 
 
 
 def save_tiny_model(out_dir: Path, arch: str, texts: list[str], *, vocab_size: int = 384, seed: int = 0,
-                    init_std: float | None = None, **config_kwargs) -> Path:
+                    init_std: float | None = None, extra_tokens: tuple[str, ...] = (), **config_kwargs) -> Path:
     """Write config, random weights and a freshly trained tokenizer to `out_dir`; return it.
 
     `init_std` widens the initialisation so that activations of a random model
-    spread over all four quadrants instead of hugging zero.
+    spread over all four quadrants instead of hugging zero. `extra_tokens`
+    become whole tokens (tests plant `<script>` this way).
     """
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    if extra_tokens:
+        tokenizer.add_tokens(list(extra_tokens))
     config = make_config(arch, len(tokenizer), **config_kwargs)
     if init_std is not None:
         config.initializer_range = init_std

@@ -1,0 +1,79 @@
+"""`gluscope dataset` and `gluscope record`: argument handling around corpus.py and record.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from gluscope.errors import UserError
+
+
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.is_dir():
+        raise UserError(f"--tokenizer {name}: no such folder")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load the tokenizer of {name} ({first})") from None
+
+
+def _corpus_from_source(source: str, tokenizer, args: argparse.Namespace):
+    from gluscope.recorder.corpus import load_text_dataset, tokenize
+
+    ds = load_text_dataset(source, args.text_column, args.split)
+    corpus = tokenize(ds, tokenizer, text_column=args.text_column, max_length=args.max_length,
+                      max_tokens=args.max_tokens, seed=args.seed)
+    corpus.info["source"] = source
+    return corpus
+
+
+def run_dataset(args: argparse.Namespace) -> None:
+    from gluscope.recorder.corpus import save_corpus
+
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} already exists; pass --overwrite to replace it")
+    corpus = _corpus_from_source(args.source, _tokenizer(args.tokenizer), args)
+    corpus.info["tokenizer"] = args.tokenizer
+    save_corpus(corpus, args.out, overwrite=args.overwrite)
+    print(f"wrote {corpus.n_texts} texts, {int(corpus.lengths.sum())} tokens (BOS included) to {args.out}")
+
+
+def run_record(args: argparse.Namespace) -> None:
+    from gluscope.recorder.corpus import is_corpus_folder, load_corpus, tokenizer_fingerprint
+    from gluscope.recorder.model import load_model
+    from gluscope.recorder.record import record
+
+    out: Path = args.out
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a .duckdb file path")
+    for name, value in (("--batch-size", args.batch_size), ("--k", args.k)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1")
+    if args.window_before < 0 or args.window_after < 0:
+        raise UserError("--window-before and --window-after must not be negative")
+    # Check the dataset path before the (slow) model load.
+    dataset = args.dataset
+    if dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
+        raise UserError(f"--dataset {dataset}: no such file or folder")
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    if is_corpus_folder(dataset):
+        corpus = load_corpus(dataset)
+        want = corpus.info.get("tokenizer_fingerprint")
+        if want and want != tokenizer_fingerprint(model.tokenizer):
+            raise UserError(f"{dataset} was tokenized with another tokenizer ({corpus.info.get('tokenizer')}); "
+                            f"run `gluscope dataset` again with --tokenizer {args.model}")
+    else:
+        corpus = _corpus_from_source(dataset, model.tokenizer, args)
+    record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
+           k=args.k, window_before=args.window_before, window_after=args.window_after,
+           refactor_glu=args.refactor_glu, compile=args.compile, overwrite=args.overwrite)
+    print(f"wrote {out}")

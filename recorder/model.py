@@ -1,0 +1,130 @@
+"""Loading a gated-MLP model through TransformerLens and reading what the recorder needs from it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gluscope.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The callable a config's activation name stands for, computed in float32 by the caller."""
+    if name in ("silu", "swish"):
+        return torch.nn.functional.silu
+    if name == "gelu":
+        return torch.nn.functional.gelu
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows (silu, gelu, gelu_pytorch_tanh)")
+
+
+def activation_name(config) -> str:
+    for attr in ("hidden_activation", "hidden_act", "activation_function"):
+        name = getattr(config, attr, None)
+        if name:
+            return str(name)
+    return "silu"
+
+
+@dataclass
+class GatedModel:
+    bridge: object              # transformer_lens TransformerBridge
+    tokenizer: object
+    name: str
+    revision: str | None
+    architecture: str
+    act_fn_name: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    vocab_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def act_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return activation_function(self.act_fn_name)
+
+    def mlp_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w_gate, w_in, w_out) of a layer, each [d_mlp, d_model], float32, one row per neuron."""
+        mlp = self.bridge.blocks[layer].mlp
+        return mlp.W_gate.detach().T.float(), mlp.W_in.detach().T.float(), mlp.W_out.detach().float()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
+
+
+def load_model(name: str, device: str | None = None, dtype: str = "float32", revision: str | None = None) -> GatedModel:
+    """Boot `name` (hub name or local folder) through TransformerBridge and check it has gated MLPs."""
+    from transformer_lens.model_bridge import TransformerBridge  # heavy: import on use
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r} is not a device torch knows ({e})") from None
+    if _looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise UserError(f"--model {name}: no such folder (give a local model folder or a Hugging Face hub name)")
+    local = Path(name).expanduser().is_dir()
+    if local and not (Path(name).expanduser() / "config.json").exists():
+        raise UserError(f"--model {name}: the folder has no config.json, so it is not a saved model")
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    kwargs = {"device": device, "dtype": DTYPES[dtype]}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        bridge = TransformerBridge.boot_transformers(str(Path(name).expanduser()) if local else name, **kwargs)
+    except UserError:
+        raise
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {name}: cannot load it ({first})") from None
+    except (ValueError, KeyError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {name}: TransformerLens cannot load this model ({first})") from None
+
+    hooks = bridge.hook_dict
+    if "blocks.0.mlp.hook_pre_linear" not in hooks or "blocks.0.mlp.hook_pre" not in hooks:
+        arch = type(bridge.original_model).__name__
+        raise UserError(
+            f"--model {name} ({arch}) has no gated MLP (no blocks.0.mlp.hook_pre_linear): "
+            "GLUScope needs a SwiGLU/GEGLU model such as Llama, OLMo, Mistral, Qwen2, Gemma or Phi-3"
+        )
+    hf = bridge.original_model
+    config = hf.config
+    # The bridge forces eager attention; sdpa computes the same function faster
+    # and the MLP hooks we record do not depend on it.
+    try:
+        hf.set_attn_implementation("sdpa")
+    except Exception:  # noqa: BLE001 - an architecture without sdpa keeps eager
+        pass
+    bridge.eval()
+    tokenizer = bridge.tokenizer
+    return GatedModel(
+        bridge=bridge,
+        tokenizer=tokenizer,
+        name=name,
+        revision=revision or getattr(config, "_commit_hash", None),
+        architecture=(config.architectures or [type(hf).__name__])[0],
+        act_fn_name=activation_name(config),
+        n_layers=int(bridge.cfg.n_layers),
+        d_model=int(bridge.cfg.d_model),
+        d_mlp=int(bridge.cfg.d_mlp),
+        vocab_size=int(bridge.cfg.d_vocab),
+        dtype=DTYPES[dtype],
+        device=torch_device,
+    )

@@ -1,0 +1,97 @@
+"""Session fixtures: a tiny real model, a real corpus and a database made by the real recorder.
+
+Nothing is mocked and nothing is downloaded: the model is a random Llama
+saved locally with its own BPE tokenizer, loaded by TransformerLens through
+the same path a hub name takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from gluscope.cli import main as gluscope_main
+
+PLANTED_SCRIPT = "<script>alert(1)</script>"
+
+PROSE = [
+    "The quick brown fox jumps over the lazy dog, and then it jumps over the dog again.",
+    "Once again the committee met on Monday; once again nothing was decided.",
+    "Rivers carry sediment to the sea, where it settles into layers of sand and clay.",
+    "She opened the door, looked outside, and closed it again without a word.",
+    "In 1969 the first humans walked on the Moon, an event watched by millions.",
+    "Prices rose sharply in March, then fell back in April as supply recovered.",
+]
+CODE = [
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
+    "import os\n\nfor name in os.listdir('.'):\n    print(name)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "while True:\n\tline = input()\n\tif not line:\n\t\tbreak\n",
+]
+SPECIAL = [
+    f"Malicious markup {PLANTED_SCRIPT} must show as text, never run.",
+    "Tabs\tand  double  spaces\nand newlines\n\nare whitespace worth seeing.",
+    "Unicode: naïve café, 東京, emoji 🙂 and ümlauts.",
+]
+
+
+def corpus_texts() -> list[str]:
+    """Document-sized texts: each base text repeated with variations, so the corpus has ~40 texts."""
+    texts = []
+    for i, base in enumerate(PROSE + CODE + SPECIAL):
+        texts.append(base)
+        texts.append(f"{base} {base.lower()} (variant {i})")
+        texts.append(base.replace(" ", "  ") + f"\n# note {i}\n" + base)
+    return texts
+
+
+def tokenizer_training_texts() -> list[str]:
+    return corpus_texts() * 4
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with path.open("w") as f:
+        for i, text in enumerate(corpus_texts()):
+            f.write(json.dumps({"text": text, "id": i}) + "\n")
+    return path
+
+
+def make_model(tmp_path_factory, arch: str) -> Path:
+    from gluscope.recorder.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp(f"model-{arch}"), arch, tokenizer_training_texts(),
+                           init_std=0.15, extra_tokens=("<script>", "</script>"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def recorded_db(tmp_path_factory, tiny_llama, corpus_file) -> Path:
+    """A database recorded by `gluscope record` from the tiny Llama over the test corpus."""
+    out = tmp_path_factory.mktemp("db") / "tiny-llama.duckdb"
+    code = gluscope_main(["record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
+                          "--max-length", "48", "--batch-size", "4", "--device", "cpu", "--compile", "off"])
+    assert code == 0 and out.exists()
+    return out
+
+
+@pytest.fixture(scope="session")
+def planted_script_text_id(recorded_db) -> int:
+    """text_id of the corpus text holding the planted `<script>` token."""
+    con = duckdb.connect(str(recorded_db), read_only=True)
+    try:
+        (script_id,) = con.execute("SELECT token_id FROM vocab WHERE token = '<script>'").fetchone()
+        row = con.execute("SELECT min(text_id) FROM texts WHERE list_contains(token_ids, ?)", [script_id]).fetchone()
+    finally:
+        con.close()
+    assert row[0] is not None
+    return int(row[0])
