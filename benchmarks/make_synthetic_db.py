@@ -1,0 +1,206 @@
+"""Write a synthetic GLUScope database of a real model's shape, through the recorder's own writer.
+
+    python benchmarks/make_synthetic_db.py --out data/synthetic.duckdb            # OLMo-7B-0424 shape
+    python benchmarks/make_synthetic_db.py --out /tmp/tiny.duckdb --layers 2 --d-mlp 64 --texts 50
+
+The statistics are random but consistent with each other, so the server shows
+what it would show for a recorded model: every example's value is the value
+its window holds at the token of interest (act and hook_post derived from
+x_gate and x_in as the server derives them), the lists of one quadrant overlap
+the way real top-k lists do (act and hook_pre rank alike where x_gate > 0),
+min/max/mean agree with the examples, and a few quadrants never occur.
+Text 0 holds a planted `<script>` token, and the first example of layer 0,
+neuron 0 sits on it, so the page that must escape it is easy to find.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from gluscope.recorder.writer import DatabaseWriter, LayerResult
+from gluscope.schema import SCHEMA_VERSION
+
+SIGNS = np.array([(1, 1), (1, -1), (-1, 1), (-1, -1)], dtype=np.float32)  # (gate, in) per quadrant code
+GEOMETRY = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
+PLANTED = ["Hello", ",", " world", "\n", "<script>", "alert", "(1)", "</script>", "\n\n", "\t", "done", "."]
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def make_vocab(size: int, rng: np.random.Generator) -> tuple[list[str], list[bytes]]:
+    """Printable made-up tokens, whitespace and markup included; id 0 is the BOS/EOS token."""
+    special = ["<|endoftext|>", " ", "\n", "\n\n", "\t", "  ", " the", " of", "ing", "&amp;", '"', "é", "日本",
+               "\u00a0", "🙂"] + PLANTED
+    tokens = list(dict.fromkeys(special))
+    seen = set(tokens)
+    consonants, vowels = list("bcdfghklmnprstvwz"), list("aeiouy")
+    while len(tokens) < size:
+        n = int(rng.integers(1, 4))
+        word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(n))
+        word = (" " if rng.random() < 0.6 else "") + (word.capitalize() if rng.random() < 0.1 else word)
+        if word not in seen:
+            seen.add(word)
+            tokens.append(word)
+    tokens = tokens[:size]
+    token_bytes = [t.encode() if i else b"" for i, t in enumerate(tokens)]  # BOS contributes no text
+    return tokens, token_bytes
+
+
+def make_texts(n_texts: int, max_length: int, vocab: list[str], rng: np.random.Generator):
+    """Token id arrays (BOS first); a fifth of them truncated at max_length, like a real corpus."""
+    lengths = np.where(rng.random(n_texts) < 0.2, max_length,
+                       rng.integers(min(8, max_length), max(9, max_length * 9 // 16), n_texts))
+    lengths = np.clip(lengths, 2, max_length).astype(np.int64)
+    flat = rng.integers(1, len(vocab), int(lengths.sum()), dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat[offsets[:-1]] = 0  # BOS
+    planted = [0] + [vocab.index(t) for t in PLANTED]
+    m = min(len(planted), int(lengths[0]))
+    flat[:m] = planted[:m]
+    return np.split(flat, offsets[1:-1]), lengths
+
+
+def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarray, n_tokens: int,
+               window_before: int, window_after: int, refactor_glu: bool, rng: np.random.Generator) -> LayerResult:
+    """Random statistics for one layer: per (quadrant, neuron), candidate tokens from which each list takes its top k."""
+    n_texts = len(lengths)
+    c = min(n_candidates, n_texts)
+    k_eff = min(k, c)
+    W = window_before + window_after + 1
+
+    # Candidate tokens, distinct texts within each (quadrant, neuron).
+    step = n_texts // c
+    text = (rng.integers(0, step, (4, n, c)) + np.arange(c) * step).astype(np.int64)
+    L = lengths[text]
+    pos = 1 + (rng.random((4, n, c)) * (L - 1)).astype(np.int64)
+    if layer == 0 and n:  # the planted <script> token: neuron 0's strongest gate+_in+ example
+        text[0, 0, 0] = 0
+        pos[0, 0, 0] = min(PLANTED.index("<script>") + 1, int(lengths[0]) - 1)
+    start = np.maximum(pos - window_before, 0)
+    wlen = np.minimum(pos + window_after, L - 1) - start + 1
+
+    scale_g = rng.lognormal(0.0, 0.3, (1, n, 1)).astype(np.float32)
+    scale_i = rng.lognormal(0.0, 0.3, (1, n, 1)).astype(np.float32)
+    gate = (rng.standard_normal((4, n, c, W), dtype=np.float32) * scale_g[..., None]).astype(np.float16)
+    inn = (rng.standard_normal((4, n, c, W), dtype=np.float32) * scale_i[..., None]).astype(np.float16)
+    focal_g = (SIGNS[:, 0, None, None] * (0.5 + rng.exponential(1.5, (4, n, c)).astype(np.float32)) * scale_g)
+    focal_i = (SIGNS[:, 1, None, None] * (0.5 + rng.exponential(1.5, (4, n, c)).astype(np.float32)) * scale_i)
+    if layer == 0 and n:
+        focal_g[0, 0, 0], focal_i[0, 0, 0] = 1.5 * focal_g[0, 0].max(), 1.5 * focal_i[0, 0].max()
+    focal_g, focal_i = focal_g.astype(np.float16), focal_i.astype(np.float16)
+    off = (pos - start)[..., None]
+    np.put_along_axis(gate, off, focal_g[..., None], axis=3)
+    np.put_along_axis(inn, off, focal_i[..., None], axis=3)
+
+    xg, xi = focal_g.astype(np.float32), focal_i.astype(np.float32)
+    act = silu(xg)
+    values = np.stack([act * xi, xi, xg, act], axis=1)  # [q, h, n, c] in hook code order
+    order = np.argsort(-np.abs(values), axis=-1, kind="stable")[..., :k_eff]
+
+    def pick(a: np.ndarray) -> np.ndarray:  # [q, n, c, ...] -> [q, h, n, k, ...]
+        a = a[:, None]
+        idx = order.reshape(order.shape + (1,) * (a.ndim - 4))
+        return np.take_along_axis(a, idx, axis=3)
+
+    def pad(a: np.ndarray, fill) -> np.ndarray:
+        if k_eff == k:
+            return a
+        out = np.full(a.shape[:3] + (k,) + a.shape[4:], fill, a.dtype)
+        out[:, :, :, :k_eff] = a
+        return out
+
+    example_value = pad(np.take_along_axis(values, order, axis=-1), 0)
+    example_text = pad(pick(text).astype(np.int32), -1)
+
+    counts = np.floor(rng.dirichlet(np.ones(4), n).T * n_tokens).astype(np.int64)
+    counts = np.maximum(counts, c)
+    empty = rng.random((4, n)) < 0.02
+    empty[:, 0] = False
+    counts[empty] = 0
+    example_text[empty[:, None, :, None].repeat(4, 1).repeat(k, 3)] = -1
+
+    top = example_value[..., 0]
+    near_zero = top * rng.uniform(0.0, 0.01, top.shape).astype(np.float32)
+    value_min = np.minimum(top, near_zero)
+    value_max = np.maximum(top, near_zero)
+    value_mean = (top * rng.uniform(0.05, 0.3, top.shape)).astype(np.float64)
+    for a in (value_min, value_max, value_mean):
+        a[np.broadcast_to(empty[:, None, :], a.shape)] = np.nan
+
+    geometry = {
+        "cos_gate_in": rng.uniform(0.0 if refactor_glu else -1.0, 1.0, n),
+        "cos_gate_out": rng.uniform(-0.3, 0.3, n),
+        "cos_in_out": rng.uniform(-0.5, 0.5, n),
+        **{f"norm_{w}": rng.lognormal(0.0, 0.2, n) for w in ("gate", "in", "out")},
+    }
+    return LayerResult(
+        counts=counts, value_min=value_min, value_max=value_max, value_mean=value_mean,
+        example_value=example_value, example_text=example_text,
+        example_pos=pad(pick(pos).astype(np.int16), 0),
+        window_start=pad(pick(start).astype(np.int16), 0),
+        window_len=pad(pick(wlen).astype(np.int16), 0),
+        window_gate=pad(pick(gate), 0), window_in=pad(pick(inn), 0),
+        geometry={name: geometry[name].astype(np.float32) for name in GEOMETRY},
+        flipped=rng.random(n) < 0.5,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--d-mlp", type=int, default=11008)
+    p.add_argument("--texts", type=int, default=45734)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=50280)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--candidates", type=int, default=40,
+                   help="distinct tokens per (neuron, quadrant) the four lists choose from (default: 40)")
+    p.add_argument("--window-before", type=int, default=24)
+    p.add_argument("--window-after", type=int, default=2)
+    p.add_argument("--model-name", default="synthetic/OLMo-7B-0424-shape")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    tokens, token_bytes = make_vocab(args.vocab_size, rng)
+    texts, lengths = make_texts(args.texts, args.max_length, tokens, rng)
+    n_tokens = int((lengths - 1).sum())
+    meta = {
+        "schema_version": SCHEMA_VERSION, "tool_version": "synthetic",
+        "created_at": datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0),
+        "model_name": args.model_name, "model_revision": None, "architecture": "OlmoForCausalLM",
+        "act_fn": "silu", "n_layers": args.layers, "d_model": 4096, "d_mlp": args.d_mlp,
+        "vocab_size": args.vocab_size, "dtype": "float32", "dataset": "synthetic random tokens",
+        "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": args.texts,
+        "n_tokens": n_tokens, "k": args.k, "window_before": args.window_before,
+        "window_after": args.window_after, "refactor_glu": True,
+        "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "
+                             "so cos(w_gate, w_in) >= 0; the model computes the same function.",
+    }
+    with DatabaseWriter(args.out, overwrite=args.overwrite) as w:
+        w.write_metadata(meta)
+        w.write_vocab(tokens, token_bytes)
+        w.write_texts(np.arange(args.texts, dtype=np.int64) * 3, texts)
+        for layer in range(args.layers):
+            t = time.perf_counter()
+            w.write_layer(layer, make_layer(layer, args.d_mlp, args.k, args.candidates, lengths, n_tokens,
+                                            args.window_before, args.window_after, True, rng))
+            print(f"layer {layer} written in {time.perf_counter() - t:.1f} s", flush=True)
+    size = args.out.stat().st_size
+    print(f"{args.out}: {size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s "
+          f"({args.layers} layers x {args.d_mlp} neurons, {args.texts} texts, {n_tokens} tokens)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""One pure function per view: validated arguments in, a JSON-ready dict out.
+
+The JSON API, the `.json` twin of every page, the page itself and its htmx
+fragments all call the same function here, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from typing import Any
+
+import numpy as np
+
+from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.server import queries
+from gluscope.server.db import Database
+from gluscope.server.errors import ParameterError, not_one_of, out_of_range
+
+LAYER_PAGE_MAX = 1000
+MODEL_FIELDS = ("model_name", "model_revision", "architecture", "act_fn", "n_layers", "d_model", "d_mlp",
+                "vocab_size", "dtype", "dataset", "text_column", "max_length", "n_texts", "n_tokens", "k",
+                "window_before", "window_after", "refactor_glu", "weight_convention", "created_at",
+                "tool_version", "schema_version")
+WEIGHT_FIELDS = ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
+
+
+# --- validation -----------------------------------------------------------
+
+def get_model(registry: dict[str, Database], model: str) -> Database:
+    try:
+        return registry[model]
+    except KeyError:
+        raise not_one_of("model", model, sorted(registry), status=404) from None
+
+
+def check_index(parameter: str, value: int, stop: int) -> int:
+    if not 0 <= value < stop:
+        raise out_of_range(parameter, value, stop)
+    return value
+
+
+def quadrant_code(value: str) -> int:
+    """A quadrant slug (pp) or label (gate+_in+) to its code."""
+    if value in QUADRANT_SLUGS:
+        return QUADRANT_SLUGS.index(value)
+    if value in QUADRANTS:
+        return QUADRANTS.index(value)
+    raise not_one_of("quadrant", value, list(QUADRANT_SLUGS))
+
+
+def hook_code(value: str, parameter: str = "hook") -> int:
+    if value in HOOKS:
+        return HOOKS.index(value)
+    raise not_one_of(parameter, value, list(HOOKS))
+
+
+def parse_neuron_ref(text: str, db: Database) -> tuple[int, int]:
+    """'31.9634' (also '31/9634', '31 9634', '31:9634') to a checked (layer, neuron)."""
+    m = re.fullmatch(r"\s*(\d{1,9})\s*[./: ]\s*(\d{1,12})\s*", text or "")
+    if not m:
+        raise ParameterError(422, "to", f"{text[:40]!r} is not layer.neuron, e.g. 3.117", "layer.neuron")
+    layer, neuron = int(m.group(1)), int(m.group(2))
+    return check_index("layer", layer, db.n_layers), check_index("neuron", neuron, db.d_mlp)
+
+
+# --- numbers ---------------------------------------------------------------
+
+def _num(x: Any) -> float | None:
+    """A float for JSON: None for NULL, NaN or infinity (JSON has no such numbers)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _floats(a: np.ndarray) -> list[float | None]:
+    if np.isfinite(a).all():
+        return a.tolist()
+    return [v if math.isfinite(v) else None for v in a.tolist()]
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+ACT_FNS = {
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "swish": lambda x: x / (1.0 + np.exp(-x)),
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64)),
+    "gelu_python": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64)),
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": lambda x: x / (1.0 + np.exp(-1.702 * x)),
+    "relu": lambda x: np.maximum(x, 0.0),
+}
+
+
+def window_values(x_gate: list[int], x_in: list[int], act_fn: str) -> dict[str, np.ndarray]:
+    """All four values per window token from the stored float16 bit patterns, in HOOKS order."""
+    gate = np.asarray(x_gate, np.int16).view(np.float16).astype(np.float64)
+    inn = np.asarray(x_in, np.int16).view(np.float16).astype(np.float64)
+    fn = ACT_FNS.get(act_fn)
+    with np.errstate(all="ignore"):
+        act = fn(gate).astype(np.float32) if fn else np.full(len(gate), np.nan, np.float32)
+        post = (act.astype(np.float64) * inn).astype(np.float32)
+    return {"hook_post": post, "hook_pre_linear": inn.astype(np.float32),
+            "hook_pre": gate.astype(np.float32), "act": act}
+
+
+# --- views -----------------------------------------------------------------
+
+def model_info(db: Database) -> dict[str, Any]:
+    info: dict[str, Any] = {"id": db.id}
+    for name in MODEL_FIELDS:
+        value = db.meta.get(name)
+        info[name] = value.isoformat() if hasattr(value, "isoformat") else value
+    info["file"] = db.path.name
+    return info
+
+
+def models_data(registry: dict[str, Database]) -> dict[str, Any]:
+    return {"models": [model_info(db) for db in registry.values()]}
+
+
+def model_data(db: Database) -> dict[str, Any]:
+    rows = db.query(queries.LAYER_SUMMARY, {"n_tokens": max(int(db.meta["n_tokens"]), 1)})
+    layers = [{"layer": r[0], "n_neurons": r[1],
+               "frequency": {slug: _num(r[2 + q]) for q, slug in enumerate(QUADRANT_SLUGS)},
+               "frac_flipped": _num(r[6])} for r in rows]
+    return {**model_info(db), "layers": layers}
+
+
+def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
+    check_index("layer", layer, db.n_layers)
+    check_index("neuron", neuron, db.d_mlp)
+    params = {"layer": layer, "neuron": neuron}
+    rows = db.query(queries.NEURON, params)
+    if not rows:  # a layer the recorder never wrote
+        raise ParameterError(404, "neuron", f"neuron {layer}.{neuron} is not in this database", None)
+    row = rows[0]
+    stats: dict[tuple[int, int], tuple] = {(q, h): (mn, mx, mean)
+                                           for q, h, mn, mx, mean in db.query(queries.VALUE_STATS, params)}
+    n_tokens = int(db.meta["n_tokens"])
+    quadrants = []
+    for q, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
+        count = int(row[q])
+        quadrants.append({
+            "quadrant": label, "slug": slug, "count": count,
+            "frequency": count / n_tokens if n_tokens else None,
+            "stats": {hook: dict(zip(("min", "max", "mean"), map(_num, stats.get((q, h), (None,) * 3))))
+                      for h, hook in enumerate(HOOKS)},
+        })
+    weights = dict(zip(WEIGHT_FIELDS, (bool(row[4]), *map(_num, row[5:]))))
+    return {"model": db.id, "layer": layer, "neuron": neuron, "n_tokens": n_tokens,
+            "quadrants": quadrants, "weights": weights}
+
+
+def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> dict[str, Any]:
+    check_index("layer", layer, db.n_layers)
+    check_index("neuron", neuron, db.d_mlp)
+    q, h = quadrant_code(quadrant), hook_code(hook)
+    rows = db.query(queries.EXAMPLES, {"layer": layer, "neuron": neuron, "quadrant": q, "hook": h})
+    act_fn = str(db.meta["act_fn"])
+    examples = []
+    for rank, value, text_id, position, window_start, x_gate, x_in in rows:
+        token_ids = db.texts.token_ids(text_id, window_start, window_start + len(x_gate)).tolist()
+        examples.append({
+            "rank": rank, "value": _num(value), "text_id": text_id,
+            "source_index": int(db.texts.source_index[text_id]), "position": position,
+            "window_start": window_start, "token_ids": token_ids,
+            "tokens": [db.token(i) for i in token_ids],
+            "activations": {name: _floats(v) for name, v in window_values(x_gate, x_in, act_fn).items()},
+        })
+    return {"model": db.id, "layer": layer, "neuron": neuron, "quadrant": QUADRANTS[q],
+            "slug": QUADRANT_SLUGS[q], "hook": HOOKS[h], "examples": examples}
+
+
+def text_data(db: Database, text_id: int) -> dict[str, Any]:
+    check_index("text_id", text_id, db.n_texts)
+    ids = db.texts.token_ids(text_id).tolist()
+    return {"model": db.id, "text_id": text_id, "source_index": int(db.texts.source_index[text_id]),
+            "token_ids": ids, "tokens": [db.token(i) for i in ids], "text": db.decode(ids[1:])}
+
+
+def layer_data(db: Database, layer: int, sort: str = "neuron", order: str = "asc",
+               offset: int = 0, limit: int = 100) -> dict[str, Any]:
+    check_index("layer", layer, db.n_layers)
+    if sort not in queries.LAYER_SORT_KEYS:
+        raise not_one_of("sort", sort, list(queries.LAYER_SORT_KEYS))
+    if order not in ("asc", "desc"):
+        raise not_one_of("order", order, ["asc", "desc"])
+    if not 0 <= offset < max(db.d_mlp, 1):
+        raise out_of_range("offset", offset, db.d_mlp)
+    if not 1 <= limit <= LAYER_PAGE_MAX:
+        raise ParameterError(422, "limit", f"limit {limit} is outside 1..{LAYER_PAGE_MAX}", f"1..{LAYER_PAGE_MAX}")
+    rows = db.query(queries.layer_neurons(sort, order == "desc"), {"layer": layer, "limit": limit, "offset": offset})
+    n_tokens = max(int(db.meta["n_tokens"]), 1)
+    neurons = [{"neuron": r[0],
+                "frequency": {slug: r[1 + q] / n_tokens for q, slug in enumerate(QUADRANT_SLUGS)},
+                **dict(zip(WEIGHT_FIELDS, (bool(r[5]), *map(_num, r[6:]))))} for r in rows]
+    return {"model": db.id, "layer": layer, "n_neurons": db.d_mlp, "sort": sort, "order": order,
+            "offset": offset, "limit": limit, "neurons": neurons}
+
+
+def random_neuron(db: Database) -> tuple[int, int]:
+    return random.randrange(db.n_layers), random.randrange(db.d_mlp)

@@ -1,0 +1,153 @@
+"""Opening recorded databases read-only, and what is loaded from each once at startup.
+
+A DuckDB connection must not be used by several threads at once; FastAPI runs
+sync endpoints in a thread pool, so every thread gets its own cursor of the
+one read-only connection (`Database.cursor()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from gluscope.cli import UserError
+from gluscope.schema import SCHEMA_VERSION
+from gluscope.server import queries
+
+REQUIRED_TABLES = {"metadata", "quadrants", "hooks", "texts", "vocab", "neurons", "value_stats", "examples", "windows"}
+
+# Each query runs in its calling thread: concurrent requests already use the
+# cores, and a small buffer pool keeps the server far below the file's size.
+DUCKDB_CONFIG = {"threads": 1, "memory_limit": os.environ.get("GLUSCOPE_MEMORY_LIMIT", "1GB")}
+
+
+class DatabaseFileError(UserError):
+    """A file that is not a readable GLUScope database."""
+
+
+@dataclass
+class Texts:
+    """Every text's token ids in one flat array: text i is ids[offsets[i]:offsets[i+1]]."""
+
+    source_index: np.ndarray  # [n_texts] int64
+    offsets: np.ndarray       # [n_texts + 1] int64
+    ids: np.ndarray           # [sum of lengths] int32
+
+    def __len__(self) -> int:
+        return len(self.source_index)
+
+    def token_ids(self, text_id: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        lo, hi = int(self.offsets[text_id]), int(self.offsets[text_id + 1])
+        return self.ids[lo + start: hi if stop is None else min(hi, lo + stop)]
+
+
+@dataclass
+class Database:
+    """One recorded model: its read-only connection and what every request needs."""
+
+    path: Path
+    id: str
+    meta: dict[str, Any]
+    tokens: list[str]         # vocab.token by id
+    token_bytes: list[bytes]  # vocab.token_bytes by id
+    texts: Texts
+    con: duckdb.DuckDBPyConnection
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["n_layers"])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.meta["d_mlp"])
+
+    @property
+    def n_texts(self) -> int:
+        return len(self.texts)
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self._local.cursor = self.con.cursor()
+        return cur
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
+        return self.cursor().execute(sql, params or {}).fetchall()
+
+    def token(self, token_id: int) -> str:
+        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<unk {token_id}>"
+
+    def decode(self, token_ids) -> str:
+        """The text these ids spell: their bytes concatenated, decoded as UTF-8."""
+        n = len(self.token_bytes)
+        return b"".join(self.token_bytes[i] for i in token_ids if 0 <= i < n).decode("utf-8", errors="replace")
+
+
+def slugify(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug or "model"
+
+
+def open_database(path: str | os.PathLike) -> Database:
+    path = Path(path)
+    try:
+        con = duckdb.connect(str(path), read_only=True, config=DUCKDB_CONFIG)
+    except duckdb.Error as e:
+        raise DatabaseFileError(f"{path}: cannot open as a DuckDB file ({e})") from e
+    tables = {row[0] for row in con.execute(queries.TABLES).fetchall()}
+    missing = REQUIRED_TABLES - tables
+    if missing:
+        raise DatabaseFileError(f"{path}: not a GLUScope database (no table {', '.join(sorted(missing))})")
+    cur = con.execute(queries.METADATA)
+    rows = cur.fetchall()
+    if len(rows) != 1:
+        raise DatabaseFileError(f"{path}: the metadata table holds {len(rows)} rows, not 1")
+    meta = dict(zip([d[0] for d in cur.description], rows[0]))
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise DatabaseFileError(f"{path}: schema version {meta['schema_version']}, this server reads {SCHEMA_VERSION}")
+
+    vocab = con.execute(queries.VOCAB).fetchall()
+    table = con.sql(queries.TEXTS).to_arrow_table()
+    token_ids = table.column("token_ids").combine_chunks()
+    texts = Texts(
+        source_index=table.column("source_index").to_numpy(),
+        offsets=np.asarray(token_ids.offsets, dtype=np.int64),
+        ids=np.asarray(token_ids.values, dtype=np.int32),
+    )
+    return Database(path=path, id="", meta=meta, tokens=[t for t, _ in vocab],
+                    token_bytes=[bytes(b) for _, b in vocab], texts=texts, con=con)
+
+
+def _fingerprint(meta: dict[str, Any]) -> str:
+    key = "\n".join(str(meta[c]) for c in ("model_name", "model_revision", "created_at", "dataset", "n_texts"))
+    return hashlib.sha1(key.encode()).hexdigest()[:6]
+
+
+def open_databases(paths) -> dict[str, Database]:
+    """Open each file once; id = slug of the model's name, plus a hash of its metadata where names collide."""
+    seen: set[Path] = set()
+    dbs: list[Database] = []
+    for p in paths:
+        resolved = Path(p).resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            dbs.append(open_database(p))
+    base = [slugify(str(db.meta["model_name"]).rstrip("/").rsplit("/", 1)[-1]) for db in dbs]
+    registry: dict[str, Database] = {}
+    for db, slug in zip(dbs, base):
+        model_id = slug if base.count(slug) == 1 else f"{slug}-{_fingerprint(db.meta)}"
+        n = 2
+        while model_id in registry:  # identical metadata in two files
+            model_id, n = f"{model_id.rsplit('~', 1)[0]}~{n}", n + 1
+        db.id = model_id
+        registry[model_id] = db
+    return registry

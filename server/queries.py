@@ -1,0 +1,84 @@
+"""Every SQL statement the server runs. Parameters are named ($layer, ...) and always bound, never formatted in.
+
+Lookups filter on (layer, neuron) first: the recorder inserts every table
+ordered by (layer, neuron), so DuckDB's zonemaps skip all row groups but one.
+"""
+
+from __future__ import annotations
+
+TABLES = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
+
+METADATA = "SELECT * FROM metadata"
+
+VOCAB = "SELECT token, token_bytes FROM vocab ORDER BY token_id"
+
+# Loaded once at startup: 20M token ids of a 45k-text corpus are about 80 MB,
+# and a lookup in the table itself would scan the one row group they live in.
+TEXTS = "SELECT source_index, token_ids FROM texts ORDER BY text_id"
+
+NEURON = """
+SELECT count_pp, count_pn, count_np, count_nn, flipped,
+       cos_gate_in, cos_gate_out, cos_in_out, norm_gate, norm_in, norm_out
+FROM neurons
+WHERE layer = $layer AND neuron = $neuron
+"""
+
+VALUE_STATS = """
+SELECT quadrant, hook, min, max, mean
+FROM value_stats
+WHERE layer = $layer AND neuron = $neuron
+"""
+
+# Windows are stored once per (layer, neuron, text_id, position); join on all four.
+EXAMPLES = """
+WITH e AS (
+    SELECT rank, value, text_id, position
+    FROM examples
+    WHERE layer = $layer AND neuron = $neuron AND quadrant = $quadrant AND hook = $hook
+), w AS (
+    SELECT text_id, position, window_start, x_gate, x_in
+    FROM windows
+    WHERE layer = $layer AND neuron = $neuron
+)
+SELECT e.rank, e.value, e.text_id, e.position, w.window_start, w.x_gate, w.x_in
+FROM e JOIN w USING (text_id, position)
+ORDER BY e.rank
+"""
+
+# Mean frequency of each quadrant per layer, for the model page.
+LAYER_SUMMARY = """
+SELECT layer,
+       count(*) AS n_neurons,
+       avg(count_pp / $n_tokens) AS freq_pp,
+       avg(count_pn / $n_tokens) AS freq_pn,
+       avg(count_np / $n_tokens) AS freq_np,
+       avg(count_nn / $n_tokens) AS freq_nn,
+       avg(flipped::INTEGER) AS frac_flipped
+FROM neurons
+GROUP BY layer
+ORDER BY layer
+"""
+
+# Sort keys a layer table may be ordered by; the ORDER BY clause is picked from
+# this fixed mapping, never built from the request.
+LAYER_SORT_KEYS = {
+    "neuron": "neuron",
+    "freq_pp": "count_pp", "freq_pn": "count_pn", "freq_np": "count_np", "freq_nn": "count_nn",
+    "freq_gate_pos": "count_pp + count_pn", "freq_in_pos": "count_pp + count_np",
+    "cos_gate_in": "cos_gate_in", "cos_gate_out": "cos_gate_out", "cos_in_out": "cos_in_out",
+    "norm_gate": "norm_gate", "norm_in": "norm_in", "norm_out": "norm_out",
+}
+
+
+def layer_neurons(sort: str, descending: bool) -> str:
+    """One page of a layer's neurons ordered by a key of LAYER_SORT_KEYS (ties by neuron)."""
+    key = LAYER_SORT_KEYS[sort]
+    direction = "DESC" if descending else "ASC"
+    return f"""
+SELECT neuron, count_pp, count_pn, count_np, count_nn, flipped,
+       cos_gate_in, cos_gate_out, cos_in_out, norm_gate, norm_in, norm_out
+FROM neurons
+WHERE layer = $layer
+ORDER BY {key} {direction}, neuron
+LIMIT $limit OFFSET $offset
+"""
