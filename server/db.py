@@ -26,7 +26,9 @@ REQUIRED_TABLES = {"metadata", "quadrants", "hooks", "texts", "vocab", "neurons"
 
 # Each query runs in its calling thread: concurrent requests already use the
 # cores, and a small buffer pool keeps the server far below the file's size.
-DUCKDB_CONFIG = {"threads": 1, "memory_limit": os.environ.get("GLUSCOPE_MEMORY_LIMIT", "1GB")}
+# Set after connecting, not as connect() config: DuckDB refuses a second
+# connection to one file with a different config in the same process.
+SETTINGS = ("SET threads = 1", f"SET memory_limit = '{os.environ.get('GLUSCOPE_MEMORY_LIMIT', '1GB')}'")
 
 
 class DatabaseFileError(UserError):
@@ -100,7 +102,9 @@ def slugify(text: str) -> str:
 def open_database(path: str | os.PathLike) -> Database:
     path = Path(path)
     try:
-        con = duckdb.connect(str(path), read_only=True, config=DUCKDB_CONFIG)
+        con = duckdb.connect(str(path), read_only=True)
+        for setting in SETTINGS:
+            con.execute(setting)
     except duckdb.Error as e:
         raise DatabaseFileError(f"{path}: cannot open as a DuckDB file ({e})") from e
     tables = {row[0] for row in con.execute(queries.TABLES).fetchall()}

@@ -1,0 +1,163 @@
+"""HTML pages and htmx fragments of the real app over a recorded database."""
+
+from __future__ import annotations
+
+import re
+
+import duckdb
+import pytest
+from starlette.testclient import TestClient
+
+from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.server.app import create_app
+
+HX = {"HX-Request": "true"}
+
+
+@pytest.fixture(scope="module")
+def client(recorded_db):
+    with TestClient(create_app([recorded_db]), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def m(client):
+    return client.get("/api/models").json()["models"][0]["id"]
+
+
+@pytest.fixture(scope="module")
+def script_example(recorded_db, planted_script_text_id):
+    """(layer, neuron, slug, hook) of an example list whose window shows the planted <script> token."""
+    con = duckdb.connect(str(recorded_db), read_only=True)
+    try:
+        row = con.execute("""
+            WITH s AS (SELECT list_position(token_ids, (SELECT token_id FROM vocab WHERE token = '<script>')) - 1 AS pos
+                       FROM texts WHERE text_id = $t)
+            SELECT e.layer, e.neuron, e.quadrant, e.hook
+            FROM examples e JOIN windows w USING (layer, neuron, text_id, position), s
+            WHERE e.text_id = $t AND s.pos BETWEEN w.window_start AND w.window_start + len(w.x_gate) - 1
+            ORDER BY e.layer, e.neuron, e.quadrant, e.hook LIMIT 1""", {"t": planted_script_text_id}).fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    return row[0], row[1], QUADRANT_SLUGS[row[2]], HOOKS[row[3]]
+
+
+def test_index_lists_models_and_has_a_jump_box(client, m):
+    html = client.get("/").text
+    assert f'href="/models/{m}"' in html and 'action="/-/jump"' in html and 'name="to"' in html
+    for column in ("layers", "neurons", "tokens recorded", "dataset", "recorded"):
+        assert column in html
+
+
+def test_jump_box_goes_to_the_neuron(client, m):
+    r = client.get("/-/jump", params={"model": m, "to": "1.42"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/models/{m}/neurons/1/42"
+    bad = client.get("/-/jump", params={"model": m, "to": "1.960"})
+    assert bad.status_code == 404 and "neuron 960 does not exist" in bad.text and "0..95" in bad.text
+    assert client.get("/-/jump", params={"model": m, "to": "banana"}).status_code == 422
+
+
+def test_model_page_lists_layers(client, m):
+    html = client.get(f"/models/{m}").text
+    assert f'href="/models/{m}/layers/0"' in html and f'href="/models/{m}/layers/1"' in html
+    assert 'action="/-/jump"' in html
+
+
+def test_neuron_page_shows_figure_1(client, m):
+    data = client.get(f"/api/models/{m}/neurons/1/3").json()
+    r = client.get(f"/models/{m}/neurons/1/3")
+    assert r.status_code == 200 and r.text.startswith("<!doctype html>")
+    html = r.text
+    for q in QUADRANTS:
+        assert f">{q}</th>" in html
+    for hook in HOOKS:
+        assert f"<th colspan=\"5\">{hook}" in html
+    for q in data["quadrants"]:
+        assert f"{100 * q['frequency']:.2f}%" in html
+        assert f"{q['stats']['hook_post']['max']:.3g}" in html
+    # Navigation and the weight convention.
+    assert f'href="/models/{m}/neurons/1/2"' in html and f'href="/models/{m}/neurons/1/4"' in html
+    assert f'href="/models/{m}/random"' in html and "flipped" in html
+    # Sixteen lazy sections, none loaded: no token is on the page yet.
+    assert len(re.findall(r'<details class="ex-section"', html)) == 16
+    assert 'hx-trigger="toggle once"' in html and 'class="t ' not in html and 'class="t"' not in html
+    assert f'hx-get="/models/{m}/neurons/1/3/examples?quadrant=nn&amp;hook=act"' in html
+
+
+def test_prev_next_cross_layer_boundaries(client, m):
+    first, last_of_0 = client.get(f"/models/{m}/neurons/0/0").text, client.get(f"/models/{m}/neurons/0/95").text
+    assert 'id="prev-neuron"' not in first
+    assert f'href="/models/{m}/neurons/1/0"' in last_of_0
+    assert 'id="next-neuron"' not in client.get(f"/models/{m}/neurons/1/95").text
+
+
+def test_random_neuron_redirects_to_a_valid_neuron(client, m):
+    r = client.get(f"/models/{m}/random", follow_redirects=False)
+    assert r.status_code == 302 and re.fullmatch(rf"/models/{m}/neurons/[01]/\d+", r.headers["location"])
+    assert client.get(r.headers["location"]).status_code == 200
+
+
+def test_examples_fragment_is_a_partial_and_the_page_wraps_it(client, m):
+    url = f"/models/{m}/neurons/0/4/examples?quadrant=pp&hook=hook_post"
+    fragment = client.get(url, headers=HX)
+    page = client.get(url)
+    assert fragment.status_code == page.status_code == 200
+    assert "<html" not in fragment.text and '<div class="examples"' in fragment.text
+    assert page.text.startswith("<!doctype html>") and '<div class="examples"' in page.text
+    assert fragment.headers["vary"].startswith("HX-Request")
+    # A history restore gets the whole page.
+    restored = client.get(url, headers={**HX, "HX-History-Restore-Request": "true"})
+    assert restored.text.startswith("<!doctype html>")
+    n = len(client.get(url.replace("/examples", "/examples.json")).json()["examples"])
+    assert fragment.text.count('<li class="ex">') == n
+    assert len(re.findall(r'class="t (?:oq )?focus" tabindex', fragment.text)) == n
+
+
+def test_tokens_are_escaped_and_whitespace_is_visible(client, m, script_example, planted_script_text_id):
+    layer, neuron, slug, hook = script_example
+    html = client.get(f"/models/{m}/neurons/{layer}/{neuron}/examples",
+                      params={"quadrant": slug, "hook": hook}, headers=HX).text
+    assert "&lt;script&gt;" in html and "<script>" not in html.lower().replace("<script src", "")
+    text_page = client.get(f"/models/{m}/texts/{planted_script_text_id}").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text_page
+    assert "<script>alert" not in text_page
+    assert "script-src 'self'" in client.get(f"/models/{m}/texts/{planted_script_text_id}").headers["content-security-policy"]
+    # A text with tabs, double spaces and newlines shows visible marks in its tokens view.
+    assert '<span class="ws">·</span>' in text_page or '<span class="ws">⏎' in client.get(f"/models/{m}/texts/0").text
+
+
+def test_each_example_can_load_its_full_text(client, m):
+    frag = client.get(f"/models/{m}/neurons/1/1/examples", params={"quadrant": "pn", "hook": "hook_pre"}, headers=HX).text
+    match = re.search(r'hx-get="(/models/[^"]+/texts/(\d+)\?position=(\d+))"', frag)
+    assert match
+    url, text_id, position = match.group(1), int(match.group(2)), int(match.group(3))
+    full = client.get(url, headers=HX)
+    assert full.status_code == 200 and "<html" not in full.text and '<mark class="focus-text">' in full.text
+    assert f"text {text_id}" in full.text
+    assert client.get(url).text.startswith("<!doctype html>")
+
+
+def test_colour_selector_works_without_javascript(client, m):
+    url = f"/models/{m}/neurons/0/2/examples?quadrant=nn&hook=hook_post"
+    by_post = client.get(url).text
+    by_gate = client.get(url + "&colour=hook_pre").text
+    assert '<option value="hook_pre" selected>' in by_gate and by_post != by_gate
+    assert client.get(url + "&colour=nonsense").status_code == 422
+
+
+def test_layer_page_is_sortable(client, m):
+    html = client.get(f"/models/{m}/layers/1", params={"sort": "cos_in_out", "order": "desc", "limit": 20}).text
+    rows = re.findall(rf'href="/models/{m}/neurons/1/(\d+)"', html)
+    assert len(rows) == 20
+    expected = [n["neuron"] for n in client.get(f"/api/models/{m}/layers/1?sort=cos_in_out&order=desc&limit=20").json()["neurons"]]
+    assert [int(r) for r in rows] == expected
+    assert 'aria-sort="descending"' in html
+
+
+def test_static_assets_are_served_locally(client):
+    html = client.get("/").text
+    for src in re.findall(r'(?:src|href)="(/-/static/[^"]+)"', html):
+        assert client.get(src).status_code == 200, src
+    assert "htmx" in client.get("/-/static/vendor/htmx.min.js").text[:2000]
+    assert "http://" not in html and "https://" not in html  # no CDN

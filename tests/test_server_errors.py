@@ -1,0 +1,96 @@
+"""No input makes the server answer 500, and every error has the one shape (JSON) or an error page (HTML)."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import pytest
+from starlette.testclient import TestClient
+
+from gluscope.cli import UserError
+from gluscope.server.app import create_app
+
+WEIRD = ["-1", "0", "95", "96", "2", "99999999999999999999", "-99999999999999999999", "1e3", "0x10", "1.0", " 1",
+         "abc", "", "%00", "٣", "１", "😀", "<script>", "'; DROP TABLE neurons; --", "NaN", "inf", "..", "a" * 300]
+
+
+@pytest.fixture(scope="module")
+def client(recorded_db):
+    with TestClient(create_app([recorded_db]), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def m(client):
+    return client.get("/api/models").json()["models"][0]["id"]
+
+
+def _templates(m: str) -> list[str]:
+    return [
+        "/api/models/{x}", "/api/models/{m}/neurons/{x}/0", "/api/models/{m}/neurons/0/{x}",
+        "/api/models/{m}/neurons/{x}/{x}/examples?quadrant=pp&hook=act",
+        "/api/models/{m}/neurons/0/0/examples?quadrant={x}&hook=act",
+        "/api/models/{m}/neurons/0/0/examples?quadrant=np&hook={x}",
+        "/api/models/{m}/texts/{x}", "/api/models/{m}/layers/{x}", "/api/models/{m}/layers/0?sort={x}",
+        "/api/models/{m}/layers/0?offset={x}", "/api/models/{m}/layers/0?limit={x}", "/api/models/{m}/layers/0?order={x}",
+        "/models/{m}/neurons/{x}/1", "/models/{m}/neurons/1/{x}.json", "/models/{m}/texts/0?position={x}",
+        "/models/{m}/neurons/0/0/examples?quadrant=pp&hook=act&colour={x}", "/-/jump?model={m}&to={x}",
+        "/models/{x}/random", "/models/{m}/{x}",
+    ]
+
+
+@pytest.mark.parametrize("value", WEIRD)
+def test_no_input_gives_a_500(client, m, value):
+    for template in _templates(m):
+        url = template.format(m=m, x=quote(value, safe=""))
+        r = client.get(url)
+        assert r.status_code < 500, (url, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            if r.headers["content-type"].startswith("application/json"):
+                err = r.json()["error"]
+                assert set(err) == {"status", "parameter", "message", "valid"} and err["status"] == r.status_code
+            else:
+                assert r.headers["content-type"].startswith("text/html") and err_page(r.text)
+
+
+def err_page(html: str) -> bool:
+    return '<p class="error-message">' in html and "<script>alert" not in html
+
+
+@pytest.mark.parametrize("url,status,text", [
+    ("/models/nope", 404, "unknown model"),
+    ("/models/{m}/neurons/7/0", 404, "layer 7 does not exist"),
+    ("/models/{m}/neurons/0/x", 422, "neuron must be a whole number"),
+    ("/models/{m}/neurons/0/0/examples?quadrant=zz&hook=act", 422, "unknown quadrant"),
+    ("/models/{m}/texts/1000", 404, "text_id 1000 does not exist"),
+    ("/no/such/page", 404, "no such page"),
+])
+def test_html_pages_get_an_error_page_with_the_same_status(client, m, url, status, text):
+    r = client.get(url.format(m=m))
+    assert r.status_code == status and r.headers["content-type"].startswith("text/html")
+    assert text in r.text and err_page(r.text)
+    as_json = client.get(url.format(m=m), headers={"Accept": "application/json"})
+    assert as_json.status_code == status and as_json.json()["error"]["status"] == status
+
+
+def test_a_malicious_parameter_is_escaped_in_the_error_page(client):
+    r = client.get("/models/" + quote("<script>alert(1)", safe=""))
+    assert r.status_code == 404 and "&lt;script&gt;" in r.text and "<script>alert" not in r.text
+
+
+def test_method_not_allowed_has_the_error_shape(client, m):
+    r = client.post(f"/api/models/{m}")
+    assert r.status_code == 405 and r.json()["error"]["status"] == 405
+
+
+def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path):
+    junk = tmp_path / "junk.duckdb"
+    junk.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(UserError, match="junk.duckdb"):
+        create_app([junk])
+    import duckdb
+
+    empty = tmp_path / "empty.duckdb"
+    duckdb.connect(str(empty)).close()
+    with pytest.raises(UserError, match="not a GLUScope database"):
+        create_app([empty])
