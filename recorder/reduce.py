@@ -64,25 +64,29 @@ def reduce_batch(g: torch.Tensor, u: torch.Tensor, valid: torch.Tensor,
     pos: list = [None] * N_LISTS
     near: list = [None] * N_LISTS
     total: list = [None] * N_LISTS
+    # Every reduction runs over T with output [B, n], so a compiler can fuse
+    # them all into one pass over g and u; the cheap fold over B comes last.
     for hook, split, q_hi, q_lo in _SPLITS:
         m = torch.where(masks[split], values[hook], zero)
         hi, hi_pos = m.max(dim=1)
         lo, lo_pos = m.min(dim=1)
-        flat = m.flatten(0, 1)
-        positive = flat > 0
-        negative = flat < 0
+        positive = m > 0
+        negative = m < 0
         i_hi, i_lo = q_hi * 4 + hook, q_lo * 4 + hook
         ext[i_hi], pos[i_hi] = hi, hi_pos
         ext[i_lo], pos[i_lo] = lo, lo_pos
-        near[i_hi] = torch.where(positive, flat, inf).amin(0)
-        near[i_lo] = torch.where(negative, flat, -inf).amax(0)
-        total[i_hi] = torch.where(positive, flat, zero).sum(0)
-        total[i_lo] = torch.where(negative, flat, zero).sum(0)
+        near[i_hi] = torch.where(positive, m, inf).amin(1)
+        near[i_lo] = torch.where(negative, m, -inf).amax(1)
+        total[i_hi] = torch.where(positive, m, zero).sum(1)
+        total[i_lo] = torch.where(negative, m, zero).sum(1)
     counts = torch.stack([
-        (masks["g+"] & masks["u+"]).sum((0, 1)), (masks["g+"] & masks["u-"]).sum((0, 1)),
-        (masks["g-"] & masks["u+"]).sum((0, 1)), (masks["g-"] & masks["u-"]).sum((0, 1)),
-    ])
-    return torch.stack(ext, 1), torch.stack(pos, 1), torch.stack(near), torch.stack(total), counts
+        (masks["g+"] & masks["u+"]).sum(1), (masks["g+"] & masks["u-"]).sum(1),
+        (masks["g-"] & masks["u+"]).sum(1), (masks["g-"] & masks["u-"]).sum(1),
+    ]).sum(1)
+    near_t = torch.stack(near, 1)                                   # [B, 16, n]
+    signs = list_signs().to(g.device).view(1, N_LISTS, 1) > 0
+    near_all = torch.where(signs, near_t.amin(0, keepdim=True), near_t.amax(0, keepdim=True))[0]
+    return torch.stack(ext, 1), torch.stack(pos, 1), near_all, torch.stack(total, 1).sum(0), counts
 
 
 def example_keys(values: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
@@ -146,24 +150,31 @@ class LayerState:
 
     def _merge_examples(self, g, u, lengths, text_ids, ext, ext_pos, before, after) -> None:
         k = self.keys.shape[0]
-        batch = ext.shape[0]
+        batch, _, n = ext.shape
         cand = example_keys(ext, text_ids)                        # [B, 16, n]
-        if not bool((cand > self.keys.amin(0)).any()):
-            return  # late in a run most batches change no list
-        top = torch.cat([self.keys, cand]).topk(k, dim=0, sorted=False).indices
-        chosen = torch.zeros((k + batch, *cand.shape[1:]), dtype=torch.bool, device=cand.device)
+        # Only lists where some candidate beats the current k-th take part;
+        # late in a run that is a small fraction, often none.
+        hot = (cand > self.keys.amin(0)).any(0).flatten().nonzero().squeeze(1)   # [C] flat (list, neuron)
+        if hot.numel() == 0:
+            return
+        old = self.keys.view(k, -1)[:, hot]                       # [k, C]
+        new = cand.view(batch, -1)[:, hot]                        # [B, C]
+        top = torch.cat([old, new]).topk(k, dim=0, sorted=False).indices
+        chosen = torch.zeros((k + batch, hot.numel()), dtype=torch.bool, device=cand.device)
         chosen.scatter_(0, top, True)
-        entering = chosen[k:]                                    # [B, 16, n]
-        leaving = ~chosen[:k]                                    # [k, 16, n]
-        # Pair the j-th leaving slot of a column with its j-th entering candidate.
+        entering = chosen[k:]
+        leaving = ~chosen[:k]
+        # Pair the j-th leaving slot of a list with its j-th entering candidate.
         m = min(k, batch)
         free_slot = torch.sort(leaving.to(torch.int8), dim=0, descending=True, stable=True).indices[:m]
         new_row = torch.sort(entering.to(torch.int8), dim=0, descending=True, stable=True).indices[:m]
-        n_new = entering.sum(0)
-        pair = torch.arange(m, device=cand.device).view(m, 1, 1) < n_new   # [m, 16, n]
-        j, lst, neuron = pair.nonzero(as_tuple=True)
-        slot = free_slot[j, lst, neuron]
-        row = new_row[j, lst, neuron]
+        pair = torch.arange(m, device=cand.device).unsqueeze(1) < entering.sum(0)   # [m, C]
+        j, c = pair.nonzero(as_tuple=True)
+        slot = free_slot[j, c]
+        row = new_row[j, c]
+        flat = hot[c]
+        lst = flat // n
+        neuron = flat % n
         position = ext_pos[row, lst, neuron]
 
         self.keys[slot, lst, neuron] = cand[row, lst, neuron]

@@ -1,0 +1,127 @@
+"""Recorder time against a plain forward pass of the same Hugging Face model, on the same tokens.
+
+    python benchmarks/bench_recorder.py [--layers 8 --d-model 512 --d-mlp 1408 --texts 256 --length 512]
+
+Prints seconds and tokens/s for: the HF model's forward without hooks (the
+baseline, both the full causal LM and the base model without the unembedding,
+which the recorder skips), and `record()` end to end (loop, and loop plus
+writing the database). Ratios are against the baseline measured in this run,
+since this machine is noisy. Not a test: nothing here passes or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from gluscope.recorder.corpus import Corpus
+from gluscope.recorder.model import load_model
+from gluscope.recorder.record import record
+from gluscope.recorder.tiny_models import save_tiny_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="llama")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--d-mlp", type=int, default=1408)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--texts", type=int, default=256)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--compile", choices=["on", "off"], default="on")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=2, help="baseline passes (median is used)")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="gluscope-bench-"))
+    words = [f"w{i}" for i in range(600)]
+    model_dir = save_tiny_model(tmp / "model", args.arch, [" ".join(words)] * 4, vocab_size=512,
+                                d_model=args.d_model, d_mlp=args.d_mlp, n_layers=args.layers, n_heads=args.heads,
+                                max_positions=max(1024, args.length))
+    rng = np.random.default_rng(0)
+    token_ids = [np.concatenate([[0], rng.integers(3, 512, args.length - 1)]).astype(np.int32) for _ in range(args.texts)]
+    corpus = Corpus(np.arange(args.texts), token_ids, {"max_length": args.length})
+    n_tokens = args.texts * (args.length - 1)
+    dtype = getattr(torch, args.dtype)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
+    batches = [torch.from_numpy(np.stack(token_ids[i:i + args.batch_size])).long().to(args.device)
+               for i in range(0, args.texts, args.batch_size)]
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    def full():
+        with torch.inference_mode():
+            for b in batches:
+                hf(b)
+
+    def base():
+        with torch.inference_mode():
+            for b in batches:
+                hf.model(b)
+
+    timed(lambda: hf.model(batches[0][:1]))  # warm-up
+    full_s = statistics.median(timed(full) for _ in range(args.repeats))
+    base_s = statistics.median(timed(base) for _ in range(args.repeats))
+    del hf
+
+    model = load_model(str(model_dir), device=args.device, dtype=args.dtype)
+    if args.compile == "on":
+        # Compile once outside the measurement, as a long run amortises it.
+        record(model, Corpus(corpus.source_index[:2], token_ids[:2], corpus.info), tmp / "warm.duckdb",
+               dataset="bench", batch_size=2, compile="on", progress=False)
+    import gluscope.recorder.record as rec
+    loop_time = {}
+    orig_writer = rec.DatabaseWriter
+
+    class TimedWriter(orig_writer):  # marks where the loop ends and writing begins
+        def __init__(self, *a, **kw):
+            sync()
+            loop_time["t"] = time.perf_counter()
+            super().__init__(*a, **kw)
+
+    rec.DatabaseWriter = TimedWriter
+    sync()
+    t0 = time.perf_counter()
+    record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
+           compile=args.compile, progress=False)
+    total_s = time.perf_counter() - t0
+    loop_s = loop_time["t"] - t0
+    rec.DatabaseWriter = orig_writer
+
+    print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
+          f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
+          f"compile={args.compile}, torch threads={torch.get_num_threads()}")
+    rows = [
+        ("HF forward, causal LM (baseline)", full_s),
+        ("HF forward, base model (no unembedding)", base_s),
+        ("recorder loop", loop_s),
+        ("recorder end to end (loop + database)", total_s),
+    ]
+    for name, s in rows:
+        print(f"{name:42s} {s:8.2f} s {n_tokens / s:10.0f} tok/s  ratio vs baseline {s / full_s:5.2f}  "
+              f"vs base model {s / base_s:5.2f}")
+    print(f"database: {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
