@@ -59,12 +59,21 @@ class GatedModel:
         return mlp.W_gate.detach().T.float(), mlp.W_in.detach().T.float(), mlp.W_out.detach().float()
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
 
 
-def load_model(name: str, device: str | None = None, dtype: str = "float32", revision: str | None = None) -> GatedModel:
-    """Boot `name` (hub name or local folder) through TransformerBridge and check it has gated MLPs."""
+def load_model(name: str, device: str | None = None, dtype: str = "float32", revision: str | None = None,
+               hf_model=None) -> GatedModel:
+    """Boot `name` (hub name or local folder) through TransformerBridge and check it has gated MLPs.
+
+    `hf_model` wraps a model already in memory (benchmarks build random ones from a config).
+    """
     from transformer_lens.model_bridge import TransformerBridge  # heavy: import on use
 
     if dtype not in DTYPES:
@@ -86,16 +95,16 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     kwargs = {"device": device, "dtype": DTYPES[dtype]}
     if revision:
         kwargs["revision"] = revision
+    if hf_model is not None:
+        kwargs["hf_model"] = hf_model
     try:
         bridge = TransformerBridge.boot_transformers(str(Path(name).expanduser()) if local else name, **kwargs)
     except UserError:
         raise
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {name}: cannot load it ({first})") from None
+        raise UserError(f"--model {name}: cannot load it ({_first_line(e)})") from None
     except (ValueError, KeyError, NotImplementedError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {name}: TransformerLens cannot load this model ({first})") from None
+        raise UserError(f"--model {name}: TransformerLens cannot load this model ({_first_line(e)})") from None
 
     hooks = bridge.hook_dict
     if "blocks.0.mlp.hook_pre_linear" not in hooks or "blocks.0.mlp.hook_pre" not in hooks:

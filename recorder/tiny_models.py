@@ -54,19 +54,23 @@ def make_config(arch: str, vocab_size: int, d_model: int = 64, d_mlp: int = 96, 
     class_name, extra = ARCHITECTURES[arch]
     cls = getattr(transformers, class_name)
     if arch == "gpt2":
-        return cls(vocab_size=vocab_size, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads,
-                   n_positions=max_positions, bos_token_id=0, eos_token_id=1)
-    return cls(
-        vocab_size=vocab_size,
-        hidden_size=d_model,
-        intermediate_size=d_mlp,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=0,
-        eos_token_id=1,
-        **{"pad_token_id": 2, **extra},
-    )
+        config = cls(vocab_size=vocab_size, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads,
+                     n_positions=max_positions, bos_token_id=0, eos_token_id=1)
+    else:
+        config = cls(
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=0,
+            eos_token_id=1,
+            **{"pad_token_id": 2, **extra},
+        )
+    # save_pretrained of a model writes this; a config saved alone needs it to be recognised.
+    config.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
 
 
 def save_tiny_model(out_dir: Path, arch: str, texts: list[str], *, vocab_size: int = 384, seed: int = 0,
