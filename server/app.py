@@ -44,6 +44,9 @@ def _model(request: Request, model: str) -> Database:
 
 
 # --- views -----------------------------------------------------------------
+# Views that only read what was loaded at startup are `async`: they run on the
+# event loop without a thread hop. Views that query DuckDB are plain `def`, so
+# FastAPI runs them in its thread pool.
 
 def index(request: Request):
     """Every model this server reads, with its metadata."""
@@ -65,7 +68,7 @@ def layer_view(request: Request, model: str = ModelId, layer: int = Layer,
                    context={"info": data.model_info(db)})
 
 
-def neuron_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron):
+async def neuron_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron):
     """Figure 1 of the paper: count, frequency and min/max/mean of each value in each quadrant; weight geometry."""
     db = _model(request, model)
     return respond(request, data.neuron_data(db, layer, neuron), "neuron.html", context={"info": data.model_info(db)})
@@ -82,7 +85,7 @@ def examples_view(request: Request, model: str = ModelId, layer: int = Layer, ne
                    context={"info": data.model_info(db), "colour_by": colour_by})
 
 
-def text_view(request: Request, model: str = ModelId, text_id: int = TextId,
+async def text_view(request: Request, model: str = ModelId, text_id: int = TextId,
               position: int | None = Query(None, description="page only: a token to mark")):
     """One recorded text: its token ids, each token, and the text decoded from the stored vocabulary."""
     db = _model(request, model)

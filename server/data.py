@@ -139,24 +139,23 @@ def model_data(db: Database) -> dict[str, Any]:
 def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     check_index("layer", layer, db.n_layers)
     check_index("neuron", neuron, db.d_mlp)
-    params = {"layer": layer, "neuron": neuron}
-    rows = db.query(queries.NEURON, params)
-    if not rows:  # a layer the recorder never wrote
+    t = db.neurons
+    counts = t.counts[layer, neuron]
+    if counts[0] < 0:  # a neuron the recorder never wrote
         raise ParameterError(404, "neuron", f"neuron {layer}.{neuron} is not in this database", None)
-    row = rows[0]
-    stats: dict[tuple[int, int], tuple] = {(q, h): (mn, mx, mean)
-                                           for q, h, mn, mx, mean in db.query(queries.VALUE_STATS, params)}
+    mins, maxs, means = t.stat_min[layer, neuron].tolist(), t.stat_max[layer, neuron].tolist(), t.stat_mean[layer, neuron].tolist()
     n_tokens = int(db.meta["n_tokens"])
     quadrants = []
     for q, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
-        count = int(row[q])
+        count = int(counts[q])
         quadrants.append({
             "quadrant": label, "slug": slug, "count": count,
             "frequency": count / n_tokens if n_tokens else None,
-            "stats": {hook: dict(zip(("min", "max", "mean"), map(_num, stats.get((q, h), (None,) * 3))))
+            "stats": {hook: {"min": _num(mins[q][h]), "max": _num(maxs[q][h]), "mean": _num(means[q][h])}
                       for h, hook in enumerate(HOOKS)},
         })
-    weights = dict(zip(WEIGHT_FIELDS, (bool(row[4]), *map(_num, row[5:]))))
+    weights = {"flipped": bool(t.flipped[layer, neuron]),
+               **{name: _num(t.geometry[name][layer, neuron]) for name in WEIGHT_FIELDS[1:]}}
     return {"model": db.id, "layer": layer, "neuron": neuron, "n_tokens": n_tokens,
             "quadrants": quadrants, "weights": weights}
 

@@ -24,11 +24,12 @@ from gluscope.server import queries
 
 REQUIRED_TABLES = {"metadata", "quadrants", "hooks", "texts", "vocab", "neurons", "value_stats", "examples", "windows"}
 
-# Each query runs in its calling thread: concurrent requests already use the
-# cores, and a small buffer pool keeps the server far below the file's size.
+# A small buffer pool keeps the server far below the file's size. DuckDB's
+# default thread count stays: measured, one thread per query halves the
+# examples throughput even with many concurrent requests.
 # Set after connecting, not as connect() config: DuckDB refuses a second
 # connection to one file with a different config in the same process.
-SETTINGS = ("SET threads = 1", f"SET memory_limit = '{os.environ.get('GLUSCOPE_MEMORY_LIMIT', '1GB')}'")
+SETTINGS = (f"SET memory_limit = '{os.environ.get('GLUSCOPE_MEMORY_LIMIT', '512MB')}'",)
 
 
 class DatabaseFileError(UserError):
@@ -52,6 +53,47 @@ class Texts:
 
 
 @dataclass
+class NeuronTable:
+    """The neurons and value_stats tables as arrays indexed [layer, neuron, ...]; NaN/-1 where a row is missing."""
+
+    counts: np.ndarray    # [L, N, 4] int64, -1 where the neuron has no row
+    flipped: np.ndarray   # [L, N] bool
+    geometry: dict[str, np.ndarray]  # name -> [L, N] float32
+    stat_min: np.ndarray  # [L, N, 4, 4] float32 (quadrant, hook)
+    stat_max: np.ndarray  # [L, N, 4, 4] float32
+    stat_mean: np.ndarray  # [L, N, 4, 4] float64
+
+    @classmethod
+    def load(cls, con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int) -> "NeuronTable":
+        n = con.execute(queries.NEURONS).fetchnumpy()
+        ok = (n["layer"] >= 0) & (n["layer"] < n_layers) & (n["neuron"] >= 0) & (n["neuron"] < d_mlp)
+        li, ni = n["layer"][ok].astype(np.int64), n["neuron"][ok].astype(np.int64)
+        counts = np.full((n_layers, d_mlp, 4), -1, np.int64)
+        for q, slug in enumerate(("pp", "pn", "np", "nn")):
+            counts[li, ni, q] = n[f"count_{slug}"][ok]
+        flipped = np.zeros((n_layers, d_mlp), bool)
+        flipped[li, ni] = n["flipped"][ok]
+        geometry = {}
+        for name in GEOMETRY:
+            geometry[name] = np.full((n_layers, d_mlp), np.nan, np.float32)
+            geometry[name][li, ni] = n[name][ok]
+        s = con.execute(queries.VALUE_STATS).fetchnumpy()
+        ok = ((s["layer"] >= 0) & (s["layer"] < n_layers) & (s["neuron"] >= 0) & (s["neuron"] < d_mlp)
+              & (s["quadrant"] >= 0) & (s["quadrant"] < 4) & (s["hook"] >= 0) & (s["hook"] < 4))
+        at = tuple(s[c][ok].astype(np.int64) for c in ("layer", "neuron", "quadrant", "hook"))
+        arrays = []
+        for col, dtype in (("min", np.float32), ("max", np.float32), ("mean", np.float64)):
+            a = np.full((n_layers, d_mlp, 4, 4), np.nan, dtype)
+            values = s[col][ok]
+            a[at] = values.filled(np.nan) if np.ma.isMaskedArray(values) else values
+            arrays.append(a)
+        return cls(counts, flipped, geometry, *arrays)
+
+
+GEOMETRY = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
+
+
+@dataclass
 class Database:
     """One recorded model: its read-only connection and what every request needs."""
 
@@ -61,6 +103,7 @@ class Database:
     tokens: list[str]         # vocab.token by id
     token_bytes: list[bytes]  # vocab.token_bytes by id
     texts: Texts
+    neurons: NeuronTable
     con: duckdb.DuckDBPyConnection
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
@@ -127,8 +170,9 @@ def open_database(path: str | os.PathLike) -> Database:
         offsets=np.asarray(token_ids.offsets, dtype=np.int64),
         ids=np.asarray(token_ids.values, dtype=np.int32),
     )
+    neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"]))
     return Database(path=path, id="", meta=meta, tokens=[t for t, _ in vocab],
-                    token_bytes=[bytes(b) for _, b in vocab], texts=texts, con=con)
+                    token_bytes=[bytes(b) for _, b in vocab], texts=texts, neurons=neurons, con=con)
 
 
 def _fingerprint(meta: dict[str, Any]) -> str:

@@ -16,18 +16,16 @@ VOCAB = "SELECT token, token_bytes FROM vocab ORDER BY token_id"
 # and a lookup in the table itself would scan the one row group they live in.
 TEXTS = "SELECT source_index, token_ids FROM texts ORDER BY text_id"
 
-NEURON = """
-SELECT count_pp, count_pn, count_np, count_nn, flipped,
+# The per-neuron summary (counts, geometry, 16 stats) of every neuron is loaded
+# once at startup, about 100 MB for a 7B model: the neuron page and its JSON
+# then never wait on the file.
+NEURONS = """
+SELECT layer, neuron, count_pp, count_pn, count_np, count_nn, flipped,
        cos_gate_in, cos_gate_out, cos_in_out, norm_gate, norm_in, norm_out
 FROM neurons
-WHERE layer = $layer AND neuron = $neuron
 """
 
-VALUE_STATS = """
-SELECT quadrant, hook, min, max, mean
-FROM value_stats
-WHERE layer = $layer AND neuron = $neuron
-"""
+VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_stats"
 
 # Windows are stored once per (layer, neuron, text_id, position); join on all four.
 EXAMPLES = """

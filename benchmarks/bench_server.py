@@ -1,0 +1,165 @@
+"""Latency of a running GLUScope server, measured with a real HTTP client.
+
+    python benchmarks/bench_server.py --db data/synthetic.duckdb          # starts `gluscope serve` on a free port
+    python benchmarks/bench_server.py --url http://127.0.0.1:8000         # or measures a server already running
+
+For the neuron page, the neuron JSON and one examples fragment (HX-Request),
+each over random neurons, with 1 and with 16 concurrent clients (threads,
+each with its own keep-alive connection): p50, p99 and max latency,
+throughput, and the server's resident memory (when this script started it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from gluscope.schema import HOOKS, QUADRANT_SLUGS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(db), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/models", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start within 120 s")
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            name, value = line.split(":")
+            out[name] = int(value.split()[0])
+    return out
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    i = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+def run(base: str, urls: list[str], headers: dict[str, str], clients: int) -> tuple[list[float], float]:
+    """Each client takes the next URL as soon as its previous answer is in (closed loop).
+
+    Clients use the standard library's http.client over one keep-alive
+    connection each: on a 2-core machine a heavier client would take the CPU
+    the server is being measured on.
+    """
+    latencies: list[float] = []
+    lock = threading.Lock()
+    it = iter(urls)
+    errors: list[str] = []
+
+    def worker() -> None:
+        host = urlsplit(base)
+        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+        try:
+            while True:
+                with lock:
+                    url = next(it, None)
+                if url is None:
+                    return
+                t = time.perf_counter()
+                conn.request("GET", url, headers=headers)
+                r = conn.getresponse()
+                r.read()
+                dt = time.perf_counter() - t
+                if r.status != 200:
+                    errors.append(f"{r.status} {url}")
+                with lock:
+                    latencies.append(dt)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} failed requests, e.g. {errors[:3]}")
+    return sorted(latencies), time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--db", type=Path, help="start `gluscope serve` on this file")
+    g.add_argument("--url", help="measure a server already running here")
+    p.add_argument("--requests", type=int, default=400, help="requests per scenario and client count (default: 400)")
+    p.add_argument("--clients", default="1,16", help="concurrent clients to try (default: 1,16)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    proc = None
+    if args.db:
+        port = free_port()
+        t = time.perf_counter()
+        proc = start_server(args.db, port)
+        print(f"server started in {time.perf_counter() - t:.1f} s on {args.db} "
+              f"({args.db.stat().st_size / 1e9:.2f} GB)")
+        base = f"http://127.0.0.1:{port}"
+    else:
+        base = args.url.rstrip("/")
+    try:
+        model = httpx.get(f"{base}/api/models").json()["models"][0]
+        m, n_layers, d_mlp = model["id"], model["n_layers"], model["d_mlp"]
+        print(f"model {m}: {n_layers} layers x {d_mlp} neurons; {os.cpu_count()} CPUs on this machine")
+        rng = random.Random(args.seed)
+
+        def neurons(n: int) -> list[tuple[int, int]]:
+            return [(rng.randrange(n_layers), rng.randrange(d_mlp)) for _ in range(n)]
+
+        scenarios = {
+            "neuron JSON": (lambda l, n: f"/api/models/{m}/neurons/{l}/{n}", {}),
+            "neuron page": (lambda l, n: f"/models/{m}/neurons/{l}/{n}", {}),
+            "examples fragment": (lambda l, n: f"/models/{m}/neurons/{l}/{n}/examples?quadrant="
+                                  f"{rng.choice(QUADRANT_SLUGS)}&hook={rng.choice(HOOKS)}", {"HX-Request": "true"}),
+        }
+        print(f"\n{'scenario':<20}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}")
+        for name, (make_url, headers) in scenarios.items():
+            for clients in (int(c) for c in args.clients.split(",")):
+                run(base, [make_url(*ln) for ln in neurons(20)], headers, clients)  # warm up the connections
+                urls = [make_url(*ln) for ln in neurons(args.requests)]
+                lat, wall = run(base, urls, headers, clients)
+                print(f"{name:<20}{clients:>8}{len(lat):>10}{1000 * percentile(lat, 50):>9.1f}"
+                      f"{1000 * percentile(lat, 99):>9.1f}{1000 * lat[-1]:>9.1f}{len(lat) / wall:>8.0f}")
+        if proc:
+            mem = memory_kb(proc.pid)
+            print(f"\nserver memory: resident {mem['VmRSS'] / 1024:.0f} MB, peak {mem['VmHWM'] / 1024:.0f} MB "
+                  f"(file {args.db.stat().st_size / 1e9:.2f} GB)")
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The neuron page in real headless Chromium against a real uvicorn server.
+
+Set GLUSCOPE_SCREENSHOT=1 to also save docs/neuron-page.png (the README shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from gluscope.schema import HOOKS, QUADRANT_SLUGS
+from gluscope.server.app import create_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "neuron-page.png"
+
+
+@pytest.fixture(scope="module")
+def live_server(recorded_db):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app([recorded_db]), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): run `make browser`")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="gluscope-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1280,1500", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    d.set_page_load_timeout(30)
+    yield d
+    d.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def script_list(recorded_db, planted_script_text_id):
+    """(layer, neuron, slug, hook) of the first example list whose window shows the planted <script> token."""
+    con = duckdb.connect(str(recorded_db), read_only=True)
+    try:
+        row = con.execute("""
+            WITH s AS (SELECT list_position(token_ids, (SELECT token_id FROM vocab WHERE token = '<script>')) - 1 AS pos
+                       FROM texts WHERE text_id = $t)
+            SELECT e.layer, e.neuron, e.quadrant, e.hook
+            FROM examples e JOIN windows w USING (layer, neuron, text_id, position), s
+            WHERE e.text_id = $t AND s.pos BETWEEN w.window_start AND w.window_start + len(w.x_gate) - 1
+            ORDER BY e.layer, e.neuron, e.quadrant, e.hook LIMIT 1""", {"t": planted_script_text_id}).fetchone()
+    finally:
+        con.close()
+    return row[0], row[1], QUADRANT_SLUGS[row[2]], HOOKS[row[3]]
+
+
+def _no_alert(d) -> None:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    with pytest.raises(NoAlertPresentException):
+        d.switch_to.alert.text
+
+
+def test_neuron_page_in_chromium(live_server, driver, script_list):
+    import httpx
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    d, wait = driver, WebDriverWait(driver, 15)
+    model = httpx.get(f"{live_server}/api/models").json()["models"][0]["id"]
+    layer, neuron, slug, hook = script_list
+    d.get(f"{live_server}/models/{model}/neurons/{layer}/{neuron}")
+    assert f"{layer}.{neuron}" in d.find_element(By.TAG_NAME, "h1").text
+    assert not d.find_elements(By.CSS_SELECTOR, ".snippet .t")  # examples load only when opened
+
+    # Open one example list: htmx fetches it.
+    section = d.find_element(By.ID, f"ex-{slug}-{hook}")
+    section.find_element(By.TAG_NAME, "summary").click()
+    wait.until(lambda _: section.find_elements(By.CSS_SELECTOR, ".snippet .t"))
+    tokens = section.find_elements(By.CSS_SELECTOR, ".snippet .t")
+    expected = httpx.get(f"{live_server}/api/models/{model}/neurons/{layer}/{neuron}/examples",
+                         params={"quadrant": slug, "hook": hook}).json()
+    assert len(tokens) == sum(len(ex["tokens"]) for ex in expected["examples"])
+
+    # The planted token is shown as text, and nothing ran.
+    assert any(t.text == "<script>" for t in tokens)
+    _no_alert(d)
+    assert d.execute_script("return [...document.scripts].every(s => s.src.includes('/-/static/'))")
+
+    # Hover the token of interest of the first example: the tooltip shows all four values.
+    first = section.find_element(By.CSS_SELECTOR, ".ex .snippet .t.focus")
+    ActionChains(d).move_to_element(first).perform()
+    tip = d.find_element(By.ID, "tip")
+    wait.until(EC.visibility_of(tip))
+    rows = {r.get_attribute("data-hook"): r.text.split()[-1] for r in tip.find_elements(By.CSS_SELECTOR, ".tip-row")}
+    ex0 = expected["examples"][0]
+    i = ex0["position"] - ex0["window_start"]
+    assert list(rows) == list(HOOKS)
+    for h in HOOKS:
+        assert float(rows[h]) == pytest.approx(ex0["activations"][h][i], rel=1e-3, abs=1e-6), h
+    # Keyboard focus shows it too.
+    ActionChains(d).move_to_element(d.find_element(By.TAG_NAME, "h1")).perform()
+    wait.until(EC.invisibility_of_element(tip))
+    d.execute_script("arguments[0].focus()", tokens[1])
+    wait.until(EC.visibility_of(tip))
+
+    # The selector recolours the tokens by another value.
+    before = first.value_of_css_property("background-color")
+    other = "hook_pre" if hook != "hook_pre" else "hook_pre_linear"
+    Select(section.find_element(By.CSS_SELECTOR, "select.colour-by")).select_by_value(other)
+    wait.until(lambda _: first.value_of_css_property("background-color") != before)
+
+    # "full text" loads the decoded text.
+    section.find_element(By.CSS_SELECTOR, "details.fulltext summary").click()
+    wait.until(lambda _: section.find_elements(By.CSS_SELECTOR, ".text-full .decoded"))
+
+    if os.environ.get("GLUSCOPE_SCREENSHOT"):
+        # Close the weights and the other quadrants' lists out of the picture: header, Figure 1, one open list.
+        d.execute_script("document.querySelector('section.weights').remove();"
+                         "document.querySelectorAll('section.quadrant').forEach(s => {"
+                         "  if (!s.contains(arguments[0])) s.remove(); });", section)
+        d.set_window_size(1280, 1900)
+        d.execute_script("window.scrollTo(0, 0)")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        ActionChains(d).move_to_element(first).perform()
+        wait.until(EC.visibility_of(tip))
+        d.save_screenshot(str(SCREENSHOT))
+
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+    # Follow "next neuron".
+    d.find_element(By.ID, "next-neuron").click()
+    wait.until(EC.url_matches(r"/neurons/\d+/\d+$"))
+    nxt = (layer, neuron + 1) if neuron + 1 < 96 else (layer + 1, 0)
+    assert d.current_url.endswith(f"/neurons/{nxt[0]}/{nxt[1]}")
+    assert f"{nxt[0]}.{nxt[1]}" in d.find_element(By.TAG_NAME, "h1").text
+    _no_alert(d)
