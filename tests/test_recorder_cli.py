@@ -1,0 +1,161 @@
+"""`gluscope dataset` and `gluscope record` as a user runs them: outputs, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from gluscope.recorder.corpus import load_corpus
+
+from .conftest import make_model
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gluscope.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("gluscope "), result.stderr
+    for w in words:
+        assert w in last, last
+
+
+def test_dataset_then_record_from_folder(tiny_llama, corpus_file, tmp_path):
+    folder = tmp_path / "ds"
+    r = run_cli("dataset", str(corpus_file), "--tokenizer", str(tiny_llama), "--out", str(folder),
+                "--max-length", "16", "--max-tokens", "200", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    corpus = load_corpus(folder)
+    lengths = corpus.lengths
+    assert lengths.max() <= 16 and (lengths >= 2).all()
+    assert lengths.sum() >= 200 and lengths[:-1].sum() < 200  # stops at the first text that reaches max-tokens
+    assert all(t[0] == 0 for t in corpus.token_ids)  # BOS first
+    assert len(set(corpus.source_index.tolist())) == corpus.n_texts
+    expected_rows = np.random.default_rng(3).permutation(len(corpus_file.read_text().splitlines()))
+    assert corpus.source_index.tolist() == expected_rows[:corpus.n_texts].tolist()
+
+    out = tmp_path / "from-folder.duckdb"
+    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(folder), "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    con = duckdb.connect(str(out), read_only=True)
+    n_texts, n_tokens, max_length = con.execute("SELECT n_texts, n_tokens, max_length FROM metadata").fetchone()
+    assert (n_texts, n_tokens, max_length) == (corpus.n_texts, int((lengths - 1).sum()), 16)
+    stored = con.execute("SELECT source_index FROM texts ORDER BY text_id").fetchall()
+    assert [s for (s,) in stored] == corpus.source_index.tolist()
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2", "mistral", "qwen2", "gemma2"])
+def test_other_gated_architectures_record(arch, tmp_path_factory, corpus_file, tmp_path):
+    model = make_model(tmp_path_factory, arch)
+    out = tmp_path / f"{arch}.duckdb"
+    r = run_cli("record", "--model", str(model), "--dataset", str(corpus_file), "--out", str(out),
+                "--max-length", "24", "--max-tokens", "300", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    con = duckdb.connect(str(out), read_only=True)
+    n_tokens, n_layers, d_mlp = con.execute("SELECT n_tokens, n_layers, d_mlp FROM metadata").fetchone()
+    totals = con.execute("SELECT max(count_pp + count_pn + count_np + count_nn), count(*) FROM neurons").fetchone()
+    assert totals == (n_tokens, n_layers * d_mlp)  # random weights: no exact zeros
+    assert con.execute("SELECT count(*) FROM examples").fetchone()[0] > 0
+
+
+def test_text_files_and_parquet_sources(tiny_llama, tmp_path):
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i in range(3):
+        (txt / f"{i}.txt").write_text(f"document {i}\nwith two lines\n")
+    r = run_cli("dataset", str(txt), "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert load_corpus(tmp_path / "a").n_texts == 3  # one text per file, not per line
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["first text", "second text"]}), tmp_path / "t.parquet")
+    r = run_cli("dataset", str(tmp_path / "t.parquet"), "--text-column", "body", "--tokenizer", str(tiny_llama),
+                "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    assert load_corpus(tmp_path / "b").n_texts == 2
+
+
+def test_not_gated_model_is_refused(tmp_path_factory, corpus_file, tmp_path):
+    gpt2 = make_model(tmp_path_factory, "gpt2")
+    out = tmp_path / "gpt2.duckdb"
+    r = run_cli("record", "--model", str(gpt2), "--dataset", str(corpus_file), "--out", str(out))
+    assert_user_error(r, "no gated MLP")
+    assert not out.exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_unknown_model_path(corpus_file, tmp_path):
+    r = run_cli("record", "--model", str(tmp_path / "no-such-model"), "--dataset", str(corpus_file),
+                "--out", str(tmp_path / "x.duckdb"))
+    assert_user_error(r, "no such folder")
+
+
+def test_folder_that_is_not_a_model(corpus_file, tmp_path):
+    r = run_cli("record", "--model", str(tmp_path), "--dataset", str(corpus_file), "--out", str(tmp_path / "x.duckdb"))
+    assert_user_error(r, "config.json")
+
+
+def test_missing_text_column(tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "x.duckdb"
+    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
+                "--text-column", "body")
+    assert_user_error(r, "no column 'body'", "--text-column")
+    assert not out.exists()
+
+
+def test_empty_dataset(tiny_llama, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    out = tmp_path / "x.duckdb"
+    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(empty), "--out", str(out))
+    assert_user_error(r, "nothing to record")
+    assert not out.exists()
+
+
+def test_missing_dataset(tiny_llama, tmp_path):
+    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(tmp_path / "nope.jsonl"),
+                "--out", str(tmp_path / "x.duckdb"))
+    assert_user_error(r, "no such file")
+
+
+def test_existing_output_needs_overwrite(tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "exists.duckdb"
+    out.write_bytes(b"precious")
+    args = ["record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out), "--max-tokens", "100"]
+    assert_user_error(run_cli(*args), "already exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    r = run_cli(*args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert duckdb.connect(str(out), read_only=True).execute("SELECT n_texts FROM metadata").fetchone()[0] > 0
+
+
+def test_corpus_of_another_tokenizer_is_refused(tiny_llama, tmp_path_factory, corpus_file, tmp_path):
+    other = make_model(tmp_path_factory, "gemma")
+    folder = tmp_path / "ds"
+    assert run_cli("dataset", str(corpus_file), "--tokenizer", str(other), "--out", str(folder)).returncode == 0
+    # Same training texts, so the vocabularies only differ if the tokenizers do: plant a difference.
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    r = run_cli("dataset", str(corpus_file), "--tokenizer", str(other), "--out", str(folder), "--overwrite")
+    assert r.returncode == 0
+    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(folder), "--out", str(tmp_path / "x.duckdb"))
+    assert_user_error(r, "another tokenizer")
+
+
+def test_failed_run_leaves_no_partial_file(tiny_llama, corpus_file, tmp_path):
+    # An interrupted write (here: an impossible k) must not leave the output or its temporary behind.
+    out = tmp_path / "x.duckdb"
+    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out), "--k", "0")
+    assert_user_error(r, "--k")
+    assert list(tmp_path.iterdir()) == []
