@@ -46,13 +46,18 @@ def reduce_batch(g: torch.Tensor, u: torch.Tensor, valid: torch.Tensor,
 
     g, u: [B, T, n] float32 x_gate and x_in (after the weight convention);
     valid: [B, T] bool, False at BOS and padding.
-    Returns (ext, ext_pos, near, total, counts):
-      ext [B, 16, n]: per text and list, the most extreme value (0: none in this text),
-      ext_pos [B, 16, n]: its position (first on ties),
+    Returns (best, near, total, counts):
+      best [B, 16, n] int64: per text and list, |value| of the most extreme
+        token as float32 bits in the high half and T-1-position in the low
+        half, so the maximum picks the largest magnitude and then the lowest
+        position; 0 means no token of that list in the text,
       near [16, n]: the value closest to zero over the batch (+-inf: none),
       total [16, n]: the sum over the batch,
       counts [4, n]: tokens per quadrant.
+    Packing the position into the key turns 16 argmax reductions, which do
+    not vectorise, into integer max reductions, which do.
     """
+    T = g.shape[1]
     vm = valid.unsqueeze(-1)
     a = act_fn(g)
     p = a * u
@@ -60,25 +65,23 @@ def reduce_batch(g: torch.Tensor, u: torch.Tensor, valid: torch.Tensor,
     values = {POST: p, IN: u, GATE: g, ACT: a}
     zero = g.new_zeros(())
     inf = g.new_full((), float("inf"))
-    ext: list = [None] * N_LISTS
-    pos: list = [None] * N_LISTS
+    tie = (T - 1 - torch.arange(T, device=g.device, dtype=torch.int64)).view(1, T, 1)
+    best: list = [None] * N_LISTS
     near: list = [None] * N_LISTS
     total: list = [None] * N_LISTS
     # Every reduction runs over T with output [B, n], so a compiler can fuse
-    # them all into one pass over g and u; the cheap fold over B comes last.
+    # them into few passes over g and u; the cheap fold over B comes last.
     for hook, split, q_hi, q_lo in _SPLITS:
         m = torch.where(masks[split], values[hook], zero)
-        hi, hi_pos = m.max(dim=1)
-        lo, lo_pos = m.min(dim=1)
-        positive = m > 0
-        negative = m < 0
+        up = m.clamp(min=0)
+        down = (-m).clamp(min=0)
         i_hi, i_lo = q_hi * 4 + hook, q_lo * 4 + hook
-        ext[i_hi], pos[i_hi] = hi, hi_pos
-        ext[i_lo], pos[i_lo] = lo, lo_pos
-        near[i_hi] = torch.where(positive, m, inf).amin(1)
-        near[i_lo] = torch.where(negative, m, -inf).amax(1)
-        total[i_hi] = torch.where(positive, m, zero).sum(1)
-        total[i_lo] = torch.where(negative, m, zero).sum(1)
+        best[i_hi] = ((up.view(torch.int32).to(torch.int64) << 32) | tie).amax(1)
+        best[i_lo] = ((down.view(torch.int32).to(torch.int64) << 32) | tie).amax(1)
+        near[i_hi] = torch.where(m > 0, m, inf).amin(1)
+        near[i_lo] = torch.where(m < 0, m, -inf).amax(1)
+        total[i_hi] = up.sum(1)
+        total[i_lo] = -down.sum(1)
     counts = torch.stack([
         (masks["g+"] & masks["u+"]).sum(1), (masks["g+"] & masks["u-"]).sum(1),
         (masks["g-"] & masks["u+"]).sum(1), (masks["g-"] & masks["u-"]).sum(1),
@@ -86,7 +89,15 @@ def reduce_batch(g: torch.Tensor, u: torch.Tensor, valid: torch.Tensor,
     near_t = torch.stack(near, 1)                                   # [B, 16, n]
     signs = list_signs().to(g.device).view(1, N_LISTS, 1) > 0
     near_all = torch.where(signs, near_t.amin(0, keepdim=True), near_t.amax(0, keepdim=True))[0]
-    return torch.stack(ext, 1), torch.stack(pos, 1), near_all, torch.stack(total, 1).sum(0), counts
+    return torch.stack(best, 1), near_all, torch.stack(total, 1).sum(0), counts
+
+
+def unpack_best(best: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed value, position) from reduce_batch's keys; value 0 where a text has no token of a list."""
+    magnitude = (best >> 32).to(torch.int32).view(torch.float32)
+    position = (T - 1) - (best & 0xFFFFFFFF)
+    signs = list_signs().to(best.device).view(1, N_LISTS, 1)
+    return magnitude * signs, position
 
 
 def example_keys(values: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
@@ -135,7 +146,8 @@ class LayerState:
     def update(self, g: torch.Tensor, u: torch.Tensor, lengths: torch.Tensor, text_ids: torch.Tensor,
                reduced, before: int, after: int) -> None:
         """Fold one batch's reduction into the state; g, u are needed only for the new examples' windows."""
-        ext, ext_pos, near, total, counts = reduced
+        best, near, total, counts = reduced
+        ext, ext_pos = unpack_best(best, g.shape[1])
         self.counts += counts
         self.vsum += total.double()
         positive = (list_signs() > 0).to(ext.device).unsqueeze(1)       # [16, 1]

@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from gluscope.cli import UserError
+from gluscope.errors import UserError
 from gluscope.schema import SCHEMA_VERSION
 from gluscope.server import queries
 
