@@ -34,8 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(db), "--port", str(port)],
+def start_server(db: Path, port: int, workers: int = 1) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(db), "--port", str(port),
+                             "--workers", str(workers)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -50,12 +51,35 @@ def start_server(db: Path, port: int) -> subprocess.Popen:
     raise SystemExit("server did not start within 120 s")
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (uvicorn's worker processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 def memory_kb(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            name, value = line.split(":")
-            out[name] = int(value.split()[0])
+    """Resident and peak memory summed over the server's process tree."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for p in _tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith(("VmRSS", "VmHWM")):
+                name, value = line.split(":")
+                out[name] += int(value.split()[0])
     return out
 
 
@@ -116,14 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=400, help="requests per scenario and client count (default: 400)")
     p.add_argument("--clients", default="1,16", help="concurrent clients to try (default: 1,16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="server processes, with --db (default: 1)")
     args = p.parse_args(argv)
 
     proc = None
     if args.db:
         port = free_port()
         t = time.perf_counter()
-        proc = start_server(args.db, port)
-        print(f"server started in {time.perf_counter() - t:.1f} s on {args.db} "
+        proc = start_server(args.db, port, args.workers)
+        print(f"server ({args.workers} worker(s)) started in {time.perf_counter() - t:.1f} s on {args.db} "
               f"({args.db.stat().st_size / 1e9:.2f} GB)")
         base = f"http://127.0.0.1:{port}"
     else:

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="also serve every *.duckdb file in this folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (each opens the files read-only; about one per core)")
 
     p = sub.add_parser("demo", help="record the bundled demo model on held-out stdlib code and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
@@ -79,8 +81,19 @@ def _serve(args: argparse.Namespace) -> None:
     for f in files:
         if not f.is_file():
             raise UserError(f"{f} does not exist (record one with `gluscope record`)")
-    app = create_app(files)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    app = create_app(files)  # opened here too, so a bad file fails before any worker starts
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        return
+    import os
+
+    from gluscope.server.app import DATABASES_ENV
+    os.environ[DATABASES_ENV] = os.pathsep.join(str(f.resolve()) for f in files)
+    del app
+    uvicorn.run("gluscope.server.app:app_from_env", factory=True, workers=args.workers,
+                host=args.host, port=args.port, log_level="info")
 
 
 def main(argv: list[str] | None = None) -> int:

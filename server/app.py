@@ -8,6 +8,7 @@ twin, or for Accept: application/json), an htmx fragment, or the full page.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
@@ -203,3 +204,15 @@ def create_app(paths) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
+
+
+DATABASES_ENV = "GLUSCOPE_DATABASES"
+
+
+def app_from_env() -> FastAPI:
+    """The app for the files named in $GLUSCOPE_DATABASES (os.pathsep-separated).
+
+    uvicorn starts several worker processes only from an import string, so
+    `gluscope serve --workers N` hands the files over this way.
+    """
+    return create_app(os.environ[DATABASES_ENV].split(os.pathsep))
