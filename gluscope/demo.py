@@ -16,6 +16,7 @@ from gluscope.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "demo" / "model"
+DEMO_NAME = "gluscope-demo-llama"
 DEMO_TOKENS = 150_000
 DEMO_MAX_LENGTH = 256
 
@@ -30,6 +31,7 @@ def _record_demo(out: Path) -> None:
 
     corpus_file = write_demo_corpus(REPO / "demo" / "out" / "heldout.jsonl")
     model = load_model(str(DEMO_MODEL), device="cpu", dtype="float32")
+    model.name = DEMO_NAME  # the model id and page titles derive from it
     ds = load_text_dataset(str(corpus_file), "text")
     corpus = tokenize(ds, model.tokenizer, text_column="text", max_length=DEMO_MAX_LENGTH,
                       max_tokens=DEMO_TOKENS, seed=0)
