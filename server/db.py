@@ -163,13 +163,13 @@ def open_database(path: str | os.PathLike) -> Database:
         raise DatabaseFileError(f"{path}: schema version {meta['schema_version']}, this server reads {SCHEMA_VERSION}")
 
     vocab = con.execute(queries.VOCAB).fetchall()
-    table = con.sql(queries.TEXTS).to_arrow_table()
-    token_ids = table.column("token_ids").combine_chunks()
-    texts = Texts(
-        source_index=table.column("source_index").to_numpy(),
-        offsets=np.asarray(token_ids.offsets, dtype=np.int64),
-        ids=np.asarray(token_ids.values, dtype=np.int32),
-    )
+    lengths = con.execute(queries.TEXT_LENGTHS).fetchnumpy()
+    offsets = np.zeros(len(lengths["n_tokens"]) + 1, dtype=np.int64)
+    np.cumsum(lengths["n_tokens"], out=offsets[1:])
+    ids = np.asarray(con.execute(queries.TEXT_TOKENS).fetchnumpy()["token_id"], dtype=np.int32)
+    if len(ids) != offsets[-1]:
+        raise DatabaseFileError(f"{path}: texts.n_tokens disagrees with the stored token ids")
+    texts = Texts(source_index=np.asarray(lengths["source_index"], dtype=np.int64), offsets=offsets, ids=ids)
     neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"]))
     return Database(path=path, id="", meta=meta, tokens=[t for t, _ in vocab],
                     token_bytes=[bytes(b) for _, b in vocab], texts=texts, neurons=neurons, con=con)

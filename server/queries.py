@@ -14,7 +14,11 @@ VOCAB = "SELECT token, token_bytes FROM vocab ORDER BY token_id"
 
 # Loaded once at startup: 20M token ids of a 45k-text corpus are about 80 MB,
 # and a lookup in the table itself would scan the one row group they live in.
-TEXTS = "SELECT source_index, token_ids FROM texts ORDER BY text_id"
+TEXT_LENGTHS = "SELECT source_index, n_tokens FROM texts ORDER BY text_id"
+# All token ids, text after text. The recorder inserts texts in text_id order
+# and DuckDB preserves insertion order without ORDER BY (its default), so this
+# streams as flat integers: no per-text lists, no pyarrow in the server.
+TEXT_TOKENS = "SELECT unnest(token_ids) AS token_id FROM texts"
 
 # The per-neuron summary (counts, geometry, 16 stats) of every neuron is loaded
 # once at startup, about 100 MB for a 7B model: the neuron page and its JSON
