@@ -69,7 +69,8 @@ def make_texts(n_texts: int, max_length: int, vocab: list[str], rng: np.random.G
 
 
 def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarray, n_tokens: int,
-               window_before: int, window_after: int, refactor_glu: bool, rng: np.random.Generator) -> LayerResult:
+               window_before: int, window_after: int, refactor_glu: bool, rng: np.random.Generator,
+               vocab_size: int = 50280) -> LayerResult:
     """Random statistics for one layer: per (quadrant, neuron), candidate tokens from which each list takes its top k."""
     n_texts = len(lengths)
     c = min(n_candidates, n_texts)
@@ -150,6 +151,10 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
         window_gate=pad(pick(gate), 0), window_in=pad(pick(inn), 0),
         geometry={name: geometry[name].astype(np.float32) for name in GEOMETRY},
         flipped=rng.random(n) < 0.5,
+        # Weight tokens: 10 per kind, scores sorted as the recorder stores them.
+        token_ids=rng.integers(0, vocab_size, (6, n, 10), dtype=np.int32),
+        token_scores=(np.sort(rng.random((6, n, 10), dtype=np.float32), axis=-1)[..., ::-1]
+                      * np.array([1, -1, 1, -1, 1, -1], np.float32).reshape(6, 1, 1)),
     )
 
 
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         for layer in range(args.layers):
             t = time.perf_counter()
             w.write_layer(layer, make_layer(layer, args.d_mlp, args.k, args.candidates, lengths, n_tokens,
-                                            args.window_before, args.window_after, True, rng))
+                                            args.window_before, args.window_after, True, rng, args.vocab_size))
             print(f"layer {layer} written in {time.perf_counter() - t:.1f} s", flush=True)
     size = args.out.stat().st_size
     print(f"{args.out}: {size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s "

@@ -89,6 +89,34 @@ CREATE TABLE neurons (
     norm_out     FLOAT    NOT NULL
 );
 
+-- The tokens a neuron's weights point at, read off the embeddings (the
+-- direct path only; attention and layer norms are ignored): the top tokens
+-- of w_out . W_U (what the neuron writes towards the logits; promoted when
+-- hook_post > 0, i.e. in gate+_in+ and gate-_in-), of -w_out . W_U (promoted
+-- when hook_post < 0), and of +-w_gate . W_E and +-w_in . W_E (input tokens
+-- that push x_gate or x_in up or down). After the weight convention.
+CREATE TABLE weight_kinds (
+    kind        TINYINT PRIMARY KEY,
+    name        VARCHAR NOT NULL,
+    description VARCHAR NOT NULL
+);
+INSERT INTO weight_kinds VALUES
+    (0, 'out+',  'largest w_out . W_U: promoted when hook_post > 0'),
+    (1, 'out-',  'smallest w_out . W_U: promoted when hook_post < 0'),
+    (2, 'gate+', 'largest w_gate . W_E: input tokens that push x_gate up'),
+    (3, 'gate-', 'smallest w_gate . W_E: input tokens that push x_gate down'),
+    (4, 'in+',   'largest w_in . W_E: input tokens that push x_in up'),
+    (5, 'in-',   'smallest w_in . W_E: input tokens that push x_in down');
+
+CREATE TABLE weight_tokens (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    kind     TINYINT  NOT NULL,
+    rank     TINYINT  NOT NULL,  -- 0 = most extreme
+    token_id INTEGER  NOT NULL,
+    score    FLOAT    NOT NULL   -- the dot product
+);
+
 -- Min, max and mean of each hook over the tokens of each quadrant (NULL when
 -- the quadrant never occurred). 16 rows per neuron.
 CREATE TABLE value_stats (

@@ -53,6 +53,14 @@ class GatedModel:
     def act_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return activation_function(self.act_fn_name)
 
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_E [vocab, d_model], W_U [d_model, vocab]) in float32, cut to the tokenizer's vocabulary
+        (models pad their embedding matrices; those rows are no tokens)."""
+        vocab = min(len(self.tokenizer), self.bridge.embed.W_E.shape[0])
+        W_E = self.bridge.embed.W_E.detach()[:vocab].float()
+        W_U = self.bridge.unembed.W_U.detach()[:, :vocab].float()
+        return W_E, W_U
+
     def mlp_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w_gate, w_in, w_out) of a layer, each [d_mlp, d_model], float32, one row per neuron."""
         mlp = self.bridge.blocks[layer].mlp

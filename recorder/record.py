@@ -53,6 +53,34 @@ def weight_geometry(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tenso
     return sign, {k: v.float().cpu().numpy() for k, v in geometry.items()}
 
 
+WEIGHT_TOKENS = 10
+
+
+def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, sign: torch.Tensor,
+                  W_E: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS,
+                  chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Top tokens of +-w_out.W_U, +-w_gate.W_E and +-w_in.W_E per neuron (kinds 0..5 of schema.sql).
+
+    w_in and w_out are flipped by `sign` first, so the tables follow the
+    recorded weight convention. Chunks over neurons bound the memory of the
+    [neurons, vocab] products.
+    """
+    n = w_gate.shape[0]
+    top = min(top, W_E.shape[0])
+    ids = np.zeros((6, n, top), dtype=np.int32)
+    scores = np.zeros((6, n, top), dtype=np.float32)
+    w_in = w_in * sign[:, None]
+    w_out = w_out * sign[:, None]
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        for kind, product in ((0, w_out[lo:hi] @ W_U), (2, w_gate[lo:hi] @ W_E.T), (4, w_in[lo:hi] @ W_E.T)):
+            for offset, largest in ((0, True), (1, False)):
+                best = product.topk(top, dim=1, largest=largest)
+                ids[kind + offset, lo:hi] = best.indices.cpu().numpy()
+                scores[kind + offset, lo:hi] = best.values.float().cpu().numpy()
+    return ids, scores
+
+
 def _batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Texts of similar length together, longest first so memory peaks (and fails) early."""
     order = np.argsort(-lengths, kind="stable")
@@ -75,11 +103,15 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     lengths = corpus.lengths
     n_counted = int((lengths - 1).sum())
 
-    signs, geometries = [], []
+    signs, geometries, token_tables = [], [], []
+    W_E, W_U = model.embeddings()
     for layer in range(n_layers):
-        sign, geometry = weight_geometry(*model.mlp_weights(layer), refactor_glu)
+        weights = model.mlp_weights(layer)
+        sign, geometry = weight_geometry(*weights, refactor_glu)
         signs.append(sign.to(device))
         geometries.append(geometry)
+        token_tables.append(weight_tokens(*weights, sign, W_E, W_U))
+    del W_E, W_U
 
     act_fn = model.act_fn
     reducer: Callable = reduce_batch
@@ -174,12 +206,13 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
         writer.write_vocab(tokens_text, tokens_bytes)
         writer.write_texts(corpus.source_index, corpus.token_ids)
         for layer in range(n_layers):
-            writer.write_layer(layer, _layer_result(states[layer], signs[layer], geometries[layer]))
+            writer.write_layer(layer, _layer_result(states[layer], signs[layer], geometries[layer], token_tables[layer]))
             states[layer] = None  # free device memory as we go
     return Path(out)
 
 
-def _layer_result(state: LayerState, sign: torch.Tensor, geometry: dict[str, np.ndarray]) -> LayerResult:
+def _layer_result(state: LayerState, sign: torch.Tensor, geometry: dict[str, np.ndarray],
+                  tokens: tuple[np.ndarray, np.ndarray]) -> LayerResult:
     n = state.counts.shape[1]
     ranked = {name: t.cpu().numpy() for name, t in state.ranked().items()}
     counts = state.counts.cpu().numpy()
@@ -210,4 +243,6 @@ def _layer_result(state: LayerState, sign: torch.Tensor, geometry: dict[str, np.
         window_in=lists(ranked["win_in"]),
         geometry=geometry,
         flipped=(sign < 0).cpu().numpy(),
+        token_ids=tokens[0],
+        token_scores=tokens[1],
     )

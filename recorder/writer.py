@@ -43,6 +43,8 @@ class LayerResult:
     window_in: np.ndarray      # [4, 4, n, k, W] float16
     geometry: dict[str, np.ndarray]  # cos_gate_in, cos_gate_out, cos_in_out, norm_gate, norm_in, norm_out: [n]
     flipped: np.ndarray        # [n] bool
+    token_ids: np.ndarray | None = None     # [6, n, t] int32: weight_tokens by kind (schema.sql)
+    token_scores: np.ndarray | None = None  # [6, n, t] float32
 
 
 def _list_array(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
@@ -119,6 +121,18 @@ class DatabaseWriter:
             **{name: pa.array(r.geometry[name].astype(np.float32)) for name in
                ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")},
         }))
+
+        if r.token_ids is not None:
+            kinds, _, t = r.token_ids.shape
+            grid_t = np.indices((n, kinds, t), dtype=np.int32).reshape(3, -1)
+            self._insert("weight_tokens", pa.table({
+                "layer": pa.array(np.full(n * kinds * t, layer, np.int16)),
+                "neuron": pa.array(grid_t[0]),
+                "kind": pa.array(grid_t[1].astype(np.int8)),
+                "rank": pa.array(grid_t[2].astype(np.int8)),
+                "token_id": pa.array(np.moveaxis(r.token_ids, 1, 0).reshape(-1).astype(np.int32)),
+                "score": pa.array(np.moveaxis(r.token_scores, 1, 0).reshape(-1).astype(np.float32)),
+            }))
 
         # [q, h, n] -> rows ordered by (neuron, quadrant, hook)
         def by_neuron(a: np.ndarray) -> np.ndarray:

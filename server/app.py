@@ -86,6 +86,14 @@ def examples_view(request: Request, model: str = ModelId, layer: int = Layer, ne
                    context={"info": data.model_info(db), "colour_by": colour_by})
 
 
+def tokens_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron):
+    """Tokens the neuron's weights point at: output tokens of w_out.W_U (promoted or suppressed by
+    quadrant) and input tokens of w_gate.W_E and w_in.W_E (direct path only)."""
+    db = _model(request, model)
+    return respond(request, data.weight_tokens_data(db, layer, neuron), "tokens.html", "_tokens.html",
+                   context={"info": data.model_info(db)})
+
+
 async def text_view(request: Request, model: str = ModelId, text_id: int = TextId,
               position: int | None = Query(None, description="page only: a token to mark")):
     """One recorded text: its token ids, each token, and the text decoded from the stored vocabulary."""
@@ -139,6 +147,9 @@ ROUTES = [
     Route(["/api/models/{model}/neurons/{layer}/{neuron}/examples",
            "/models/{model}/neurons/{layer}/{neuron}/examples.json",
            "/models/{model}/neurons/{layer}/{neuron}/examples"], examples_view, "examples", api=True),
+    Route(["/api/models/{model}/neurons/{layer}/{neuron}/tokens",
+           "/models/{model}/neurons/{layer}/{neuron}/tokens.json",
+           "/models/{model}/neurons/{layer}/{neuron}/tokens"], tokens_view, "tokens", api=True),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}", "/models/{model}/neurons/{layer}/{neuron}.json",
            "/models/{model}/neurons/{layer}/{neuron}"], neuron_view, "neuron", api=True),
     Route(["/api/models/{model}/texts/{text_id}", "/models/{model}/texts/{text_id}.json",

@@ -160,6 +160,26 @@ def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
             "quadrants": quadrants, "weights": weights}
 
 
+WEIGHT_KINDS = ("out+", "out-", "gate+", "gate-", "in+", "in-")
+
+
+def weight_tokens_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
+    """The tokens the neuron's weights point at (schema.sql, weight_tokens), by kind, most extreme first.
+
+    `writes` reads the output side by quadrant: where hook_post > 0 (gate+_in+,
+    gate-_in-) the neuron promotes `out+` and suppresses `out-`; elsewhere the reverse.
+    """
+    check_index("layer", layer, db.n_layers)
+    check_index("neuron", neuron, db.d_mlp)
+    kinds: dict[str, list[dict[str, Any]]] = {k: [] for k in WEIGHT_KINDS}
+    for kind, _rank, token_id, score in db.query(queries.WEIGHT_TOKENS, {"layer": layer, "neuron": neuron}):
+        kinds[WEIGHT_KINDS[kind]].append({"token_id": token_id, "token": db.token(token_id), "score": _num(score)})
+    writes = [{"quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q],
+               "promotes": "out+" if q in (0, 3) else "out-", "suppresses": "out-" if q in (0, 3) else "out+"}
+              for q in range(4)]
+    return {"model": db.id, "layer": layer, "neuron": neuron, "tokens": kinds, "writes": writes}
+
+
 def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> dict[str, Any]:
     check_index("layer", layer, db.n_layers)
     check_index("neuron", neuron, db.d_mlp)

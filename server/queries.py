@@ -48,6 +48,13 @@ ORDER BY e.rank
 """
 
 # Mean frequency of each quadrant per layer, for the model page.
+WEIGHT_TOKENS = """
+SELECT kind, rank, token_id, score
+FROM weight_tokens
+WHERE layer = $layer AND neuron = $neuron
+ORDER BY kind, rank
+"""
+
 LAYER_SUMMARY = """
 SELECT layer,
        count(*) AS n_neurons,

@@ -258,3 +258,37 @@ def test_openapi_documents_the_api(client):
 def test_importing_the_server_does_not_import_torch():
     code = "import sys, gluscope.server.app, gluscope.cli; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_weight_tokens_equal_the_database(client, con, model_id):
+    body = client.get(f"/api/models/{model_id}/neurons/1/7/tokens").json()
+    rows = con.execute("SELECT kind, token_id, score FROM weight_tokens WHERE layer = 1 AND neuron = 7 "
+                       "ORDER BY kind, rank").fetchall()
+    kinds = ("out+", "out-", "gate+", "gate-", "in+", "in-")
+    for code, name in enumerate(kinds):
+        want = [(t, s) for k, t, s in rows if k == code]
+        got = body["tokens"][name]
+        assert [x["token_id"] for x in got] == [t for t, _ in want] and len(want) > 0
+        assert all(close(x["score"], s) for x, (_, s) in zip(got, want))
+        scores = [x["score"] for x in got]
+        assert scores == sorted(scores, reverse=name.endswith("+"))
+    by_quadrant = {w["quadrant"]: (w["promotes"], w["suppresses"]) for w in body["writes"]}
+    assert by_quadrant == {"gate+_in+": ("out+", "out-"), "gate+_in-": ("out-", "out+"),
+                           "gate-_in+": ("out-", "out+"), "gate-_in-": ("out+", "out-")}
+
+
+@pytest.mark.parametrize("url, status, parameter", [
+    ("/api/models/{m}/neurons/1/96/tokens", 404, "neuron"),
+    ("/api/models/{m}/neurons/9/0/tokens", 404, "layer"),
+    ("/api/models/{m}/neurons/x/0/tokens", 422, "layer"),
+])
+def test_weight_tokens_errors(client, model_id, url, status, parameter):
+    r = client.get(url.format(m=model_id))
+    assert r.status_code == status and r.json()["error"]["parameter"] == parameter
+
+
+def test_neuron_page_loads_weight_tokens_lazily(client, model_id):
+    page = client.get(f"/models/{model_id}/neurons/1/7").text
+    assert f'hx-get="/models/{model_id}/neurons/1/7/tokens"' in page
+    fragment = client.get(f"/models/{model_id}/neurons/1/7/tokens", headers={"HX-Request": "true"})
+    assert fragment.status_code == 200 and "<html" not in fragment.text and "promotes" in fragment.text

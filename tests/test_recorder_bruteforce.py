@@ -220,6 +220,8 @@ def test_database_matches_brute_force(arch_model, distinct_corpus, tmp_path, ref
                         np.testing.assert_allclose(_f16(e[5]), g[start:end, neuron], rtol=2e-3, atol=2e-3)
                         np.testing.assert_allclose(_f16(e[6]), u[start:end, neuron], rtol=2e-3, atol=2e-3)
 
+    _check_weight_tokens(con, model_dir, refactor)
+
     # The weight convention: after refactor_glu every cos(w_gate, w_in) >= 0.
     cos_min = con.execute("SELECT min(cos_gate_in) FROM neurons").fetchone()[0]
     flipped = con.execute("SELECT count(*) FILTER (WHERE flipped) FROM neurons").fetchone()[0]
@@ -228,3 +230,23 @@ def test_database_matches_brute_force(arch_model, distinct_corpus, tmp_path, ref
     else:
         assert cos_min < 0 and flipped == 0
     con.close()
+
+
+def _check_weight_tokens(con, model_dir: Path, refactor: bool) -> None:
+    """weight_tokens against the plain HF embedding and unembedding matrices."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    W_E = model.get_input_embeddings().weight.detach().double()      # [vocab, d]
+    W_U = model.get_output_embeddings().weight.detach().double()     # [vocab, d]
+    for layer, (_, _, wg, wi, wo) in enumerate(_mlp_modules(model)):
+        for neuron in NEURONS:
+            g, i, o = (w.detach().double() for w in (wg[neuron], wi[neuron], wo[:, neuron]))
+            s = -1.0 if refactor and float(g @ i) < 0 else 1.0
+            expected = {0: W_U @ (s * o), 2: W_E @ g, 4: W_E @ (s * i)}
+            rows = con.execute("SELECT kind, token_id, score FROM weight_tokens WHERE layer=? AND neuron=? "
+                               "ORDER BY kind, rank", [layer, neuron]).fetchall()
+            for kind, scores in expected.items():
+                for offset, largest in ((0, True), (1, False)):
+                    got = [(t, sc) for k, t, sc in rows if k == kind + offset]
+                    want = scores.topk(len(got), largest=largest)
+                    assert [t for t, _ in got] == want.indices.tolist(), (layer, neuron, kind + offset)
+                    np.testing.assert_allclose([sc for _, sc in got], want.values.numpy(), rtol=1e-5, atol=1e-6)
