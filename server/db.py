@@ -22,7 +22,8 @@ from gluscope.errors import UserError
 from gluscope.schema import SCHEMA_VERSION
 from gluscope.server import queries
 
-REQUIRED_TABLES = {"metadata", "quadrants", "hooks", "texts", "vocab", "neurons", "value_stats", "examples", "windows"}
+REQUIRED_TABLES = {"metadata", "quadrants", "hooks", "texts", "vocab", "neurons", "value_stats", "examples", "windows",
+                   "weight_tokens"}
 
 # A small buffer pool keeps the server far below the file's size. DuckDB's
 # default thread count stays: measured, one thread per query halves the
