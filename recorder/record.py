@@ -146,7 +146,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     pad_id = int(corpus.token_ids[0][0])
     bar = _progress(n_counted, progress)
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), model.native_attention():
         for idx in _batches(lengths, batch_size):
             lens = lengths[idx]
             T = int(lens.max())

@@ -200,10 +200,13 @@ class LayerState:
         t = start.unsqueeze(1) + torch.arange(window, device=cand.device)    # [E, W]
         inside = t < end.unsqueeze(1)
         t = torch.where(inside, t, torch.zeros_like(t))
-        r, nr = row.unsqueeze(1), neuron.unsqueeze(1)
+        # One flat index into g and u: take() is much cheaper than indexing
+        # with three broadcast index tensors.
+        T = g.shape[1]
+        flat = (row.unsqueeze(1) * T + t) * n + neuron.unsqueeze(1)
         zero = torch.zeros((), dtype=torch.float16, device=cand.device)
-        self.win_gate[slot, lst, neuron] = torch.where(inside, g[r, t, nr].to(torch.float16), zero)
-        self.win_in[slot, lst, neuron] = torch.where(inside, u[r, t, nr].to(torch.float16), zero)
+        self.win_gate[slot, lst, neuron] = torch.where(inside, g.reshape(-1).take(flat).to(torch.float16), zero)
+        self.win_in[slot, lst, neuron] = torch.where(inside, u.reshape(-1).take(flat).to(torch.float16), zero)
         self.win_start[slot, lst, neuron] = start.to(torch.int32)
         self.win_len[slot, lst, neuron] = (end - start).to(torch.int32)
 
