@@ -16,7 +16,6 @@ neuron 0 sits on it, so the page that must escape it is easy to find.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path

@@ -14,6 +14,7 @@ import duckdb
 import pytest
 
 from gluscope.cli import main as gluscope_main
+from gluscope.schema import HOOKS, QUADRANT_SLUGS
 
 PLANTED_SCRIPT = "<script>alert(1)</script>"
 
@@ -95,3 +96,38 @@ def planted_script_text_id(recorded_db) -> int:
         con.close()
     assert row[0] is not None
     return int(row[0])
+
+
+@pytest.fixture(scope="session")
+def client(recorded_db):
+    """The real app over the recorded database, through Starlette's HTTP test client."""
+    from starlette.testclient import TestClient
+
+    from gluscope.server.app import create_app
+
+    with TestClient(create_app([recorded_db]), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def model_id(client) -> str:
+    (model,) = client.get("/api/models").json()["models"]
+    return model["id"]
+
+
+@pytest.fixture(scope="session")
+def script_list(recorded_db, planted_script_text_id) -> tuple[int, int, str, str]:
+    """(layer, neuron, slug, hook) of the first example list whose window shows the planted <script> token."""
+    con = duckdb.connect(str(recorded_db), read_only=True)
+    try:
+        row = con.execute("""
+            WITH s AS (SELECT list_position(token_ids, (SELECT token_id FROM vocab WHERE token = '<script>')) - 1 AS pos
+                       FROM texts WHERE text_id = $t)
+            SELECT e.layer, e.neuron, e.quadrant, e.hook
+            FROM examples e JOIN windows w USING (layer, neuron, text_id, position), s
+            WHERE e.text_id = $t AND s.pos BETWEEN w.window_start AND w.window_start + len(w.x_gate) - 1
+            ORDER BY e.layer, e.neuron, e.quadrant, e.hook LIMIT 1""", {"t": planted_script_text_id}).fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    return row[0], row[1], QUADRANT_SLUGS[row[2]], HOOKS[row[3]]

@@ -22,12 +22,6 @@ from .conftest import corpus_texts
 
 
 @pytest.fixture(scope="module")
-def client(recorded_db):
-    with TestClient(create_app([recorded_db]), raise_server_exceptions=False) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def con(recorded_db):
     c = duckdb.connect(str(recorded_db), read_only=True)
     yield c
@@ -38,12 +32,6 @@ def con(recorded_db):
 def meta(con):
     cur = con.execute("SELECT * FROM metadata")
     return dict(zip([d[0] for d in cur.description], cur.fetchone()))
-
-
-@pytest.fixture(scope="module")
-def model_id(client):
-    (model,) = client.get("/api/models").json()["models"]
-    return model["id"]
 
 
 def close(a, b, rel=1e-6) -> bool:

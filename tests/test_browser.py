@@ -13,10 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 
-from gluscope.schema import HOOKS, QUADRANT_SLUGS
+from gluscope.schema import HOOKS
 from gluscope.server.app import create_app
 
 pytestmark = pytest.mark.browser
@@ -64,23 +63,6 @@ def driver():
     yield d
     d.quit()
     shutil.rmtree(profile, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def script_list(recorded_db, planted_script_text_id):
-    """(layer, neuron, slug, hook) of the first example list whose window shows the planted <script> token."""
-    con = duckdb.connect(str(recorded_db), read_only=True)
-    try:
-        row = con.execute("""
-            WITH s AS (SELECT list_position(token_ids, (SELECT token_id FROM vocab WHERE token = '<script>')) - 1 AS pos
-                       FROM texts WHERE text_id = $t)
-            SELECT e.layer, e.neuron, e.quadrant, e.hook
-            FROM examples e JOIN windows w USING (layer, neuron, text_id, position), s
-            WHERE e.text_id = $t AND s.pos BETWEEN w.window_start AND w.window_start + len(w.x_gate) - 1
-            ORDER BY e.layer, e.neuron, e.quadrant, e.hook LIMIT 1""", {"t": planted_script_text_id}).fetchone()
-    finally:
-        con.close()
-    return row[0], row[1], QUADRANT_SLUGS[row[2]], HOOKS[row[3]]
 
 
 def _no_alert(d) -> None:

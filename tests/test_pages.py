@@ -2,45 +2,24 @@
 
 from __future__ import annotations
 
+import html
 import re
 
-import duckdb
 import pytest
-from starlette.testclient import TestClient
 
-from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
-from gluscope.server.app import create_app
+from gluscope.schema import HOOKS, QUADRANTS
 
 HX = {"HX-Request": "true"}
 
 
 @pytest.fixture(scope="module")
-def client(recorded_db):
-    with TestClient(create_app([recorded_db]), raise_server_exceptions=False) as c:
-        yield c
+def m(model_id):
+    return model_id
 
 
 @pytest.fixture(scope="module")
-def m(client):
-    return client.get("/api/models").json()["models"][0]["id"]
-
-
-@pytest.fixture(scope="module")
-def script_example(recorded_db, planted_script_text_id):
-    """(layer, neuron, slug, hook) of an example list whose window shows the planted <script> token."""
-    con = duckdb.connect(str(recorded_db), read_only=True)
-    try:
-        row = con.execute("""
-            WITH s AS (SELECT list_position(token_ids, (SELECT token_id FROM vocab WHERE token = '<script>')) - 1 AS pos
-                       FROM texts WHERE text_id = $t)
-            SELECT e.layer, e.neuron, e.quadrant, e.hook
-            FROM examples e JOIN windows w USING (layer, neuron, text_id, position), s
-            WHERE e.text_id = $t AND s.pos BETWEEN w.window_start AND w.window_start + len(w.x_gate) - 1
-            ORDER BY e.layer, e.neuron, e.quadrant, e.hook LIMIT 1""", {"t": planted_script_text_id}).fetchone()
-    finally:
-        con.close()
-    assert row is not None
-    return row[0], row[1], QUADRANT_SLUGS[row[2]], HOOKS[row[3]]
+def script_example(script_list):
+    return script_list
 
 
 def test_index_lists_models_and_has_a_jump_box(client, m):
@@ -135,6 +114,9 @@ def test_each_example_can_load_its_full_text(client, m):
     full = client.get(url, headers=HX)
     assert full.status_code == 200 and "<html" not in full.text and '<mark class="focus-text">' in full.text
     assert f"text {text_id}" in full.text
+    token = client.get(f"/api/models/{m}/texts/{text_id}").json()["tokens"][position]
+    marked = re.search(r'<mark class="focus-text">(.*?)</mark>', full.text, re.S).group(1)
+    assert marked == html.escape(token, quote=False)
     assert client.get(url).text.startswith("<!doctype html>")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from starlette.testclient import TestClient
 
 from gluscope.cli import UserError
 from gluscope.server.app import create_app
@@ -15,14 +14,8 @@ WEIRD = ["-1", "0", "95", "96", "2", "99999999999999999999", "-99999999999999999
 
 
 @pytest.fixture(scope="module")
-def client(recorded_db):
-    with TestClient(create_app([recorded_db]), raise_server_exceptions=False) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def m(client):
-    return client.get("/api/models").json()["models"][0]["id"]
+def m(model_id):
+    return model_id
 
 
 def _templates(m: str) -> list[str]:
