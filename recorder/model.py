@@ -125,7 +125,8 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     if local and not (Path(name).expanduser() / "config.json").exists():
         raise UserError(f"--model {name}: the folder has no config.json, so it is not a saved model")
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for noisy in ("transformers", "huggingface_hub"):  # their retries print before our one-line error
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     kwargs = {"device": device, "dtype": DTYPES[dtype]}
     if revision:
         kwargs["revision"] = revision
