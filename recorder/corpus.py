@@ -124,8 +124,9 @@ def _token_chunks(ds, tokenizer, text_column: str, max_length: int, seed: int) -
 
 def tokenize(ds, tokenizer, *, text_column: str, max_length: int, max_tokens: int, seed: int) -> Corpus:
     """Shuffle with `seed`, put BOS first, truncate to max_length, stop once max_tokens are kept (BOS counted)."""
-    if max_length < 2:
-        raise UserError("--max-length must be at least 2 (BOS plus one token)")
+    if not 2 <= max_length <= 32767:
+        # The database stores positions as SMALLINT.
+        raise UserError("--max-length must be between 2 (BOS plus one token) and 32767")
     if max_tokens < 2:
         raise UserError("--max-tokens must be at least 2")
     bos = bos_token_id(tokenizer)

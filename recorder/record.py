@@ -58,7 +58,7 @@ WEIGHT_TOKENS = 10
 
 def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, sign: torch.Tensor,
                   W_E: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS,
-                  chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Top tokens of +-w_out.W_U, +-w_gate.W_E and +-w_in.W_E per neuron (kinds 0..5 of schema.sql).
 
     w_in and w_out are flipped by `sign` first, so the tables follow the
@@ -73,7 +73,8 @@ def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
     w_out = w_out * sign[:, None]
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
-        for kind, product in ((0, w_out[lo:hi] @ W_U), (2, w_gate[lo:hi] @ W_E.T), (4, w_in[lo:hi] @ W_E.T)):
+        for kind, weight, matrix in ((0, w_out, W_U), (2, w_gate, W_E.T), (4, w_in, W_E.T)):
+            product = weight[lo:hi] @ matrix  # one [chunk, vocab] product alive at a time
             for offset, largest in ((0, True), (1, False)):
                 best = product.topk(top, dim=1, largest=largest)
                 ids[kind + offset, lo:hi] = best.indices.cpu().numpy()
