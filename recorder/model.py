@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +98,8 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
+    """Hub ids are `name` or `org/name`; anything else is meant as a local folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
 def load_model(name: str, device: str | None = None, dtype: str = "float32", revision: str | None = None,
