@@ -23,7 +23,7 @@ import transformers
 
 from gluscope.recorder.corpus import Corpus
 from gluscope.recorder.model import load_model
-from gluscope.recorder.record import record
+from gluscope.recorder.record import choose_reducer, record
 from gluscope.recorder.tiny_models import make_config, train_tokenizer
 
 
@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--compile", choices=["on", "off"], default="on")
+    ap.add_argument("--reducer", choices=["auto", "kernel", "torch"], default="auto",
+                    help="auto: the C++ kernel on the CPU, the tensor code on a GPU")
+    ap.add_argument("--compile", choices=["on", "off"], default="on", help="torch.compile the torch reducer")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2, help="baseline passes (median is used)")
@@ -99,7 +101,7 @@ def main() -> None:
     if args.compile == "on":
         # Compile once outside the measurement, as a long run amortises it.
         record(model, Corpus(corpus.source_index[:2], token_ids[:2], corpus.info), tmp / "warm.duckdb",
-               dataset="bench", batch_size=2, compile="on", progress=False)
+               dataset="bench", batch_size=2, compile="on", reducer=args.reducer, progress=False)
     import gluscope.recorder.record as rec
     loop_time = {}
     orig_writer = rec.DatabaseWriter
@@ -120,7 +122,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
-               compile=args.compile, progress=False)
+               compile=args.compile, reducer=args.reducer, progress=False)
     except LoopDone:
         pass
     total_s = time.perf_counter() - t0
@@ -129,7 +131,8 @@ def main() -> None:
 
     print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
           f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
-          f"compile={args.compile}, torch threads={torch.get_num_threads()}")
+          f"reducer={choose_reducer(torch.device(args.device), args.reducer)}, compile={args.compile}, "
+          f"torch threads={torch.get_num_threads()}")
     rows = [
         ("HF forward, causal LM (baseline)", full_s),
         ("HF forward, base model (no unembedding)", base_s),

@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-after", type=int, default=2, help="window tokens after an example (default: 2)")
     p.add_argument("--no-refactor-glu", dest="refactor_glu", action="store_false",
                    help="keep raw weights instead of flipping w_in, w_out so that cos(w_gate, w_in) >= 0")
+    p.add_argument("--reducer", choices=["auto", "kernel", "torch"], default="auto",
+                   help="how each batch is reduced: kernel = a compiled C++ pass (CPU only, built with g++ on "
+                        "first use), torch = tensor code on any device (auto: kernel on the CPU where it builds)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the per-batch reductions (auto: on for runs over 1M tokens)")
+                   help="torch.compile the torch reducer (auto: on for runs over 1M tokens)")
     p.add_argument("--revision", default=None, help="model revision on the hub")
     p.add_argument("--overwrite", action="store_true")
     _add_corpus_options(p)

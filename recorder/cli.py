@@ -75,5 +75,6 @@ def run_record(args: argparse.Namespace) -> None:
         corpus = _corpus_from_source(dataset, model.tokenizer, args)
     record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
            k=args.k, window_before=args.window_before, window_after=args.window_after,
-           refactor_glu=args.refactor_glu, compile=args.compile, overwrite=args.overwrite)
+           refactor_glu=args.refactor_glu, compile=args.compile, reducer=args.reducer,
+           overwrite=args.overwrite)
     print(f"wrote {out}")

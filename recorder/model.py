@@ -15,15 +15,25 @@ from gluscope.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The callable a config's activation name stands for, computed in float32 by the caller."""
-    if name in ("silu", "swish"):
-        return torch.nn.functional.silu
-    if name == "gelu":
-        return torch.nn.functional.gelu
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return lambda x: torch.nn.functional.gelu(x, approximate="tanh")
-    raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows (silu, gelu, gelu_pytorch_tanh)")
+_ACTIVATIONS = {  # config name -> (aten op, its arguments): what the HF modules call
+    "silu": (torch.ops.aten.silu, {}),
+    "swish": (torch.ops.aten.silu, {}),
+    "gelu": (torch.ops.aten.gelu, {"approximate": "none"}),
+    "gelu_pytorch_tanh": (torch.ops.aten.gelu, {"approximate": "tanh"}),
+    "gelu_new": (torch.ops.aten.gelu, {"approximate": "tanh"}),
+    "gelu_fast": (torch.ops.aten.gelu, {"approximate": "tanh"}),
+}
+
+
+def activation_function(name: str) -> Callable[..., torch.Tensor]:
+    """act(x, out=None): the callable a config's activation name stands for; `out` reuses a buffer."""
+    if name not in _ACTIVATIONS:
+        raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows (silu, gelu, gelu_pytorch_tanh)")
+    op, kwargs = _ACTIVATIONS[name]
+
+    def act(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return op.default(x, **kwargs) if out is None else op.out(x, out=out, **kwargs)
+    return act
 
 
 def activation_name(config) -> str:
@@ -50,7 +60,7 @@ class GatedModel:
     device: torch.device
 
     @property
-    def act_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def act_fn(self) -> Callable[..., torch.Tensor]:
         return activation_function(self.act_fn_name)
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import gluscope
+from gluscope.errors import UserError
 from gluscope.recorder.corpus import Corpus
 from gluscope.recorder.model import GatedModel
 from gluscope.recorder.reduce import LayerState, reduce_batch
@@ -94,10 +95,33 @@ def _progress(total_tokens: int, enabled: bool):
                 desc="recording", dynamic_ncols=True)
 
 
+def choose_reducer(device: torch.device, reducer: str) -> str:
+    """"kernel" (the compiled C++ pass, CPU only) or "torch" (reduce.py's tensor code, any device)."""
+    if reducer not in ("auto", "kernel", "torch"):
+        raise UserError(f"--reducer {reducer!r} is not one of auto, kernel, torch")
+    if reducer == "torch" or device.type != "cpu":
+        if reducer == "kernel":
+            raise UserError(f"--reducer kernel runs on the CPU only, not on {device}")
+        return "torch"
+    from gluscope.recorder.reduce_cpu import KernelUnavailable, kernel_available, load_kernel
+    if reducer == "kernel":
+        try:
+            load_kernel()
+        except (KernelUnavailable, OSError) as e:
+            raise UserError(f"--reducer kernel: the CPU kernel cannot be built here ({e})") from None
+        return "kernel"
+    return "kernel" if kernel_available() else "torch"
+
+
 def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_size: int = 8, k: int = 16,
            window_before: int = 24, window_after: int = 2, refactor_glu: bool = True, compile: str = "auto",
-           overwrite: bool = False, progress: bool = True) -> Path:
-    """Record every neuron of every layer over `corpus` into the database `out`; return its path."""
+           reducer: str = "auto", overwrite: bool = False, progress: bool = True) -> Path:
+    """Record every neuron of every layer over `corpus` into the database `out`; return its path.
+
+    reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
+    only), "torch" with reduce.py's tensor code (compiled per `compile`);
+    "auto" takes the kernel on the CPU where it builds.
+    """
     device = model.device
     n_layers, d_mlp = model.n_layers, model.d_mlp
     window = window_before + window_after + 1
@@ -115,29 +139,48 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     del W_E, W_U
 
     act_fn = model.act_fn
-    reducer: Callable = reduce_batch
-    if compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS):
-        # One fused kernel instead of ~70 passes over [B, T, d_mlp]; dynamic
-        # shapes because length-bucketed batches differ in T.
-        reducer = torch.compile(reduce_batch, dynamic=True)
-    states = [LayerState.empty(k, d_mlp, window, device) for _ in range(n_layers)]
-
-    # Shared by the hooks of one forward pass.
-    batch: dict = {}
+    reducer = choose_reducer(device, reducer)
+    batch: dict = {}  # shared by the hooks of one forward pass
 
     def on_gate(x: torch.Tensor, hook) -> None:
         batch["g"] = x
 
-    def make_on_in(layer: int):
-        def on_in(x: torch.Tensor, hook) -> None:
-            g = batch.pop("g").float()
-            u = x.float() * signs[layer]
-            state = states[layer]
-            reduced = reducer(g, u, batch["valid"], act_fn)
-            state.update(g, u, batch["lengths"], batch["text_ids"], reduced, window_before, window_after)
-            if layer == n_layers - 1:
-                raise _StopForward
-        return on_in
+    if reducer == "kernel":
+        from gluscope.recorder.reduce_cpu import CpuLayerState
+        states = [CpuLayerState(k, d_mlp, window) for _ in range(n_layers)]
+        act_buffer = torch.empty(0)
+
+        def make_on_in(layer: int):
+            def on_in(x: torch.Tensor, hook) -> None:
+                nonlocal act_buffer
+                g = batch.pop("g").float()
+                if act_buffer.numel() < g.numel():
+                    act_buffer = torch.empty(g.numel())
+                # A reused buffer: a fresh [B, T, d_mlp] tensor per layer costs page faults.
+                act = act_fn(g, out=act_buffer[:g.numel()].view(g.shape))
+                states[layer].update(g, x, act, signs[layer], batch["lengths_np"], batch["text_ids_np"],
+                                     window_before, window_after)
+                if layer == n_layers - 1:
+                    raise _StopForward
+            return on_in
+    else:
+        reduce_fn: Callable = reduce_batch
+        if compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS):
+            # One fused kernel instead of ~70 passes over [B, T, d_mlp]; dynamic
+            # shapes because length-bucketed batches differ in T.
+            reduce_fn = torch.compile(reduce_batch, dynamic=True)
+        states = [LayerState.empty(k, d_mlp, window, device) for _ in range(n_layers)]
+
+        def make_on_in(layer: int):
+            def on_in(x: torch.Tensor, hook) -> None:
+                g = batch.pop("g").float()
+                u = x.float() * signs[layer]
+                reduced = reduce_fn(g, u, batch["valid"], act_fn)
+                states[layer].update(g, u, batch["lengths"], batch["text_ids"], reduced, window_before,
+                                     window_after)
+                if layer == n_layers - 1:
+                    raise _StopForward
+            return on_in
 
     hooks = []
     for layer in range(n_layers):
@@ -163,6 +206,8 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
                 valid=(positions >= 1) & (positions < len_t[:, None]),
                 lengths=len_t,
                 text_ids=torch.from_numpy(idx.astype(np.int64)).to(device),
+                lengths_np=lens.astype(np.int64),
+                text_ids_np=idx.astype(np.int64),
             )
             try:
                 model.bridge.run_with_hooks(tok, return_type=None, fwd_hooks=hooks)
@@ -171,7 +216,8 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
             bar.update(int((lens - 1).sum()))
     bar.close()
     elapsed = time.perf_counter() - started
-    log.info("recorded %d tokens in %.1f s (%.0f tokens/s)", n_counted, elapsed, n_counted / max(elapsed, 1e-9))
+    log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
+             n_counted / max(elapsed, 1e-9), reducer)
 
     tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
     meta = {

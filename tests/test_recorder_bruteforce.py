@@ -150,9 +150,10 @@ def _assert_same_top(examples, want, candidates, where) -> None:
             assert e[2] in {t[1] for t in tied}, where
 
 
-def _record(model_dir: Path, corpus: Path, out: Path, refactor: bool) -> None:
+def _record(model_dir: Path, corpus: Path, out: Path, refactor: bool, reducer: str) -> None:
     args = ["record", "--model", str(model_dir), "--dataset", str(corpus), "--out", str(out),
-            "--max-length", str(MAX_LENGTH), "--batch-size", "5", "--device", "cpu", "--compile", "off"]
+            "--max-length", str(MAX_LENGTH), "--batch-size", "5", "--device", "cpu", "--compile", "off",
+            "--reducer", reducer]
     if not refactor:
         args.append("--no-refactor-glu")
     assert gluscope_main(args) == 0
@@ -162,11 +163,13 @@ def _f16(bits) -> np.ndarray:
     return np.asarray(bits, dtype=np.int16).view(np.float16).astype(np.float32)
 
 
+# Both reducers: the C++ kernel the CPU uses and the tensor code GPUs use.
+@pytest.mark.parametrize("reducer", ["kernel", "torch"])
 @pytest.mark.parametrize("refactor", [True, False], ids=["refactor_glu", "raw_weights"])
-def test_database_matches_brute_force(arch_model, distinct_corpus, tmp_path, refactor):
+def test_database_matches_brute_force(arch_model, distinct_corpus, tmp_path, refactor, reducer):
     arch, model_dir = arch_model
     out = tmp_path / f"{arch}.duckdb"
-    _record(model_dir, distinct_corpus, out, refactor)
+    _record(model_dir, distinct_corpus, out, refactor, reducer)
     con = duckdb.connect(str(out), read_only=True)
     meta = con.execute("SELECT n_texts, n_tokens, refactor_glu, k, window_before, window_after FROM metadata").fetchone()
     n_texts, n_tokens, refactor_flag, k, before, after = meta
