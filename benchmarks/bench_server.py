@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", default="1,16", help="concurrent clients to try (default: 1,16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="server processes, with --db (default: 1)")
+    p.add_argument("--only", default=None, help="run only the scenarios whose name contains this, e.g. examples")
     args = p.parse_args(argv)
 
     proc = None
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(f"\n{'scenario':<20}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}")
         for name, (make_url, headers) in scenarios.items():
+            if args.only and args.only not in name:
+                continue
             for clients in (int(c) for c in args.clients.split(",")):
                 run(base, [make_url(*ln) for ln in neurons(20)], headers, clients)  # warm up the connections
                 urls = [make_url(*ln) for ln in neurons(args.requests)]

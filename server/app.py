@@ -23,7 +23,7 @@ from gluscope.schema import HOOKS, QUADRANT_SLUGS
 from gluscope.server import data
 from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
-from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, respond, wants_json
+from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, respond, wants_json, warm_token_cache
 
 log = logging.getLogger("gluscope.server")
 
@@ -197,6 +197,8 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 def create_app(paths) -> FastAPI:
     """The app serving these recorded databases (opened read-only, once)."""
     registry = open_databases(paths)
+    for db in registry.values():
+        warm_token_cache(db.tokens)
     app = FastAPI(title="GLUScope", version="0.1.0",
                   description="Per-neuron sign-quadrant statistics of gated-MLP language models. "
                               "Layers and neurons are zero-based; quadrants are given by slug "

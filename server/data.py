@@ -75,12 +75,6 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _floats(a: np.ndarray) -> list[float | None]:
-    if np.isfinite(a).all():
-        return a.tolist()
-    return [v if math.isfinite(v) else None for v in a.tolist()]
-
-
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
@@ -101,16 +95,33 @@ ACT_FNS = {
 }
 
 
-def window_values(x_gate: list[int], x_in: list[int], act_fn: str) -> dict[str, np.ndarray]:
-    """All four values per window token from the stored float16 bit patterns, in HOOKS order."""
-    gate = np.asarray(x_gate, np.int16).view(np.float16).astype(np.float64)
-    inn = np.asarray(x_in, np.int16).view(np.float16).astype(np.float64)
+def window_values(x_gate: list[list[int]], x_in: list[list[int]], act_fn: str) -> list[dict[str, list]]:
+    """All four values per token of many windows, from their stored float16 bit patterns, in HOOKS order.
+
+    One padded [windows, tokens] array for all: a section's 16 windows cost
+    one numpy pass instead of sixteen.
+    """
+    lengths = [len(g) for g in x_gate]
+    width = max(lengths, default=0)
+    bits = np.zeros((2, len(lengths), width), np.int16)
+    for i, (g, u) in enumerate(zip(x_gate, x_in)):
+        bits[0, i, :len(g)] = g
+        bits[1, i, :len(u)] = u
+    gate, inn = bits.view(np.float16).astype(np.float64)
     fn = ACT_FNS.get(act_fn)
     with np.errstate(all="ignore"):
-        act = fn(gate).astype(np.float32) if fn else np.full(len(gate), np.nan, np.float32)
+        act = fn(gate).astype(np.float32) if fn else np.full(gate.shape, np.nan, np.float32)
         post = (act.astype(np.float64) * inn).astype(np.float32)
-    return {"hook_post": post, "hook_pre_linear": inn.astype(np.float32),
-            "hook_pre": gate.astype(np.float32), "act": act}
+    arrays = {"hook_post": post, "hook_pre_linear": inn.astype(np.float32), "hook_pre": gate.astype(np.float32),
+              "act": act}
+    finite = {h: bool(np.isfinite(a).all()) for h, a in arrays.items()}
+    rows = {h: a.tolist() for h, a in arrays.items()}
+    return [{h: (rows[h][i][:n] if finite[h] else _nulls(rows[h][i][:n])) for h in HOOKS}
+            for i, n in enumerate(lengths)]
+
+
+def _nulls(values: list[float]) -> list[float | None]:
+    return [v if math.isfinite(v) else None for v in values]
 
 
 # --- views -----------------------------------------------------------------
@@ -185,16 +196,16 @@ def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: st
     check_index("neuron", neuron, db.d_mlp)
     q, h = quadrant_code(quadrant), hook_code(hook)
     rows = db.query(queries.EXAMPLES, {"layer": layer, "neuron": neuron, "quadrant": q, "hook": h})
-    act_fn = str(db.meta["act_fn"])
+    windows = window_values([r[5] for r in rows], [r[6] for r in rows], str(db.meta["act_fn"]))
     examples = []
-    for rank, value, text_id, position, window_start, x_gate, x_in in rows:
+    for (rank, value, text_id, position, window_start, x_gate, _), activations in zip(rows, windows):
         token_ids = db.texts.token_ids(text_id, window_start, window_start + len(x_gate)).tolist()
         examples.append({
             "rank": rank, "value": _num(value), "text_id": text_id,
             "source_index": int(db.texts.source_index[text_id]), "position": position,
             "window_start": window_start, "token_ids": token_ids,
             "tokens": [db.token(i) for i in token_ids],
-            "activations": {name: _floats(v) for name, v in window_values(x_gate, x_in, act_fn).items()},
+            "activations": activations,
         })
     return {"model": db.id, "layer": layer, "neuron": neuron, "quadrant": QUADRANTS[q],
             "slug": QUADRANT_SLUGS[q], "hook": HOOKS[h], "examples": examples}

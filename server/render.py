@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from functools import lru_cache
+from itertools import chain
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,9 @@ def error_page(request: Request, body: dict[str, Any]) -> HTMLResponse:
 
 # --- template helpers -------------------------------------------------------
 
-@lru_cache(maxsize=65536)
+# Unbounded: every token shown comes from a vocabulary, and warm_token_cache
+# fills it at startup, so the examples fragment never escapes a token twice.
+@lru_cache(maxsize=None)
 def show_token(token: str) -> Markup:
     """Escaped token text with whitespace made visible (· space, ⏎ newline, → tab)."""
     out = []
@@ -91,6 +94,11 @@ def show_token(token: str) -> Markup:
         mark = WHITESPACE_MARKS.get(ch)
         out.append(f'<span class="ws">{mark}</span>' if mark else str(escape(ch)))
     return Markup("".join(out)) if token else Markup('<span class="ws">∅</span>')
+
+
+def warm_token_cache(tokens: list[str]) -> None:
+    for token in tokens:
+        show_token(token)
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -105,60 +113,81 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
-def colour(value: float | None, scale: float) -> str:
-    """Background on one diverging scale for a whole section (same formula as gluscope.js)."""
-    if value is None or not math.isfinite(value) or scale <= 0 or value == 0:
-        return ""
-    a = min(abs(value) / scale, 1.0) * 0.85
-    if a < 0.005:
-        return ""
-    r, g, b = POS_RGB if value > 0 else NEG_RGB
-    return f"background:rgba({r},{g},{b},{a:.3f})"
-
-
-def token_quadrant(x_gate: float | None, x_in: float | None) -> int | None:
-    if not x_gate or not x_in:
-        return None
-    return (0 if x_gate > 0 else 2) + (0 if x_in > 0 else 1)
-
-
 def section_scales(data: dict[str, Any]) -> dict[str, float]:
     """max |value| over every token of every window of a section, per value."""
-    scales = {}
-    for hook in HOOKS:
-        m = 0.0
-        for ex in data["examples"]:
-            for v in ex["activations"][hook]:
-                if v is not None and abs(v) > m:
-                    m = abs(v)
-        scales[hook] = m
-    return scales
+    return {hook: max((_max_abs(ex["activations"][hook]) for ex in data["examples"]), default=0.0) for hook in HOOKS}
+
+
+def _max_abs(values: list[float | None]) -> float:
+    if None in values:
+        values = [v for v in values if v is not None]
+    return max(map(abs, values), default=0.0)
+
+
+def format_many(values: list[float | None], spec: str = "%.4g") -> list[str]:
+    """fmt() of many numbers in one C-level formatting call.
+
+    A section shows 16 × 27 tokens with four values each; formatting them one
+    Python call at a time was the largest cost of the examples fragment.
+    """
+    if not values:
+        return []
+    if None in values:
+        values = [float("nan") if v is None else v for v in values]
+    text = ((spec + "\x00") * len(values)) % tuple(values)
+    out = text.split("\x00")[:-1]
+    # nan, inf and -0 are rare: look at each string only when one occurs.
+    if "n" in text or "-0\x00" in text:
+        out = [_FIXES.get(t, t) for t in out]
+    return out
+
+
+_FIXES = {"nan": "—", "inf": "—", "-inf": "—", "-0": "0"}
+
+
+def _styles(values: list[float | None], scale: float) -> list[str]:
+    """Each token's style attribute: a background on one diverging scale per section.
+
+    Same formula as colour() in gluscope.js, which recolours when the selector changes.
+    """
+    if not scale > 0 or not math.isfinite(scale):
+        return [""] * len(values)
+    alpha = [min(abs(v) / scale, 1.0) * 0.85 if v and math.isfinite(v) else 0.0 for v in values]
+    text = format_many(alpha, "%.3f")
+    return [f' style="background:rgba({_POS if v > 0 else _NEG},{t})"' if a >= 0.005 else ""
+            for v, a, t in zip(values, alpha, text)]
+
+
+_POS, _NEG = ",".join(map(str, POS_RGB)), ",".join(map(str, NEG_RGB))
+
+
+_SPAN = ('<span class="%s" tabindex="0" title="position %d · %s&#10;' + "&#10;".join(f"{h} %s" for h in HOOKS)
+         + '"%s>%s</span>')
+_QUADRANT_OF = {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}
 
 
 def snippet(ex: dict[str, Any], quadrant: str, colour_by: str, scale: float) -> Markup:
-    """One example's window as focusable token spans.
+    """One example's window as focusable token spans; the title holds all four values (gluscope.js reads it).
 
-    Built here rather than in a template loop: a section has 16 × 27 tokens,
-    and this is the hot path of the examples fragment.
+    Built here rather than in a template loop, and with one formatting call
+    for all spans: a section has 16 × 27 tokens, and this is the hot path of
+    the examples fragment.
     """
     q_code = QUADRANTS.index(quadrant)
     acts = ex["activations"]
-    cols = [acts[h] for h in HOOKS]
-    gate, inn = acts["hook_pre"], acts["hook_pre_linear"]
+    n = len(ex["tokens"])
     focus = ex["position"] - ex["window_start"]
-    parts = []
-    for i, tok in enumerate(ex["tokens"]):
-        tq = token_quadrant(gate[i], inn[i])
-        cls = "t" if tq == q_code else "t oq"
-        if i == focus:
-            cls += " focus"
-        values = "&#10;".join(f"{h} {fmt(c[i])}" for h, c in zip(HOOKS, cols))
-        quad = QUADRANTS[tq] if tq is not None else "no quadrant"
-        title = f"position {ex['window_start'] + i} · {quad}&#10;{values}"
-        style = colour(acts[colour_by][i], scale)
-        parts.append(f'<span class="{cls}" tabindex="0" title="{title}"'
-                     f'{f" style={chr(34)}{style}{chr(34)}" if style else ""}>{show_token(tok)}</span>')
-    return Markup("".join(parts))
+    quads = [_QUADRANT_OF[(g > 0, u > 0)] if g and u else None
+             for g, u in zip(acts["hook_pre"], acts["hook_pre_linear"])]
+    classes = ["t" if q == q_code else "t oq" for q in quads]
+    if 0 <= focus < n:
+        classes[focus] += " focus"
+    text = format_many(list(chain.from_iterable(acts[h] for h in HOOKS)))
+    fields = zip(classes, range(ex["window_start"], ex["window_start"] + n),
+                 ["no quadrant" if q is None else QUADRANTS[q] for q in quads],
+                 *(text[i * n:(i + 1) * n] for i in range(len(HOOKS))),
+                 _styles(acts[colour_by], scale), map(show_token, ex["tokens"]))
+    return Markup((_SPAN * n) % tuple(chain.from_iterable(fields)))
 
 
 def _env() -> jinja2.Environment:
@@ -166,7 +195,7 @@ def _env() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update(show_token=show_token, fmt=fmt, pct=pct)
     env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, zip=zip,
-                       snippet=snippet, section_scales=section_scales, colour=colour)
+                       snippet=snippet, section_scales=section_scales)
     return env
 
 

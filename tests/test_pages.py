@@ -93,6 +93,40 @@ def test_examples_fragment_is_a_partial_and_the_page_wraps_it(client, m):
     assert len(re.findall(r'class="t (?:oq )?focus" tabindex', fragment.text)) == n
 
 
+def test_every_token_title_holds_its_four_values_and_colour(client, m):
+    """Each token's title (which gluscope.js turns into the tooltip) against the JSON twin, token by token."""
+    url = f"/models/{m}/neurons/1/3/examples?quadrant=np&hook=act"
+    data = client.get(url.replace("/examples", "/examples.json")).json()
+    fragment = client.get(url, headers=HX).text
+    spans = re.findall(r'<span class="(t[^"]*)" tabindex="0" title="([^"]*)"( style="[^"]*")?>', fragment)
+    tokens = [(ex, i) for ex in data["examples"] for i in range(len(ex["tokens"]))]
+    assert len(spans) == len(tokens) > 0
+    scale = max(abs(v) for ex in data["examples"] for v in ex["activations"]["act"] if v is not None)
+    for (cls, title, style), (ex, i) in zip(spans, tokens):
+        head, *lines = title.split("&#10;")
+        assert head.startswith(f"position {ex['window_start'] + i} · ")
+        assert [line.split(" ")[0] for line in lines] == list(HOOKS)
+        for line, hook in zip(lines, HOOKS):
+            v = ex["activations"][hook][i]
+            shown = line.split(" ")[1]
+            assert shown == "—" if v is None else float(shown) == pytest.approx(v, rel=1e-3, abs=1e-12)
+        v = ex["activations"]["act"][i]
+        alpha = min(abs(v) / scale, 1) * 0.85 if v else 0
+        if alpha >= 0.005:
+            assert style.endswith(f',{alpha:.3f})"') and ("214,39,40" in style) == (v > 0)
+        else:
+            assert not style
+        assert ("focus" in cls) == (i == ex["position"] - ex["window_start"])
+
+
+def test_format_many_is_fmt_for_every_kind_of_number():
+    from gluscope.server.render import fmt, format_many
+
+    values = [0.0, -0.0, 1.0, -1.5, 123456.0, 1e-7, -3.14159e-3, float("nan"), float("inf"), None, 65504.0]
+    assert format_many(values) == [fmt(v) for v in values]
+    assert format_many([]) == []
+
+
 def test_tokens_are_escaped_and_whitespace_is_visible(client, m, script_example, planted_script_text_id):
     layer, neuron, slug, hook = script_example
     html = client.get(f"/models/{m}/neurons/{layer}/{neuron}/examples",

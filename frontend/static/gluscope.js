@@ -19,7 +19,7 @@
     return el.dataset.v.split(",").map(function (s) { return s === "—" ? null : parseFloat(s); });
   }
 
-  // Same formula as render.colour on the server.
+  // Same formula as render._styles on the server.
   function colour(v, scale) {
     if (v === null || !isFinite(v) || !(scale > 0) || v === 0) return "";
     var a = Math.min(Math.abs(v) / scale, 1) * 0.85, c = v > 0 ? POS : NEG;
