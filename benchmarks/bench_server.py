@@ -15,6 +15,7 @@ import argparse
 import http.client
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -88,8 +89,9 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[i]
 
 
-def run(base: str, urls: list[str], headers: dict[str, str], clients: int) -> tuple[list[float], float]:
-    """Each client takes the next URL as soon as its previous answer is in (closed loop).
+def run(base: str, sessions: list[list[str]], headers: dict[str, str], clients: int) -> tuple[list[float], float, float]:
+    """Latencies, wall time and this client's own CPU time; each client takes the next session (a list of
+    URLs, fetched in order) as soon as its previous answer is in (closed loop).
 
     Clients use the standard library's http.client over one keep-alive
     connection each: on a 2-core machine a heavier client would take the CPU
@@ -97,7 +99,7 @@ def run(base: str, urls: list[str], headers: dict[str, str], clients: int) -> tu
     """
     latencies: list[float] = []
     lock = threading.Lock()
-    it = iter(urls)
+    it = iter(sessions)
     errors: list[str] = []
 
     def worker() -> None:
@@ -106,30 +108,38 @@ def run(base: str, urls: list[str], headers: dict[str, str], clients: int) -> tu
         try:
             while True:
                 with lock:
-                    url = next(it, None)
-                if url is None:
+                    session = next(it, None)
+                if session is None:
                     return
-                t = time.perf_counter()
-                conn.request("GET", url, headers=headers)
-                r = conn.getresponse()
-                r.read()
-                dt = time.perf_counter() - t
-                if r.status != 200:
-                    errors.append(f"{r.status} {url}")
-                with lock:
-                    latencies.append(dt)
+                for url in session:  # one session's requests in order, on this client's connection
+                    t = time.perf_counter()
+                    conn.request("GET", url, headers=headers)
+                    r = conn.getresponse()
+                    r.read()
+                    dt = time.perf_counter() - t
+                    if r.status != 200:
+                        errors.append(f"{r.status} {url}")
+                    with lock:
+                        latencies.append(dt)
         finally:
             conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     if errors:
         raise SystemExit(f"{len(errors)} failed requests, e.g. {errors[:3]}")
-    return sorted(latencies), time.perf_counter() - t0
+    client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    return sorted(latencies), wall, client_cpu
+
+
+SECTIONS = 4
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,22 +173,33 @@ def main(argv: list[str] | None = None) -> None:
         def neurons(n: int) -> list[tuple[int, int]]:
             return [(rng.randrange(n_layers), rng.randrange(d_mlp)) for _ in range(n)]
 
+        lists = [(q, h) for q in QUADRANT_SLUGS for h in HOOKS]
+
+        def sections(layer: int, neuron: int, n: int) -> list[str]:
+            return [f"/models/{m}/neurons/{layer}/{neuron}/examples?quadrant={q}&hook={h}"
+                    for q, h in rng.sample(lists, n)]
+
+        # name -> (sessions for n requests, headers). "random" asks each
+        # fragment of another random neuron: every request is a cold lookup.
+        # "browsing" is what a researcher does: open SECTIONS sections of one
+        # neuron, one after the other, on one connection.
         scenarios = {
-            "neuron JSON": (lambda l, n: f"/api/models/{m}/neurons/{l}/{n}", {}),
-            "neuron page": (lambda l, n: f"/models/{m}/neurons/{l}/{n}", {}),
-            "examples fragment": (lambda l, n: f"/models/{m}/neurons/{l}/{n}/examples?quadrant="
-                                  f"{rng.choice(QUADRANT_SLUGS)}&hook={rng.choice(HOOKS)}", {"HX-Request": "true"}),
+            "neuron JSON": (lambda n: [[f"/api/models/{m}/neurons/{l}/{i}"] for l, i in neurons(n)], {}),
+            "neuron page": (lambda n: [[f"/models/{m}/neurons/{l}/{i}"] for l, i in neurons(n)], {}),
+            "examples, random": (lambda n: [sections(l, i, 1) for l, i in neurons(n)], {"HX-Request": "true"}),
+            "examples, browsing": (lambda n: [sections(l, i, SECTIONS) for l, i in neurons(n // SECTIONS)],
+                                   {"HX-Request": "true"}),
         }
-        print(f"\n{'scenario':<20}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}")
-        for name, (make_url, headers) in scenarios.items():
+        print(f"\n{'scenario':<20}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}{'client ms/req':>14}")
+        for name, (make_sessions, headers) in scenarios.items():
             if args.only and args.only not in name:
                 continue
             for clients in (int(c) for c in args.clients.split(",")):
-                run(base, [make_url(*ln) for ln in neurons(20)], headers, clients)  # warm up the connections
-                urls = [make_url(*ln) for ln in neurons(args.requests)]
-                lat, wall = run(base, urls, headers, clients)
+                run(base, make_sessions(20), headers, clients)  # warm up the connections
+                lat, wall, client_cpu = run(base, make_sessions(args.requests), headers, clients)
                 print(f"{name:<20}{clients:>8}{len(lat):>10}{1000 * percentile(lat, 50):>9.1f}"
-                      f"{1000 * percentile(lat, 99):>9.1f}{1000 * lat[-1]:>9.1f}{len(lat) / wall:>8.0f}")
+                      f"{1000 * percentile(lat, 99):>9.1f}{1000 * lat[-1]:>9.1f}{len(lat) / wall:>8.0f}"
+                      f"{1000 * client_cpu / len(lat):>14.2f}")
         if proc:
             mem = memory_kb(proc.pid)
             print(f"\nserver memory: resident {mem['VmRSS'] / 1024:.0f} MB, peak {mem['VmHWM'] / 1024:.0f} MB "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -95,7 +97,7 @@ ACT_FNS = {
 }
 
 
-def window_values(x_gate: list[list[int]], x_in: list[list[int]], act_fn: str) -> list[dict[str, list]]:
+def window_values(x_gate: Sequence[Sequence[int]], x_in: Sequence[Sequence[int]], act_fn: str) -> list[dict[str, list]]:
     """All four values per token of many windows, from their stored float16 bit patterns, in HOOKS order.
 
     One padded [windows, tokens] array for all: a section's 16 windows cost
@@ -191,21 +193,58 @@ def weight_tokens_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     return {"model": db.id, "layer": layer, "neuron": neuron, "tokens": kinds, "writes": writes}
 
 
+@dataclass
+class NeuronExamples:
+    """One neuron's 16 lists and the windows they point at, as NumPy columns read from the file."""
+
+    examples: dict[str, np.ndarray]  # quadrant, hook, rank, value, text_id, position; by (quadrant, hook, rank)
+    windows: dict[str, np.ndarray]   # text_id, position, window_start, x_gate, x_in; by (text_id, position)
+    window_key: np.ndarray           # text_id << 16 | position per window, ascending
+
+
+def _window_key(text_id: np.ndarray, position: np.ndarray) -> np.ndarray:
+    return (text_id.astype(np.int64) << 16) | position.astype(np.int64)
+
+
+def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
+    """All examples of a neuron, from the cache or from two scans of the file."""
+    cached = db.examples.get((layer, neuron))
+    if cached is not None:
+        return cached
+    params = {"layer": layer, "neuron": neuron}
+    examples = db.query_columns(queries.NEURON_EXAMPLES, params)
+    windows = db.query_columns(queries.NEURON_WINDOWS, params)
+    result = NeuronExamples(examples, windows, _window_key(windows["text_id"], windows["position"]))
+    db.examples.put((layer, neuron), result)
+    return result
+
+
 def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> dict[str, Any]:
     check_index("layer", layer, db.n_layers)
     check_index("neuron", neuron, db.d_mlp)
     q, h = quadrant_code(quadrant), hook_code(hook)
-    rows = db.query(queries.EXAMPLES, {"layer": layer, "neuron": neuron, "quadrant": q, "hook": h})
-    windows = window_values([r[5] for r in rows], [r[6] for r in rows], str(db.meta["act_fn"]))
+    found = neuron_examples(db, layer, neuron)
+    e, w = found.examples, found.windows
+    rows = np.flatnonzero((e["quadrant"] == q) & (e["hook"] == h))
+    # Each example's window; an example without one (not written by our recorder) is left out.
+    at = np.searchsorted(found.window_key, _window_key(e["text_id"][rows], e["position"][rows]))
+    at = np.minimum(at, max(len(found.window_key) - 1, 0))
+    has_window = (found.window_key[at] == _window_key(e["text_id"][rows], e["position"][rows])
+                  if len(found.window_key) else np.zeros(len(rows), bool))
+    rows, at = rows[has_window], at[has_window]
+    activations = window_values(w["x_gate"][at], w["x_in"][at], str(db.meta["act_fn"]))
     examples = []
-    for (rank, value, text_id, position, window_start, x_gate, _), activations in zip(rows, windows):
-        token_ids = db.texts.token_ids(text_id, window_start, window_start + len(x_gate)).tolist()
+    for rank, value, text_id, position, window_start, acts in zip(
+            e["rank"][rows].tolist(), e["value"][rows].tolist(), e["text_id"][rows].tolist(),
+            e["position"][rows].tolist(), w["window_start"][at].tolist(), activations):
+        n = len(acts["hook_pre"])
+        token_ids = db.texts.token_ids(text_id, window_start, window_start + n).tolist()
         examples.append({
             "rank": rank, "value": _num(value), "text_id": text_id,
             "source_index": int(db.texts.source_index[text_id]), "position": position,
             "window_start": window_start, "token_ids": token_ids,
             "tokens": [db.token(i) for i in token_ids],
-            "activations": activations,
+            "activations": acts,
         })
     return {"model": db.id, "layer": layer, "neuron": neuron, "quadrant": QUADRANTS[q],
             "slug": QUADRANT_SLUGS[q], "hook": HOOKS[h], "examples": examples}

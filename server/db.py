@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,35 @@ class NeuronTable:
 GEOMETRY = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
 
 
+class LRUCache:
+    """A small thread-safe least-recently-used map (FastAPI runs sync views in a thread pool)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+
+
+# Neurons whose examples stay in memory, about 50 KB each as NumPy arrays: a
+# researcher opens several sections of one neuron, and all of them together
+# cost one lookup of the whole neuron.
+EXAMPLE_CACHE_NEURONS = int(os.environ.get("GLUSCOPE_EXAMPLE_CACHE", "256"))
+
+
 @dataclass
 class Database:
     """One recorded model: its read-only connection and what every request needs."""
@@ -107,6 +137,7 @@ class Database:
     texts: Texts
     neurons: NeuronTable
     con: duckdb.DuckDBPyConnection
+    examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @property
@@ -129,6 +160,10 @@ class Database:
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
         return self.cursor().execute(sql, params or {}).fetchall()
+
+    def query_columns(self, sql: str, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The result as one NumPy array per column: no Python object per value."""
+        return self.cursor().execute(sql, params or {}).fetchnumpy()
 
     def token(self, token_id: int) -> str:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<unk {token_id}>"

@@ -280,3 +280,34 @@ def test_neuron_page_loads_weight_tokens_lazily(client, model_id):
     assert f'hx-get="/models/{model_id}/neurons/1/7/tokens"' in page
     fragment = client.get(f"/models/{model_id}/neurons/1/7/tokens", headers={"HX-Request": "true"})
     assert fragment.status_code == 200 and "<html" not in fragment.text and "promotes" in fragment.text
+
+
+def test_a_neurons_examples_are_read_once_for_all_its_sections(client, recorded_db, model_id):
+    """The first section of a neuron reads the whole neuron; its other sections come from memory."""
+    db = client.app.state.registry[model_id]
+    url = f"/api/models/{model_id}/neurons/0/11/examples"
+    first = client.get(url, params={"quadrant": "pp", "hook": "act"}).json()
+    cached = db.examples.get((0, 11))
+    assert cached is not None
+    other = client.get(url, params={"quadrant": "nn", "hook": "hook_post"}).json()
+    assert db.examples.get((0, 11)) is cached
+    # Identical to what a server without the cache answers.
+    from gluscope.server.app import create_app
+    from starlette.testclient import TestClient
+    with TestClient(create_app([recorded_db])) as fresh:
+        assert fresh.get(url, params={"quadrant": "nn", "hook": "hook_post"}).json() == other
+        assert fresh.get(url, params={"quadrant": "pp", "hook": "act"}).json() == first
+
+
+def test_lru_cache_evicts_the_least_recently_used():
+    from gluscope.server.db import LRUCache
+
+    cache = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
+    empty = LRUCache(0)
+    empty.put("a", 1)
+    assert empty.get("a") is None
