@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0*.whl))
 TORCH_PIN   := $(if $(TORCH_WHEEL),--find-links $(dir $(TORCH_WHEEL)) torch==2.13.0,)
 HTMX        := frontend/static/vendor/htmx.min.js
 
-.PHONY: install assets browser test demo clean
+.PHONY: install assets browser compiler test demo clean
 
 install: $(VENV)/.installed assets
 
@@ -33,10 +33,18 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "chromium/chromedriver missing and not root: browser tests will be skipped"; fi
 
-test: install browser
+# g++ builds the recorder's CPU kernel on first use (without it the recorder
+# falls back to slower tensor code, and the kernel's tests are skipped).
+compiler:
+	@if command -v g++ >/dev/null || command -v c++ >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
+	else echo "g++ missing and not root: the recorder falls back to its slower tensor code (kernel tests skip)"; fi
+
+test: install browser compiler
 	$(PY) -m pytest
 
-demo: install
+demo: install compiler
 	$(PY) -m gluscope.cli demo
 
 clean:

@@ -2,16 +2,18 @@
 
     python benchmarks/bench_recorder.py [--layers 8 --d-model 512 --d-mlp 1408 --texts 256 --length 512]
 
-Prints seconds and tokens/s for: the HF model's forward without hooks (the
-baseline, both the full causal LM and the base model without the unembedding,
-which the recorder skips), and `record()` end to end (loop, and loop plus
-writing the database). Ratios are against the baseline measured in this run,
-since this machine is noisy. Not a test: nothing here passes or fails.
+Prints seconds and tokens/s for the HF model's forward without hooks (the
+baseline; also the base model without the unembedding, which the recorder
+skips) and for `record()` (its loop, and in the last round the loop plus
+writing the database). Baseline and recorder passes alternate, and each round
+gives its own ratio, since this machine's speed drifts. Not a test: nothing
+here passes or fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -42,7 +44,7 @@ def main() -> None:
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="torch.compile the torch reducer")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--repeats", type=int, default=2, help="baseline passes (median is used)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating baseline and recorder passes (default: 3)")
     ap.add_argument("--vocab", type=int, default=512, help="model vocabulary size")
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--skip-write", action="store_true", help="time the loop only (the database of a 7B model takes minutes)")
@@ -95,57 +97,69 @@ def main() -> None:
                 hf.model(b)
 
     timed(lambda: hf.model(batches[0][:1]))  # warm-up
-    full_s = statistics.median(timed(full) for _ in range(args.repeats))
-    base_s = statistics.median(timed(base) for _ in range(args.repeats))
-    model = load_model(str(model_dir), device=args.device, dtype=args.dtype, hf_model=hf)
-    if args.compile == "on":
-        # Compile once outside the measurement, as a long run amortises it.
-        record(model, Corpus(corpus.source_index[:2], token_ids[:2], corpus.info), tmp / "warm.duckdb",
-               dataset="bench", batch_size=2, compile="on", reducer=args.reducer, progress=False)
+    base_s = timed(base)
+    # The bridge wraps the modules of the model it is given (and forces eager
+    # attention on it), so the baseline keeps an untouched copy of the weights.
+    model = load_model(str(model_dir), device=args.device, dtype=args.dtype, hf_model=copy.deepcopy(hf))
+    # Compile (or build the CPU kernel) once outside the measurement, as a long run amortises it.
+    record(model, Corpus(corpus.source_index[:2], token_ids[:2], corpus.info), tmp / "warm.duckdb",
+           dataset="bench", batch_size=2, compile=args.compile, reducer=args.reducer, progress=False)
+
     import gluscope.recorder.record as rec
-    loop_time = {}
     orig_writer = rec.DatabaseWriter
 
     class LoopDone(Exception):
         pass
 
-    class TimedWriter(orig_writer):  # marks where the loop ends and writing begins
-        def __init__(self, *a, **kw):
-            sync()
-            loop_time["t"] = time.perf_counter()
-            if args.skip_write:
-                raise LoopDone
-            super().__init__(*a, **kw)
+    def recorder_pass(write: bool) -> tuple[float, float | None]:
+        """(loop seconds, loop and database seconds or None)."""
+        marks = {}
 
-    rec.DatabaseWriter = TimedWriter
-    sync()
-    t0 = time.perf_counter()
-    try:
-        record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
-               compile=args.compile, reducer=args.reducer, progress=False)
-    except LoopDone:
-        pass
-    total_s = time.perf_counter() - t0
-    loop_s = loop_time["t"] - t0
-    rec.DatabaseWriter = orig_writer
+        class TimedWriter(orig_writer):  # marks where the loop ends and writing begins
+            def __init__(self, *a, **kw):
+                sync()
+                marks["loop"] = time.perf_counter()
+                if not write:
+                    raise LoopDone
+                super().__init__(*a, **kw)
 
+        rec.DatabaseWriter = TimedWriter
+        sync()
+        t0 = time.perf_counter()
+        try:
+            record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
+                   compile=args.compile, reducer=args.reducer, progress=False, overwrite=True)
+        except LoopDone:
+            pass
+        finally:
+            rec.DatabaseWriter = orig_writer
+        total = time.perf_counter() - t0
+        return marks["loop"] - t0, (total if write else None)
+
+    # Baseline and recorder alternate, and each round gives its own ratio: on a
+    # shared machine the speed drifts over minutes, and a baseline measured
+    # once at the start would carry that drift into the ratio.
     print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
           f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
           f"reducer={choose_reducer(torch.device(args.device), args.reducer)}, compile={args.compile}, "
           f"torch threads={torch.get_num_threads()}")
-    rows = [
-        ("HF forward, causal LM (baseline)", full_s),
-        ("HF forward, base model (no unembedding)", base_s),
-        ("recorder loop", loop_s),
-        ("recorder end to end (loop + database)", total_s),
-    ]
-    if args.skip_write:
-        rows.pop()
-    for name, s in rows:
-        print(f"{name:42s} {s:8.2f} s {n_tokens / s:10.0f} tok/s  ratio vs baseline {s / full_s:5.2f}  "
-              f"vs base model {s / base_s:5.2f}")
-    if not args.skip_write:
-        print(f"database: {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
+    print(f"HF forward, base model (no unembedding), once: {base_s:.2f} s")
+    loop_ratios, total_ratios = [], []
+    for r in range(args.rounds):
+        full_s = timed(full)
+        write = not args.skip_write and r == args.rounds - 1
+        loop_s, total_s = recorder_pass(write)
+        loop_ratios.append(loop_s / full_s)
+        line = (f"round {r + 1}: baseline (HF causal LM forward) {full_s:7.2f} s {n_tokens / full_s:7.0f} tok/s | "
+                f"recorder loop {loop_s:7.2f} s {n_tokens / loop_s:7.0f} tok/s, ratio {loop_s / full_s:5.2f}")
+        if total_s is not None:
+            total_ratios.append(total_s / full_s)
+            line += f" | loop + database {total_s:7.2f} s, ratio {total_s / full_s:5.2f}"
+        print(line, flush=True)
+    print(f"recorder loop / baseline, median over {args.rounds} rounds: {statistics.median(loop_ratios):.2f}")
+    if total_ratios:
+        print(f"recorder end to end / baseline (last round): {total_ratios[-1]:.2f}; "
+              f"database {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")
 

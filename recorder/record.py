@@ -258,36 +258,30 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     return Path(out)
 
 
-def _layer_result(state: LayerState, sign: torch.Tensor, geometry: dict[str, np.ndarray],
+def _layer_result(state, sign: torch.Tensor, geometry: dict[str, np.ndarray],
                   tokens: tuple[np.ndarray, np.ndarray]) -> LayerResult:
-    n = state.counts.shape[1]
-    ranked = {name: t.cpu().numpy() for name, t in state.ranked().items()}
-    counts = state.counts.cpu().numpy()
-
-    def lists(a: np.ndarray) -> np.ndarray:
-        """[k, 16, n, ...] -> [4, 4, n, k, ...]"""
-        a = a.reshape(a.shape[0], 4, 4, *a.shape[2:])
-        return np.moveaxis(a, 0, 3)
-
+    """A finished LayerState or CpuLayerState as the writer's arrays."""
+    counts, vmin, vmax, vsum = state.totals()
+    n = counts.shape[1]
+    ex = state.examples()
     per_list_count = np.repeat(counts, 4, axis=0).reshape(16, n)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = state.vsum.cpu().numpy() / per_list_count
+        mean = vsum / per_list_count
     empty = per_list_count == 0
-    vmin = np.where(empty, np.nan, state.vmin.cpu().numpy())
-    vmax = np.where(empty, np.nan, state.vmax.cpu().numpy())
-    text = np.where(ranked["keys"] >= 0, ranked["text"], -1)
+    # astype keeps the memory order (order="K"), so the writer's neuron-major
+    # view of these arrays needs no copy.
     return LayerResult(
         counts=counts,
-        value_min=vmin.reshape(4, 4, n).astype(np.float32),
-        value_max=vmax.reshape(4, 4, n).astype(np.float32),
+        value_min=np.where(empty, np.nan, vmin).reshape(4, 4, n).astype(np.float32),
+        value_max=np.where(empty, np.nan, vmax).reshape(4, 4, n).astype(np.float32),
         value_mean=np.where(empty, np.nan, mean).reshape(4, 4, n),
-        example_value=lists(ranked["value"]),
-        example_text=lists(text),
-        example_pos=lists(ranked["pos"]).astype(np.int16),
-        window_start=lists(ranked["win_start"]).astype(np.int16),
-        window_len=lists(ranked["win_len"]).astype(np.int16),
-        window_gate=lists(ranked["win_gate"]),
-        window_in=lists(ranked["win_in"]),
+        example_value=ex["value"],
+        example_text=ex["text"],
+        example_pos=ex["pos"].astype(np.int16),
+        window_start=ex["win_start"].astype(np.int16),
+        window_len=ex["win_len"].astype(np.int16),
+        window_gate=ex["win_gate"],
+        window_in=ex["win_in"],
         geometry=geometry,
         flipped=(sign < 0).cpu().numpy(),
         token_ids=tokens[0],

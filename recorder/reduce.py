@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 PP, PN, NP, NN = range(4)
@@ -209,6 +210,16 @@ class LayerState:
         self.win_in[slot, lst, neuron] = torch.where(inside, u.reshape(-1).take(flat).to(torch.float16), zero)
         self.win_start[slot, lst, neuron] = start.to(torch.int32)
         self.win_len[slot, lst, neuron] = (end - start).to(torch.int32)
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(counts [4, n], vmin [16, n], vmax [16, n], vsum [16, n]) as NumPy arrays."""
+        return tuple(t.cpu().numpy() for t in (self.counts, self.vmin, self.vmax, self.vsum))
+
+    def examples(self) -> dict[str, np.ndarray]:
+        """The lists most extreme first, as NumPy arrays [4, 4, n, k, ...] (text -1 marks an empty slot)."""
+        ranked = {name: t.cpu().numpy() for name, t in self.ranked().items()}
+        ranked["text"] = np.where(ranked.pop("keys") >= 0, ranked["text"], -1)
+        return {name: np.moveaxis(a.reshape(a.shape[0], 4, 4, *a.shape[2:]), 0, 3) for name, a in ranked.items()}
 
     def ranked(self) -> dict[str, torch.Tensor]:
         """The top-k lists sorted most extreme first, as [k, 16, n] tensors."""

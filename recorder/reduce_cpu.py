@@ -64,8 +64,10 @@ def load_kernel() -> ctypes.CDLL:
     compiler = shutil.which(wanted) if wanted else shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise KernelUnavailable(f"no C++ compiler ({wanted or 'g++'}) found")
+    # Extra flags, e.g. -mno-f16c (the tests build the portable float16 path this way).
+    flags = [*FLAGS, *os.environ.get("GLUSCOPE_CXXFLAGS", "").split()]
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"reduce_cpu-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,7 @@ def load_kernel() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no message"])[-1]
                 raise KernelUnavailable(f"{compiler} failed: {last}")
@@ -100,8 +102,8 @@ def kernel_available() -> bool:
 class CpuLayerState:
     """The running statistics and top-k of one layer, as NumPy arrays updated by the compiled kernel.
 
-    Offers what `record._layer_result` reads from reduce.LayerState (counts,
-    vmin, vmax, vsum, ranked()) in the same layouts.
+    Offers what `record._layer_result` reads from reduce.LayerState, totals()
+    and examples(), in the same layouts.
     """
 
     def __init__(self, k: int, n: int, window: int) -> None:
@@ -134,55 +136,40 @@ class CpuLayerState:
             ptr(self.win_in),
             torch.get_num_threads())
 
-    @property
-    def counts(self) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.counts_.T))
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(counts [4, n], vmin [16, n], vmax [16, n], vsum [16, n]), as LayerState.totals().
 
-    @property
-    def vsum(self) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.vsum_.T) * list_signs().double().numpy()[:, None])
-
-    def _ends(self) -> tuple[np.ndarray, np.ndarray]:
-        """(signed extreme, signed near-zero end) per [16, n]; the extreme is every list's first entry."""
+        A list's extreme end is its first entry; its near-zero end is `near`.
+        A list whose values were all exactly zero has no entry: both ends are that zero.
+        """
         signs = list_signs().numpy()[:, None]
         top = self.top_mag[:, :, 0].T
-        extreme = np.where(top > 0, top * signs, np.nan)
-        near = np.where(np.isfinite(self.near.T), self.near.T * signs, np.nan)
-        # A list whose values were all exactly zero has no example; its ends are that zero.
-        extreme = np.where(np.isnan(extreme) & ~np.isnan(near), near, extreme)
-        return extreme, near
+        near = np.where(np.isfinite(self.near.T), self.near.T * signs, np.inf * signs)
+        extreme = np.where(top > 0, top * signs, np.where(np.isfinite(self.near.T), near, -np.inf * signs))
+        vmax = np.where(signs > 0, extreme, near).astype(np.float32)
+        vmin = np.where(signs > 0, near, extreme).astype(np.float32)
+        return np.ascontiguousarray(self.counts_.T), vmin, vmax, self.vsum_.T * signs
 
-    @property
-    def vmax(self) -> torch.Tensor:
-        extreme, near = self._ends()
-        return torch.from_numpy(np.where(list_signs().numpy()[:, None] > 0, extreme, near).astype(np.float32))
+    def examples(self) -> dict[str, np.ndarray]:
+        """The lists most extreme first, as [4, 4, n, k, ...] like LayerState.examples().
 
-    @property
-    def vmin(self) -> torch.Tensor:
-        extreme, near = self._ends()
-        return torch.from_numpy(np.where(list_signs().numpy()[:, None] > 0, near, extreme).astype(np.float32))
+        Views of neuron-major memory: the writer wants rows by neuron, so it
+        copies nothing more.
+        """
+        n = self.top_mag.shape[0]
 
-    def _windows(self, bits: np.ndarray) -> np.ndarray:
-        """[n, 16, k, W] float16 in list order (the kernel keeps them in slot order)."""
-        return np.take_along_axis(bits, self.slot[..., None], axis=2).view(np.float16)
+        def qhnk(a: np.ndarray) -> np.ndarray:
+            return np.moveaxis(a.reshape(n, 4, 4, *a.shape[2:]), 0, 2)
 
-    def ranked(self) -> dict[str, torch.Tensor]:
-        """The top-k lists, most extreme first, as [k, 16, n] tensors like LayerState.ranked()."""
-        signs = list_signs().numpy()[None, :, None]
-
-        def kln(a: np.ndarray) -> np.ndarray:  # [n, 16, k, ...] -> [k, 16, n, ...]
-            return np.ascontiguousarray(np.moveaxis(a, (0, 2), (2, 0)))
-
-        filled = self.top_text >= 0
-        value = kln(np.where(filled, self.top_mag, 0)) * signs
-        out = {
-            "keys": kln(np.where(filled, 0, -1).astype(np.int64)),
-            "value": value.astype(np.float32),
-            "text": kln(self.top_text), "pos": kln(self.top_pos),
-            "win_start": kln(self.win_start), "win_len": kln(self.win_len),
-            "win_gate": kln(self._windows(self.win_gate)), "win_in": kln(self._windows(self.win_in)),
-        }
-        return {name: torch.from_numpy(a) for name, a in out.items()}
+        value = np.where(self.top_text >= 0, self.top_mag, 0) * list_signs().numpy()[None, :, None]
+        # The kernel keeps each list's windows in slot order; entries carry their slot.
+        k, W = self.win_gate.shape[2:]
+        rows = (np.arange(n * N_LISTS)[:, None] * k + self.slot.reshape(-1, k)).reshape(-1)
+        windows = {name: bits.reshape(-1, W).take(rows, axis=0).reshape(bits.shape).view(np.float16)
+                   for name, bits in (("win_gate", self.win_gate), ("win_in", self.win_in))}
+        return {"value": qhnk(value.astype(np.float32)), "text": qhnk(self.top_text), "pos": qhnk(self.top_pos),
+                "win_start": qhnk(self.win_start), "win_len": qhnk(self.win_len),
+                **{name: qhnk(w) for name, w in windows.items()}}
 
 
 def _contiguous_f32(t: torch.Tensor) -> torch.Tensor:

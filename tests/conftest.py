@@ -40,6 +40,15 @@ SPECIAL = [
 ]
 
 
+def require_kernel() -> None:
+    """Skip, saying why, where the CPU kernel cannot be built (`make test` installs g++ where it can)."""
+    from gluscope.recorder.reduce_cpu import KernelUnavailable, load_kernel
+    try:
+        load_kernel()
+    except (KernelUnavailable, OSError) as e:
+        pytest.skip(f"the CPU kernel cannot be built here: {e}")
+
+
 def corpus_texts() -> list[str]:
     """Document-sized texts: each base text repeated with variations, so the corpus has ~40 texts."""
     texts = []

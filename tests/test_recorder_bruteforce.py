@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gluscope.cli import main as gluscope_main
 from gluscope.schema import HOOKS, QUADRANTS
 
-from .conftest import corpus_texts
+from .conftest import corpus_texts, require_kernel
 
 MAX_LENGTH = 40
 NEURONS = (0, 7, 50, 95)
@@ -167,6 +167,8 @@ def _f16(bits) -> np.ndarray:
 @pytest.mark.parametrize("reducer", ["kernel", "torch"])
 @pytest.mark.parametrize("refactor", [True, False], ids=["refactor_glu", "raw_weights"])
 def test_database_matches_brute_force(arch_model, distinct_corpus, tmp_path, refactor, reducer):
+    if reducer == "kernel":
+        require_kernel()
     arch, model_dir = arch_model
     out = tmp_path / f"{arch}.duckdb"
     _record(model_dir, distinct_corpus, out, refactor, reducer)

@@ -22,7 +22,7 @@ from gluscope.errors import UserError
 from gluscope.recorder import reduce_cpu
 from gluscope.recorder.record import choose_reducer
 
-from .conftest import corpus_texts, tokenizer_training_texts
+from .conftest import corpus_texts, require_kernel, tokenizer_training_texts
 
 TABLES = {  # table -> (key columns, float columns compared with a tolerance)
     "neurons": ("layer, neuron", ()),
@@ -55,9 +55,18 @@ def _record(model: Path, corpus: Path, out: Path, reducer: str) -> duckdb.DuckDB
     return duckdb.connect(str(out), read_only=True)
 
 
-def test_kernel_and_tensor_reducers_write_the_same_database(model_and_corpus, tmp_path):
+@pytest.mark.parametrize("cxxflags", ["", "-mno-f16c"], ids=["native", "portable_float16"])
+def test_kernel_and_tensor_reducers_write_the_same_database(model_and_corpus, tmp_path, monkeypatch, cxxflags):
+    """Without F16C the kernel rounds windows to float16 in software; both ways must match torch's rounding."""
+    require_kernel()
+    if cxxflags:
+        monkeypatch.setenv("GLUSCOPE_CXXFLAGS", cxxflags)
+        reduce_cpu.load_kernel.cache_clear()
     model, corpus = model_and_corpus
-    kernel = _record(model, corpus, tmp_path / "kernel.duckdb", "kernel")
+    try:
+        kernel = _record(model, corpus, tmp_path / "kernel.duckdb", "kernel")
+    finally:
+        reduce_cpu.load_kernel.cache_clear()
     tensor = _record(model, corpus, tmp_path / "torch.duckdb", "torch")
     for table, (keys, approx) in TABLES.items():
         a = kernel.execute(f"SELECT * FROM {table} ORDER BY {keys}").fetchdf()
@@ -74,6 +83,7 @@ def test_kernel_and_tensor_reducers_write_the_same_database(model_and_corpus, tm
 
 
 def test_auto_takes_the_kernel_on_the_cpu_and_torch_elsewhere():
+    require_kernel()
     assert choose_reducer(torch.device("cpu"), "auto") == "kernel"
     assert choose_reducer(torch.device("cuda"), "auto") == "torch"
     assert choose_reducer(torch.device("cpu"), "torch") == "torch"
