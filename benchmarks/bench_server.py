@@ -3,10 +3,13 @@
     python benchmarks/bench_server.py --db data/synthetic.duckdb          # starts `gluscope serve` on a free port
     python benchmarks/bench_server.py --url http://127.0.0.1:8000         # or measures a server already running
 
-For the neuron page, the neuron JSON and one examples fragment (HX-Request),
-each over random neurons, with 1 and with 16 concurrent clients (threads,
-each with its own keep-alive connection): p50, p99 and max latency,
-throughput, and the server's resident memory (when this script started it).
+For the neuron page, the neuron JSON and the examples fragment (HX-Request),
+with 1 and with 16 concurrent clients (threads, each with its own keep-alive
+connection): p50, p99 and max latency, throughput, the client's own CPU per
+request, and the server's resident memory (when this script started it).
+Fragments come in two patterns: one section of a random neuron per request
+(every lookup cold), and browsing (4 sections of one neuron in a row).
+`--only examples` runs just the scenarios whose name contains "examples".
 """
 
 from __future__ import annotations
