@@ -159,33 +159,9 @@ extern "C" int gluscope_reduce_update(
         local_g[jj] = G[b * T * n + j0 + jj];
         local_x[jj] = X[b * T * n + j0 + jj] * sg[jj];
       }
-      for (int64_t t = 1; t < length; ++t) {
-        const int64_t row = (b * T + t) * n + j0;
-        const float* __restrict__ gr = G + row;
-        const float* __restrict__ xr = X + row;
-        const float* __restrict__ ar = A + row;
-        const int32_t t32 = int32_t(t);
-        float* __restrict__ lg = local_g.data() + t * BLOCK;
-        float* __restrict__ lx = local_x.data() + t * BLOCK;
-        if (t + PREFETCH < length) {
-          __builtin_prefetch(gr + PREFETCH * n);
-          __builtin_prefetch(xr + PREFETCH * n);
-          __builtin_prefetch(ar + PREFETCH * n);
-        }
-#pragma omp simd
-        for (int jj = 0; jj < w; ++jj) {
-          const float g = gr[jj], x = xr[jj] * sg[jj], a = ar[jj];
-          lg[jj] = g;
-          lx[jj] = x;
-          const float ap = std::fabs(a * x), ax = std::fabs(x), ag = std::fabs(g), aa = std::fabs(a);
-          const bool pp = (g > 0) & (x > 0), pn = (g > 0) & (x < 0);
-          const bool np = (g < 0) & (x > 0), nn = (g < 0) & (x < 0);
-          cnt[0][jj] += pp;
-          cnt[1][jj] += pn;
-          cnt[2][jj] += np;
-          cnt[3][jj] += nn;
-          // Written out per list: loops over quadrant and hook here stop GCC vectorising over jj.
-#define GLUSCOPE_ACC(l, in, v)                                                  \
+      // Two rows per step: each accumulator is loaded and stored once for both,
+      // which halves the L1 traffic that bounds this loop.
+#define GLUSCOPE_ACC(l, in, v, tpos)                                            \
   {                                                                             \
     const float m = (in) ? (v) : 0.0f;                                          \
     sm[l][jj] += m;                                                             \
@@ -193,18 +169,69 @@ extern "C" int gluscope_reduce_update(
     nr[l][jj] = c < nr[l][jj] ? c : nr[l][jj];                                  \
     const bool better = m > bm[l][jj]; /* strict: lowest position wins */      \
     bm[l][jj] = better ? m : bm[l][jj];                                         \
-    bp[l][jj] = better ? t32 : bp[l][jj];                                       \
+    bp[l][jj] = better ? (tpos) : bp[l][jj];                                    \
   }
-#define GLUSCOPE_QUADRANT(q, in) \
-  GLUSCOPE_ACC(q * 4 + 0, in, ap) GLUSCOPE_ACC(q * 4 + 1, in, ax) GLUSCOPE_ACC(q * 4 + 2, in, ag) GLUSCOPE_ACC(q * 4 + 3, in, aa)
-          GLUSCOPE_QUADRANT(0, pp)
-          GLUSCOPE_QUADRANT(1, pn)
-          GLUSCOPE_QUADRANT(2, np)
-          GLUSCOPE_QUADRANT(3, nn)
-#undef GLUSCOPE_QUADRANT
-#undef GLUSCOPE_ACC
+#define GLUSCOPE_QUADRANT(q, in, tpos)                                                          \
+  GLUSCOPE_ACC(q * 4 + 0, in, ap, tpos) GLUSCOPE_ACC(q * 4 + 1, in, ax, tpos)                   \
+  GLUSCOPE_ACC(q * 4 + 2, in, ag, tpos) GLUSCOPE_ACC(q * 4 + 3, in, aa, tpos)
+// One row of the block: its values, quadrant and the 16 lists (written out per
+// list: loops over quadrant and hook here stop GCC vectorising over jj).
+#define GLUSCOPE_ROW(gr, xr, ar, lg, lx, tpos)                                         \
+  {                                                                                    \
+    const float g = (gr)[jj], x = (xr)[jj] * sg[jj], a = (ar)[jj];                     \
+    (lg)[jj] = g;                                                                      \
+    (lx)[jj] = x;                                                                      \
+    const float ap = std::fabs(a * x), ax = std::fabs(x), ag = std::fabs(g), aa = std::fabs(a); \
+    const bool pp = (g > 0) & (x > 0), pn = (g > 0) & (x < 0);                         \
+    const bool np = (g < 0) & (x > 0), nn = (g < 0) & (x < 0);                         \
+    cnt[0][jj] += pp;                                                                  \
+    cnt[1][jj] += pn;                                                                  \
+    cnt[2][jj] += np;                                                                  \
+    cnt[3][jj] += nn;                                                                  \
+    GLUSCOPE_QUADRANT(0, pp, tpos)                                                     \
+    GLUSCOPE_QUADRANT(1, pn, tpos)                                                     \
+    GLUSCOPE_QUADRANT(2, np, tpos)                                                     \
+    GLUSCOPE_QUADRANT(3, nn, tpos)                                                     \
+  }
+      int64_t t = 1;
+      for (; t + 1 < length; t += 2) {
+        const int64_t row = (b * T + t) * n + j0;
+        const float* __restrict__ g0 = G + row;
+        const float* __restrict__ x0 = X + row;
+        const float* __restrict__ a0 = A + row;
+        const float* __restrict__ g1 = g0 + n;
+        const float* __restrict__ x1 = x0 + n;
+        const float* __restrict__ a1 = a0 + n;
+        float* __restrict__ lg0 = local_g.data() + t * BLOCK;
+        float* __restrict__ lx0 = local_x.data() + t * BLOCK;
+        float* __restrict__ lg1 = lg0 + BLOCK;
+        float* __restrict__ lx1 = lx0 + BLOCK;
+        const int32_t t0 = int32_t(t), t1 = int32_t(t + 1);
+        if (t + PREFETCH + 1 < length) {
+          __builtin_prefetch(g0 + PREFETCH * n);
+          __builtin_prefetch(x0 + PREFETCH * n);
+          __builtin_prefetch(a0 + PREFETCH * n);
+          __builtin_prefetch(g1 + PREFETCH * n);
+          __builtin_prefetch(x1 + PREFETCH * n);
+          __builtin_prefetch(a1 + PREFETCH * n);
+        }
+#pragma omp simd
+        for (int jj = 0; jj < w; ++jj) {
+          GLUSCOPE_ROW(g0, x0, a0, lg0, lx0, t0)
+          GLUSCOPE_ROW(g1, x1, a1, lg1, lx1, t1)
         }
       }
+      for (; t < length; ++t) {  // the odd last row
+        const int64_t row = (b * T + t) * n + j0;
+        float* __restrict__ lg0 = local_g.data() + t * BLOCK;
+        float* __restrict__ lx0 = local_x.data() + t * BLOCK;
+        const int32_t t0 = int32_t(t);
+#pragma omp simd
+        for (int jj = 0; jj < w; ++jj) GLUSCOPE_ROW(G + row, X + row, A + row, lg0, lx0, t0)
+      }
+#undef GLUSCOPE_ROW
+#undef GLUSCOPE_QUADRANT
+#undef GLUSCOPE_ACC
       const int32_t tid = int32_t(text_ids[b]);
       for (int jj = 0; jj < w; ++jj) {
         const int64_t j = j0 + jj;
