@@ -2,12 +2,13 @@
 
     python benchmarks/bench_recorder.py [--layers 8 --d-model 512 --d-mlp 1408 --texts 256 --length 512]
 
-Prints seconds and tokens/s for the HF model's forward without hooks (the
-baseline; also the base model without the unembedding, which the recorder
-skips) and for `record()` (its loop, and in the last round the loop plus
-writing the database). Baseline and recorder passes alternate, and each round
-gives its own ratio, since this machine's speed drifts. Not a test: nothing
-here passes or fails.
+Prints seconds, tokens/s and the ratio to the baseline for: the HF causal
+LM's forward pass without hooks (the baseline), the recorder's forward pass
+with its reductions, the recorder's whole loop, and the loop plus writing the
+database. The baseline runs batch by batch right after the recorder's pass on
+the same tokens, so both see the machine at the same speed: this machine's
+speed drifts by up to a third over minutes. Not a test: nothing here passes
+or fails.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ def main() -> None:
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="torch.compile the torch reducer")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating baseline and recorder passes (default: 3)")
     ap.add_argument("--vocab", type=int, default=512, help="model vocabulary size")
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--skip-write", action="store_true", help="time the loop only (the database of a 7B model takes minutes)")
@@ -79,25 +79,8 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def timed(fn) -> float:
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t
-
-    def full():
-        with torch.inference_mode():
-            for b in batches:
-                hf(b)
-
-    def base():
-        with torch.inference_mode():
-            for b in batches:
-                hf.model(b)
-
-    timed(lambda: hf.model(batches[0][:1]))  # warm-up
-    base_s = timed(base)
+    with torch.inference_mode():
+        hf(batches[0][:1])  # warm-up
     # The bridge wraps the modules of the model it is given (and forces eager
     # attention on it), so the baseline keeps an untouched copy of the weights.
     model = load_model(str(model_dir), device=args.device, dtype=args.dtype, hf_model=copy.deepcopy(hf))
@@ -107,59 +90,75 @@ def main() -> None:
 
     import gluscope.recorder.record as rec
     orig_writer = rec.DatabaseWriter
+    marks: dict[str, float] = {}
 
     class LoopDone(Exception):
         pass
 
-    def recorder_pass(write: bool) -> tuple[float, float | None]:
-        """(loop seconds, loop and database seconds or None)."""
-        marks = {}
+    class TimedWriter(orig_writer):  # marks where the loop ends and writing begins
+        def __init__(self, *a, **kw):
+            sync()
+            marks["loop"] = time.perf_counter()
+            if args.skip_write:
+                raise LoopDone
+            super().__init__(*a, **kw)
 
-        class TimedWriter(orig_writer):  # marks where the loop ends and writing begins
-            def __init__(self, *a, **kw):
-                sync()
-                marks["loop"] = time.perf_counter()
-                if not write:
-                    raise LoopDone
-                super().__init__(*a, **kw)
+    # Each recorder batch is followed at once by the baseline's forward pass on
+    # the same padded tokens, so both see the machine at the same speed: this
+    # machine drifts by up to a third over minutes, which alternating whole
+    # passes did not cancel (one run's rounds gave 1.29 and 1.73).
+    pairs: list[tuple[float, float]] = []
+    run_with_hooks = model.bridge.run_with_hooks
 
-        rec.DatabaseWriter = TimedWriter
+    def paired(tokens, *a, **kw):
         sync()
-        t0 = time.perf_counter()
+        t = time.perf_counter()
         try:
-            record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
-                   compile=args.compile, reducer=args.reducer, progress=False, overwrite=True)
-        except LoopDone:
-            pass
+            return run_with_hooks(tokens, *a, **kw)
         finally:
-            rec.DatabaseWriter = orig_writer
-        total = time.perf_counter() - t0
-        return marks["loop"] - t0, (total if write else None)
+            sync()
+            recorder_s = time.perf_counter() - t
+            t = time.perf_counter()
+            with torch.inference_mode():
+                hf(tokens)
+            sync()
+            pairs.append((recorder_s, time.perf_counter() - t))
 
-    # Baseline and recorder alternate, and each round gives its own ratio: on a
-    # shared machine the speed drifts over minutes, and a baseline measured
-    # once at the start would carry that drift into the ratio.
+    model.bridge.__dict__["run_with_hooks"] = paired  # the bridge forwards attribute writes to its model
+    rec.DatabaseWriter = TimedWriter
+    sync()
+    t0 = time.perf_counter()
+    try:
+        record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
+               compile=args.compile, reducer=args.reducer, progress=False, overwrite=True)
+    except LoopDone:
+        pass
+    finally:
+        rec.DatabaseWriter = orig_writer
+    total_s = time.perf_counter() - t0
+    recorder_s, baseline_s = (sum(x) for x in zip(*pairs))
+    # The loop also ran the baseline; what remains is the recorder's own loop.
+    loop_s = marks["loop"] - t0 - baseline_s
+    write_s = total_s - (marks["loop"] - t0)
+
     print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
           f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
           f"reducer={choose_reducer(torch.device(args.device), args.reducer)}, compile={args.compile}, "
           f"torch threads={torch.get_num_threads()}")
-    print(f"HF forward, base model (no unembedding), once: {base_s:.2f} s")
-    loop_ratios, total_ratios = [], []
-    for r in range(args.rounds):
-        full_s = timed(full)
-        write = not args.skip_write and r == args.rounds - 1
-        loop_s, total_s = recorder_pass(write)
-        loop_ratios.append(loop_s / full_s)
-        line = (f"round {r + 1}: baseline (HF causal LM forward) {full_s:7.2f} s {n_tokens / full_s:7.0f} tok/s | "
-                f"recorder loop {loop_s:7.2f} s {n_tokens / loop_s:7.0f} tok/s, ratio {loop_s / full_s:5.2f}")
-        if total_s is not None:
-            total_ratios.append(total_s / full_s)
-            line += f" | loop + database {total_s:7.2f} s, ratio {total_s / full_s:5.2f}"
-        print(line, flush=True)
-    print(f"recorder loop / baseline, median over {args.rounds} rounds: {statistics.median(loop_ratios):.2f}")
-    if total_ratios:
-        print(f"recorder end to end / baseline (last round): {total_ratios[-1]:.2f}; "
-              f"database {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
+    rows = [
+        ("HF forward, causal LM (baseline), batch by batch", baseline_s),
+        ("recorder forward and reductions, batch by batch", recorder_s),
+        ("recorder loop (all of it)", loop_s),
+    ]
+    if not args.skip_write:
+        rows.append(("recorder end to end (loop + database)", loop_s + write_s))
+    for name, sec in rows:
+        print(f"{name:50s} {sec:8.2f} s {n_tokens / sec:8.0f} tok/s  ratio {sec / baseline_s:5.2f}")
+    ratios = sorted(r / b for r, b in pairs)
+    print(f"per-batch ratios: min {ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f} "
+          f"over {len(ratios)} batches")
+    if not args.skip_write:
+        print(f"database: {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")
 
