@@ -72,15 +72,13 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(args.device):
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
-    batches = [torch.from_numpy(np.stack(token_ids[i:i + args.batch_size])).long().to(args.device)
-               for i in range(0, args.texts, args.batch_size)]
 
     def sync():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
     with torch.inference_mode():
-        hf(batches[0][:1])  # warm-up
+        hf(torch.from_numpy(token_ids[0][None]).long().to(args.device))  # warm-up
     # The bridge wraps the modules of the model it is given (and forces eager
     # attention on it), so the baseline keeps an untouched copy of the weights.
     model = load_model(str(model_dir), device=args.device, dtype=args.dtype, hf_model=copy.deepcopy(hf))

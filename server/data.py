@@ -227,10 +227,10 @@ def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: st
     e, w = found.examples, found.windows
     rows = np.flatnonzero((e["quadrant"] == q) & (e["hook"] == h))
     # Each example's window; an example without one (not written by our recorder) is left out.
-    at = np.searchsorted(found.window_key, _window_key(e["text_id"][rows], e["position"][rows]))
-    at = np.minimum(at, max(len(found.window_key) - 1, 0))
-    has_window = (found.window_key[at] == _window_key(e["text_id"][rows], e["position"][rows])
-                  if len(found.window_key) else np.zeros(len(rows), bool))
+    wanted = _window_key(e["text_id"][rows], e["position"][rows])
+    at = np.searchsorted(found.window_key, wanted)
+    has_window = at < len(found.window_key)
+    has_window[has_window] = found.window_key[at[has_window]] == wanted[has_window]
     rows, at = rows[has_window], at[has_window]
     activations = window_values(w["x_gate"][at], w["x_in"][at], str(db.meta["act_fn"]))
     examples = []
