@@ -23,7 +23,7 @@ from gluscope.schema import HOOKS, QUADRANT_SLUGS
 from gluscope.server import data
 from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
-from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, respond, wants_json, warm_token_cache
+from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, respond, token_spans, wants_json
 
 log = logging.getLogger("gluscope.server")
 
@@ -80,10 +80,10 @@ def examples_view(request: Request, model: str = ModelId, layer: int = Layer, ne
                   colour: str | None = Query(None, description="page only: the value that colours the tokens")):
     """The top-k examples of one (quadrant, value) list, most extreme first, with all four values per window token."""
     db = _model(request, model)
-    result = data.examples_data(db, layer, neuron, quadrant, hook)
-    colour_by = result["hook"] if colour is None else HOOKS[data.hook_code(colour, "colour")]
-    return respond(request, result, "examples.html", "_examples.html",
-                   context={"info": data.model_info(db), "colour_by": colour_by})
+    section = data.examples_section(db, layer, neuron, quadrant, hook)
+    colour_by = HOOKS[section.hook] if colour is None else HOOKS[data.hook_code(colour, "colour")]
+    return respond(request, lambda: section.to_json(db), "examples.html", "_examples.html",
+                   context={"info": data.model_info(db), "colour_by": colour_by, "section": section, "db": db})
 
 
 def tokens_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron):
@@ -198,7 +198,7 @@ def create_app(paths) -> FastAPI:
     """The app serving these recorded databases (opened read-only, once)."""
     registry = open_databases(paths)
     for db in registry.values():
-        warm_token_cache(db.tokens)
+        db.token_spans = token_spans(db.tokens)
     app = FastAPI(title="GLUScope", version="0.1.0",
                   description="Per-neuron sign-quadrant statistics of gated-MLP language models. "
                               "Layers and neurons are zero-based; quadrants are given by slug "

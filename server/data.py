@@ -97,33 +97,34 @@ ACT_FNS = {
 }
 
 
-def window_values(x_gate: Sequence[Sequence[int]], x_in: Sequence[Sequence[int]], act_fn: str) -> list[dict[str, list]]:
-    """All four values per token of many windows, from their stored float16 bit patterns, in HOOKS order.
+def window_arrays(x_gate: Sequence[np.ndarray], x_in: Sequence[np.ndarray], act_fn: str) -> np.ndarray:
+    """All four values per token of many windows, from their stored float16 bit patterns.
 
-    One padded [windows, tokens] array for all: a section's 16 windows cost
-    one numpy pass instead of sixteen.
+    Returns [windows, 4 (HOOKS order), longest window] float32, NaN past each
+    window's end: a section's 16 windows cost one NumPy pass, and the JSON
+    body and both HTML renderings read the same numbers.
     """
-    lengths = [len(g) for g in x_gate]
-    width = max(lengths, default=0)
+    lengths = np.fromiter((len(g) for g in x_gate), np.int64, len(x_gate))
+    width = int(lengths.max(initial=0))
+    inside = np.arange(width) < lengths[:, None]
     bits = np.zeros((2, len(lengths), width), np.int16)
-    for i, (g, u) in enumerate(zip(x_gate, x_in)):
-        bits[0, i, :len(g)] = g
-        bits[1, i, :len(u)] = u
+    if len(lengths):
+        bits[0][inside] = np.concatenate(list(x_gate))
+        bits[1][inside] = np.concatenate(list(x_in))
     gate, inn = bits.view(np.float16).astype(np.float64)
     fn = ACT_FNS.get(act_fn)
     with np.errstate(all="ignore"):
         act = fn(gate).astype(np.float32) if fn else np.full(gate.shape, np.nan, np.float32)
         post = (act.astype(np.float64) * inn).astype(np.float32)
-    arrays = {"hook_post": post, "hook_pre_linear": inn.astype(np.float32), "hook_pre": gate.astype(np.float32),
-              "act": act}
-    finite = {h: bool(np.isfinite(a).all()) for h, a in arrays.items()}
-    rows = {h: a.tolist() for h, a in arrays.items()}
-    return [{h: (rows[h][i][:n] if finite[h] else _nulls(rows[h][i][:n])) for h in HOOKS}
-            for i, n in enumerate(lengths)]
+    values = np.stack([post, inn.astype(np.float32), gate.astype(np.float32), act], axis=1)
+    values[~np.broadcast_to(inside[:, None, :], values.shape)] = np.nan
+    return values
 
 
-def _nulls(values: list[float]) -> list[float | None]:
-    return [v if math.isfinite(v) else None for v in values]
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    """A float32 row as JSON numbers: None where NaN or infinite (JSON has neither)."""
+    row = values.tolist()
+    return row if np.isfinite(values).all() else [v if math.isfinite(v) else None for v in row]
 
 
 # --- views -----------------------------------------------------------------
@@ -206,20 +207,74 @@ def _window_key(text_id: np.ndarray, position: np.ndarray) -> np.ndarray:
     return (text_id.astype(np.int64) << 16) | position.astype(np.int64)
 
 
+def _take(columns: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: column[order] for name, column in columns.items()}
+
+
 def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
-    """All examples of a neuron, from the cache or from two scans of the file."""
+    """All examples of a neuron, from the cache or from two scans of the file (sorted here, not by DuckDB)."""
     cached = db.examples.get((layer, neuron))
     if cached is not None:
         return cached
     params = {"layer": layer, "neuron": neuron}
-    examples = db.query_columns(queries.NEURON_EXAMPLES, params)
-    windows = db.query_columns(queries.NEURON_WINDOWS, params)
-    result = NeuronExamples(examples, windows, _window_key(windows["text_id"], windows["position"]))
+    e = db.query_columns(queries.NEURON_EXAMPLES, params)
+    w = db.query_columns(queries.NEURON_WINDOWS, params)
+    examples = _take(e, np.lexsort((e["rank"], e["hook"], e["quadrant"])))
+    key = _window_key(w["text_id"], w["position"])
+    order = np.argsort(key, kind="stable")
+    result = NeuronExamples(examples, _take(w, order), key[order])
     db.examples.put((layer, neuron), result)
     return result
 
 
-def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> dict[str, Any]:
+@dataclass
+class Section:
+    """One (quadrant, hook) list of a neuron, most extreme first, as arrays.
+
+    The JSON body (`to_json`), the page and the htmx fragment are all made
+    from this, so they show the same examples and the same numbers.
+    """
+
+    model: str
+    layer: int
+    neuron: int
+    quadrant: int                  # code, QUADRANTS order
+    hook: int                      # code, HOOKS order
+    rank: np.ndarray               # [E]
+    value: np.ndarray              # [E] the ranked value at the token of interest
+    text_id: np.ndarray            # [E]
+    source_index: np.ndarray       # [E] row in the source dataset
+    position: np.ndarray           # [E] the token of interest
+    window_start: np.ndarray       # [E]
+    token_ids: list[np.ndarray]    # E windows of token ids
+    values: np.ndarray             # [E, 4, W] float32 in HOOKS order, NaN past each window's end
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    def scales(self) -> dict[str, float]:
+        """max |value| over every token of every window, per value: one colour scale for the section."""
+        with np.errstate(all="ignore"):
+            m = np.abs(self.values).max(axis=(0, 2), initial=0.0, where=np.isfinite(self.values))
+        return dict(zip(HOOKS, m.tolist()))
+
+    def example(self, i: int, db: Database) -> dict[str, Any]:
+        """Example i as the API shows it: its window's tokens and all four values per token."""
+        ids = self.token_ids[i].tolist()
+        return {
+            "rank": int(self.rank[i]), "value": _num(self.value[i]), "text_id": int(self.text_id[i]),
+            "source_index": int(self.source_index[i]), "position": int(self.position[i]),
+            "window_start": int(self.window_start[i]), "token_ids": ids, "tokens": [db.token(t) for t in ids],
+            "activations": {h: _json_floats(self.values[i, k, :len(ids)]) for k, h in enumerate(HOOKS)},
+        }
+
+    def to_json(self, db: Database) -> dict[str, Any]:
+        return {"model": self.model, "layer": self.layer, "neuron": self.neuron, "quadrant": QUADRANTS[self.quadrant],
+                "slug": QUADRANT_SLUGS[self.quadrant], "hook": HOOKS[self.hook],
+                "examples": [self.example(i, db) for i in range(len(self))]}
+
+
+def examples_section(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> Section:
     check_index("layer", layer, db.n_layers)
     check_index("neuron", neuron, db.d_mlp)
     q, h = quadrant_code(quadrant), hook_code(hook)
@@ -232,22 +287,19 @@ def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: st
     has_window = at < len(found.window_key)
     has_window[has_window] = found.window_key[at[has_window]] == wanted[has_window]
     rows, at = rows[has_window], at[has_window]
-    activations = window_values(w["x_gate"][at], w["x_in"][at], str(db.meta["act_fn"]))
-    examples = []
-    for rank, value, text_id, position, window_start, acts in zip(
-            e["rank"][rows].tolist(), e["value"][rows].tolist(), e["text_id"][rows].tolist(),
-            e["position"][rows].tolist(), w["window_start"][at].tolist(), activations):
-        n = len(acts["hook_pre"])
-        token_ids = db.texts.token_ids(text_id, window_start, window_start + n).tolist()
-        examples.append({
-            "rank": rank, "value": _num(value), "text_id": text_id,
-            "source_index": int(db.texts.source_index[text_id]), "position": position,
-            "window_start": window_start, "token_ids": token_ids,
-            "tokens": [db.token(i) for i in token_ids],
-            "activations": acts,
-        })
-    return {"model": db.id, "layer": layer, "neuron": neuron, "quadrant": QUADRANTS[q],
-            "slug": QUADRANT_SLUGS[q], "hook": HOOKS[h], "examples": examples}
+    values = window_arrays(w["x_gate"][at], w["x_in"][at], str(db.meta["act_fn"]))
+    text_id, window_start = e["text_id"][rows].astype(np.int64), w["window_start"][at].astype(np.int64)
+    lengths = np.fromiter((len(g) for g in w["x_gate"][at]), np.int64, len(at))
+    token_ids = [db.texts.token_ids(t, s, s + n) for t, s, n in zip(text_id.tolist(), window_start.tolist(),
+                                                                     lengths.tolist())]
+    return Section(model=db.id, layer=layer, neuron=neuron, quadrant=q, hook=h, rank=e["rank"][rows],
+                   value=e["value"][rows], text_id=text_id, source_index=db.texts.source_index[text_id],
+                   position=e["position"][rows].astype(np.int64), window_start=window_start,
+                   token_ids=token_ids, values=values)
+
+
+def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> dict[str, Any]:
+    return examples_section(db, layer, neuron, quadrant, hook).to_json(db)
 
 
 def text_data(db: Database, text_id: int) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class Database:
     neurons: NeuronTable
     con: duckdb.DuckDBPyConnection
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
+    token_spans: list[str] = field(default_factory=list, repr=False)  # render.token_spans, set by the app
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @property

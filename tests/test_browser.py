@@ -149,3 +149,60 @@ def test_neuron_page_in_chromium(live_server, driver, script_list):
     assert d.current_url.endswith(f"/neurons/{nxt[0]}/{nxt[1]}")
     assert f"{nxt[0]}.{nxt[1]}" in d.find_element(By.TAG_NAME, "h1").text
     _no_alert(d)
+
+
+def test_fragment_tokens_match_the_server_rendered_page(live_server, driver, script_list):
+    """gluscope.js expands the fragment's compact snippets into exactly what the no-JavaScript page renders:
+    each token's tooltip values, position, quadrant, classes and colour."""
+    import html
+    import re
+
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d, wait = driver, WebDriverWait(driver, 15)
+    model = httpx.get(f"{live_server}/api/models").json()["models"][0]["id"]
+    layer, neuron, _, _ = script_list
+    d.get(f"{live_server}/models/{model}/neurons/{layer}/{neuron}")
+    for slug, hook in (("pp", "hook_post"), ("nn", "act"), ("pn", "hook_pre")):
+        section = d.find_element(By.ID, f"ex-{slug}-{hook}")
+        section.find_element(By.TAG_NAME, "summary").click()
+        wait.until(lambda _: section.find_elements(By.CSS_SELECTOR, ".snippet .t"))
+        shown = d.execute_script(
+            "return [...arguments[0].querySelectorAll('.snippet .t')].map(t => "
+            "[t.className, t.dataset.head, t.dataset.v, getComputedStyle(t).backgroundColor])", section)
+        page = httpx.get(f"{live_server}/models/{model}/neurons/{layer}/{neuron}/examples",
+                         params={"quadrant": slug, "hook": hook}).text
+        rendered = re.findall(r'<span class="(t[^"]*)" tabindex="0" title="([^"]*)"(?: style="background:([^"]*)")?>',
+                              page)
+        assert len(shown) == len(rendered) > 0
+        for (cls, head, values, background), (page_cls, title, page_background) in zip(shown, rendered):
+            page_head, *lines = html.unescape(title).split("\n")
+            assert sorted(cls.split()) == sorted(page_cls.split())
+            assert head == page_head
+            assert values.split(",") == [line.split(" ")[1] for line in lines]
+            alpha = float(page_background.rsplit(",", 1)[1].rstrip(")")) if page_background else 0.0
+            got = re.fullmatch(r"rgba?\((\d+), (\d+), (\d+)(?:, ([\d.]+))?\)", background)
+            got_alpha = float(got.group(4) or 1) if got and background != "rgba(0, 0, 0, 0)" else 0.0
+            assert got_alpha == pytest.approx(alpha, abs=0.005)  # Chromium keeps alpha in 8 bits
+            if alpha:
+                assert page_background.startswith(f"rgba({got.group(1)},{got.group(2)},{got.group(3)},")
+
+
+def test_tooltip_numbers_are_formatted_as_on_the_page(live_server, driver):
+    """gluscope.js's fmt is Python's "%.4g" (render.format_many) for every finite float16 value, whose exact
+    ties at the fourth digit a naive toPrecision rounds the other way, and for random float32 values."""
+    import numpy as np
+
+    from gluscope.server.render import format_many
+
+    driver.get(f"{live_server}/")
+    every_f16 = np.arange(-(2 ** 15), 2 ** 15, dtype=np.int32).astype(np.int16).view(np.float16)
+    rng = np.random.default_rng(0)
+    f32 = (rng.standard_normal(20000) * 10.0 ** rng.integers(-12, 12, 20000)).astype(np.float32)
+    values = [float(v) for v in np.concatenate([every_f16[np.isfinite(every_f16)].astype(np.float32), f32])]
+    shown = driver.execute_script("return arguments[0].map(window.GLUScope.fmt)", values)
+    expected = format_many(values)
+    wrong = [(v, s, e) for v, s, e in zip(values, shown, expected) if s != e]
+    assert not wrong, wrong[:10]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 
+import numpy as np
 import pytest
 
 from gluscope.schema import HOOKS, QUADRANTS
+from gluscope.server import render
 
 HX = {"HX-Request": "true"}
 
@@ -89,15 +92,37 @@ def test_examples_fragment_is_a_partial_and_the_page_wraps_it(client, m):
     restored = client.get(url, headers={**HX, "HX-History-Restore-Request": "true"})
     assert restored.text.startswith("<!doctype html>")
     n = len(client.get(url.replace("/examples", "/examples.json")).json()["examples"])
-    assert fragment.text.count('<li class="ex">') == n
-    assert len(re.findall(r'class="t (?:oq )?focus" tabindex', fragment.text)) == n
+    assert fragment.text.count('<li class="ex">') == page.text.count('<li class="ex">') == n
+    # The page marks each token of interest itself; the fragment says where it is, for gluscope.js.
+    assert len(re.findall(r'class="t (?:oq )?focus" tabindex', page.text)) == n
+    assert len(re.findall(r'<div class="snippet" data-start="\d+" data-focus="\d+" data-v="', fragment.text)) == n
 
 
-def test_every_token_title_holds_its_four_values_and_colour(client, m):
-    """Each token's title (which gluscope.js turns into the tooltip) against the JSON twin, token by token."""
+def test_fragment_snippets_carry_the_json_values_exactly(client, m):
+    """The fragment's data-v holds every token's four values as float32: the JSON twin's numbers, bit for bit."""
     url = f"/models/{m}/neurons/1/3/examples?quadrant=np&hook=act"
     data = client.get(url.replace("/examples", "/examples.json")).json()
     fragment = client.get(url, headers=HX).text
+    snippets = re.findall(r'<div class="snippet" data-start="(\d+)" data-focus="(\d+)" data-v="([^"]*)">(.*?)</div>',
+                          fragment, re.S)
+    assert len(snippets) == len(data["examples"]) > 0
+    for (start, focus, b64, body), ex in zip(snippets, data["examples"]):
+        n = len(ex["tokens"])
+        assert int(start) == ex["window_start"] and int(focus) == ex["position"] - ex["window_start"]
+        values = np.frombuffer(base64.b64decode(b64), "<f4").reshape(len(HOOKS), n)
+        for k, hook in enumerate(HOOKS):
+            expected = np.array([np.nan if v is None else v for v in ex["activations"][hook]], np.float32)
+            np.testing.assert_array_equal(values[k], expected)
+        spans = re.findall(r'<span class="t" tabindex="0">(.*?)</span>(?=<span class="t"|$)', body, re.S)
+        assert [html.unescape(re.sub(r"<[^>]+>", "", t)) for t in spans] == [
+            "".join(render.WHITESPACE_MARKS.get(c, c) for c in tok) or "∅" for tok in ex["tokens"]]
+
+
+def test_every_token_title_holds_its_four_values_and_colour(client, m):
+    """Each token's title on the page (which gluscope.js turns into the tooltip) against the JSON twin, token by token."""
+    url = f"/models/{m}/neurons/1/3/examples?quadrant=np&hook=act"
+    data = client.get(url.replace("/examples", "/examples.json")).json()
+    fragment = client.get(url).text  # the page: complete without JavaScript
     spans = re.findall(r'<span class="(t[^"]*)" tabindex="0" title="([^"]*)"( style="[^"]*")?>', fragment)
     tokens = [(ex, i) for ex in data["examples"] for i in range(len(ex["tokens"]))]
     assert len(spans) == len(tokens) > 0

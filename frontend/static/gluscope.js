@@ -1,10 +1,62 @@
-// Token colouring and the token tooltip. Values arrive in each token's title
-// ("hook value" per line); we keep them in a dataset and show our own tooltip
-// on hover and on keyboard focus.
+// Token colouring and the token tooltip. On a page, values arrive in each
+// token's title ("hook value" per line). In an htmx examples fragment they
+// arrive compact: each snippet's data-v holds all four values of its tokens
+// as float32, and expand() gives each token what the page's title and class
+// say (render.compact_snippet on the server). Either way we keep them in a
+// dataset and show our own tooltip on hover and on keyboard focus.
 (function () {
   "use strict";
   var HOOKS = ["hook_post", "hook_pre_linear", "hook_pre", "act"];
   var POS = [214, 39, 40], NEG = [31, 119, 180];
+  var QUADRANTS = ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"];
+
+  // Python's "%.4g", as render.format_many writes the page's titles, exactly:
+  // toExponential(99) is the exact decimal expansion of any float32, and we
+  // round it half to even as Python does (float16 inputs make exact ties common).
+  function fmt(v) {
+    if (v === null || !isFinite(v)) return "\u2014";
+    if (v === 0) return "0";
+    var s = Math.abs(v).toExponential(99), k = s.indexOf("e"), e = parseInt(s.slice(k + 1), 10);
+    var digits = s.slice(0, 1) + s.slice(2, k), keep = parseInt(digits.slice(0, 4), 10), rest = digits.slice(4);
+    var half = "5" + "0".repeat(rest.length - 1);
+    if (rest > half || (rest === half && keep % 2 === 1)) keep += 1;
+    if (keep === 10000) { keep = 1000; e += 1; }
+    var m = String(keep), out;
+    if (e < -4 || e >= 4) {
+      var a = Math.abs(e);
+      out = trim(m[0] + "." + m.slice(1)) + "e" + (e < 0 ? "-" : "+") + (a < 10 ? "0" : "") + a;
+    } else if (e >= 0) {
+      out = trim(m.slice(0, e + 1) + "." + m.slice(e + 1));
+    } else {
+      out = trim("0." + "0".repeat(-e - 1) + m);
+    }
+    return (v < 0 ? "-" : "") + out;
+  }
+
+  function trim(x) { return x.replace(/0+$/, "").replace(/\.$/, ""); }
+
+  function quadrant(gate, inn) {
+    if (!gate || !inn || !isFinite(gate) || !isFinite(inn)) return "no quadrant";
+    return QUADRANTS[(gate > 0 ? 0 : 2) + (inn > 0 ? 0 : 1)];
+  }
+
+  function expand(snippet) {
+    var box = snippet.closest(".examples"), own = box ? box.dataset.quadrant : "";
+    var raw = atob(snippet.dataset.v), bytes = new Uint8Array(raw.length);
+    for (var b = 0; b < raw.length; b++) bytes[b] = raw.charCodeAt(b);
+    var view = new DataView(bytes.buffer), tokens = snippet.children, n = tokens.length;
+    var start = +snippet.dataset.start, focus = +snippet.dataset.focus;
+    for (var j = 0; j < n; j++) {
+      var v = HOOKS.map(function (_, h) { return view.getFloat32(4 * (h * n + j), true); });
+      var q = quadrant(v[2], v[1]), t = tokens[j];
+      t.dataset.head = "position " + (start + j) + " \u00b7 " + q;
+      t.dataset.v = v.map(fmt).join(",");
+      if (q !== own) t.classList.add("oq");
+      if (j === focus) t.classList.add("focus");
+    }
+    snippet.removeAttribute("data-v");
+    return box;
+  }
 
   function parseTitle(el) {
     if (el.dataset.v !== undefined) return;
@@ -35,6 +87,15 @@
 
   function init(root) {
     root.querySelectorAll(".snippet .t[title]").forEach(parseTitle);
+    var boxes = [];
+    root.querySelectorAll(".snippet[data-v]").forEach(function (s) {
+      var box = expand(s);
+      if (box && boxes.indexOf(box) < 0) boxes.push(box);
+    });
+    boxes.forEach(function (box) {
+      var select = box.querySelector("select.colour-by");
+      recolour(box, select ? select.value : HOOKS[0]);
+    });
   }
 
   var tip = null;
@@ -73,6 +134,7 @@
       if (box) recolour(box, e.target.value);
     }
   });
+  window.GLUScope = {fmt: fmt};  // for the browser tests
   document.addEventListener("htmx:load", function (e) { init(e.target); });
   document.addEventListener("DOMContentLoaded", function () { init(document); });
 })();
