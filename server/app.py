@@ -23,6 +23,7 @@ from gluscope.schema import HOOKS, QUADRANT_SLUGS
 from gluscope.server import data
 from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
+from gluscope.server.gate import QueryGate, slots_from_env
 from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, respond, token_spans, wants_json
 
 log = logging.getLogger("gluscope.server")
@@ -46,8 +47,9 @@ def _model(request: Request, model: str) -> Database:
 
 # --- views -----------------------------------------------------------------
 # Views that only read what was loaded at startup are `async`: they run on the
-# event loop without a thread hop. Views that query DuckDB are plain `def`, so
-# FastAPI runs them in its thread pool.
+# event loop without a thread hop. Views that query DuckDB are plain `def`
+# (reads_file in the route table): the QueryGate runs them in the thread pool,
+# a few at a time.
 
 def index(request: Request):
     """Every model this server reads, with its metadata."""
@@ -135,21 +137,22 @@ class Route:
     view: Callable[..., Any]
     name: str
     api: bool = False
+    reads_file: bool = False  # queries DuckDB per request: admitted through the QueryGate
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 # A `.json` twin is listed before its page: `{neuron}` would also match "7.json".
 ROUTES = [
     Route(["/api/models", "/.json", "/"], index, "models", api=True),
-    Route(["/api/models/{model}", "/models/{model}.json", "/models/{model}"], model_view, "model", api=True),
+    Route(["/api/models/{model}", "/models/{model}.json", "/models/{model}"], model_view, "model", api=True, reads_file=True),
     Route(["/api/models/{model}/layers/{layer}", "/models/{model}/layers/{layer}.json",
-           "/models/{model}/layers/{layer}"], layer_view, "layer", api=True),
+           "/models/{model}/layers/{layer}"], layer_view, "layer", api=True, reads_file=True),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}/examples",
            "/models/{model}/neurons/{layer}/{neuron}/examples.json",
-           "/models/{model}/neurons/{layer}/{neuron}/examples"], examples_view, "examples", api=True),
+           "/models/{model}/neurons/{layer}/{neuron}/examples"], examples_view, "examples", api=True, reads_file=True),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}/tokens",
            "/models/{model}/neurons/{layer}/{neuron}/tokens.json",
-           "/models/{model}/neurons/{layer}/{neuron}/tokens"], tokens_view, "tokens", api=True),
+           "/models/{model}/neurons/{layer}/{neuron}/tokens"], tokens_view, "tokens", api=True, reads_file=True),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}", "/models/{model}/neurons/{layer}/{neuron}.json",
            "/models/{model}/neurons/{layer}/{neuron}"], neuron_view, "neuron", api=True),
     Route(["/api/models/{model}/texts/{text_id}", "/models/{model}/texts/{text_id}.json",
@@ -194,9 +197,16 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return _error_response(request, ParameterError(500, None, "internal error (see the server log)", None).body())
 
 
-def create_app(paths) -> FastAPI:
-    """The app serving these recorded databases (opened read-only, once)."""
+def create_app(paths, query_slots: int | None = None) -> FastAPI:
+    """The app serving these recorded databases (opened read-only, once).
+
+    query_slots: how many requests that read the file run at once (gate.py);
+    by default $GLUSCOPE_QUERY_SLOTS, else one per core.
+    """
     registry = open_databases(paths)
+    if query_slots is None:
+        query_slots = slots_from_env()
+    gate = QueryGate(query_slots)
     for db in registry.values():
         db.token_spans = token_spans(db.tokens)
     app = FastAPI(title="GLUScope", version="0.1.0",
@@ -204,10 +214,11 @@ def create_app(paths) -> FastAPI:
                               "Layers and neurons are zero-based; quadrants are given by slug "
                               "(pp, pn, np, nn) in URLs and by label (gate+_in+ ...) in bodies.")
     app.state.registry = registry
+    app.state.gate = gate
     for route in ROUTES:
         for i, path in enumerate(route.paths):
             in_schema = route.api and i == 0
-            app.add_api_route(path, route.view, methods=["GET"], name=route.name if i == len(route.paths) - 1
+            app.add_api_route(path, gate(route.view) if route.reads_file else route.view, methods=["GET"], name=route.name if i == len(route.paths) - 1
                               else f"{route.name}_{i}", include_in_schema=in_schema,
                               response_class=JSONResponse if in_schema else Response,
                               tags=["api"] if in_schema else None, **route.extra)
