@@ -59,10 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1,
-                   help="server processes (each opens the files read-only; about one per core)")
-    p.add_argument("--query-slots", type=int, default=None,
-                   help="requests reading the files that each worker runs at once, the rest queue in order "
-                        "(default: cores / workers, at least 1)")
+                   help="reader processes that query the files, one request at a time each, behind one HTTP "
+                        "process (each opens the files read-only; about one per core)")
 
     p = sub.add_parser("demo", help="record the bundled demo model on held-out stdlib code and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
@@ -76,7 +74,6 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gluscope.server.app import create_app
-    from gluscope.server.gate import SLOTS_ENV, default_slots
 
     files = list(args.files)
     if args.data_dir is not None:
@@ -90,21 +87,8 @@ def _serve(args: argparse.Namespace) -> None:
             raise UserError(f"{f} does not exist (record one with `gluscope record`)")
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
-    if args.query_slots is not None and args.query_slots < 1:
-        raise UserError("--query-slots must be at least 1")
-    slots = args.query_slots or default_slots(args.workers)
-    app = create_app(files, slots)  # opened here too, so a bad file fails before any worker starts
-    if args.workers == 1:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-        return
-    import os
-
-    from gluscope.server.app import DATABASES_ENV
-    os.environ[DATABASES_ENV] = os.pathsep.join(str(f.resolve()) for f in files)
-    os.environ[SLOTS_ENV] = str(slots)
-    del app
-    uvicorn.run("gluscope.server.app:app_from_env", factory=True, workers=args.workers,
-                host=args.host, port=args.port, log_level="info")
+    app = create_app(files, readers=args.workers)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,14 @@
 Every view validates its arguments, calls one function of data.py and hands
 the dict to render.respond, which sends JSON (under /api/, for a `.json`
 twin, or for Accept: application/json), an htmx fragment, or the full page.
+Views that query the files do the same in a reader process (readers.py):
+there a `*_body` function renders the bytes, and the view sends them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
@@ -23,8 +25,9 @@ from gluscope.schema import HOOKS, QUADRANT_SLUGS
 from gluscope.server import data
 from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
-from gluscope.server.gate import QueryGate, slots_from_env
-from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, respond, token_spans, wants_json
+from gluscope.server.readers import Readers
+from gluscope.server.render import (STATIC_DIR, JSONResponse, error_page, make_response, render_body, respond,
+                                    response_kind, token_spans, wants_json)
 
 log = logging.getLogger("gluscope.server")
 
@@ -46,29 +49,44 @@ def _model(request: Request, model: str) -> Database:
 
 
 # --- views -----------------------------------------------------------------
-# Views that only read what was loaded at startup are `async`: they run on the
-# event loop without a thread hop. Views that query DuckDB are plain `def`
-# (reads_file in the route table): the QueryGate runs them in the thread pool,
-# a few at a time.
+# Views that only read what was loaded at startup are `async` and run on the
+# front process's event loop. Views that query DuckDB are split in two: a
+# `*_body` function (registry, kind, arguments) -> bytes that a reader process
+# runs (readers.py), and the view that validates the URL and awaits it.
 
-def index(request: Request):
+async def index(request: Request):
     """Every model this server reads, with its metadata."""
     return respond(request, data.models_data(_registry(request)), "index.html")
 
 
-def model_view(request: Request, model: str = ModelId):
+async def _read(request: Request, body: Callable[..., bytes], *args: Any, fragment: bool = False) -> Response:
+    kind = response_kind(request, fragment)
+    return make_response(request, kind, await request.app.state.readers.run(body, kind, *args))
+
+
+def model_body(registry: dict[str, Database], kind: str, model: str) -> bytes:
+    return render_body(kind, data.model_data(data.get_model(registry, model)), "model.html")
+
+
+async def model_view(request: Request, model: str = ModelId):
     """A model's metadata and its layers, with the mean frequency of each quadrant per layer."""
-    return respond(request, data.model_data(_model(request, model)), "model.html")
+    return await _read(request, model_body, model)
 
 
-def layer_view(request: Request, model: str = ModelId, layer: int = Layer,
-               sort: str = Query("neuron", description="column to sort by"),
-               order: str = Query("asc", description="asc or desc"),
-               offset: int = Query(0, description="first row"), limit: int = Query(100, description="rows, at most 1000")):
+def layer_body(registry: dict[str, Database], kind: str, model: str, layer: int, sort: str, order: str,
+               offset: int, limit: int) -> bytes:
+    db = data.get_model(registry, model)
+    return render_body(kind, data.layer_data(db, layer, sort, order, offset, limit), "layer.html",
+                       context={"info": data.model_info(db)})
+
+
+async def layer_view(request: Request, model: str = ModelId, layer: int = Layer,
+                     sort: str = Query("neuron", description="column to sort by"),
+                     order: str = Query("asc", description="asc or desc"),
+                     offset: int = Query(0, description="first row"),
+                     limit: int = Query(100, description="rows, at most 1000")):
     """One page of a layer's neurons: frequency of each quadrant and weight geometry, sortable."""
-    db = _model(request, model)
-    return respond(request, data.layer_data(db, layer, sort, order, offset, limit), "layer.html",
-                   context={"info": data.model_info(db)})
+    return await _read(request, layer_body, model, layer, sort, order, offset, limit)
 
 
 async def neuron_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron):
@@ -77,23 +95,32 @@ async def neuron_view(request: Request, model: str = ModelId, layer: int = Layer
     return respond(request, data.neuron_data(db, layer, neuron), "neuron.html", context={"info": data.model_info(db)})
 
 
-def examples_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron,
-                  quadrant: str = QuadrantQ, hook: str = HookQ,
-                  colour: str | None = Query(None, description="page only: the value that colours the tokens")):
-    """The top-k examples of one (quadrant, value) list, most extreme first, with all four values per window token."""
-    db = _model(request, model)
+def examples_body(registry: dict[str, Database], kind: str, model: str, layer: int, neuron: int, quadrant: str,
+                  hook: str, colour: str | None) -> bytes:
+    db = data.get_model(registry, model)
     section = data.examples_section(db, layer, neuron, quadrant, hook)
     colour_by = HOOKS[section.hook] if colour is None else HOOKS[data.hook_code(colour, "colour")]
-    return respond(request, lambda: section.to_json(db), "examples.html", "_examples.html",
-                   context={"info": data.model_info(db), "colour_by": colour_by, "section": section, "db": db})
+    return render_body(kind, lambda: section.to_json(db), "examples.html", "_examples.html",
+                       context={"info": data.model_info(db), "colour_by": colour_by, "section": section, "db": db})
 
 
-def tokens_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron):
+async def examples_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron,
+                        quadrant: str = QuadrantQ, hook: str = HookQ,
+                        colour: str | None = Query(None, description="page only: the value that colours the tokens")):
+    """The top-k examples of one (quadrant, value) list, most extreme first, with all four values per window token."""
+    return await _read(request, examples_body, model, layer, neuron, quadrant, hook, colour, fragment=True)
+
+
+def tokens_body(registry: dict[str, Database], kind: str, model: str, layer: int, neuron: int) -> bytes:
+    db = data.get_model(registry, model)
+    return render_body(kind, data.weight_tokens_data(db, layer, neuron), "tokens.html", "_tokens.html",
+                       context={"info": data.model_info(db)})
+
+
+async def tokens_view(request: Request, model: str = ModelId, layer: int = Layer, neuron: int = Neuron):
     """Tokens the neuron's weights point at: output tokens of w_out.W_U (promoted or suppressed by
     quadrant) and input tokens of w_gate.W_E and w_in.W_E (direct path only)."""
-    db = _model(request, model)
-    return respond(request, data.weight_tokens_data(db, layer, neuron), "tokens.html", "_tokens.html",
-                   context={"info": data.model_info(db)})
+    return await _read(request, tokens_body, model, layer, neuron, fragment=True)
 
 
 async def text_view(request: Request, model: str = ModelId, text_id: int = TextId,
@@ -115,14 +142,14 @@ def _text_parts(db: Database, ids: list[int], position: int | None) -> tuple[str
     return db.decode(ids[1:position]), db.decode(ids[position:position + 1]), db.decode(ids[position + 1:])
 
 
-def random_view(request: Request, model: str = ModelId):
+async def random_view(request: Request, model: str = ModelId):
     db = _model(request, model)
     layer, neuron = data.random_neuron(db)
     return RedirectResponse(f"/models/{quote(db.id)}/neurons/{layer}/{neuron}", status_code=302,
                             headers={"Cache-Control": "no-store"})
 
 
-def jump_view(request: Request, model: str = Query(...), to: str = Query(...)):
+async def jump_view(request: Request, model: str = Query(...), to: str = Query(...)):
     """The jump box: `layer.neuron` to that neuron's page."""
     db = _model(request, model)
     layer, neuron = data.parse_neuron_ref(to, db)
@@ -137,22 +164,21 @@ class Route:
     view: Callable[..., Any]
     name: str
     api: bool = False
-    reads_file: bool = False  # queries DuckDB per request: admitted through the QueryGate
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 # A `.json` twin is listed before its page: `{neuron}` would also match "7.json".
 ROUTES = [
     Route(["/api/models", "/.json", "/"], index, "models", api=True),
-    Route(["/api/models/{model}", "/models/{model}.json", "/models/{model}"], model_view, "model", api=True, reads_file=True),
+    Route(["/api/models/{model}", "/models/{model}.json", "/models/{model}"], model_view, "model", api=True),
     Route(["/api/models/{model}/layers/{layer}", "/models/{model}/layers/{layer}.json",
-           "/models/{model}/layers/{layer}"], layer_view, "layer", api=True, reads_file=True),
+           "/models/{model}/layers/{layer}"], layer_view, "layer", api=True),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}/examples",
            "/models/{model}/neurons/{layer}/{neuron}/examples.json",
-           "/models/{model}/neurons/{layer}/{neuron}/examples"], examples_view, "examples", api=True, reads_file=True),
+           "/models/{model}/neurons/{layer}/{neuron}/examples"], examples_view, "examples", api=True),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}/tokens",
            "/models/{model}/neurons/{layer}/{neuron}/tokens.json",
-           "/models/{model}/neurons/{layer}/{neuron}/tokens"], tokens_view, "tokens", api=True, reads_file=True),
+           "/models/{model}/neurons/{layer}/{neuron}/tokens"], tokens_view, "tokens", api=True),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}", "/models/{model}/neurons/{layer}/{neuron}.json",
            "/models/{model}/neurons/{layer}/{neuron}"], neuron_view, "neuron", api=True),
     Route(["/api/models/{model}/texts/{text_id}", "/models/{model}/texts/{text_id}.json",
@@ -197,28 +223,32 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return _error_response(request, ParameterError(500, None, "internal error (see the server log)", None).body())
 
 
-def create_app(paths, query_slots: int | None = None) -> FastAPI:
-    """The app serving these recorded databases (opened read-only, once).
+def create_app(paths, readers: int = 1) -> FastAPI:
+    """The app serving these recorded databases (opened read-only, once here and once in each reader).
 
-    query_slots: how many requests that read the file run at once (gate.py);
-    by default $GLUSCOPE_QUERY_SLOTS, else one per core.
+    readers: processes that answer the views that query the files (readers.py),
+    one request at a time each; about one per core.
     """
     registry = open_databases(paths)
-    if query_slots is None:
-        query_slots = slots_from_env()
-    gate = QueryGate(query_slots)
     for db in registry.values():
         db.token_spans = token_spans(db.tokens)
-    app = FastAPI(title="GLUScope", version="0.1.0",
+    pool = Readers(paths, readers)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        pool.close()
+
+    app = FastAPI(title="GLUScope", version="0.1.0", lifespan=lifespan,
                   description="Per-neuron sign-quadrant statistics of gated-MLP language models. "
                               "Layers and neurons are zero-based; quadrants are given by slug "
                               "(pp, pn, np, nn) in URLs and by label (gate+_in+ ...) in bodies.")
     app.state.registry = registry
-    app.state.gate = gate
+    app.state.readers = pool
     for route in ROUTES:
         for i, path in enumerate(route.paths):
             in_schema = route.api and i == 0
-            app.add_api_route(path, gate(route.view) if route.reads_file else route.view, methods=["GET"], name=route.name if i == len(route.paths) - 1
+            app.add_api_route(path, route.view, methods=["GET"], name=route.name if i == len(route.paths) - 1
                               else f"{route.name}_{i}", include_in_schema=in_schema,
                               response_class=JSONResponse if in_schema else Response,
                               tags=["api"] if in_schema else None, **route.extra)
@@ -228,15 +258,3 @@ def create_app(paths, query_slots: int | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
-
-
-DATABASES_ENV = "GLUSCOPE_DATABASES"
-
-
-def app_from_env() -> FastAPI:
-    """The app for the files named in $GLUSCOPE_DATABASES (os.pathsep-separated).
-
-    uvicorn starts several worker processes only from an import string, so
-    `gluscope serve --workers N` hands the files over this way.
-    """
-    return create_app(os.environ[DATABASES_ENV].split(os.pathsep))

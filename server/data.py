@@ -211,14 +211,20 @@ def _take(columns: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.nda
     return {name: column[order] for name, column in columns.items()}
 
 
+EXAMPLE_COLUMNS = ("quadrant", "hook", "rank", "value", "text_id", "position")
+WINDOW_COLUMNS = ("text_id", "position", "window_start", "x_gate", "x_in")
+
+
 def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
-    """All examples of a neuron, from the cache or from two scans of the file (sorted here, not by DuckDB)."""
+    """All examples of a neuron, from the cache or from one scan of each table (sorted here, not by DuckDB)."""
     cached = db.examples.get((layer, neuron))
     if cached is not None:
         return cached
-    params = {"layer": layer, "neuron": neuron}
-    e = db.query_columns(queries.NEURON_EXAMPLES, params)
-    w = db.query_columns(queries.NEURON_WINDOWS, params)
+    found = {name: np.ma.getdata(column) for name, column in
+             db.query_columns(queries.NEURON_EXAMPLES, {"layer": layer, "neuron": neuron}).items()}
+    is_example = found["part"] == 0
+    e = {name: found[name][is_example] for name in EXAMPLE_COLUMNS}
+    w = {name: found[name][~is_example] for name in WINDOW_COLUMNS}
     examples = _take(e, np.lexsort((e["rank"], e["hook"], e["quadrant"])))
     key = _window_key(w["text_id"], w["position"])
     order = np.argsort(key, kind="stable")

@@ -24,6 +24,10 @@ class ParameterError(Exception):
         self.message = message
         self.valid = valid
 
+    def __reduce__(self):
+        # Raised in a reader process and re-raised in the front one: pickle all four fields.
+        return type(self), (self.status, self.parameter, self.message, self.valid)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"status": self.status, "parameter": self.parameter,
                           "message": self.message, "valid": self.valid}}

@@ -66,26 +66,46 @@ def json_url(request: Request) -> str:
     return url.path + ".json" + (f"?{url.query}" if url.query else "")
 
 
-def respond(request: Request, data: dict[str, Any] | Callable[[], dict[str, Any]], page: str,
-            fragment: str | None = None, context: dict[str, Any] | None = None, status: int = 200) -> Response:
-    """JSON for the API, .json twins and Accept: application/json; the fragment for htmx; else the page.
+JSON, FRAGMENT, PAGE = "json", "fragment", "page"
+
+
+def response_kind(request: Request, has_fragment: bool = False) -> str:
+    """JSON for the API, .json twins and Accept: application/json; the fragment for htmx; else the page."""
+    if wants_json(request):
+        return JSON
+    return FRAGMENT if has_fragment and is_fragment_request(request) else PAGE
+
+
+def render_body(kind: str, data: dict[str, Any] | Callable[[], dict[str, Any]], page: str,
+                fragment: str | None = None, context: dict[str, Any] | None = None) -> bytes:
+    """The body of a response of this kind, as bytes: it may be made in a reader process (readers.py).
 
     `data` may be a function that makes the dict, called for JSON only: its
     templates then read what they need from `context`, and the htmx fragment
     never builds the JSON body.
     """
-    if wants_json(request):
-        return JSONResponse(data() if callable(data) else data, status_code=status, headers={"Vary": "Accept"})
-    is_fragment = bool(fragment) and is_fragment_request(request)
-    name = fragment if is_fragment else page
-    headers = {"Vary": "HX-Request, Accept", **SECURITY_HEADERS}
-    if not is_fragment:
-        headers["Link"] = f'<{json_url(request)}>; rel="alternate"; type="application/json"'
-    context = {"fragment": is_fragment, **(context or {})}
+    if kind == JSON:
+        return JSONResponse(data() if callable(data) else data).body
+    context = {"fragment": kind == FRAGMENT, **(context or {})}
     if not callable(data):
         context["data"] = data
-    return templates.TemplateResponse(request=request, name=name, context=context, status_code=status,
-                                      headers=headers)
+    return templates.env.get_template(fragment if kind == FRAGMENT else page).render(context).encode()
+
+
+def make_response(request: Request, kind: str, body: bytes, status: int = 200) -> Response:
+    if kind == JSON:
+        return Response(body, status_code=status, media_type=JSONResponse.media_type, headers={"Vary": "Accept"})
+    headers = {"Vary": "HX-Request, Accept", **SECURITY_HEADERS}
+    if kind == PAGE:
+        headers["Link"] = f'<{json_url(request)}>; rel="alternate"; type="application/json"'
+    return HTMLResponse(body, status_code=status, headers=headers)
+
+
+def respond(request: Request, data: dict[str, Any] | Callable[[], dict[str, Any]], page: str,
+            fragment: str | None = None, context: dict[str, Any] | None = None, status: int = 200) -> Response:
+    """The response a view in this process sends: see response_kind and render_body."""
+    kind = response_kind(request, fragment is not None)
+    return make_response(request, kind, render_body(kind, data, page, fragment, context), status)
 
 
 def error_page(request: Request, body: dict[str, Any]) -> HTMLResponse:

@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 
 from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server.app import create_app
+from gluscope.server.db import open_databases
 
 from .conftest import corpus_texts
 
@@ -57,9 +58,9 @@ def test_models_lists_the_metadata(client, meta, model_id):
 def test_model_id_is_stable_and_distinct_for_two_files(recorded_db, tmp_path):
     copy = tmp_path / "copy.duckdb"
     copy.write_bytes(recorded_db.read_bytes())
-    first = create_app([recorded_db]).state.registry
-    both = create_app([recorded_db, copy]).state.registry
-    again = create_app([recorded_db, copy]).state.registry
+    first = open_databases([recorded_db])
+    both = open_databases([recorded_db, copy])
+    again = open_databases([recorded_db, copy])
     assert len(both) == 2 and list(both) == list(again)
     assert list(first)[0] in list(both)[0]
 
@@ -282,21 +283,26 @@ def test_neuron_page_loads_weight_tokens_lazily(client, model_id):
     assert fragment.status_code == 200 and "<html" not in fragment.text and "promotes" in fragment.text
 
 
-def test_a_neurons_examples_are_read_once_for_all_its_sections(client, recorded_db, model_id):
-    """The first section of a neuron reads the whole neuron; its other sections come from memory."""
-    db = client.app.state.registry[model_id]
-    url = f"/api/models/{model_id}/neurons/0/11/examples"
-    first = client.get(url, params={"quadrant": "pp", "hook": "act"}).json()
+def test_a_neurons_examples_are_read_once_for_all_its_sections(client, model_id):
+    """The first section of a neuron reads the whole neuron; its other sections come from memory.
+
+    The body functions run here on the test's own registry, as a reader process runs them.
+    """
+    import json
+
+    from gluscope.server.app import examples_body
+
+    registry = client.app.state.registry
+    db = registry[model_id]
+    first = json.loads(examples_body(registry, "json", model_id, 0, 11, "pp", "act", None))
     cached = db.examples.get((0, 11))
     assert cached is not None
-    other = client.get(url, params={"quadrant": "nn", "hook": "hook_post"}).json()
+    other = json.loads(examples_body(registry, "json", model_id, 0, 11, "nn", "hook_post", None))
     assert db.examples.get((0, 11)) is cached
-    # Identical to what a server without the cache answers.
-    from gluscope.server.app import create_app
-    from starlette.testclient import TestClient
-    with TestClient(create_app([recorded_db])) as fresh:
-        assert fresh.get(url, params={"quadrant": "nn", "hook": "hook_post"}).json() == other
-        assert fresh.get(url, params={"quadrant": "pp", "hook": "act"}).json() == first
+    # Identical to what the server's reader process answers from its own cache and file connection.
+    url = f"/api/models/{model_id}/neurons/0/11/examples"
+    assert client.get(url, params={"quadrant": "nn", "hook": "hook_post"}).json() == other
+    assert client.get(url, params={"quadrant": "pp", "hook": "act"}).json() == first
 
 
 def test_lru_cache_evicts_the_least_recently_used():
