@@ -25,7 +25,7 @@ from gluscope.schema import HOOKS, QUADRANT_SLUGS
 from gluscope.server import data
 from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
-from gluscope.server.readers import Readers
+from gluscope.server.readers import Readers, freeze_startup_objects
 from gluscope.server.render import (STATIC_DIR, JSONResponse, error_page, make_response, render_body, respond,
                                     response_kind, token_spans, wants_json)
 
@@ -257,4 +257,5 @@ def create_app(paths, readers: int = 1) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    freeze_startup_objects()
     return app

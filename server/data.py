@@ -221,7 +221,7 @@ def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
     if cached is not None:
         return cached
     found = {name: np.ma.getdata(column) for name, column in
-             db.query_columns(queries.NEURON_EXAMPLES, {"layer": layer, "neuron": neuron}).items()}
+             db.prepared_columns("neuron_examples", layer, neuron).items()}
     is_example = found["part"] == 0
     e = {name: found[name][is_example] for name in EXAMPLE_COLUMNS}
     w = {name: found[name][~is_example] for name in WINDOW_COLUMNS}

@@ -8,6 +8,7 @@ one read-only connection (`Database.cursor()`).
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import re
 import threading
@@ -165,6 +166,20 @@ class Database:
     def query_columns(self, sql: str, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """The result as one NumPy array per column: no Python object per value."""
         return self.cursor().execute(sql, params or {}).fetchnumpy()
+
+    def prepared_columns(self, name: str, *args: int) -> dict[str, np.ndarray]:
+        """queries.PREPARED[name] run on these integers, as query_columns returns it.
+
+        DuckDB's EXECUTE takes no bound parameters, so the arguments are
+        written into it: operator.index() lets only true integers through.
+        """
+        cur = self.cursor()
+        prepared = self._local.__dict__.setdefault("prepared", set())
+        if name not in prepared:
+            cur.execute(f"PREPARE {name} AS {queries.PREPARED[name]}")
+            prepared.add(name)
+        values = ", ".join(str(operator.index(a)) for a in args)
+        return cur.execute(f"EXECUTE {name}({values})").fetchnumpy()
 
     def token(self, token_id: int) -> str:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<unk {token_id}>"

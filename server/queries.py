@@ -1,4 +1,5 @@
-"""Every SQL statement the server runs. Parameters are named ($layer, ...) and always bound, never formatted in.
+"""Every SQL statement the server runs. Parameters are named ($layer, ...) and always bound, never formatted
+in; prepared statements take positional ones ($1, ...), which only ever receive integers.
 
 Lookups filter on (layer, neuron) first: the recorder inserts every table
 ordered by (layer, neuron), so DuckDB's zonemaps skip all row groups but one.
@@ -38,17 +39,22 @@ VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_s
 # trip through DuckDB's Python API costs about a millisecond), a join in SQL
 # as much as the two scans, and an ORDER BY about 1 ms more (data.py sorts in
 # NumPy). The server reads a whole neuron at once and keeps it for the
-# neuron's other sections.
+# neuron's other sections. It is a prepared statement ($1 = layer, $2 =
+# neuron): parsing and planning it cost about a millisecond of every lookup
+# (4.7 against 3.8 ms, measured interleaved).
 NEURON_EXAMPLES = """
 SELECT 0::TINYINT AS part, quadrant, hook, rank, value, text_id, position,
        NULL::INTEGER AS window_start, NULL::SMALLINT[] AS x_gate, NULL::SMALLINT[] AS x_in
 FROM examples
-WHERE layer = $layer AND neuron = $neuron
+WHERE layer = $1 AND neuron = $2
 UNION ALL
 SELECT 1::TINYINT, NULL, NULL, NULL, NULL, text_id, position, window_start, x_gate, x_in
 FROM windows
-WHERE layer = $layer AND neuron = $neuron
+WHERE layer = $1 AND neuron = $2
 """
+
+# Statements each connection prepares once, by name (Database.execute_prepared).
+PREPARED = {"neuron_examples": NEURON_EXAMPLES}
 
 WEIGHT_TOKENS = """
 SELECT kind, rank, token_id, score

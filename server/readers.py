@@ -21,6 +21,7 @@ at a time with nothing to contend with.
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import threading
@@ -43,6 +44,19 @@ def _open(paths: list[str]) -> None:
     _registry = open_databases(paths)
     for db in _registry.values():
         db.token_spans = token_spans(db.tokens)
+    freeze_startup_objects()
+
+
+def freeze_startup_objects() -> None:
+    """Keep what was loaded at startup out of the garbage collector's full passes.
+
+    About 117,000 objects (FastAPI, pydantic, the vocabulary) live as long as
+    the process; a full collection walked them all in 30 ms, now and then in
+    the middle of a request: the neuron JSON's p99 at 16 clients read 35 ms in
+    one run and 13 in the next. Frozen, a full collection takes microseconds.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _ready() -> int:
