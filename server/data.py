@@ -97,20 +97,24 @@ ACT_FNS = {
 }
 
 
-def window_arrays(x_gate: Sequence[np.ndarray], x_in: Sequence[np.ndarray], act_fn: str) -> np.ndarray:
+def window_arrays(x_gate: np.ndarray, x_in: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                  act_fn: str) -> np.ndarray:
     """All four values per token of many windows, from their stored float16 bit patterns.
 
-    Returns [windows, 4 (HOOKS order), longest window] float32, NaN past each
-    window's end: a section's 16 windows cost one NumPy pass, and the JSON
-    body and both HTML renderings read the same numbers.
+    x_gate and x_in hold the windows' bits one after another; window j is
+    [starts[j], starts[j] + lengths[j]). Returns [windows, 4 (HOOKS order),
+    longest window] float32, NaN past each window's end: a section's windows
+    cost one NumPy pass, and the JSON body and both HTML renderings read the
+    same numbers.
     """
-    lengths = np.fromiter((len(g) for g in x_gate), np.int64, len(x_gate))
+    lengths = np.asarray(lengths, np.int64)
     width = int(lengths.max(initial=0))
     inside = np.arange(width) < lengths[:, None]
+    at = np.where(inside, np.asarray(starts, np.int64)[:, None] + np.arange(width), 0)
     bits = np.zeros((2, len(lengths), width), np.int16)
-    if len(lengths):
-        bits[0][inside] = np.concatenate(list(x_gate))
-        bits[1][inside] = np.concatenate(list(x_in))
+    if len(x_gate):
+        bits[0] = np.where(inside, np.asarray(x_gate, np.int16)[at], 0)
+        bits[1] = np.where(inside, np.asarray(x_in, np.int16)[at], 0)
     gate, inn = bits.view(np.float16).astype(np.float64)
     fn = ACT_FNS.get(act_fn)
     with np.errstate(all="ignore"):
@@ -199,7 +203,9 @@ class NeuronExamples:
     """One neuron's 16 lists and the windows they point at, as NumPy columns read from the file."""
 
     examples: dict[str, np.ndarray]  # quadrant, hook, rank, value, text_id, position; by (quadrant, hook, rank)
-    windows: dict[str, np.ndarray]   # text_id, position, window_start, x_gate, x_in; by (text_id, position)
+    windows: dict[str, np.ndarray]   # text_id, position, window_start, start, length; by (text_id, position)
+    x_gate: np.ndarray               # every window's float16 bits, one window after another (start, length)
+    x_in: np.ndarray
     window_key: np.ndarray           # text_id << 16 | position per window, ascending
 
 
@@ -212,7 +218,7 @@ def _take(columns: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.nda
 
 
 EXAMPLE_COLUMNS = ("quadrant", "hook", "rank", "value", "text_id", "position")
-WINDOW_COLUMNS = ("text_id", "position", "window_start", "x_gate", "x_in")
+WINDOW_COLUMNS = ("text_id", "position", "window_start")
 
 
 def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
@@ -224,11 +230,19 @@ def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
              db.prepared_columns("neuron_examples", layer, neuron).items()}
     is_example = found["part"] == 0
     e = {name: found[name][is_example] for name in EXAMPLE_COLUMNS}
-    w = {name: found[name][~is_example] for name in WINDOW_COLUMNS}
     examples = _take(e, np.lexsort((e["rank"], e["hook"], e["quadrant"])))
-    key = _window_key(w["text_id"], w["position"])
+    # Window rows come one per token, each window's tokens together and in order (unnest).
+    is_token = ~is_example
+    token_key = _window_key(found["text_id"][is_token], found["position"][is_token])
+    first = np.flatnonzero(np.r_[True, token_key[1:] != token_key[:-1]]) if len(token_key) else np.zeros(0, np.int64)
+    key = token_key[first]
     order = np.argsort(key, kind="stable")
-    result = NeuronExamples(examples, _take(w, order), key[order])
+    if len(key) and (np.diff(key[order]) == 0).any():
+        raise RuntimeError("DuckDB returned a window's tokens apart: the query's unnest order changed")
+    w = {name: found[name][is_token][first] for name in WINDOW_COLUMNS}
+    w["start"], w["length"] = first, np.diff(np.r_[first, len(token_key)])
+    result = NeuronExamples(examples=examples, windows=_take(w, order), window_key=key[order],
+                            x_gate=found["g"][is_token].astype(np.int16), x_in=found["i"][is_token].astype(np.int16))
     db.examples.put((layer, neuron), result)
     return result
 
@@ -293,9 +307,9 @@ def examples_section(db: Database, layer: int, neuron: int, quadrant: str, hook:
     has_window = at < len(found.window_key)
     has_window[has_window] = found.window_key[at[has_window]] == wanted[has_window]
     rows, at = rows[has_window], at[has_window]
-    values = window_arrays(w["x_gate"][at], w["x_in"][at], str(db.meta["act_fn"]))
+    lengths = w["length"][at]
+    values = window_arrays(found.x_gate, found.x_in, w["start"][at], lengths, str(db.meta["act_fn"]))
     text_id, window_start = e["text_id"][rows].astype(np.int64), w["window_start"][at].astype(np.int64)
-    lengths = np.fromiter((len(g) for g in w["x_gate"][at]), np.int64, len(at))
     token_ids = [db.texts.token_ids(t, s, s + n) for t, s, n in zip(text_id.tolist(), window_start.tolist(),
                                                                      lengths.tolist())]
     return Section(model=db.id, layer=layer, neuron=neuron, quadrant=q, hook=h, rank=e["rank"][rows],
