@@ -227,7 +227,9 @@ def create_app(paths, readers: int = 1) -> FastAPI:
     """The app serving these recorded databases (opened read-only, once here and once in each reader).
 
     readers: processes that answer the views that query the files (readers.py),
-    one request at a time each; about one per core.
+    one request at a time each; about one per core. They are started with
+    multiprocessing's "spawn", so a script that calls this needs the usual
+    `if __name__ == "__main__":` guard.
     """
     registry = open_databases(paths)
     for db in registry.values():

@@ -223,7 +223,7 @@ def compact_snippet(section: Section, i: int, spans: list[str]) -> Markup:
     token's tooltip values, quadrant class and colour). A section is then a
     few kilobytes of numbers instead of 90 KB of formatted attributes, and
     costs the server no per-token formatting: rendering a section went from
-    4.2 to 1.2 ms (OLMo-7B-shaped file, this machine).
+    4.2 to about 1 ms (OLMo-7B-shaped file, this machine).
     """
     ids = section.token_ids[i]
     n = len(ids)
