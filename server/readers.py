@@ -25,6 +25,7 @@ import gc
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -37,8 +38,16 @@ from gluscope.server.errors import ParameterError
 _registry: dict[str, Database] | None = None
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A reader outlives a killed HTTP process (SIGKILL runs no shutdown): leave when it is gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _open(paths: list[str]) -> None:
     global _registry
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
     from gluscope.server.render import token_spans  # render imports data, which imports db: keep startup order plain
 
     _registry = open_databases(paths)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -52,3 +55,33 @@ def test_a_reader_that_dies_is_replaced(recorded_db):
         assert failed.status_code == 503 and "restarted" in failed.json()["error"]["message"]
         assert client.get(url).status_code == 200
         assert client.app.state.readers.pids() != [pid]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_readers_leave_when_the_http_process_is_killed(recorded_db):
+    from .test_serve_and_demo import free_port, wait_for
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(recorded_db), "--port", str(port),
+                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/api/models", proc).status_code == 200
+        readers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(readers) == 2
+    finally:
+        proc.kill()  # SIGKILL: no shutdown runs in the HTTP process
+        proc.wait(10)
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{p}").exists() for p in readers):
+        assert time.monotonic() < deadline, "reader processes outlived the HTTP process"
+        time.sleep(0.2)
