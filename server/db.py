@@ -136,7 +136,7 @@ class Database:
     tokens: list[str]         # vocab.token by id
     token_bytes: list[bytes]  # vocab.token_bytes by id
     texts: Texts
-    neurons: NeuronTable
+    neurons: NeuronTable | None  # None in reader processes: no view they run reads it
     con: duckdb.DuckDBPyConnection
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
     token_spans: list[str] = field(default_factory=list, repr=False)  # render.token_spans, set by the app
@@ -195,7 +195,7 @@ def slugify(text: str) -> str:
     return slug or "model"
 
 
-def open_database(path: str | os.PathLike) -> Database:
+def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Database:
     path = Path(path)
     try:
         con = duckdb.connect(str(path), read_only=True)
@@ -223,7 +223,7 @@ def open_database(path: str | os.PathLike) -> Database:
     if len(ids) != offsets[-1]:
         raise DatabaseFileError(f"{path}: texts.n_tokens disagrees with the stored token ids")
     texts = Texts(source_index=np.asarray(lengths["source_index"], dtype=np.int64), offsets=offsets, ids=ids)
-    neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"]))
+    neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"])) if neuron_table else None
     return Database(path=path, id="", meta=meta, tokens=[t for t, _ in vocab],
                     token_bytes=[bytes(b) for _, b in vocab], texts=texts, neurons=neurons, con=con)
 
@@ -233,7 +233,7 @@ def _fingerprint(meta: dict[str, Any]) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:6]
 
 
-def open_databases(paths) -> dict[str, Database]:
+def open_databases(paths, neuron_table: bool = True) -> dict[str, Database]:
     """Open each file once; id = slug of the model's name, plus a hash of its metadata where names collide."""
     seen: set[Path] = set()
     dbs: list[Database] = []
@@ -241,7 +241,7 @@ def open_databases(paths) -> dict[str, Database]:
         resolved = Path(p).resolve()
         if resolved not in seen:
             seen.add(resolved)
-            dbs.append(open_database(p))
+            dbs.append(open_database(p, neuron_table))
     base = [slugify(str(db.meta["model_name"]).rstrip("/").rsplit("/", 1)[-1]) for db in dbs]
     registry: dict[str, Database] = {}
     for db, slug in zip(dbs, base):

@@ -50,7 +50,7 @@ def _open(paths: list[str]) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
     from gluscope.server.render import token_spans  # render imports data, which imports db: keep startup order plain
 
-    _registry = open_databases(paths)
+    _registry = open_databases(paths, neuron_table=False)  # about 110 MB for a 7B model, used only by the HTTP process
     for db in _registry.values():
         db.token_spans = token_spans(db.tokens)
     freeze_startup_objects()
