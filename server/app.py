@@ -51,17 +51,20 @@ def _model(request: Request, model: str) -> Database:
 # --- views -----------------------------------------------------------------
 # Views that only read what was loaded at startup are `async` and run on the
 # front process's event loop. Views that query DuckDB are split in two: a
-# `*_body` function (registry, kind, arguments) -> bytes that a reader process
-# runs (readers.py), and the view that validates the URL and awaits it.
+# `*_body` function (registry, kind, model, arguments) -> bytes that a reader
+# process runs (readers.py), and the view that awaits it. FastAPI has checked
+# the URL's types by then, and the body checks the ranges.
 
 async def index(request: Request):
     """Every model this server reads, with its metadata."""
     return respond(request, data.models_data(_registry(request)), "index.html")
 
 
-async def _read(request: Request, body: Callable[..., bytes], *args: Any, fragment: bool = False) -> Response:
+async def _read(request: Request, body: Callable[..., bytes], model: str, *args: Any,
+                fragment: bool = False) -> Response:
+    _model(request, model)  # an unknown model costs no reader's time
     kind = response_kind(request, fragment)
-    return make_response(request, kind, await request.app.state.readers.run(body, kind, *args))
+    return make_response(request, kind, await request.app.state.readers.run(body, kind, model, *args))
 
 
 def model_body(registry: dict[str, Database], kind: str, model: str) -> bytes:

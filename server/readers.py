@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
+from gluscope.server.render import token_spans
 
 # This process's databases, when it is a reader (set by _open).
 _registry: dict[str, Database] | None = None
@@ -48,8 +49,6 @@ def _exit_with_parent(parent: int) -> None:
 def _open(paths: list[str]) -> None:
     global _registry
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
-    from gluscope.server.render import token_spans  # render imports data, which imports db: keep startup order plain
-
     _registry = open_databases(paths, neuron_table=False)  # about 110 MB for a 7B model, used only by the HTTP process
     for db in _registry.values():
         db.token_spans = token_spans(db.tokens)
