@@ -27,7 +27,7 @@ from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
 from gluscope.server.readers import Readers, freeze_startup_objects
 from gluscope.server.render import (STATIC_DIR, JSONResponse, error_page, make_response, render_body, respond,
-                                    response_kind, token_spans, wants_json)
+                                    response_kind, wants_json)
 
 log = logging.getLogger("gluscope.server")
 
@@ -235,8 +235,6 @@ def create_app(paths, readers: int = 1) -> FastAPI:
     `if __name__ == "__main__":` guard.
     """
     registry = open_databases(paths)
-    for db in registry.values():
-        db.token_spans = token_spans(db.tokens)
     pool = Readers(paths, readers)
 
     @asynccontextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,13 +277,17 @@ class Section:
             m = np.abs(self.values).max(axis=(0, 2), initial=0.0, where=np.isfinite(self.values))
         return dict(zip(HOOKS, m.tolist()))
 
+    def head(self, i: int) -> dict[str, Any]:
+        """Example i without its window: rank, the ranked value, where it is."""
+        return {"rank": int(self.rank[i]), "value": _num(self.value[i]), "text_id": int(self.text_id[i]),
+                "source_index": int(self.source_index[i]), "position": int(self.position[i])}
+
     def example(self, i: int, db: Database) -> dict[str, Any]:
         """Example i as the API shows it: its window's tokens and all four values per token."""
         ids = self.token_ids[i].tolist()
         return {
-            "rank": int(self.rank[i]), "value": _num(self.value[i]), "text_id": int(self.text_id[i]),
-            "source_index": int(self.source_index[i]), "position": int(self.position[i]),
-            "window_start": int(self.window_start[i]), "token_ids": ids, "tokens": [db.token(t) for t in ids],
+            **self.head(i), "window_start": int(self.window_start[i]), "token_ids": ids,
+            "tokens": [db.token(t) for t in ids],
             "activations": {h: _json_floats(self.values[i, k, :len(ids)]) for k, h in enumerate(HOOKS)},
         }
 
@@ -316,10 +319,6 @@ def examples_section(db: Database, layer: int, neuron: int, quadrant: str, hook:
                    value=e["value"][rows], text_id=text_id, source_index=db.texts.source_index[text_id],
                    position=e["position"][rows].astype(np.int64), window_start=window_start,
                    token_ids=token_ids, values=values)
-
-
-def examples_data(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> dict[str, Any]:
-    return examples_section(db, layer, neuron, quadrant, hook).to_json(db)
 
 
 def text_data(db: Database, text_id: int) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class Database:
     neurons: NeuronTable | None  # None in reader processes: no view they run reads it
     con: duckdb.DuckDBPyConnection
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
-    token_spans: list[str] = field(default_factory=list, repr=False)  # render.token_spans, set by the app
+    token_spans: list[str] = field(default_factory=list, repr=False)  # render.token_spans, set in each reader
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @property
@@ -163,12 +163,8 @@ class Database:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
         return self.cursor().execute(sql, params or {}).fetchall()
 
-    def query_columns(self, sql: str, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """The result as one NumPy array per column: no Python object per value."""
-        return self.cursor().execute(sql, params or {}).fetchnumpy()
-
     def prepared_columns(self, name: str, *args: int) -> dict[str, np.ndarray]:
-        """queries.PREPARED[name] run on these integers, as query_columns returns it.
+        """queries.PREPARED[name] run on these integers, as one NumPy array per column (no object per value).
 
         DuckDB's EXECUTE takes no bound parameters, so the arguments are
         written into it: operator.index() lets only true integers through.

@@ -54,7 +54,7 @@ FROM windows
 WHERE layer = $1 AND neuron = $2
 """
 
-# Statements each connection prepares once, by name (Database.execute_prepared).
+# Statements each connection prepares once, by name (Database.prepared_columns).
 PREPARED = {"neuron_examples": NEURON_EXAMPLES}
 
 WEIGHT_TOKENS = """

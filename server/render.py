@@ -116,8 +116,8 @@ def error_page(request: Request, body: dict[str, Any]) -> HTMLResponse:
 
 # --- template helpers -------------------------------------------------------
 
-# Unbounded: every token shown comes from a vocabulary, and token_spans fills
-# it at startup, so no page escapes a token twice.
+# Unbounded: every token shown comes from a vocabulary (token_spans fills it
+# in each reader at startup), so no page escapes a token twice.
 @lru_cache(maxsize=None)
 def show_token(token: str) -> Markup:
     """Escaped token text with whitespace made visible (· space, ⏎ newline, → tab)."""
@@ -248,9 +248,7 @@ def example_rows(section: Section, db: Database, colour_by: str, compact: bool) 
     """
     if compact:
         spans = db.token_spans
-        return [{"rank": int(section.rank[i]), "value": float(section.value[i]), "text_id": int(section.text_id[i]),
-                 "source_index": int(section.source_index[i]), "position": int(section.position[i]),
-                 "snippet": compact_snippet(section, i, spans)} for i in range(len(section))]
+        return [{**section.head(i), "snippet": compact_snippet(section, i, spans)} for i in range(len(section))]
     quadrant, scale = QUADRANTS[section.quadrant], section.scales()[colour_by]
     rows = [section.example(i, db) for i in range(len(section))]
     for ex in rows:
