@@ -15,6 +15,8 @@ from gluscope.errors import UserError
 
 def _add_corpus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--source-column", default=None,
+                   help="column saying where each text came from (a path, a URL), kept per text and shown on pages")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per text, BOS included (default: 1024)")
     p.add_argument("--max-tokens", type=int, default=20_000_000, help="stop once this many tokens are kept (default: 20M)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
@@ -27,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="shuffle, tokenize and truncate a text dataset into a folder `record` reads")
     p.add_argument("source", help="hub dataset name, .txt/.jsonl/.parquet file(s) or folder, or a save_to_disk folder")
-    p.add_argument("--tokenizer", required=True, help="model name or folder whose tokenizer to use")
+    p.add_argument("--tokenizer", required=True, help="model name, folder or .gguf file whose tokenizer to use")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     p.add_argument("--overwrite", action="store_true")
     _add_corpus_options(p)
 
     p = sub.add_parser("record", help="run a gated-MLP model over a corpus and write the statistics database")
-    p.add_argument("--model", required=True, help="hub name or local folder")
+    p.add_argument("--model", required=True,
+                   help="hub name, local folder, or a .gguf file (converted once into a cached folder)")
+    p.add_argument("--name", default=None, help="the model's display name on pages (default: --model as given)")
     p.add_argument("--dataset", required=True, help="folder from `gluscope dataset`, or any source it takes")
     p.add_argument("--out", required=True, type=Path, help="the .duckdb file to write")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")

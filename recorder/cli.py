@@ -12,8 +12,12 @@ from gluscope.errors import UserError
 def _tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    from gluscope.recorder.gguf import convert, is_gguf
+
     path = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) and not path.is_dir():
+    if is_gguf(name):
+        path = convert(path)  # the tokenizer is read from the converted folder, as `record` will
+    elif name.startswith((".", "/", "~")) and not path.is_dir():
         raise UserError(f"--tokenizer {name}: no such folder")
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
@@ -27,7 +31,7 @@ def _corpus_from_source(source: str, tokenizer, args: argparse.Namespace):
 
     ds = load_text_dataset(source, args.text_column, args.split)
     corpus = tokenize(ds, tokenizer, text_column=args.text_column, max_length=args.max_length,
-                      max_tokens=args.max_tokens, seed=args.seed)
+                      max_tokens=args.max_tokens, seed=args.seed, source_column=args.source_column)
     corpus.info["source"] = source
     return corpus
 
@@ -64,7 +68,10 @@ def run_record(args: argparse.Namespace) -> None:
         raise UserError(f"--dataset {dataset}: no such file or folder")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    if args.name is not None and not args.name.strip():
+        raise UserError("--name must not be empty")
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                       display_name=args.name)
     if is_corpus_folder(dataset):
         corpus = load_corpus(dataset)
         want = corpus.info.get("tokenizer_fingerprint")
