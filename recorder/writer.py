@@ -70,8 +70,13 @@ class DatabaseWriter:
         # neuron load every block they touch, so smaller blocks mean less to
         # read and check per request. Measured on the OLMo-7B-shaped file: the
         # examples query's p50 fell by about 30%; the file's size stayed the same.
-        self.con = duckdb.connect(str(self.tmp_path), config={"default_block_size": str(BLOCK_SIZE)})
-        self.con.execute(schema_sql())
+        self.con = None
+        try:
+            self.con = duckdb.connect(str(self.tmp_path), config={"default_block_size": str(BLOCK_SIZE)})
+            self.con.execute(schema_sql())
+        except BaseException:  # an interrupt here would otherwise leave the new file behind: no __exit__ runs
+            self.abort()
+            raise
 
     def __enter__(self) -> "DatabaseWriter":
         return self
@@ -206,7 +211,8 @@ class DatabaseWriter:
 
     def abort(self) -> None:
         try:
-            self.con.close()
+            if self.con is not None:
+                self.con.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
             Path(str(self.tmp_path) + ".wal").unlink(missing_ok=True)
