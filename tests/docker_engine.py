@@ -301,8 +301,12 @@ def running_engine(start_timeout: float = 90) -> Iterator[Engine]:
     """An engine that answers `docker info`: the one running, else a dockerd started here and stopped after."""
     docker = docker_cli()
     compose = compose_cli(docker)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / "engine.lock", "w") as lock:
+    try:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        lock = open(CACHE / "engine.lock", "w")
+    except OSError as e:
+        raise Unavailable(f"no lock file for the engine: {e}") from e
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _answers(docker):
             yield Engine(docker, compose)

@@ -16,12 +16,10 @@ running, or Debian's docker.io / docker-compose / mmdebstrap not installed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests import docker_engine
+from tests.test_docker_compose import free_port, sha256
 
 yaml = pytest.importorskip("yaml")
 
@@ -55,12 +54,6 @@ class Served:
     logs: str = ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def copy_checkout(dest: Path) -> None:
     """The files a clone of this checkout would hold (tracked, plus new ones git does not ignore)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -70,10 +63,6 @@ def copy_checkout(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
