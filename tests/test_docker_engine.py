@@ -3,7 +3,8 @@
 A copy of the checkout (the committed docker-compose.yml and Dockerfiles,
 unchanged) gets a ./data folder holding the recorded test database, and the
 server service is built and started there under a unique compose project name
-on a free port. It must turn healthy and serve a neuron page, its JSON twin and
+on a free port (GLUSCOPE_PORT), with one override file that only renames the
+image, so that a user's own gluscope-server image is left alone. It must turn healthy and serve a neuron page, its JSON twin and
 an examples fragment identical to what the app serves in-process; inside, it
 must run as a non-root user, be unable to write to /data and have no torch.
 Everything the run created is removed after it, except the stand-in base images
