@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         "act_fn": "silu", "n_layers": args.layers, "d_model": 4096, "d_mlp": args.d_mlp,
         "vocab_size": args.vocab_size, "dtype": "float32", "dataset": "synthetic random tokens",
         "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": args.texts,
-        "n_tokens": n_tokens, "k": args.k, "window_before": args.window_before,
+        "n_tokens": n_tokens, "batch_size": 1, "corpus_fingerprint": "synthetic", "shard_index": None,
+        "shard_count": None, "k": args.k, "window_before": args.window_before,
         "window_after": args.window_after, "refactor_glu": True,
         "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "
                              "so cos(w_gate, w_in) >= 0; the model computes the same function.",

@@ -54,8 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the torch reducer (auto: on for runs over 1M tokens)")
     p.add_argument("--revision", default=None, help="model revision on the hub")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="record shard I of N (whole batches, every N-th from the I-th), for `gluscope merge`; "
+                        "under torchrun each rank records its own shard and rank 0 merges them")
     p.add_argument("--overwrite", action="store_true")
     _add_corpus_options(p)
+
+    p = sub.add_parser("merge", help="merge the shard files of one recording into the file a single run writes")
+    p.add_argument("shards", nargs="+", type=Path, help="the shard files (`record --shard I/N`), each exactly once")
+    p.add_argument("--out", required=True, type=Path, help="the .duckdb file to write")
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("serve", help="browse one or more recorded databases")
     p.add_argument("files", nargs="*", type=Path, help=".duckdb files recorded by `gluscope record`")
@@ -114,7 +122,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("record", "dataset"):
+    if args.command in ("record", "dataset", "merge"):
         _interrupt_on_sigterm()
     try:
         if args.command == "serve":
@@ -125,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "record":
             from gluscope.recorder.cli import run_record
             run_record(args)
+        elif args.command == "merge":
+            from gluscope.recorder.cli import run_merge
+            run_merge(args)
         elif args.command == "demo":
             from gluscope.demo import run_demo
             run_demo(args)

@@ -84,6 +84,20 @@ def _batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def shard_batches(lengths: np.ndarray, batch_size: int, shard: tuple[int, int] | None) -> list[np.ndarray]:
+    """The batches shard (index, count) records: every count-th batch of the whole run's, from the index-th.
+
+    Shards take whole batches, not texts, so every text runs in the same
+    padded batch as in a single run: its activations are then bit for bit
+    the single run's, and merged shards give the single run's examples.
+    """
+    batches = _batches(lengths, batch_size)
+    if shard is None:
+        return batches
+    index, count = shard
+    return batches[index::count]
+
+
 def _progress(total_tokens: int, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not enabled, smoothing=0.05,
@@ -110,8 +124,12 @@ def choose_reducer(device: torch.device, reducer: str) -> str:
 
 def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_size: int = 8, k: int = 16,
            window_before: int = 24, window_after: int = 2, refactor_glu: bool = True, compile: str = "auto",
-           reducer: str = "auto", overwrite: bool = False, progress: bool = True) -> Path:
+           reducer: str = "auto", overwrite: bool = False, progress: bool = True,
+           shard: tuple[int, int] | None = None) -> Path:
     """Record every neuron of every layer over `corpus` into the database `out`; return its path.
+
+    shard: (index, count) records only that shard's batches (see shard_batches), with
+    the texts' global ids; `gluscope merge` puts the shards together.
 
     reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
     only), "torch" with reduce.py's tensor code (compiled per `compile`);
@@ -121,7 +139,9 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     n_layers, d_mlp = model.n_layers, model.d_mlp
     window = window_before + window_after + 1
     lengths = corpus.lengths
-    n_counted = int((lengths - 1).sum())
+    batches = shard_batches(lengths, batch_size, shard)
+    mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
+    n_counted = int((lengths[mine] - 1).sum())
 
     signs, geometries, token_tables = [], [], []
     W_E, W_U = model.embeddings()
@@ -186,7 +206,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     bar = _progress(n_counted, progress)
     started = time.perf_counter()
     with torch.inference_mode(), model.native_attention():
-        for idx in _batches(lengths, batch_size):
+        for idx in batches:
             lens = lengths[idx]
             T = int(lens.max())
             tokens = np.full((len(idx), T), pad_id, dtype=np.int64)
@@ -236,8 +256,12 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
         "text_column": corpus.info.get("text_column"),
         "max_length": int(corpus.info.get("max_length", int(lengths.max()))),
         "bos_token_id": int(corpus.token_ids[0][0]),
-        "n_texts": corpus.n_texts,
+        "n_texts": len(mine),
         "n_tokens": n_counted,
+        "batch_size": batch_size,
+        "corpus_fingerprint": corpus.fingerprint(),
+        "shard_index": shard[0] if shard else None,
+        "shard_count": shard[1] if shard else None,
         "k": k,
         "window_before": window_before,
         "window_after": window_after,
@@ -250,7 +274,8 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         writer.write_metadata(meta)
         writer.write_vocab(tokens_text, tokens_bytes)
-        writer.write_texts(corpus.source_index, corpus.token_ids, sources=corpus.sources)
+        writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
+                           sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
         for layer in range(n_layers):
             writer.write_layer(layer, _layer_result(states[layer], signs[layer], geometries[layer], token_tables[layer]))
             states[layer] = None  # free device memory as we go

@@ -103,12 +103,13 @@ class DatabaseWriter:
         self.con.execute(f"INSERT INTO metadata ({', '.join(columns)}) VALUES ({placeholders})",
                          [meta[c] for c in columns])
 
-    def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray], first_text_id: int = 0,
-                    sources: Sequence[str | None] | None = None) -> None:
+    def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray],
+                    text_ids: np.ndarray | None = None, sources: Sequence[str | None] | None = None) -> None:
+        """Texts with their ids (default 0..n-1; a shard's are the whole corpus's)."""
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         flat = np.concatenate(token_ids).astype(np.int32) if len(token_ids) else np.zeros(0, np.int32)
         self._insert("texts", pa.table({
-            "text_id": pa.array(np.arange(first_text_id, first_text_id + len(token_ids), dtype=np.int32)),
+            "text_id": pa.array(np.asarray(np.arange(len(token_ids)) if text_ids is None else text_ids, np.int32)),
             "source_index": pa.array(np.asarray(source_index, dtype=np.int64)),
             "source": pa.array(list(sources) if sources is not None else [None] * len(token_ids), pa.string()),
             "n_tokens": pa.array(lengths.astype(np.int32)),
