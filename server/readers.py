@@ -1,9 +1,10 @@
 """Reader processes: the views that query DuckDB run here, one request at a time per process.
 
-The server is one front process (uvicorn: HTTP, and every view that reads
-only what was loaded at startup) and N readers, each of which opens the same
-files read-only once. A view that reads the file sends its arguments to the
-readers' queue and awaits the body (bytes). Why not N uvicorn workers:
+The server is one HTTP process (uvicorn, and every view that reads only what
+was loaded at startup) and N readers, each of which opens the same files
+read-only once. A view marked `reads_file` (views.py) is sent by name, with
+its arguments, to the readers' queue, and the HTTP process awaits the body
+(bytes). Why not N uvicorn workers:
 
 - A worker keeps each keep-alive connection it accepted, and a burst of
   connections lands unevenly (16 clients split 16/0, 11/5 or 8/8 between two
@@ -51,7 +52,7 @@ def _open(paths: list[str]) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
     _registry = open_databases(paths, neuron_table=False)  # about 110 MB for a 7B model, used only by the HTTP process
     for db in _registry.values():
-        db.token_spans = token_spans(db.tokens)
+        token_spans(db.vocab)  # built once here, not on a user's first fragment
     freeze_startup_objects()
 
 
