@@ -35,8 +35,9 @@ log = logging.getLogger("gluscope.server")
 MODEL_DESCRIPTION = "model id, as listed by /api/models"
 
 
-def endpoint(name: str, model_in_path: bool) -> Callable[..., Any]:
-    """The FastAPI endpoint of view `name`: the view's keyword parameters, plus `model` for a view of one model."""
+def endpoint(name: str, model_in_path: bool, models: list[str]) -> Callable[..., Any]:
+    """The FastAPI endpoint of view `name`: the view's keyword parameters, plus `model` (one of `models`)
+    for a view of one model."""
     v = VIEWS[name]
 
     async def answer(request: Request, **params: Any) -> Response:
@@ -59,7 +60,8 @@ def endpoint(name: str, model_in_path: bool) -> Callable[..., Any]:
     if v.per_model:
         where = Path if model_in_path else Query
         signature.append(inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-                                           default=where(description=MODEL_DESCRIPTION)))
+                                           default=where(description=MODEL_DESCRIPTION,
+                                                         json_schema_extra={"enum": models})))
     signature += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own]
     answer.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]
     answer.__name__ = name
@@ -160,7 +162,7 @@ def create_app(paths, readers: int = 1) -> FastAPI:
     app.state.registry = registry
     app.state.readers = pool
     for route in ROUTES:
-        answer = endpoint(route.view, "{model}" in route.paths[0])
+        answer = endpoint(route.view, "{model}" in route.paths[0], sorted(registry))
         for i, path in enumerate(route.paths):
             in_schema = route.body is not None and i == 0
             documented = {"response_model": route.body, "responses": ERROR_RESPONSES, "tags": ["api"]}

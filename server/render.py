@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import jinja2
+import starlette.responses
 from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -50,9 +51,7 @@ def encode_json(content: Any) -> bytes:
     return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
-class JSONResponse(Response):
-    media_type = "application/json"
-
+class JSONResponse(starlette.responses.JSONResponse):  # a JSONResponse, so /openapi.json shows the body model
     def render(self, content: Any) -> bytes:
         return encode_json(content)
 

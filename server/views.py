@@ -18,13 +18,16 @@ from urllib.parse import quote
 from fastapi import Path, Query
 
 from gluscope.schema import HOOKS, QUADRANT_SLUGS
-from gluscope.server import data, render
+from gluscope.server import data, queries, render
 from gluscope.server.db import Database
-from gluscope.server.validate import check_index, get_model, hook_code, parse_neuron_ref
+from gluscope.server.validate import LAYER_PAGE_MAX, check_index, get_model, hook_code, parse_neuron_ref
 
-Layer = Path(description="zero-based layer index")
-Neuron = Path(description="zero-based neuron index within the layer")
-TextId = Path(description="zero-based text id, 0 .. n_texts-1")
+# Ranges and choices are documented (json_schema_extra) but checked by
+# validate.py, which knows each file's sizes and answers in the one error shape.
+INDEX = {"minimum": 0}
+Layer = Path(description="zero-based layer index", json_schema_extra=INDEX)
+Neuron = Path(description="zero-based neuron index within the layer", json_schema_extra=INDEX)
+TextId = Path(description="zero-based text id, 0 .. n_texts-1", json_schema_extra=INDEX)
 QuadrantQ = Query(description="quadrant slug: pp (gate+_in+), pn (gate+_in-), np (gate-_in+), nn (gate-_in-)",
                   json_schema_extra={"enum": list(QUADRANT_SLUGS)})
 HookQ = Query(description="which value the list is ranked by", json_schema_extra={"enum": list(HOOKS)})
@@ -96,9 +99,13 @@ def model(db: Database) -> Page:
 
 
 @view(page="layer.html", reads_file=True)
-def layer(db: Database, layer: int = Layer, sort: str = Query("neuron", description="column to sort by"),
-          order: str = Query("asc", description="asc or desc"), offset: int = Query(0, description="first row"),
-          limit: int = Query(100, description="rows, at most 1000")) -> Page:
+def layer(db: Database, layer: int = Layer,
+          sort: str = Query("neuron", description="column to sort by",
+                            json_schema_extra={"enum": list(queries.LAYER_SORT_KEYS)}),
+          order: str = Query("asc", description="asc or desc", json_schema_extra={"enum": list(data.LAYER_ORDERS)}),
+          offset: int = Query(0, description="first row", json_schema_extra=INDEX),
+          limit: int = Query(100, description=f"rows, at most {LAYER_PAGE_MAX}",
+                             json_schema_extra={"minimum": 1, "maximum": LAYER_PAGE_MAX})) -> Page:
     """One page of a layer's neurons: frequency of each quadrant and weight geometry, sortable."""
     return Page(data.layer_data(db, layer, sort, order, offset, limit))
 
