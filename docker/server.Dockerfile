@@ -32,4 +32,5 @@ WORKDIR /home/gluscope
 USER gluscope
 EXPOSE 8000
 VOLUME ["/data"]
+# No --workers: `gluscope serve` starts one reader per CPU the container may use (its cpuset and --cpus).
 CMD ["gluscope", "serve", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import multiprocessing
 import os
 import threading
@@ -38,6 +39,18 @@ from gluscope.server.render import token_spans
 
 # This process's databases, when it is a reader (set by _open).
 _registry: dict[str, Database] | None = None
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may run on: its affinity, capped by a cgroup v2 quota (`docker run --cpus`)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 file, or one we do not understand: the affinity alone
+    return max(cpus, 1)
 
 
 def _exit_with_parent(parent: int) -> None:
