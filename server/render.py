@@ -9,7 +9,6 @@ Templates receive plain dicts, lists and markup, never a database.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import weakref
 from functools import lru_cache
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import jinja2
+import orjson
 import starlette.responses
 from markupsafe import Markup, escape
 from starlette.requests import Request
@@ -47,8 +47,10 @@ POS_RGB, NEG_RGB = (214, 39, 40), (31, 119, 180)  # red above zero, blue below, 
 
 
 def encode_json(content: Any) -> bytes:
-    """JSON without NaN (data functions already map it to null), UTF-8, compact."""
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """Compact UTF-8 JSON. Data functions map NaN and infinity to None (JSON has neither); orjson would
+    write null for them too. orjson, not the standard library: an examples body is a few thousand numbers,
+    and encoding it was the largest cost of the examples JSON (README, Performance)."""
+    return orjson.dumps(content)
 
 
 class JSONResponse(starlette.responses.JSONResponse):  # a JSONResponse, so /openapi.json shows the body model
@@ -271,7 +273,8 @@ def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update(show_token=show_token, fmt=fmt, pct=pct)
-    env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, zip=zip)
+    env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, QUADRANT_SIGNS=QUADRANT_SIGNS,
+                       zip=zip)
     return env
 
 
