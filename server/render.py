@@ -273,8 +273,11 @@ def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update(show_token=show_token, fmt=fmt, pct=pct)
-    env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, QUADRANT_SIGNS=QUADRANT_SIGNS,
-                       zip=zip)
+    # gluscope.js reads the names and codes from <body>: written once, in gluscope/schema.py.
+    names = {"hooks": HOOKS, "quadrants": QUADRANTS, "quadrant-signs": QUADRANT_SIGNS}
+    body_names = Markup("".join(f' data-{k}="{escape(orjson.dumps(v).decode())}"' for k, v in names.items()))
+    env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, zip=zip,
+                       body_names=body_names)
     return env
 
 
