@@ -77,13 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--db", type=Path, required=True)
     p.add_argument("--baseline", required=True, help="a git commit of this repository")
     p.add_argument("--workers", type=int, default=2, help="reader processes of each server (default: 2)")
+    p.add_argument("--baseline-workers", type=int, default=None,
+                   help="reader processes of the baseline, if not --workers (to compare defaults)")
     p.add_argument("--rounds", type=int, default=6, help="rounds per server and scenario (default: 6)")
     p.add_argument("--requests", type=int, default=80, help="requests per round (default: 80)")
     p.add_argument("--clients", default="1,16")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="gluscope-baseline-") as tmp:
-        servers = {"baseline": start(args.db, args.workers, baseline_tree(args.baseline, Path(tmp))),
+        base_workers = args.baseline_workers or args.workers
+        servers = {"baseline": start(args.db, base_workers, baseline_tree(args.baseline, Path(tmp))),
                    "this": start(args.db, args.workers, None)}
         try:
             model = httpx.get(f"{servers['this'][1]}/api/models").json()["models"][0]
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 return [[template.format(m=m, l=rng.randrange(n_layers), n=rng.randrange(d_mlp),
                                          q=rng.choice(QUADRANT_SLUGS), h=rng.choice(HOOKS))] for _ in range(count)]
 
-            print(f"{args.db} ({args.db.stat().st_size / 1e9:.2f} GB), {args.workers} readers each, "
+            print(f"{args.db} ({args.db.stat().st_size / 1e9:.2f} GB), readers: {base_workers} baseline, "
+                  f"{args.workers} this; "
                   f"{args.rounds} alternating rounds of {args.requests} requests; ratio = this / baseline "
                   f"({args.baseline})")
             print(f"{'scenario':<19}{'clients':>8}{'p50 base':>10}{'this':>7}{'ratio':>7}"

@@ -63,7 +63,7 @@ def _exit_with_parent(parent: int) -> None:
 def _open(paths: list[str]) -> None:
     global _registry
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
-    _registry = open_databases(paths, neuron_table=False)  # about 110 MB for a 7B model, used only by the HTTP process
+    _registry = open_databases(paths, neuron_table=False)  # about 100 MB for a 7B model, used only by the HTTP process
     for db in _registry.values():
         token_spans(db.vocab)  # built once here, not on a user's first fragment
     freeze_startup_objects()
