@@ -40,9 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: Path, port: int, workers: int | None = None) -> subprocess.Popen:
+def start_server(db: Path, port: int, workers: int | None = None, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(db), "--port", str(port),
-                             *(["--workers", str(workers)] if workers else [])],
+                             *(["--workers", str(workers)] if workers else [])], env=env, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

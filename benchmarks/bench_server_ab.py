@@ -19,14 +19,12 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
-from bench_server import free_port, percentile, run
+from bench_server import free_port, percentile, run, start_server
 from gluscope.schema import HOOKS, QUADRANT_SLUGS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,20 +54,7 @@ def start(db: Path, workers: int, pythonpath: Path | None) -> tuple[subprocess.P
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     # cwd outside the checkout, so that neither server imports this checkout's folders by accident.
-    proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(db), "--port", str(port),
-                             "--workers", str(workers)], env=env, cwd=tempfile.gettempdir(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/models", timeout=1).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}"
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start within 120 s")
+    return start_server(db, port, workers, env=env, cwd=tempfile.gettempdir()), f"http://127.0.0.1:{port}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,24 +39,25 @@ def test_neuron_columns_are_the_counts_the_flip_and_the_geometry(empty):
     assert columns == ["layer", "neuron", *COUNT_COLUMNS, "flipped", *GEOMETRY]
 
 
+def altered_copy(recorded_db, tmp_path, sql: str):
+    """A copy of the recorded database with `sql` run on it."""
+    copy = tmp_path / "altered.duckdb"
+    copy.write_bytes(recorded_db.read_bytes())
+    with duckdb.connect(str(copy)) as con:
+        con.execute(sql)
+    return copy
+
+
 def test_the_server_requires_every_table_of_the_schema(empty, recorded_db, tmp_path):
     tables = {t for (t,) in empty.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     assert REQUIRED_TABLES == tables and "weight_kinds" in REQUIRED_TABLES
-    copy = tmp_path / "no-kinds.duckdb"
-    copy.write_bytes(recorded_db.read_bytes())
-    with duckdb.connect(str(copy)) as con:
-        con.execute("DROP TABLE weight_kinds")
     with pytest.raises(UserError, match="no table weight_kinds"):
-        create_app([copy])
+        create_app([altered_copy(recorded_db, tmp_path, "DROP TABLE weight_kinds")])
 
 
 def test_an_unknown_activation_is_refused_when_the_file_is_opened(recorded_db, tmp_path):
-    copy = tmp_path / "relu.duckdb"
-    copy.write_bytes(recorded_db.read_bytes())
-    with duckdb.connect(str(copy)) as con:
-        con.execute("UPDATE metadata SET act_fn = 'relu'")
     with pytest.raises(UserError, match="act_fn 'relu' is not an activation GLUScope computes"):
-        create_app([copy])
+        create_app([altered_copy(recorded_db, tmp_path, "UPDATE metadata SET act_fn = 'relu'")])
 
 
 def test_the_recorder_accepts_exactly_the_activations_the_server_computes():
