@@ -115,7 +115,7 @@ class LRUCache:
 
 
 # Neurons whose examples stay in memory, about 50 KB each as NumPy arrays: a
-# researcher opens several sections of one neuron, and all of them together
+# researcher opens several lists of one neuron, and all of them together
 # cost one lookup of the whole neuron.
 EXAMPLE_CACHE_NEURONS = int(os.environ.get("GLUSCOPE_EXAMPLE_CACHE", "256"))
 

@@ -65,11 +65,11 @@ def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
     return result
 
 
-def window_values(x_gate: np.ndarray, x_in: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+def window_values(x_gate_bits: np.ndarray, x_in_bits: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                   act_fn: str) -> np.ndarray:
     """All four values per token of many windows, from their stored float16 bit patterns.
 
-    x_gate and x_in hold the windows' bits one after another; window j is
+    The bits hold the windows' values one after another; window j is
     [starts[j], starts[j] + lengths[j]). Returns [windows, 4 (HOOKS order),
     longest window] float32, NaN past each window's end: a list's windows
     cost one NumPy pass, and the JSON body and both HTML renderings read the
@@ -80,13 +80,13 @@ def window_values(x_gate: np.ndarray, x_in: np.ndarray, starts: np.ndarray, leng
     inside = np.arange(width) < lengths[:, None]
     at = np.where(inside, np.asarray(starts, np.int64)[:, None] + np.arange(width), 0)
     bits = np.zeros((2, len(lengths), width), np.int16)
-    if len(x_gate):
-        bits[0] = np.where(inside, np.asarray(x_gate, np.int16)[at], 0)
-        bits[1] = np.where(inside, np.asarray(x_in, np.int16)[at], 0)
-    gate, x = bits.view(np.float16).astype(np.float64)
+    if len(x_gate_bits):
+        bits[0] = np.where(inside, np.asarray(x_gate_bits, np.int16)[at], 0)
+        bits[1] = np.where(inside, np.asarray(x_in_bits, np.int16)[at], 0)
+    x_gate, x_in = bits.view(np.float16).astype(np.float64)
     with np.errstate(all="ignore"):
-        act = activation(act_fn)(gate).astype(np.float32)
-        post = (act.astype(np.float64) * x).astype(np.float32)
-    values = np.stack([post, x.astype(np.float32), gate.astype(np.float32), act], axis=1)
+        act = activation(act_fn)(x_gate).astype(np.float32)
+        post = (act.astype(np.float64) * x_in).astype(np.float32)
+    values = np.stack([post, x_in.astype(np.float32), x_gate.astype(np.float32), act], axis=1)
     values[~np.broadcast_to(inside[:, None, :], values.shape)] = np.nan
     return values
