@@ -23,15 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from gluscope.recorder.writer import DatabaseWriter, LayerResult
-from gluscope.schema import SCHEMA_VERSION
+from gluscope.schema import GEOMETRY, QUADRANT_SIGNS, SCHEMA_VERSION
+from gluscope.server.activations import activation
 
-SIGNS = np.array([(1, 1), (1, -1), (-1, 1), (-1, -1)], dtype=np.float32)  # (gate, in) per quadrant code
-GEOMETRY = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
+SIGNS = np.array(QUADRANT_SIGNS, dtype=np.float32)  # (gate, in) per quadrant code
 PLANTED = ["Hello", ",", " world", "\n", "<script>", "alert", "(1)", "</script>", "\n\n", "\t", "done", "."]
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
 
 
 def make_vocab(size: int, rng: np.random.Generator) -> tuple[list[str], list[bytes]]:
@@ -101,7 +97,7 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
     np.put_along_axis(inn, off, focal_i[..., None], axis=3)
 
     xg, xi = focal_g.astype(np.float32), focal_i.astype(np.float32)
-    act = silu(xg)
+    act = activation("silu")(xg)
     values = np.stack([act * xi, xi, xg, act], axis=1)  # [q, h, n, c] in hook code order
     order = np.argsort(-np.abs(values), axis=-1, kind="stable")[..., :k_eff]
 

@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="also serve every *.duckdb file in this folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="reader processes that query the files, one request at a time each, behind one HTTP "
-                        "process (each opens the files read-only; about one per core)")
+                        "process (each opens the files read-only; default: one per CPU this process may use)")
 
     p = sub.add_parser("demo", help="record SmolLM2-135M-Instruct (from PyPI) on real prose and code, and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
@@ -90,6 +90,7 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gluscope.server.app import create_app
+    from gluscope.server.readers import usable_cpus
 
     files = list(args.files)
     if args.data_dir is not None:
@@ -101,9 +102,10 @@ def _serve(args: argparse.Namespace) -> None:
     for f in files:
         if not f.is_file():
             raise UserError(f"{f} does not exist (record one with `gluscope record`)")
-    if args.workers < 1:
+    workers = usable_cpus() if args.workers is None else args.workers
+    if workers < 1:
         raise UserError("--workers must be at least 1")
-    app = create_app(files, readers=args.workers)
+    app = create_app(files, readers=workers)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -177,8 +177,9 @@ def run_demo(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gluscope.server.app import create_app
+    from gluscope.server.readers import usable_cpus
 
-    app = create_app([out])
+    app = create_app([out], readers=usable_cpus())
     model_id = next(iter(app.state.registry))
     base = f"http://{args.host}:{args.port}"
     say(f"\nGLUScope demo: {base}/")

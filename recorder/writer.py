@@ -18,9 +18,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from gluscope.schema import schema_sql
+from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANTS, schema_sql
 
-N_Q, N_H = 4, 4  # quadrants, hooks
+N_Q, N_H = len(QUADRANTS), len(HOOKS)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class LayerResult:
     window_len: np.ndarray     # [4, 4, n, k] int16
     window_gate: np.ndarray    # [4, 4, n, k, W] float16
     window_in: np.ndarray      # [4, 4, n, k, W] float16
-    geometry: dict[str, np.ndarray]  # cos_gate_in, cos_gate_out, cos_in_out, norm_gate, norm_in, norm_out: [n]
+    geometry: dict[str, np.ndarray]  # gluscope.schema.GEOMETRY: [n] each
     flipped: np.ndarray        # [n] bool
     token_ids: np.ndarray | None = None     # [6, n, t] int32: weight_tokens by kind (schema.sql)
     token_scores: np.ndarray | None = None  # [6, n, t] float32
@@ -131,10 +131,9 @@ class DatabaseWriter:
         self._insert("neurons", pa.table({
             "layer": pa.array(np.full(n, layer, np.int16)),
             "neuron": pa.array(neuron),
-            **{f"count_{s}": pa.array(r.counts[q].astype(np.int64)) for q, s in enumerate(("pp", "pn", "np", "nn"))},
+            **{column: pa.array(r.counts[q].astype(np.int64)) for q, column in enumerate(COUNT_COLUMNS)},
             "flipped": pa.array(r.flipped.astype(bool)),
-            **{name: pa.array(r.geometry[name].astype(np.float32)) for name in
-               ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")},
+            **{name: pa.array(r.geometry[name].astype(np.float32)) for name in GEOMETRY},
         }))
 
         if r.token_ids is not None:

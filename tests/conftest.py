@@ -140,3 +140,29 @@ def script_list(recorded_db, planted_script_text_id) -> tuple[int, int, str, str
         con.close()
     assert row is not None
     return row[0], row[1], QUADRANT_SLUGS[row[2]], HOOKS[row[3]]
+
+
+@pytest.fixture(scope="session")
+def live_server(recorded_db):
+    """The real app over the recorded database, served by uvicorn on a free port in a thread: its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from gluscope.server.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app([recorded_db]), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)

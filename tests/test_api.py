@@ -286,11 +286,15 @@ def test_neuron_page_loads_weight_tokens_lazily(client, model_id):
 def test_a_neurons_examples_are_read_once_for_all_its_sections(client, model_id):
     """The first section of a neuron reads the whole neuron; its other sections come from memory.
 
-    The body functions run here on the test's own registry, as a reader process runs them.
+    The view runs here on the test's own registry, as a reader process runs it.
     """
     import json
 
-    from gluscope.server.app import examples_body
+    from gluscope.server.views import run_view
+
+    def examples_body(registry, kind, model, layer, neuron, quadrant, hook, colour):
+        return run_view(registry, "examples", model, kind,
+                        {"layer": layer, "neuron": neuron, "quadrant": quadrant, "hook": hook, "colour": colour})
 
     registry = client.app.state.registry
     db = registry[model_id]
