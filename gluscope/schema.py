@@ -6,7 +6,7 @@ code tables and columns that schema.sql creates, so a name is spelled once.
 
 from importlib import resources
 
-SCHEMA_VERSION = 2  # 2: model_source, weights_file, weights_sha256, quantization; texts.source
+SCHEMA_VERSION = 2  # 2: model_source, weights_file, weights_sha256, quantization, batch_size, corpus_fingerprint, shard_index, shard_count; texts.source
 
 # Code order is the column order of the paper's Figure 1.
 QUADRANTS: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")

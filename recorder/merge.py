@@ -28,7 +28,7 @@ import duckdb
 
 from gluscope.errors import UserError
 from gluscope.recorder.writer import DatabaseWriter
-from gluscope.schema import QUADRANT_SLUGS
+from gluscope.schema import COUNT_COLUMNS
 
 # Metadata columns in which the shards of one run differ; every other column must agree.
 PER_SHARD = {"created_at", "n_texts", "n_tokens", "shard_index"}
@@ -116,8 +116,8 @@ def _statements(n: int, k: int) -> list[str]:
     def union(table: str, columns: str = "*") -> str:
         return " UNION ALL ".join(f"SELECT {columns} FROM shard{i}.{table}" for i in range(n))
 
-    counts = ", ".join(f"sum(count_{s}) AS count_{s}" for s in QUADRANT_SLUGS)
-    count_of = "CASE v.quadrant " + " ".join(f"WHEN {q} THEN n.count_{s}" for q, s in enumerate(QUADRANT_SLUGS)) + " END"
+    counts = ", ".join(f"sum({c}) AS {c}" for c in COUNT_COLUMNS)
+    count_of = "CASE v.quadrant " + " ".join(f"WHEN {q} THEN n.{c}" for q, c in enumerate(COUNT_COLUMNS)) + " END"
     per_shard_stats = " UNION ALL ".join(
         f"SELECT v.*, {count_of} AS n_quadrant FROM shard{i}.value_stats v JOIN shard{i}.neurons n USING (layer, neuron)"
         for i in range(n))
@@ -125,7 +125,7 @@ def _statements(n: int, k: int) -> list[str]:
         "INSERT INTO vocab SELECT * FROM shard0.vocab ORDER BY token_id",
         f"INSERT INTO texts SELECT * FROM ({union('texts')}) ORDER BY text_id",
         f"""INSERT INTO neurons BY NAME
-            SELECT g.* EXCLUDE (count_pp, count_pn, count_np, count_nn), c.* EXCLUDE (layer, neuron)
+            SELECT g.* EXCLUDE ({", ".join(COUNT_COLUMNS)}), c.* EXCLUDE (layer, neuron)
             FROM shard0.neurons g JOIN (SELECT layer, neuron, {counts} FROM ({union('neurons')}) GROUP BY ALL) c
                  USING (layer, neuron)
             ORDER BY layer, neuron""",

@@ -12,26 +12,24 @@ from typing import Callable
 import torch
 
 from gluscope.errors import UserError
+from gluscope.schema import ACT_FNS
 from gluscope.recorder.gguf import GGUFSource, convert, is_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-_ACTIVATIONS = {  # config name -> (aten op, its arguments): what the HF modules call
+_OPS = {  # gluscope.schema.ACT_FNS's functions -> (aten op, its arguments): what the HF modules call
     "silu": (torch.ops.aten.silu, {}),
-    "swish": (torch.ops.aten.silu, {}),
     "gelu": (torch.ops.aten.gelu, {"approximate": "none"}),
-    "gelu_pytorch_tanh": (torch.ops.aten.gelu, {"approximate": "tanh"}),
-    "gelu_new": (torch.ops.aten.gelu, {"approximate": "tanh"}),
-    "gelu_fast": (torch.ops.aten.gelu, {"approximate": "tanh"}),
+    "gelu_tanh": (torch.ops.aten.gelu, {"approximate": "tanh"}),
 }
 
 
 def activation_function(name: str) -> Callable[..., torch.Tensor]:
     """act(x, out=None): the callable a config's activation name stands for; `out` reuses a buffer."""
-    if name not in _ACTIVATIONS:
-        raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows (silu, gelu, gelu_pytorch_tanh)")
-    op, kwargs = _ACTIVATIONS[name]
+    if name not in ACT_FNS:
+        raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows ({', '.join(ACT_FNS)})")
+    op, kwargs = _OPS[ACT_FNS[name]]
 
     def act(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return op.default(x, **kwargs) if out is None else op.out(x, out=out, **kwargs)
