@@ -92,16 +92,25 @@ def _serve(args: argparse.Namespace) -> None:
     from gluscope.server.app import create_app
     from gluscope.server.readers import usable_cpus
 
+    from gluscope.server.db import DatabaseFileError, check_database_file
+
     files = list(args.files)
-    if args.data_dir is not None:
-        if not args.data_dir.is_dir():
-            raise UserError(f"--data-dir {args.data_dir} is not a folder")
-        files += sorted(args.data_dir.glob("*.duckdb"))
-    if not files:
-        raise UserError("no database given: name .duckdb files or a --data-dir holding some")
     for f in files:
         if not f.is_file():
             raise UserError(f"{f} does not exist (record one with `gluscope record`)")
+        check_database_file(f)  # a file named on the command line must be good
+    if args.data_dir is not None:
+        if not args.data_dir.is_dir():
+            raise UserError(f"--data-dir {args.data_dir} is not a folder")
+        for f in sorted(args.data_dir.glob("*.duckdb")):
+            try:
+                check_database_file(f)
+            except DatabaseFileError as e:  # one bad file in a folder must not take the others down
+                print(f"gluscope serve: warning: skipping {e}", file=sys.stderr, flush=True)
+                continue
+            files.append(f)
+    if not files:
+        raise UserError("no database to serve: name .duckdb files or a --data-dir holding readable ones")
     workers = usable_cpus() if args.workers is None else args.workers
     if workers < 1:
         raise UserError("--workers must be at least 1")

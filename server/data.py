@@ -22,7 +22,7 @@ from gluscope.server.validate import (check_choice, check_index, check_neuron, c
                                       quadrant_code)
 from gluscope.server.windows import neuron_examples, window_key, window_values
 
-MODEL_FIELDS = ("model_name", "model_revision", "architecture", "act_fn", "n_layers", "d_model", "d_mlp",
+MODEL_FIELDS = ("model_name", "model_source", "model_revision", "weights_file", "quantization", "architecture", "act_fn", "n_layers", "d_model", "d_mlp",
                 "vocab_size", "dtype", "dataset", "text_column", "max_length", "n_texts", "n_tokens", "k",
                 "window_before", "window_after", "refactor_glu", "weight_convention", "created_at",
                 "tool_version", "schema_version")
@@ -122,6 +122,7 @@ class ExampleList:
     value: np.ndarray              # [E] the ranked value at the token of interest
     text_id: np.ndarray            # [E]
     source_index: np.ndarray       # [E] row in the source dataset
+    source: list[str | None]       # [E] where each text came from, when the dataset says
     position: np.ndarray           # [E] the token of interest
     window_start: np.ndarray       # [E]
     token_ids: list[np.ndarray]    # E windows of token ids
@@ -144,7 +145,8 @@ class ExampleList:
     def head(self, i: int) -> dict[str, Any]:
         """Example i without its window: rank, the ranked value, where it is."""
         return {"rank": int(self.rank[i]), "value": _num(self.value[i]), "text_id": int(self.text_id[i]),
-                "source_index": int(self.source_index[i]), "position": int(self.position[i])}
+                "source_index": int(self.source_index[i]), "source": self.source[i],
+                "position": int(self.position[i])}
 
     def example(self, i: int, vocab: Vocabulary) -> dict[str, Any]:
         """Example i as the API shows it: its window's tokens and all four values per token."""
@@ -178,6 +180,7 @@ def example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str
                                                                      lengths.tolist())]
     return ExampleList(model=db.id, layer=layer, neuron=neuron, quadrant=q, hook=h, rank=e["rank"][rows],
                        value=e["value"][rows], text_id=text_id, source_index=db.texts.source_index[text_id],
+                       source=[db.texts.source[t] for t in text_id.tolist()],
                        position=e["position"][rows].astype(np.int64), window_start=window_start,
                        token_ids=token_ids, values=values)
 
@@ -186,6 +189,7 @@ def text_data(db: Database, text_id: int) -> dict[str, Any]:
     check_index("text_id", text_id, db.n_texts)
     ids = db.texts.token_ids(text_id).tolist()
     return {"model": db.id, "text_id": text_id, "source_index": int(db.texts.source_index[text_id]),
+            "source": db.texts.source[text_id],
             "token_ids": ids, "tokens": [db.vocab.token(i) for i in ids], "text": db.vocab.decode(ids[1:])}
 
 

@@ -35,6 +35,10 @@ REQUIRED_TABLES = frozenset(re.findall(r"^CREATE TABLE (\w+)", schema_sql(), re.
 SETTINGS = (f"SET memory_limit = '{os.environ.get('GLUSCOPE_MEMORY_LIMIT', '512MB')}'", "SET threads = 1")
 
 
+# DuckDB's file starts with three 4 KiB headers (one main, two alternating database headers) before its blocks.
+HEADER_BYTES = 3 * 4096
+
+
 class DatabaseFileError(UserError):
     """A file that is not a readable GLUScope database."""
 
@@ -44,6 +48,7 @@ class Texts:
     """Every text's token ids in one flat array: text i is ids[offsets[i]:offsets[i+1]]."""
 
     source_index: np.ndarray  # [n_texts] int64
+    source: list[str | None]  # [n_texts] where each text came from, when the dataset says
     offsets: np.ndarray       # [n_texts + 1] int64
     ids: np.ndarray           # [sum of lengths] int32
 
@@ -186,14 +191,26 @@ def slugify(text: str) -> str:
     return slug or "model"
 
 
-def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Database:
-    path = Path(path)
+def _open_checked(path: Path) -> tuple[duckdb.DuckDBPyConnection, dict[str, Any]]:
+    """A read-only connection to `path` and its metadata, once the file is checked to be one GLUScope
+    can serve; otherwise a DatabaseFileError naming the file and what is wrong."""
     try:
         con = duckdb.connect(str(path), read_only=True)
         for setting in SETTINGS:
             con.execute(setting)
     except duckdb.Error as e:
-        raise DatabaseFileError(f"{path}: cannot open as a DuckDB file ({e})") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        hint = "damaged or cut short" if "read enough bytes" in first or "Corrupt" in first else "not a DuckDB file"
+        raise DatabaseFileError(f"{path}: cannot open it: {hint} ({first})") from None
+    try:
+        return con, _checked_metadata(con, path)
+    except BaseException:
+        con.close()
+        raise
+
+
+def _checked_metadata(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, Any]:
+    _check_size(con, path)
     tables = {row[0] for row in con.execute(queries.TABLES).fetchall()}
     missing = REQUIRED_TABLES - tables
     if missing:
@@ -205,10 +222,24 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
     meta = dict(zip([d[0] for d in cur.description], rows[0]))
     if meta["schema_version"] != SCHEMA_VERSION:
         raise DatabaseFileError(f"{path}: schema version {meta['schema_version']}, this server reads {SCHEMA_VERSION}")
+    if meta.get("shard_count") is not None:
+        raise DatabaseFileError(f"{path}: shard {meta['shard_index']}/{meta['shard_count']} of a recording; "
+                                "merge the shards first (gluscope merge)")
     if meta["act_fn"] not in ACT_FNS:
         raise DatabaseFileError(f"{path}: act_fn {meta['act_fn']!r} is not an activation GLUScope computes "
                                 f"({', '.join(ACT_FNS)})")
+    return meta
 
+
+def check_database_file(path: str | os.PathLike) -> None:
+    """Raise DatabaseFileError unless `path` opens as a servable GLUScope database (a cheap look, no loading)."""
+    con, _ = _open_checked(Path(path))
+    con.close()
+
+
+def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Database:
+    path = Path(path)
+    con, meta = _open_checked(path)
     vocab = con.execute(queries.VOCAB).fetchall()
     lengths = con.execute(queries.TEXT_LENGTHS).fetchnumpy()
     offsets = np.zeros(len(lengths["n_tokens"]) + 1, dtype=np.int64)
@@ -216,10 +247,23 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
     ids = np.asarray(con.execute(queries.TEXT_TOKENS).fetchnumpy()["token_id"], dtype=np.int32)
     if len(ids) != offsets[-1]:
         raise DatabaseFileError(f"{path}: texts.n_tokens disagrees with the stored token ids")
-    texts = Texts(source_index=np.asarray(lengths["source_index"], dtype=np.int64), offsets=offsets, ids=ids)
+    sources = lengths["source"]
+    texts = Texts(source_index=np.asarray(lengths["source_index"], dtype=np.int64),
+                  source=[None if s is None else str(s) for s in sources.tolist()] if len(sources) else [],
+                  offsets=offsets, ids=ids)
     neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"])) if neuron_table else None
     return Database(path=path, id="", meta=meta, vocab=Vocabulary([t for t, _ in vocab], [bytes(b) for _, b in vocab]),
                     texts=texts, neurons=neurons, con=con)
+
+
+def _check_size(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A file shorter than the blocks its own header counts was cut short (a copy or download that stopped)."""
+    (row,) = con.execute("PRAGMA database_size").fetchall()
+    block_size, total_blocks = int(row[2]), int(row[3])
+    needed = HEADER_BYTES + block_size * total_blocks
+    size = path.stat().st_size
+    if size < needed:
+        raise DatabaseFileError(f"{path}: cut short: {size:,} bytes where its header says {needed:,}")
 
 
 def _fingerprint(meta: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ VOCAB = "SELECT token, token_bytes FROM vocab ORDER BY token_id"
 
 # Loaded once at startup: 20M token ids of a 45k-text corpus are about 80 MB,
 # and a lookup in the table itself would scan the one row group they live in.
-TEXT_LENGTHS = "SELECT source_index, n_tokens FROM texts ORDER BY text_id"
+TEXT_LENGTHS = "SELECT source_index, source, n_tokens FROM texts ORDER BY text_id"
 # All token ids, text after text. The recorder inserts texts in text_id order
 # and DuckDB preserves insertion order without ORDER BY (its default), so this
 # streams as flat integers: no per-text lists, no pyarrow in the server.

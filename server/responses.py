@@ -30,7 +30,10 @@ class ModelInfo(Body):
 
     id: str
     model_name: str
+    model_source: str = Field(description="hub name, local folder or .gguf file the recording was given")
     model_revision: str | None
+    weights_file: str | None = Field(description="the GGUF file the weights were dequantized from, if any")
+    quantization: str | None = Field(description="that file's GGUF type, e.g. Q4_1")
     architecture: str
     act_fn: str
     n_layers: int
@@ -129,6 +132,7 @@ class Example(Body):
     value: float | None = Field(description="the ranked value at the token of interest")
     text_id: int
     source_index: int = Field(description="row in the source dataset")
+    source: str | None = Field(description="where the text came from, when the dataset says (a path, a URL)")
     position: int = Field(description="the token of interest")
     window_start: int
     token_ids: list[int]
@@ -175,6 +179,7 @@ class Text(Body):
     model: str
     text_id: int
     source_index: int
+    source: str | None
     token_ids: list[int]
     tokens: list[str]
     text: str

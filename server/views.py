@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
 
+import duckdb
 from fastapi import Path, Query
 
 from gluscope.schema import HOOKS, QUADRANT_SLUGS
 from gluscope.server import data, queries, render
 from gluscope.server.db import Database
+from gluscope.server.errors import ParameterError
 from gluscope.server.validate import LAYER_PAGE_MAX, check_index, get_model, hook_code, parse_neuron_ref
 
 # Ranges and choices are documented (json_schema_extra) but checked by
@@ -74,7 +76,11 @@ def run_view(registry: dict[str, Database], name: str, model: str | None, kind: 
     v = VIEWS[name]
     if v.per_model:
         db = get_model(registry, model)
-        shown = v.fn(db, **params)
+        try:
+            shown = v.fn(db, **params)
+        except duckdb.Error as e:  # a file damaged where opening it did not look: say so, never a 500
+            raise ParameterError(503, None, f"{db.path.name} cannot be read where this page needs it; the file is "
+                                 f"damaged ({str(e).splitlines()[0][:160]})") from None
     else:
         shown = v.fn(registry, **params)
     if isinstance(shown, Redirect):

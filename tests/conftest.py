@@ -63,12 +63,17 @@ def tokenizer_training_texts() -> list[str]:
     return corpus_texts() * 4
 
 
+def corpus_source(i: int) -> str:
+    """Where corpus text i "came from": what a page shows beside its examples (`record --source-column`)."""
+    return f"corpus/text-{i:03d}.txt"
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     with path.open("w") as f:
         for i, text in enumerate(corpus_texts()):
-            f.write(json.dumps({"text": text, "id": i}) + "\n")
+            f.write(json.dumps({"text": text, "id": i, "source": corpus_source(i)}) + "\n")
     return path
 
 
@@ -89,6 +94,7 @@ def recorded_db(tmp_path_factory, tiny_llama, corpus_file) -> Path:
     """A database recorded by `gluscope record` from the tiny Llama over the test corpus."""
     out = tmp_path_factory.mktemp("db") / "tiny-llama.duckdb"
     code = gluscope_main(["record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
+                          "--source-column", "source",
                           "--max-length", "48", "--batch-size", "4", "--device", "cpu", "--compile", "off"])
     assert code == 0 and out.exists()
     return out
