@@ -126,6 +126,32 @@ def refuse_mixture_of_experts(name: str, config: dict) -> None:
                         "its experts are gated MLPs, but GLUScope does not record expert neurons yet")
 
 
+def weight_count(folder: Path) -> int:
+    """The number of weights in a saved model's safetensors files, read from their headers alone."""
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, tensor in header.items():
+            if key != "__metadata__":
+                n = 1
+                for dim in tensor["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+def refuse_if_too_large(name: str, folder: Path, dtype: torch.dtype, device_bytes: int) -> None:
+    """Say so before loading when the weights alone cannot fit on the GPU: the recorder holds a whole
+    model on one device (no device map), and an out-of-memory traceback halfway through helps nobody."""
+    need = weight_count(folder) * torch.empty(0, dtype=dtype).element_size()
+    if need > device_bytes:
+        raise UserError(f"--model {name}: its weights need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                        f"more than the GPU's {device_bytes / 2**30:.1f} GiB; GLUScope records a model on one GPU "
+                        "(several GPUs each hold a whole model and record a shard): use a GPU with more memory")
+
+
 def resolve_model_source(name: str) -> tuple[str, GGUFSource | None]:
     """What `from_pretrained` should load for `name`: a hub name as given, a local folder as an
     absolute path (so transformers never mistakes it for a hub id), or a GGUF file's converted folder."""
@@ -167,6 +193,9 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     except RuntimeError as e:
         raise UserError(f"--device {device!r} is not a device torch knows ({e})") from None
     target, gguf = resolve_model_source(name)
+    if torch_device.type == "cuda" and hf_model is None and Path(target).is_dir():
+        index = torch_device.index if torch_device.index is not None else torch.cuda.current_device()
+        refuse_if_too_large(name, Path(target), DTYPES[dtype], torch.cuda.get_device_properties(index).total_memory)
 
     for noisy in ("transformers", "huggingface_hub"):  # their retries print before our one-line error
         logging.getLogger(noisy).setLevel(logging.ERROR)
