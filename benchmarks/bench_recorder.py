@@ -155,6 +155,11 @@ def main() -> None:
     ratios = sorted(r / b for r, b in pairs)
     print(f"per-batch ratios: min {ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f} "
           f"over {len(ratios)} batches")
+    # Steady state: the top-k lists have filled and few candidates enter them any more.
+    last = pairs[len(pairs) - max(1, len(pairs) // 4):]
+    rec_last, base_last = (sum(x) for x in zip(*last))
+    print(f"last quarter ({len(last)} batches, steady state): recorder/forward {rec_last / base_last:.2f}, "
+          f"{sum(1 for _ in last) * args.batch_size * (args.length - 1) / rec_last:.0f} tok/s")
     if not args.skip_write:
         print(f"database: {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
     if args.device.startswith("cuda"):

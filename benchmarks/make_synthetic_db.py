@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window-after", type=int, default=2)
     p.add_argument("--model-name", default="synthetic/OLMo-7B-0424-shape")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="write shard I of N of this corpus (texts I, I+N, ...), for `gluscope merge`")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
@@ -175,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     tokens, token_bytes = make_vocab(args.vocab_size, rng)
     texts, lengths = make_texts(args.texts, args.max_length, tokens, rng)
-    n_tokens = int((lengths - 1).sum())
+    shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
+    own = np.arange(args.texts) if shard is None else np.arange(shard[0], args.texts, shard[1])
+    rng = np.random.default_rng([args.seed, *(shard or ())])  # each shard's statistics its own
+    n_tokens = int((lengths[own] - 1).sum())
     meta = {
         "schema_version": SCHEMA_VERSION, "tool_version": "synthetic",
         "created_at": datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0),
@@ -183,9 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         "weights_file": None, "weights_sha256": None, "quantization": None, "architecture": "OlmoForCausalLM",
         "act_fn": "silu", "n_layers": args.layers, "d_model": 4096, "d_mlp": args.d_mlp,
         "vocab_size": args.vocab_size, "dtype": "float32", "dataset": "synthetic random tokens",
-        "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": args.texts,
-        "n_tokens": n_tokens, "batch_size": 1, "corpus_fingerprint": "synthetic", "shard_index": None,
-        "shard_count": None, "k": args.k, "window_before": args.window_before,
+        "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": len(own),
+        "n_tokens": n_tokens, "batch_size": 1, "corpus_fingerprint": f"synthetic {args.seed} {args.texts}",
+        "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None, "k": args.k, "window_before": args.window_before,
         "window_after": args.window_after, "refactor_glu": True,
         "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "
                              "so cos(w_gate, w_in) >= 0; the model computes the same function.",
@@ -193,11 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     with DatabaseWriter(args.out, overwrite=args.overwrite) as w:
         w.write_metadata(meta)
         w.write_vocab(tokens, token_bytes)
-        w.write_texts(np.arange(args.texts, dtype=np.int64) * 3, texts)
+        w.write_texts(own * 3, [texts[i] for i in own], text_ids=own)
         for layer in range(args.layers):
             t = time.perf_counter()
-            w.write_layer(layer, make_layer(layer, args.d_mlp, args.k, args.candidates, lengths, n_tokens,
-                                            args.window_before, args.window_after, True, rng, args.vocab_size))
+            r = make_layer(layer, args.d_mlp, args.k, args.candidates, lengths[own], n_tokens,
+                           args.window_before, args.window_after, True, rng, args.vocab_size)
+            r.example_text = np.where(r.example_text >= 0, own[np.maximum(r.example_text, 0)], -1).astype(np.int32)
+            w.write_layer(layer, r)
             print(f"layer {layer} written in {time.perf_counter() - t:.1f} s", flush=True)
     size = args.out.stat().st_size
     print(f"{args.out}: {size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s "
