@@ -31,8 +31,8 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
 # What is recorded, and so what a second run must find to reuse the file.
-DEMO_TOKENS = 24_000
-DEMO_MAX_LENGTH = 128
+DEMO_TOKENS = 16_000
+DEMO_MAX_LENGTH = 96
 DEMO_BATCH = 16
 CORPUS_VERSION = "demo corpus 1"
 DATASET = (f"{CORPUS_VERSION}: passages of the Python Language Reference and of the standard library's code "

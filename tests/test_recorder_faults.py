@@ -52,9 +52,10 @@ def test_a_file_size_limit_during_the_write_leaves_nothing_and_says_one_line(tin
                                         (signal.SIGTERM, "write"), (signal.SIGINT, "write")])
 def test_sigterm_and_ctrl_c_leave_no_partial_database(how, stage, tiny_llama, corpus_file, tmp_path):
     out = tmp_path / "interrupted.duckdb"
-    # A long corpus (the test texts, many times over, batch 1) so that the loop runs for a while.
+    # For the loop, a long corpus (the test texts, many times over, batch 1) so that it runs for a while;
+    # for the write, the corpus once, so that the write comes soon.
     big = tmp_path / "big.jsonl"
-    big.write_text(corpus_file.read_text() * 40)
+    big.write_text(corpus_file.read_text() * (40 if stage == "loop" else 1))
     proc = subprocess.Popen(record_cmd(tiny_llama, big, out, "--batch-size", "1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
