@@ -1,6 +1,6 @@
 """Screenshot a neuron page with one examples list open, for the README.
 
-    python docs/screenshot.py --db data/demo.duckdb --neuron 2.289 --quadrant nn --hook hook_post \
+    python docs/screenshot.py --db data/demo.duckdb --neuron 17.1284 --quadrant nn --hook hook_post \
         --out docs/neuron-page.png
 
 Starts the real app on a free port and drives Debian's headless Chromium.
