@@ -39,8 +39,12 @@ DATASET = (f"{CORPUS_VERSION}: passages of the Python Language Reference and of 
            "(gluscope/demo_corpus.py)")
 
 
+_STARTED = time.perf_counter()
+
+
 def say(message: str) -> None:
-    print(message, flush=True)
+    """A step of the demo, with the seconds since it started, so a user sees where the time goes."""
+    print(f"[{time.perf_counter() - _STARTED:5.0f} s] {message}", flush=True)
 
 
 def _sha256(path: Path) -> str:
@@ -160,15 +164,16 @@ def interesting_neuron(path: Path) -> tuple[int, int, str]:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    global _STARTED
+    _STARTED = time.perf_counter()
     out: Path = args.out
-    started = time.perf_counter()
     model_file = Path(args.model_file).expanduser() if args.model_file else fetch_model_file()
     name = args.name or (DEMO_NAME if not args.model_file else model_file.stem)
     if reusable(out, model_file):
         say(f"reusing {out} (delete it to record again)")
     else:
         record_demo(model_file, out, name=name, max_tokens=args.max_tokens or DEMO_TOKENS)
-        say(f"recorded {out} in {time.perf_counter() - started:.0f} s")
+        say(f"recorded {out}")
     layer, neuron, slug = interesting_neuron(out)
     if args.no_serve:
         say(f"database: {out}; an interesting neuron: {layer}.{neuron}")
@@ -182,6 +187,6 @@ def run_demo(args: argparse.Namespace) -> None:
     app = create_app([out], readers=usable_cpus())
     model_id = next(iter(app.state.registry))
     base = f"http://{args.host}:{args.port}"
-    say(f"\nGLUScope demo: {base}/")
-    say(f"an interesting neuron: {base}/models/{model_id}/neurons/{layer}/{neuron}#ex-{slug}-hook_post\n")
+    say(f"GLUScope demo: {base}/")
+    say(f"an interesting neuron: {base}/models/{model_id}/neurons/{layer}/{neuron}#ex-{slug}-hook_post")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
