@@ -20,6 +20,7 @@ that the compiler laid the struct out as ctypes does.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -42,14 +43,28 @@ log = logging.getLogger("gluscope.record")
 SOURCE = Path(__file__).with_name("kernels") / "reduce_cpu.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
-_f32, _f64, _i32, _i64, _u16 = (ctypes.POINTER(t) for t in
-                                (ctypes.c_float, ctypes.c_double, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint16))
+_f32, _i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+
+# The layer's state, which the kernel updates in place: (name, C type, shape, initial value). Dimensions: n
+# neurons, Q = 4 quadrants, L = 16 lists, k examples per list, W window slots. Names that ReducedLayer also has
+# are handed to it as they are; a new statistic of the kernel is one row here and its code in the .cpp.
+STATE = (
+    ("counts", ctypes.c_int64, "n Q", 0),
+    ("near", ctypes.c_float, "n L", np.inf),      # the smallest |value|
+    ("total", ctypes.c_double, "n L", 0),         # the sum of |value|
+    ("top_mag", ctypes.c_float, "n L k", -1),     # the lists, sorted, most extreme first
+    ("top_text", ctypes.c_int32, "n L k", -1),
+    ("top_pos", ctypes.c_int32, "n L k", 0),
+    ("top_slot", ctypes.c_int32, "n L k", 0),     # the window row each entry owns
+    ("win_gate", ctypes.c_uint16, "n L k W", 0),  # float16 bits, by slot
+    ("win_in", ctypes.c_uint16, "n L k W", 0),
+)
 
 
 class ReduceArgs(ctypes.Structure):
-    """The kernel's argument: one layer's batch (read only) and the layer's state (updated in place).
+    """The kernel's argument: one layer's batch (read only), then the layer's STATE (updated in place).
 
-    Arrays are C-contiguous; n = neurons, L = 16 lists, k = examples per list, W = window slots.
+    Arrays are C-contiguous.
     """
 
     _fields_ = [
@@ -58,12 +73,7 @@ class ReduceArgs(ctypes.Structure):
         ("lengths", _i64), ("text_ids", _i64),              # [B]
         ("batch", ctypes.c_int64), ("seq_len", ctypes.c_int64), ("n", ctypes.c_int64),
         ("before", ctypes.c_int64), ("after", ctypes.c_int64), ("k", ctypes.c_int64), ("window", ctypes.c_int64),
-        ("counts", _i64),                                   # [n, 4]
-        ("near", _f32),                                     # [n, L] smallest |value|
-        ("total", _f64),                                    # [n, L] sum of |value|
-        ("top_mag", _f32), ("top_text", _i32), ("top_pos", _i32),  # [n, L, k] sorted, most extreme first
-        ("top_slot", _i32),                                 # [n, L, k] the window row each entry owns
-        ("win_gate", _u16), ("win_in", _u16),               # [n, L, k, W] float16 bits, by slot
+        *((name, ctypes.POINTER(ctype)) for name, ctype, _, _ in STATE),
         ("n_threads", ctypes.c_int32),
     ]
     INPUTS = ("x_gate", "x_in", "act", "sign", "lengths", "text_ids")
@@ -216,17 +226,11 @@ class KernelReducer:
         self.setup = setup
         self.buffer = buffer
         self.sign = _contiguous_f32(setup.sign)
-        n, k, window, lists = setup.n, setup.k, setup.window, rules.N_LISTS
-        self.counts = np.zeros((n, rules.N_QUADRANTS), np.int64)
-        self.total = np.zeros((n, lists), np.float64)
-        self.near = np.full((n, lists), np.inf, np.float32)
-        self.top_mag = np.full((n, lists, k), -1.0, np.float32)
-        self.top_text = np.full((n, lists, k), -1, np.int32)
-        self.top_pos = np.zeros((n, lists, k), np.int32)
-        # The window row each entry owns: entries move as better ones enter, windows never do.
-        self.top_slot = np.broadcast_to(np.arange(k, dtype=np.int32), (n, lists, k)).copy()
-        self.win_gate = np.zeros((n, lists, k, window), np.uint16)
-        self.win_in = np.zeros((n, lists, k, window), np.uint16)
+        sizes = {"n": setup.n, "Q": rules.N_QUADRANTS, "L": rules.N_LISTS, "k": setup.k, "W": setup.window}
+        self.state = {name: np.full([sizes[d] for d in dims.split()], initial, np.dtype(ctype))
+                      for name, ctype, dims, initial in STATE}
+        # Entries move as better ones enter, windows never do: each entry carries the row of its window.
+        self.state["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
 
     def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
         x_gate, x_in = _contiguous_f32(x_gate), _contiguous_f32(x_in)
@@ -235,22 +239,20 @@ class KernelReducer:
             x_gate=x_gate, x_in=x_in, act=self.buffer.act(self.setup.act_fn, x_gate), sign=self.sign,
             lengths=batch.lengths, text_ids=batch.text_ids, batch=B, seq_len=T, n=n,
             before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
-            counts=self.counts, near=self.near, total=self.total, top_mag=self.top_mag, top_text=self.top_text,
-            top_pos=self.top_pos, top_slot=self.top_slot, win_gate=self.win_gate, win_in=self.win_in,
-            n_threads=torch.get_num_threads())
+            n_threads=torch.get_num_threads(), **self.state)
         load_kernel().gluscope_reduce_update(ctypes.byref(args))
 
     def finish(self) -> LayerStatistics:
+        state = self.state
         # Windows sit in slot order; put them in the order of their entries.
-        n, lists, k, window = self.win_gate.shape
-        rows = (np.arange(n * lists)[:, None] * k + self.top_slot.reshape(-1, k)).reshape(-1)
+        n, lists, k, window = state["win_gate"].shape
+        rows = (np.arange(n * lists)[:, None] * k + state["top_slot"].reshape(-1, k)).reshape(-1)
 
         def by_entry(bits: np.ndarray) -> np.ndarray:
             return bits.reshape(-1, window).take(rows, axis=0).reshape(bits.shape).view(np.float16)
-        return finish_layer(ReducedLayer(
-            counts=self.counts, near=self.near, total=self.total, top_mag=self.top_mag, top_text=self.top_text,
-            top_pos=self.top_pos, win_gate=by_entry(self.win_gate), win_in=by_entry(self.win_in),
-        ), self.setup)
+        handed = {f.name: state[f.name] for f in dataclasses.fields(ReducedLayer)}
+        handed.update(win_gate=by_entry(state["win_gate"]), win_in=by_entry(state["win_in"]))
+        return finish_layer(ReducedLayer(**handed), self.setup)
 
 
 def _contiguous_f32(t: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,13 @@ Two implementations: `reduce.TensorReducer` (tensor code, any device) and
 `LayerSetup` and the same `update` arguments, hand over a `ReducedLayer` in
 one layout, and `finish_layer` turns that into the writer's
 `LayerStatistics`, so signs, NaNs, means and window bounds are applied once.
+
+A new per-neuron statistic goes: its parameters, if both reducers need them
+(bin edges, say), into rules.py, whose c_header() hands them to the kernel;
+its per-batch reduction into reduce.py (reduce_batch and TensorReducer) and
+kernels/reduce_cpu.cpp (with one STATE row in reduce_cpu.py); one
+ReducedLayer field here and its conversion in finish_layer; one
+LayerStatistics field and its rows in writer.py; its table in schema.sql.
 """
 
 from __future__ import annotations
