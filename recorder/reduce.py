@@ -54,7 +54,7 @@ def reduce_batch(x_gate: torch.Tensor, x_in: torch.Tensor, valid: torch.Tensor,
         of its most extreme token with the position as tie-breaker, so the
         maximum picks the largest |value| and then the lowest position; 0
         means no token of that list in the text,
-      near [16, n]: the smallest nonzero |value| over the batch (inf: none),
+      near [16, n]: the smallest |value| over the batch (inf: none),
       total [16, n]: the sum of |value| over the batch,
       counts [4, n]: tokens per quadrant.
     Packing the position into the key turns 16 argmax reductions, which do
@@ -66,6 +66,7 @@ def reduce_batch(x_gate: torch.Tensor, x_in: torch.Tensor, valid: torch.Tensor,
     values = {POST: a * x_in, X_IN: x_in, X_GATE: x_gate, ACT: a}
     masks = {(var, s): ((v > 0) if s > 0 else (v < 0)) & vm
              for var, v in (("x_in", x_in), ("x_gate", x_gate)) for s in (1, -1)}
+    in_quadrant = [masks[("x_gate", gs)] & masks[("x_in", us)] for gs, us in QUADRANT_SIGNS]
     zero = x_gate.new_zeros(())
     inf = x_gate.new_full((), float("inf"))
     tie = position_tie(torch.arange(T, device=x_gate.device, dtype=torch.int64), T).view(1, T, 1)
@@ -78,11 +79,10 @@ def reduce_batch(x_gate: torch.Tensor, x_in: torch.Tensor, valid: torch.Tensor,
         m = torch.where(masks[split], values[hook], zero)
         for i, part in ((i_hi, m.clamp(min=0)), (i_lo, (-m).clamp(min=0))):
             best[i] = magnitude_key(part, tie).amax(1)
-            near[i] = torch.where(part > 0, part, inf).amin(1)
+            # The quadrant's mask, not part > 0: a value that underflowed to 0 is the list's near end.
+            near[i] = torch.where(in_quadrant[i // N_HOOKS], part, inf).amin(1)
             total[i] = part.sum(1)
-    counts = torch.stack([
-        (masks[("x_gate", gs)] & masks[("x_in", us)]).sum(1) for gs, us in QUADRANT_SIGNS
-    ]).sum(1)
+    counts = torch.stack([mask.sum(1) for mask in in_quadrant]).sum(1)
     return torch.stack(best, 1), torch.stack(near, 1).amin(0), torch.stack(total, 1).sum(0), counts
 
 

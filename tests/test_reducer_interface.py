@@ -63,6 +63,9 @@ def _tied_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         x[:, 5] = x[:, 2]
     x_gate[0, 3, :4] = 0.0
     x_in[2, 4, 4:8] = 0.0
+    # Neuron 19 is always in gate+_in+, where its hook_post act(x_gate) * x_in underflows to 0.
+    x_gate[:, :, 19] = 1e-30
+    x_in[:, :, 19] = 1e-30
     return x_gate, x_in, np.array([9, 8, 9, 8, 7])
 
 
@@ -85,6 +88,11 @@ def test_both_reducers_finish_the_same_statistics_and_break_ties_as_the_rules_sa
             np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=field.name)
         else:
             np.testing.assert_array_equal(a, b, err_msg=field.name)
+
+    pp, post = 0, rules.POST
+    assert kernel.counts[pp, 19] == (lengths - 1).sum()
+    assert kernel.value_min[pp, post, 19] == kernel.value_max[pp, post, 19] == 0
+    assert (kernel.example_text[pp, post, 19] == -1).all()
 
     text, pos = kernel.example_text, kernel.example_pos
     assert (text >= 0).sum() > 100
