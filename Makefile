@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0*.whl))
 TORCH_PIN   := $(if $(TORCH_WHEEL),--find-links $(dir $(TORCH_WHEEL)) torch==2.13.0,)
 HTMX        := frontend/static/vendor/htmx.min.js
 
-.PHONY: install assets browser compiler test demo clean
+.PHONY: install assets browser compiler docker-engine test demo clean
 
 install: $(VENV)/.installed assets
 
@@ -41,7 +41,16 @@ compiler:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
 	else echo "g++ missing and not root: the recorder falls back to its slower tensor code (kernel tests skip)"; fi
 
-test: install browser compiler
+# Debian's Docker engine, compose and mmdebstrap for tests/test_docker_engine.py, which builds
+# and starts the server service with `docker compose` (mmdebstrap makes its stand-in base images).
+docker-engine:
+	@if command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null \
+		&& { command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; }; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose mmdebstrap >/dev/null; \
+	else echo "dockerd, docker-compose or mmdebstrap missing and not root: the Docker engine tests will be skipped"; fi
+
+test: install browser compiler docker-engine
 	$(PY) -m pytest
 
 demo: install compiler

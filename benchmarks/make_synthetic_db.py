@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "schema_version": SCHEMA_VERSION, "tool_version": "synthetic",
         "created_at": datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0),
-        "model_name": args.model_name, "model_revision": None, "architecture": "OlmoForCausalLM",
+        "model_name": args.model_name, "model_source": "synthetic", "model_revision": None,
+        "weights_file": None, "weights_sha256": None, "quantization": None, "architecture": "OlmoForCausalLM",
         "act_fn": "silu", "n_layers": args.layers, "d_model": 4096, "d_mlp": args.d_mlp,
         "vocab_size": args.vocab_size, "dtype": "float32", "dataset": "synthetic random tokens",
         "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": args.texts,

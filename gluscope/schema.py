@@ -2,7 +2,7 @@
 
 from importlib import resources
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: model_source, weights_file, weights_sha256, quantization; texts.source
 
 # Code order is the column order of the paper's Figure 1.
 QUADRANTS: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")

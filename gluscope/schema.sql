@@ -10,8 +10,12 @@ CREATE TABLE metadata (
     schema_version   INTEGER   NOT NULL,
     tool_version     VARCHAR   NOT NULL,
     created_at       TIMESTAMP NOT NULL,
-    model_name       VARCHAR   NOT NULL,  -- hub name or local folder as given
+    model_name       VARCHAR   NOT NULL,  -- display name: record --name, else model_source
+    model_source     VARCHAR   NOT NULL,  -- hub name, local folder or .gguf file as given
     model_revision   VARCHAR,             -- commit hash when known
+    weights_file     VARCHAR,             -- the GGUF file the weights were dequantized from, if any
+    weights_sha256   VARCHAR,             -- its SHA-256
+    quantization     VARCHAR,             -- its GGUF file type (e.g. Q4_1); NULL for float checkpoints
     architecture     VARCHAR   NOT NULL,  -- e.g. LlamaForCausalLM
     act_fn           VARCHAR   NOT NULL,  -- the config's name, e.g. silu, gelu_pytorch_tanh
     n_layers         INTEGER   NOT NULL,
@@ -61,6 +65,7 @@ INSERT INTO hooks VALUES
 CREATE TABLE texts (
     text_id      INTEGER   NOT NULL,  -- 0 .. n_texts-1
     source_index BIGINT    NOT NULL,  -- row index in the source dataset
+    source       VARCHAR,             -- where the text came from (a path), when the dataset says
     n_tokens     INTEGER   NOT NULL,  -- length including BOS
     token_ids    INTEGER[] NOT NULL
 );

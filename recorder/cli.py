@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from gluscope.errors import UserError
 
@@ -12,8 +15,12 @@ from gluscope.errors import UserError
 def _tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    from gluscope.recorder.gguf import convert, is_gguf
+
     path = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) and not path.is_dir():
+    if is_gguf(name):
+        path = convert(path)  # the tokenizer is read from the converted folder, as `record` will
+    elif name.startswith((".", "/", "~")) and not path.is_dir():
         raise UserError(f"--tokenizer {name}: no such folder")
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
@@ -27,7 +34,7 @@ def _corpus_from_source(source: str, tokenizer, args: argparse.Namespace):
 
     ds = load_text_dataset(source, args.text_column, args.split)
     corpus = tokenize(ds, tokenizer, text_column=args.text_column, max_length=args.max_length,
-                      max_tokens=args.max_tokens, seed=args.seed)
+                      max_tokens=args.max_tokens, seed=args.seed, source_column=args.source_column)
     corpus.info["source"] = source
     return corpus
 
@@ -43,7 +50,33 @@ def run_dataset(args: argparse.Namespace) -> None:
     print(f"wrote {corpus.n_texts} texts, {int(corpus.lengths.sum())} tokens (BOS included) to {args.out}")
 
 
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for the whole run, so that a second run writing it is refused.
+
+    The lock is a hidden file beside `out`, left in place afterwards: deleting
+    it while another process waits to lock it would let two runs hold two locks.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {out}: another `gluscope record` is writing this file") from None
+        yield
+
+
 def run_record(args: argparse.Namespace) -> None:
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give a .duckdb file path")
+    with output_lock(args.out):
+        _record(args)
+
+
+def _record(args: argparse.Namespace) -> None:
+    import duckdb
+
     from gluscope.recorder.corpus import is_corpus_folder, load_corpus, tokenizer_fingerprint
     from gluscope.recorder.model import load_model
     from gluscope.recorder.record import record
@@ -51,8 +84,6 @@ def run_record(args: argparse.Namespace) -> None:
     out: Path = args.out
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a .duckdb file path")
     for name, value in (("--batch-size", args.batch_size), ("--k", args.k)):
         if value < 1:
             raise UserError(f"{name} must be at least 1")
@@ -64,7 +95,10 @@ def run_record(args: argparse.Namespace) -> None:
         raise UserError(f"--dataset {dataset}: no such file or folder")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    if args.name is not None and not args.name.strip():
+        raise UserError("--name must not be empty")
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                       display_name=args.name)
     if is_corpus_folder(dataset):
         corpus = load_corpus(dataset)
         want = corpus.info.get("tokenizer_fingerprint")
@@ -73,8 +107,12 @@ def run_record(args: argparse.Namespace) -> None:
                             f"run `gluscope dataset` again with --tokenizer {args.model}")
     else:
         corpus = _corpus_from_source(dataset, model.tokenizer, args)
-    record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
-           k=args.k, window_before=args.window_before, window_after=args.window_after,
-           refactor_glu=args.refactor_glu, compile=args.compile, reducer=args.reducer,
-           overwrite=args.overwrite)
+    try:
+        record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
+               k=args.k, window_before=args.window_before, window_after=args.window_after,
+               refactor_glu=args.refactor_glu, compile=args.compile, reducer=args.reducer,
+               overwrite=args.overwrite)
+    except (OSError, duckdb.Error) as e:  # a full disk, a file-size limit: the writer has removed its file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot write {out} ({first[:200]}); nothing was left behind") from None
     print(f"wrote {out}")

@@ -29,6 +29,7 @@ class Corpus:
     source_index: np.ndarray           # [n_texts] int64: row in the source dataset
     token_ids: list[np.ndarray]        # each int32, BOS first
     info: dict[str, Any] = field(default_factory=dict)
+    sources: list[str | None] | None = None  # per text, from the dataset's source column (a path, say)
 
     @property
     def n_texts(self) -> int:
@@ -103,8 +104,9 @@ def load_text_dataset(source: str, text_column: str = "text", split: str = "trai
     return ds
 
 
-def _token_chunks(ds, tokenizer, text_column: str, max_length: int, seed: int) -> Iterator[tuple[int, list[int]]]:
-    """(source row, token ids without BOS, at most max_length-1) in shuffled order."""
+def _token_chunks(ds, tokenizer, text_column: str, max_length: int, seed: int,
+                  source_column: str | None = None) -> Iterator[tuple[int, list[int], str | None]]:
+    """(source row, token ids without BOS (at most max_length-1), source) in shuffled order."""
     order = np.random.default_rng(seed).permutation(len(ds))
     # Tokenizing a whole long document to keep its first 1023 tokens is wasted
     # work: cut the text first, with a margin, and only fall back when short.
@@ -112,34 +114,44 @@ def _token_chunks(ds, tokenizer, text_column: str, max_length: int, seed: int) -
     keep = max_length - 1
     for start in range(0, len(order), CHUNK_ROWS):
         rows = order[start:start + CHUNK_ROWS]
-        texts = ds.select(rows)[text_column]
-        texts = ["" if t is None else str(t) for t in texts]
+        chunk = ds.select(rows)
+        texts = ["" if t is None else str(t) for t in chunk[text_column]]
+        sources = chunk[source_column] if source_column else [None] * len(rows)
         heads = [t[:char_cap] for t in texts]
         encoded = tokenizer(heads, add_special_tokens=False)["input_ids"]
-        for row, text, ids in zip(rows, texts, encoded):
+        for row, text, ids, source in zip(rows, texts, encoded, sources):
             if len(text) > char_cap and len(ids) < keep + 8:
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            yield int(row), ids[:keep]
+            yield int(row), ids[:keep], None if source is None else str(source)
 
 
-def tokenize(ds, tokenizer, *, text_column: str, max_length: int, max_tokens: int, seed: int) -> Corpus:
-    """Shuffle with `seed`, put BOS first, truncate to max_length, stop once max_tokens are kept (BOS counted)."""
+def tokenize(ds, tokenizer, *, text_column: str, max_length: int, max_tokens: int, seed: int,
+             source_column: str | None = None) -> Corpus:
+    """Shuffle with `seed`, put BOS first, truncate to max_length, stop once max_tokens are kept (BOS counted).
+
+    `source_column` names a column that says where each text came from (a path, a URL); it is kept per text.
+    """
     if not 2 <= max_length <= 32767:
         # The database stores positions as SMALLINT.
         raise UserError("--max-length must be between 2 (BOS plus one token) and 32767")
     if max_tokens < 2:
         raise UserError("--max-tokens must be at least 2")
+    if source_column is not None and source_column not in ds.column_names:
+        raise UserError(f"the dataset has no column {source_column!r} (columns: {', '.join(ds.column_names)}); "
+                        "choose one with --source-column")
     bos = bos_token_id(tokenizer)
     sources: list[int] = []
+    origins: list[str | None] = []
     token_ids: list[np.ndarray] = []
     total = 0
-    for row, ids in _token_chunks(ds, tokenizer, text_column, max_length, seed):
+    for row, ids, origin in _token_chunks(ds, tokenizer, text_column, max_length, seed, source_column):
         if not ids:
             continue  # an empty text adds nothing but a BOS
         arr = np.empty(len(ids) + 1, dtype=np.int32)
         arr[0] = bos
         arr[1:] = ids
         sources.append(row)
+        origins.append(origin)
         token_ids.append(arr)
         total += len(arr)
         if total >= max_tokens:
@@ -152,10 +164,11 @@ def tokenize(ds, tokenizer, *, text_column: str, max_length: int, max_tokens: in
         "max_tokens": max_tokens,
         "seed": seed,
         "text_column": text_column,
+        "source_column": source_column,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "n_texts": len(token_ids),
         "n_tokens_with_bos": total,
-    })
+    }, origins if source_column else None)
 
 
 def save_corpus(corpus: Corpus, out: Path, overwrite: bool = False) -> Path:
@@ -172,10 +185,13 @@ def save_corpus(corpus: Corpus, out: Path, overwrite: bool = False) -> Path:
     try:
         offsets = np.zeros(corpus.n_texts + 1, dtype=np.int64)
         np.cumsum(corpus.lengths, out=offsets[1:])
-        table = pa.table({
+        columns = {
             "source_index": pa.array(corpus.source_index),
             "token_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(corpus.token_ids))),
-        })
+        }
+        if corpus.sources is not None:
+            columns["source"] = pa.array(corpus.sources, pa.string())
+        table = pa.table(columns)
         pq.write_table(table, tmp / TOKENS)
         (tmp / MANIFEST).write_text(json.dumps(corpus.info, indent=2) + "\n")
         if out.exists():
@@ -201,4 +217,5 @@ def load_corpus(folder: str | Path) -> Corpus:
     flat = col.values.to_numpy().astype(np.int32)
     offsets = col.offsets.to_numpy()
     token_ids = [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-    return Corpus(table.column("source_index").to_numpy().astype(np.int64), token_ids, info)
+    sources = table.column("source").to_pylist() if "source" in table.column_names else None
+    return Corpus(table.column("source_index").to_numpy().astype(np.int64), token_ids, info, sources)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Callable
 import torch
 
 from gluscope.errors import UserError
+from gluscope.recorder.gguf import GGUFSource, convert, is_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +50,7 @@ def activation_name(config) -> str:
 class GatedModel:
     bridge: object              # transformer_lens TransformerBridge
     tokenizer: object
-    name: str
+    name: str                   # display name: --name, else the name as given
     revision: str | None
     architecture: str
     act_fn_name: str
@@ -58,6 +60,8 @@ class GatedModel:
     vocab_size: int
     dtype: torch.dtype
     device: torch.device
+    source: str = ""            # the hub name, folder or GGUF file as given
+    gguf: GGUFSource | None = None  # set when the weights came from a GGUF file
 
     @property
     def act_fn(self) -> Callable[..., torch.Tensor]:
@@ -119,11 +123,46 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def refuse_mixture_of_experts(name: str, config: dict) -> None:
+    """An MoE model's experts are gated MLPs, but a neuron then belongs to one expert of many: refuse plainly."""
+    experts = next((config[key] for key in _EXPERT_COUNTS if isinstance(config.get(key), int) and config[key] > 1), None)
+    if experts is not None:
+        arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+        raise UserError(f"--model {name} ({arch}) is a mixture-of-experts model with {experts} experts per layer: "
+                        "its experts are gated MLPs, but GLUScope does not record expert neurons yet")
+
+
+def resolve_model_source(name: str) -> tuple[str, GGUFSource | None]:
+    """What `from_pretrained` should load for `name`: a hub name as given, a local folder as an
+    absolute path (so transformers never mistakes it for a hub id), or a GGUF file's converted folder."""
+    path = Path(name).expanduser()
+    if is_gguf(name):
+        folder = convert(path)
+        return str(folder), GGUFSource.read(folder)
+    if _looks_like_path(name) and not path.is_dir():
+        raise UserError(f"--model {name}: no such folder (give a local model folder, a .gguf file or a "
+                        "Hugging Face hub name)")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"--model {name}: the folder has no config.json, so it is not a saved model")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {name}: its config.json is not readable JSON ({e})") from None
+        refuse_mixture_of_experts(name, config if isinstance(config, dict) else {})
+        return str(path.resolve()), None
+    return name, None
+
+
 def load_model(name: str, device: str | None = None, dtype: str = "float32", revision: str | None = None,
-               hf_model=None) -> GatedModel:
-    """Boot `name` (hub name or local folder) through TransformerBridge and check it has gated MLPs.
+               hf_model=None, display_name: str | None = None) -> GatedModel:
+    """Boot `name` (hub name, local folder or GGUF file) through TransformerBridge and check it has gated MLPs.
 
     `hf_model` wraps a model already in memory (benchmarks build random ones from a config).
+    `display_name` titles the pages (default: `name`).
     """
     from transformer_lens.model_bridge import TransformerBridge  # heavy: import on use
 
@@ -136,11 +175,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
             raise UserError(f"--device {device}: no CUDA device is available here (use --device cpu)")
     except RuntimeError as e:
         raise UserError(f"--device {device!r} is not a device torch knows ({e})") from None
-    if _looks_like_path(name) and not Path(name).expanduser().is_dir():
-        raise UserError(f"--model {name}: no such folder (give a local model folder or a Hugging Face hub name)")
-    local = Path(name).expanduser().is_dir()
-    if local and not (Path(name).expanduser() / "config.json").exists():
-        raise UserError(f"--model {name}: the folder has no config.json, so it is not a saved model")
+    target, gguf = resolve_model_source(name)
 
     for noisy in ("transformers", "huggingface_hub"):  # their retries print before our one-line error
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -150,7 +185,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     if hf_model is not None:
         kwargs["hf_model"] = hf_model
     try:
-        bridge = TransformerBridge.boot_transformers(str(Path(name).expanduser()) if local else name, **kwargs)
+        bridge = TransformerBridge.boot_transformers(target, **kwargs)
     except UserError:
         raise
     except OSError as e:
@@ -158,6 +193,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     except (ValueError, KeyError, NotImplementedError) as e:
         raise UserError(f"--model {name}: TransformerLens cannot load this model ({_first_line(e)})") from None
 
+    refuse_mixture_of_experts(name, bridge.original_model.config.to_dict())
     hooks = bridge.hook_dict
     if "blocks.0.mlp.hook_pre_linear" not in hooks or "blocks.0.mlp.hook_pre" not in hooks:
         arch = type(bridge.original_model).__name__
@@ -178,7 +214,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     return GatedModel(
         bridge=bridge,
         tokenizer=tokenizer,
-        name=name,
+        name=display_name or name,
         revision=revision or getattr(config, "_commit_hash", None),
         architecture=(config.architectures or [type(hf).__name__])[0],
         act_fn_name=activation_name(config),
@@ -188,4 +224,6 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
         vocab_size=int(bridge.cfg.d_vocab),
         dtype=DTYPES[dtype],
         device=torch_device,
+        source=name,
+        gguf=gguf,
     )

@@ -65,7 +65,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         writer.write_metadata(meta)
         writer.write_vocab(tokens_text, tokens_bytes)
-        writer.write_texts(corpus.source_index, corpus.token_ids)
+        writer.write_texts(corpus.source_index, corpus.token_ids, sources=corpus.sources)
         _write_layers(writer, reducers, weights)
     return Path(out)
 
@@ -147,7 +147,11 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
         "tool_version": gluscope.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
         "model_name": model.name,
+        "model_source": model.source or model.name,
         "model_revision": model.revision,
+        "weights_file": model.gguf.file if model.gguf else None,
+        "weights_sha256": model.gguf.sha256 if model.gguf else None,
+        "quantization": model.gguf.quantization if model.gguf else None,
         "architecture": model.architecture,
         "act_fn": model.act_fn_name,
         "n_layers": model.n_layers,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gluscope.recorder.weight_tokens import top_tokens
+
 
 def weight_geometry(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                     refactor_glu: bool) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
@@ -37,13 +39,11 @@ WEIGHT_TOKENS = 10
 
 
 def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, sign: torch.Tensor,
-                  W_E: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS,
-                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                  W_E: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS) -> tuple[np.ndarray, np.ndarray]:
     """Top tokens of +-w_out.W_U, +-w_gate.W_E and +-w_in.W_E per neuron (kinds 0..5 of schema.sql).
 
     w_in and w_out are flipped by `sign` first, so the tables follow the
-    recorded weight convention. Chunks over neurons bound the memory of the
-    [neurons, vocab] products.
+    recorded weight convention.
     """
     n = w_gate.shape[0]
     top = min(top, W_E.shape[0])
@@ -51,14 +51,10 @@ def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
     scores = np.zeros((6, n, top), dtype=np.float32)
     w_in = w_in * sign[:, None]
     w_out = w_out * sign[:, None]
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        for kind, weight, matrix in ((0, w_out, W_U), (2, w_gate, W_E.T), (4, w_in, W_E.T)):
-            product = weight[lo:hi] @ matrix  # one [chunk, vocab] product alive at a time
-            for offset, largest in ((0, True), (1, False)):
-                best = product.topk(top, dim=1, largest=largest)
-                ids[kind + offset, lo:hi] = best.indices.cpu().numpy()
-                scores[kind + offset, lo:hi] = best.values.float().cpu().numpy()
+    for kind, weight, matrix in ((0, w_out, W_U), (2, w_gate, W_E.T), (4, w_in, W_E.T)):
+        best_ids, best_scores = top_tokens(weight, matrix.contiguous(), top)
+        ids[kind:kind + 2] = best_ids.cpu().numpy()
+        scores[kind:kind + 2] = best_scores.float().cpu().numpy()
     return ids, scores
 
 

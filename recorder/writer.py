@@ -75,8 +75,13 @@ class DatabaseWriter:
         # neuron load every block they touch, so smaller blocks mean less to
         # read and check per request. Measured on the OLMo-7B-shaped file: the
         # examples query's p50 fell by about 30%; the file's size stayed the same.
-        self.con = duckdb.connect(str(self.tmp_path), config={"default_block_size": str(BLOCK_SIZE)})
-        self.con.execute(schema_sql())
+        self.con = None
+        try:
+            self.con = duckdb.connect(str(self.tmp_path), config={"default_block_size": str(BLOCK_SIZE)})
+            self.con.execute(schema_sql())
+        except BaseException:  # an interrupt here would otherwise leave the new file behind: no __exit__ runs
+            self.abort()
+            raise
 
     def __enter__(self) -> "DatabaseWriter":
         return self
@@ -103,12 +108,14 @@ class DatabaseWriter:
         self.con.execute(f"INSERT INTO metadata ({', '.join(columns)}) VALUES ({placeholders})",
                          [meta[c] for c in columns])
 
-    def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray], first_text_id: int = 0) -> None:
+    def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray], first_text_id: int = 0,
+                    sources: Sequence[str | None] | None = None) -> None:
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         flat = np.concatenate(token_ids).astype(np.int32) if len(token_ids) else np.zeros(0, np.int32)
         self._insert("texts", pa.table({
             "text_id": pa.array(np.arange(first_text_id, first_text_id + len(token_ids), dtype=np.int32)),
             "source_index": pa.array(np.asarray(source_index, dtype=np.int64)),
+            "source": pa.array(list(sources) if sources is not None else [None] * len(token_ids), pa.string()),
             "n_tokens": pa.array(lengths.astype(np.int32)),
             "token_ids": _list_array(flat, lengths),
         }))
@@ -209,7 +216,8 @@ class DatabaseWriter:
 
     def abort(self) -> None:
         try:
-            self.con.close()
+            if self.con is not None:
+                self.con.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
             Path(str(self.tmp_path) + ".wal").unlink(missing_ok=True)

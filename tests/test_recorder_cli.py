@@ -158,3 +158,19 @@ def test_failed_run_leaves_no_partial_file(tiny_llama, corpus_file, tmp_path):
     r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out), "--k", "0")
     assert_user_error(r, "--k")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config_class, folder", [("OlmoeConfig", "olmoe"), ("MixtralConfig", "./mixtral"),
+                                                  ("Qwen3MoeConfig", "ABSOLUTE")])
+def test_mixture_of_experts_models_are_refused_plainly(config_class, folder, corpus_file, tmp_path):
+    import transformers
+
+    config = getattr(transformers, config_class)(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+    path = tmp_path / ("qwen3moe" if folder == "ABSOLUTE" else folder.removeprefix("./"))
+    config.save_pretrained(path)
+    name = str(path) if folder == "ABSOLUTE" else folder
+    r = subprocess.run([sys.executable, "-m", "gluscope.cli", "record", "--model", name, "--dataset", str(corpus_file),
+                        "--out", "out.duckdb"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert_user_error(r, "mixture-of-experts", "expert neurons")
+    assert "huggingface.co" not in r.stderr and not (tmp_path / "out.duckdb").exists()

@@ -1,4 +1,4 @@
-"""The `serve` and `demo` commands as a user runs them, in real processes."""
+"""The `serve` command as a user runs it, in real processes (the demo: tests/test_demo.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import duckdb
 import httpx
 import pytest
 
@@ -46,22 +45,3 @@ def test_serve_answers_with_one_or_more_workers(recorded_db, workers):
     finally:
         proc.terminate()
         proc.wait(20)
-
-
-def test_demo_records_the_bundled_model(tmp_path):
-    out = tmp_path / "demo.duckdb"
-    r = subprocess.run([sys.executable, "-m", "gluscope.cli", "demo", "--no-serve", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert "an interesting neuron" in r.stdout
-    con = duckdb.connect(str(out), read_only=True)
-    name, n_layers, n_tokens, refactor = con.execute(
-        "SELECT model_name, n_layers, n_tokens, refactor_glu FROM metadata").fetchone()
-    assert (name, n_layers, refactor) == ("gluscope-demo-llama", 4, True) and n_tokens > 50_000
-    # Every quadrant occurs in every layer of a trained model.
-    empty = con.execute("SELECT count(*) FROM neurons GROUP BY layer HAVING min(count_nn) = 0 AND max(count_nn) = 0").fetchall()
-    assert empty == []
-    # A second run reuses the database instead of recording again.
-    again = subprocess.run([sys.executable, "-m", "gluscope.cli", "demo", "--no-serve", "--out", str(out)],
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "reusing" in again.stdout

@@ -1,1 +1,0 @@
-"""GLUScope demo: the stdlib corpus and the tiny demo model trained on it."""

@@ -1,0 +1,144 @@
+"""GGUF files as a model source: converted once, recorded like the same weights from a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import duckdb
+import pytest
+
+from .gguf_files import write_llama_gguf
+from .test_recorder_cli import assert_user_error, run_cli
+
+pytest.importorskip("gguf")
+
+# Every table a recording writes from the weights and the corpus; metadata differs by design (the source).
+COMPARED = {
+    "texts": "text_id",
+    "neurons": "layer, neuron",
+    "value_stats": "layer, neuron, quadrant, hook",
+    "examples": "layer, neuron, quadrant, hook, rank",
+    "windows": "layer, neuron, text_id, position",
+    "weight_tokens": "layer, neuron, kind, rank",
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_cache(tmp_path_factory):
+    """A private GLUSCOPE_CACHE, so the conversion is exercised here and not found from an earlier run."""
+    cache = tmp_path_factory.mktemp("gluscope-cache")
+    old = os.environ.get("GLUSCOPE_CACHE")
+    os.environ["GLUSCOPE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("GLUSCOPE_CACHE")
+    else:
+        os.environ["GLUSCOPE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_llama, tmp_path_factory, gguf_cache):
+    return write_llama_gguf(tiny_llama, tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
+
+
+def record(model: str, dataset, out, *extra: str):
+    return run_cli("record", "--model", model, "--dataset", str(dataset), "--out", str(out), "--max-length", "32",
+                   "--device", "cpu", "--compile", "off", *extra)
+
+
+def test_a_gguf_file_records_the_same_values_as_its_weights_in_a_folder(tiny_llama, tiny_gguf, corpus_file, tmp_path):
+    from_folder, from_gguf = tmp_path / "folder.duckdb", tmp_path / "gguf.duckdb"
+    assert (r := record(str(tiny_llama), corpus_file, from_folder)).returncode == 0, r.stderr
+    assert (r := record(str(tiny_gguf), corpus_file, from_gguf, "--name", "Tiny Llama (GGUF)")).returncode == 0, r.stderr
+    assert "converting tiny-llama.F32.gguf" in r.stdout + r.stderr
+
+    con = duckdb.connect(str(from_gguf), read_only=True)
+    con.execute(f"ATTACH '{from_folder}' AS folder (READ_ONLY)")
+    for table, key in COMPARED.items():
+        n = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        assert n > 0, table
+        differ = con.execute(f"""SELECT count(*) FROM (
+            (SELECT * FROM {table} EXCEPT ALL SELECT * FROM folder.{table})
+            UNION ALL (SELECT * FROM folder.{table} EXCEPT ALL SELECT * FROM {table}))""").fetchone()[0]
+        assert differ == 0, f"{table}: {differ} rows differ between the GGUF and the folder recording"
+    name, source, weights_file, sha, quantization = con.execute(
+        "SELECT model_name, model_source, weights_file, weights_sha256, quantization FROM metadata").fetchone()
+    assert (name, source, weights_file, quantization) == ("Tiny Llama (GGUF)", str(tiny_gguf), tiny_gguf.name, "F32")
+    import hashlib
+    assert sha == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    folder_meta = con.execute("SELECT model_name, weights_file, quantization FROM folder.metadata").fetchone()
+    assert folder_meta == (str(tiny_llama), None, None)
+
+
+def test_the_conversion_is_cached_by_content(tiny_gguf, gguf_cache, tmp_path):
+    from gluscope.recorder.gguf import SOURCE_FILE, convert
+
+    first = convert(tiny_gguf, progress=lambda _: None)
+    assert (first / "config.json").is_file() and (first / "model.safetensors").is_file()
+    config = json.loads((first / "config.json").read_text())
+    assert "quantization_config" not in config  # the folder holds plain float weights
+    said = []
+    copy = tmp_path / "renamed.gguf"
+    copy.write_bytes(tiny_gguf.read_bytes())
+    assert convert(copy, progress=said.append) == first and said == []  # same bytes, no second conversion
+    assert json.loads((first / SOURCE_FILE).read_text())["quantization"] == "F32"
+    assert not [p for p in first.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_quantized_gguf_records_and_says_its_quantization(tiny_llama, gguf_cache, corpus_file, tmp_path):
+    q8 = write_llama_gguf(tiny_llama, tmp_path / "tiny.Q8_0.gguf", "Q8_0")
+    out = tmp_path / "q8.duckdb"
+    assert (r := record(str(q8), corpus_file, out)).returncode == 0, r.stderr
+    con = duckdb.connect(str(out), read_only=True)
+    assert con.execute("SELECT quantization, weights_file FROM metadata").fetchone() == ("Q8_0", q8.name)
+
+
+def test_dataset_takes_a_gguf_tokenizer(tiny_gguf, corpus_file, tmp_path):
+    folder = tmp_path / "ds"
+    r = run_cli("dataset", str(corpus_file), "--tokenizer", str(tiny_gguf), "--out", str(folder), "--max-length", "16",
+                "--max-tokens", "200")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "from-ds.duckdb"
+    assert (r := record(str(tiny_gguf), folder, out)).returncode == 0, r.stderr
+
+
+def test_bad_gguf_inputs_get_one_line(tiny_llama, gguf_cache, corpus_file, tmp_path):
+    out = tmp_path / "never.duckdb"
+    assert_user_error(record(str(tmp_path / "missing.gguf"), corpus_file, out), "no such GGUF file")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 100)
+    assert_user_error(record(str(junk), corpus_file, out), "not a readable GGUF file")
+    # A header transformers has no reader for.
+    alien = write_llama_gguf(tiny_llama, tmp_path / "alien.gguf", architecture="no-such-arch")
+    assert_user_error(record(str(alien), corpus_file, out), "transformers cannot read this GGUF file")
+    assert_user_error(run_cli("record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
+                              "--name", "  "), "--name")
+    assert not out.exists()
+    assert not [p for p in (gguf_cache / "gguf").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_mixture_of_experts_gguf_is_refused_before_conversion(tiny_llama, gguf_cache, corpus_file, tmp_path):
+    import gguf
+
+    moe = tmp_path / "moe.gguf"
+    write_llama_gguf(tiny_llama, moe)
+    # Rewrite it with an expert count, as a Mixtral file states.
+    reader = gguf.GGUFReader(str(moe))
+    w = gguf.GGUFWriter(str(tmp_path / "moe2.gguf"), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, value, vtype)
+    w.add_expert_count(4)
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    r = record(str(tmp_path / "moe2.gguf"), corpus_file, tmp_path / "never.duckdb")
+    assert_user_error(r, "mixture-of-experts", "4 experts")
+    assert "converting" not in r.stdout + r.stderr
