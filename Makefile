@@ -13,9 +13,14 @@ HTMX        := frontend/static/vendor/htmx.min.js
 
 install: $(VENV)/.installed assets
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs the recorder's packages only; the tests add theirs on top.
+$(VENV)/.installed-record: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[record]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-record
 	$(PY) -m pip install -q $(TORCH_PIN) -e '.[record,test]'
 	touch $@
 
@@ -53,7 +58,7 @@ docker-engine:
 test: install browser compiler docker-engine
 	$(PY) -m pytest
 
-demo: install compiler
+demo: $(VENV)/.installed-record assets compiler
 	$(PY) -m gluscope.cli demo
 
 clean:

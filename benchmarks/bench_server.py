@@ -3,7 +3,7 @@
     python benchmarks/bench_server.py --db data/synthetic.duckdb          # starts `gluscope serve` on a free port
     python benchmarks/bench_server.py --url http://127.0.0.1:8000         # or measures a server already running
 
-For the neuron page, the neuron JSON and the examples fragment (HX-Request),
+For the neuron page, the neuron JSON, the examples fragment (HX-Request) and the examples JSON,
 with 1 and with 16 concurrent clients (each with its own keep-alive
 connection): p50, p99 and max latency, throughput, the client's own CPU per
 request, and the server's resident memory (when this script started it).
@@ -40,9 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: Path, port: int, workers: int = 1) -> subprocess.Popen:
+def start_server(db: Path, port: int, workers: int | None = None, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(db), "--port", str(port),
-                             "--workers", str(workers)],
+                             *(["--workers", str(workers)] if workers else [])], env=env, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=400, help="requests per scenario and client count (default: 400)")
     p.add_argument("--clients", default="1,16", help="concurrent clients to try (default: 1,16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="server processes, with --db (default: 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="reader processes, with --db (default: gluscope serve's, one per usable CPU)")
     p.add_argument("--cold", action="store_true", help="with --db: do not read the file into the page cache first")
     p.add_argument("--only", default=None, help="run only the scenarios whose name contains this, e.g. examples")
     args = p.parse_args(argv)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         port = free_port()
         t = time.perf_counter()
         proc = start_server(args.db, port, args.workers)
-        print(f"server ({args.workers} worker(s)) started in {time.perf_counter() - t:.1f} s on {args.db} "
+        print(f"server ({args.workers or 'default'} reader(s)) started in {time.perf_counter() - t:.1f} s on {args.db} "
               f"({args.db.stat().st_size / 1e9:.2f} GB)")
         base = f"http://127.0.0.1:{port}"
     else:
@@ -202,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
 
         lists = [(q, h) for q in QUADRANT_SLUGS for h in HOOKS]
 
-        def sections(layer: int, neuron: int, n: int) -> list[str]:
-            return [f"/models/{m}/neurons/{layer}/{neuron}/examples?quadrant={q}&hook={h}"
+        def sections(layer: int, neuron: int, n: int, prefix: str = "") -> list[str]:
+            return [f"{prefix}/models/{m}/neurons/{layer}/{neuron}/examples?quadrant={q}&hook={h}"
                     for q, h in rng.sample(lists, n)]
 
         # name -> (sessions for n requests, headers). "random" asks each
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             "examples, random": (lambda n: [sections(l, i, 1) for l, i in neurons(n)], {"HX-Request": "true"}),
             "examples, browsing": (lambda n: [sections(l, i, SECTIONS) for l, i in neurons(n // SECTIONS)],
                                    {"HX-Request": "true"}),
+            "examples JSON": (lambda n: [sections(l, i, 1, "/api") for l, i in neurons(n)], {}),
         }
         print(f"\n{'scenario':<20}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}{'client ms/req':>14}")
         for name, (make_sessions, headers) in scenarios.items():

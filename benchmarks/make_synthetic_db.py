@@ -23,15 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from gluscope.recorder.writer import DatabaseWriter, LayerResult
-from gluscope.schema import SCHEMA_VERSION
+from gluscope.schema import GEOMETRY, QUADRANT_SIGNS, SCHEMA_VERSION
+from gluscope.server.activations import activation
 
-SIGNS = np.array([(1, 1), (1, -1), (-1, 1), (-1, -1)], dtype=np.float32)  # (gate, in) per quadrant code
-GEOMETRY = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
+SIGNS = np.array(QUADRANT_SIGNS, dtype=np.float32)  # (gate, in) per quadrant code
 PLANTED = ["Hello", ",", " world", "\n", "<script>", "alert", "(1)", "</script>", "\n\n", "\t", "done", "."]
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
 
 
 def make_vocab(size: int, rng: np.random.Generator) -> tuple[list[str], list[bytes]]:
@@ -101,7 +97,7 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
     np.put_along_axis(inn, off, focal_i[..., None], axis=3)
 
     xg, xi = focal_g.astype(np.float32), focal_i.astype(np.float32)
-    act = silu(xg)
+    act = activation("silu")(xg)
     values = np.stack([act * xi, xi, xg, act], axis=1)  # [q, h, n, c] in hook code order
     order = np.argsort(-np.abs(values), axis=-1, kind="stable")[..., :k_eff]
 
@@ -188,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         "act_fn": "silu", "n_layers": args.layers, "d_model": 4096, "d_mlp": args.d_mlp,
         "vocab_size": args.vocab_size, "dtype": "float32", "dataset": "synthetic random tokens",
         "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": args.texts,
-        "n_tokens": n_tokens, "k": args.k, "window_before": args.window_before,
+        "n_tokens": n_tokens, "batch_size": 1, "corpus_fingerprint": "synthetic", "shard_index": None,
+        "shard_count": None, "k": args.k, "window_before": args.window_before,
         "window_after": args.window_after, "refactor_glu": True,
         "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "
                              "so cos(w_gate, w_in) >= 0; the model computes the same function.",

@@ -9,7 +9,7 @@ RUN npm ci --no-audit --no-fund --loglevel=error \
  && mkdir -p static/vendor \
  && cp node_modules/htmx.org/dist/htmx.min.js static/vendor/htmx.min.js
 
-# Stage 2: the project with its base dependencies only (duckdb, numpy, fastapi, uvicorn, jinja2).
+# Stage 2: the project with its base dependencies only (duckdb, numpy, fastapi, uvicorn, jinja2, orjson).
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -32,4 +32,5 @@ WORKDIR /home/gluscope
 USER gluscope
 EXPOSE 8000
 VOLUME ["/data"]
+# No --workers: `gluscope serve` starts one reader per CPU the container may use (its cpuset and --cpus).
 CMD ["gluscope", "serve", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]

@@ -54,17 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the torch reducer (auto: on for runs over 1M tokens)")
     p.add_argument("--revision", default=None, help="model revision on the hub")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="record shard I of N (whole batches, every N-th from the I-th), for `gluscope merge`; "
+                        "under torchrun each rank records its own shard and rank 0 merges them")
     p.add_argument("--overwrite", action="store_true")
     _add_corpus_options(p)
+
+    p = sub.add_parser("merge", help="merge the shard files of one recording into the file a single run writes")
+    p.add_argument("shards", nargs="+", type=Path, help="the shard files (`record --shard I/N`), each exactly once")
+    p.add_argument("--out", required=True, type=Path, help="the .duckdb file to write")
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("serve", help="browse one or more recorded databases")
     p.add_argument("files", nargs="*", type=Path, help=".duckdb files recorded by `gluscope record`")
     p.add_argument("--data-dir", type=Path, default=None, help="also serve every *.duckdb file in this folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="reader processes that query the files, one request at a time each, behind one HTTP "
-                        "process (each opens the files read-only; about one per core)")
+                        "process (each opens the files read-only; default: one per CPU this process may use)")
 
     p = sub.add_parser("demo", help="record SmolLM2-135M-Instruct (from PyPI) on real prose and code, and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
@@ -82,20 +90,31 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gluscope.server.app import create_app
+    from gluscope.server.readers import usable_cpus
+
+    from gluscope.server.db import DatabaseFileError, check_database_file
 
     files = list(args.files)
-    if args.data_dir is not None:
-        if not args.data_dir.is_dir():
-            raise UserError(f"--data-dir {args.data_dir} is not a folder")
-        files += sorted(args.data_dir.glob("*.duckdb"))
-    if not files:
-        raise UserError("no database given: name .duckdb files or a --data-dir holding some")
     for f in files:
         if not f.is_file():
             raise UserError(f"{f} does not exist (record one with `gluscope record`)")
-    if args.workers < 1:
+        check_database_file(f)  # a file named on the command line must be good
+    if args.data_dir is not None:
+        if not args.data_dir.is_dir():
+            raise UserError(f"--data-dir {args.data_dir} is not a folder")
+        for f in sorted(args.data_dir.glob("*.duckdb")):
+            try:
+                check_database_file(f)
+            except DatabaseFileError as e:  # one bad file in a folder must not take the others down
+                print(f"gluscope serve: warning: skipping {e}", file=sys.stderr, flush=True)
+                continue
+            files.append(f)
+    if not files:
+        raise UserError("no database to serve: name .duckdb files or a --data-dir holding readable ones")
+    workers = usable_cpus() if args.workers is None else args.workers
+    if workers < 1:
         raise UserError("--workers must be at least 1")
-    app = create_app(files, readers=args.workers)
+    app = create_app(files, readers=workers)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -114,7 +133,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("record", "dataset"):
+    if args.command in ("record", "dataset", "merge"):
         _interrupt_on_sigterm()
     try:
         if args.command == "serve":
@@ -125,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "record":
             from gluscope.recorder.cli import run_record
             run_record(args)
+        elif args.command == "merge":
+            from gluscope.recorder.cli import run_merge
+            run_merge(args)
         elif args.command == "demo":
             from gluscope.demo import run_demo
             run_demo(args)

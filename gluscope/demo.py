@@ -35,8 +35,8 @@ DEMO_TOKENS = 24_000
 DEMO_MAX_LENGTH = 128
 DEMO_BATCH = 16
 CORPUS_VERSION = "demo corpus 1"
-DATASET = (f"{CORPUS_VERSION}: the Python Language Reference, installed packages' descriptions and "
-           "standard-library code, in passages (gluscope/demo_corpus.py)")
+DATASET = (f"{CORPUS_VERSION}: passages of the Python Language Reference and of the standard library's code "
+           "(gluscope/demo_corpus.py)")
 
 
 def say(message: str) -> None:
@@ -85,7 +85,7 @@ def record_demo(model_file: Path, out: Path, name: str = DEMO_NAME, max_tokens: 
 
     say(f"loading {model_file.name} ...")
     model = load_model(str(model_file), device="cpu", dtype="float32", display_name=name)
-    say("building the corpus (Python's reference manual, package descriptions, standard-library code) ...")
+    say("building the corpus (passages of Python's language reference and standard-library code) ...")
     corpus_file = demo_corpus.build(cache_dir("demo") / "corpus.jsonl")
     ds = load_text_dataset(str(corpus_file), "text")
     corpus = tokenize(ds, model.tokenizer, text_column="text", max_length=DEMO_MAX_LENGTH, max_tokens=max_tokens,
@@ -177,8 +177,9 @@ def run_demo(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gluscope.server.app import create_app
+    from gluscope.server.readers import usable_cpus
 
-    app = create_app([out])
+    app = create_app([out], readers=usable_cpus())
     model_id = next(iter(app.state.registry))
     base = f"http://{args.host}:{args.port}"
     say(f"\nGLUScope demo: {base}/")

@@ -2,11 +2,11 @@
 
 - **Prose, documentation:** the Python Language Reference, as the standard
   library ships it for `help()` (`pydoc_data/topics.py`).
-- **Prose, project descriptions:** the long descriptions (READMEs) of the
-  Python packages installed beside GLUScope, read from their metadata.
 - **Code:** the sources of Python's standard library (tests left out).
 
-Nobody here wrote any of it. Each source is cut into passages of about
+Both come with the Python installation itself, so the corpus depends only on
+the Python version (not on which packages happen to be installed), and nobody
+here wrote any of it. Each source is cut into passages of about
 `PASSAGE_CHARS` characters at blank lines, so that a text is a readable
 unit rather than a file's licence header. The pool holds as many prose
 passages as code passages, and each passage keeps where it came from
@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import random
 import sysconfig
-from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
 PASSAGE_CHARS = 700
-PER_KIND = 1500  # passages of prose and of code in the pool; the recording takes a shuffled prefix
+PER_KIND = 500  # passages of prose and of code in the pool; the recording takes a shuffled prefix
 
 
 def passages(text: str, size: int = PASSAGE_CHARS) -> Iterator[tuple[int, str]]:
@@ -52,18 +51,6 @@ def documentation() -> Iterator[tuple[str, str]]:
             yield f"Python Language Reference, topic {name!r} (pydoc_data/topics.py), line {line}", text
 
 
-def package_descriptions() -> Iterator[tuple[str, str]]:
-    seen = set()
-    for dist in sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
-        name = dist.metadata["Name"]
-        if not name or name.lower() in seen or name.lower() == "gluscope":
-            continue
-        seen.add(name.lower())
-        body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
-        for line, text in passages(str(body)):
-            yield f"description of the Python package {name} {dist.version}, line {line}", text
-
-
 def stdlib_code() -> Iterator[tuple[str, str]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
@@ -82,7 +69,7 @@ def stdlib_code() -> Iterator[tuple[str, str]]:
 def build(out: Path, seed: int = 0, per_kind: int = PER_KIND) -> Path:
     """Write the pool as JSON lines {"text", "source", "kind"} to `out` (atomically); return it."""
     rng = random.Random(seed)
-    prose = [p for p in list(documentation()) + list(package_descriptions()) if len(p[1]) >= 200]
+    prose = [p for p in documentation() if len(p[1]) >= 200]
     code = [p for p in stdlib_code() if len(p[1]) >= 200]
     chosen = [("prose", p) for p in rng.sample(prose, min(per_kind, len(prose)))]
     chosen += [("code", p) for p in rng.sample(code, min(per_kind, len(code)))]

@@ -1,13 +1,45 @@
-"""Names and codes shared by the recorder and the server; the tables themselves are in schema.sql."""
+"""Names and codes shared by the recorder and the server; the tables themselves are in schema.sql.
+
+Both sides import these, and tests/test_schema.py checks them against the
+code tables and columns that schema.sql creates, so a name is spelled once.
+"""
 
 from importlib import resources
 
-SCHEMA_VERSION = 2  # 2: model_source, weights_file, weights_sha256, quantization; texts.source
+SCHEMA_VERSION = 2  # 2: model_source, weights_file, weights_sha256, quantization, batch_size, corpus_fingerprint, shard_index, shard_count; texts.source
 
 # Code order is the column order of the paper's Figure 1.
 QUADRANTS: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")
 QUADRANT_SLUGS: tuple[str, ...] = ("pp", "pn", "np", "nn")
+# (sign of x_gate, sign of x_in) per quadrant code.
+QUADRANT_SIGNS: tuple[tuple[int, int], ...] = ((1, 1), (1, -1), (-1, 1), (-1, -1))
+# The sign of hook_post = act(x_gate) * x_in in each quadrant: every activation
+# in ACT_FNS has the sign of its argument, so it is the product of the two signs.
+POST_SIGNS: tuple[int, ...] = tuple(g * i for g, i in QUADRANT_SIGNS)
+# neurons.count_pp ... count_nn, in quadrant code order.
+COUNT_COLUMNS: tuple[str, ...] = tuple(f"count_{slug}" for slug in QUADRANT_SLUGS)
+
+# TransformerLens's hook names (blocks.L.mlp.hook_post ...), and `act`, which is
+# no hook: act_fn(x_gate), the gate's activation, before it multiplies x_in.
 HOOKS: tuple[str, ...] = ("hook_post", "hook_pre_linear", "hook_pre", "act")
+
+# weight_tokens.kind codes (schema.sql, weight_kinds).
+WEIGHT_KINDS: tuple[str, ...] = ("out+", "out-", "gate+", "gate-", "in+", "in-")
+
+# The weight geometry columns of `neurons`, after the weight convention.
+GEOMETRY: tuple[str, ...] = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
+
+# The activation names a config may give (metadata.act_fn) -> the function
+# they stand for. The recorder computes these with torch, the server with
+# NumPy; neither accepts a name outside this table.
+ACT_FNS: dict[str, str] = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",                    # exact, with erf
+    "gelu_pytorch_tanh": "gelu_tanh",  # the tanh approximation
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
 
 
 def schema_sql() -> str:

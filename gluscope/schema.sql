@@ -29,6 +29,10 @@ CREATE TABLE metadata (
     bos_token_id     INTEGER   NOT NULL,  -- the id put first in every text (EOS if no BOS)
     n_texts          INTEGER   NOT NULL,
     n_tokens         BIGINT    NOT NULL,  -- tokens counted: no BOS, no padding
+    batch_size       INTEGER   NOT NULL,  -- texts per forward pass (it decides which texts a shard holds)
+    corpus_fingerprint VARCHAR NOT NULL,  -- hash of the whole corpus's token ids, shared by its shards
+    shard_index      INTEGER,             -- this file holds shard shard_index of shard_count
+    shard_count      INTEGER,             -- (NULL, NULL): the whole corpus, recorded at once or merged
     k                INTEGER   NOT NULL,  -- examples kept per (neuron, quadrant, hook)
     window_before    INTEGER   NOT NULL,  -- a window spans position-before ..
     window_after     INTEGER   NOT NULL,  -- .. position+after, clipped to the text

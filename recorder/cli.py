@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -67,22 +68,85 @@ def output_lock(out: Path) -> Iterator[None]:
         yield
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: give I/N, e.g. 0/4 for the first of four shards") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard {text}: I must be between 0 and N-1")
+    return index, count
+
+
 def run_record(args: argparse.Namespace) -> None:
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a folder; give a .duckdb file path")
+    shard = parse_shard(args.shard)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if shard is not None:
+            raise UserError("--shard and torchrun do not mix: under torchrun every rank records its own shard")
+        return _record_distributed(args)
     with output_lock(args.out):
-        _record(args)
+        _record(args, args.out, shard)
 
 
-def _record(args: argparse.Namespace) -> None:
+def _record_distributed(args: argparse.Namespace) -> None:
+    """One shard per torchrun rank on its own device; rank 0 merges them into --out once all are written.
+
+    torch.distributed only synchronises the ranks (NCCL on GPUs, gloo on
+    CPUs): each rank writes its shard beside --out, and the merge reads them.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from gluscope.recorder.merge import merge
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    out: Path = args.out
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    on_gpu = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    if on_gpu:
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    parts = [out.with_name(f".{out.name}.shard{i}-of-{world}.duckdb") for i in range(world)]
+    try:
+        with output_lock(parts[rank]):
+            _record(args, parts[rank], (rank, world), overwrite=True)
+        dist.barrier()
+        if rank == 0:
+            with output_lock(out):
+                merge(parts, out, overwrite=args.overwrite)
+            print(f"merged {world} shards into {out}")
+        dist.barrier()
+    finally:
+        parts[rank].unlink(missing_ok=True)
+        dist.destroy_process_group()
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from gluscope.recorder.merge import merge
+
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give a .duckdb file path")
+    with output_lock(args.out):
+        merge(list(args.shards), args.out, overwrite=args.overwrite)
+    print(f"merged {len(args.shards)} shards into {args.out}")
+
+
+def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, overwrite: bool | None = None) -> None:
     import duckdb
 
     from gluscope.recorder.corpus import is_corpus_folder, load_corpus, tokenizer_fingerprint
     from gluscope.recorder.model import load_model
     from gluscope.recorder.record import record
 
-    out: Path = args.out
-    if out.exists() and not args.overwrite:
+    overwrite = args.overwrite if overwrite is None else overwrite
+    if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     for name, value in (("--batch-size", args.batch_size), ("--k", args.k)):
         if value < 1:
@@ -111,8 +175,8 @@ def _record(args: argparse.Namespace) -> None:
         record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
                k=args.k, window_before=args.window_before, window_after=args.window_after,
                refactor_glu=args.refactor_glu, compile=args.compile, reducer=args.reducer,
-               overwrite=args.overwrite)
+               overwrite=overwrite, shard=shard)
     except (OSError, duckdb.Error) as e:  # a full disk, a file-size limit: the writer has removed its file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot write {out} ({first[:200]}); nothing was left behind") from None
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" (shard {shard[0]}/{shard[1]})" if shard else ""))

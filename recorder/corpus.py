@@ -35,6 +35,14 @@ class Corpus:
     def n_texts(self) -> int:
         return len(self.token_ids)
 
+    def fingerprint(self) -> str:
+        """Identifies the texts and their order, so that only shards of one corpus are merged."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.source_index, np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self.lengths).tobytes())
+        for ids in self.token_ids:
+            digest.update(np.ascontiguousarray(ids, np.int32).tobytes())
+        return digest.hexdigest()[:32]
+
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(t) for t in self.token_ids), dtype=np.int64, count=len(self.token_ids))

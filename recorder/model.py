@@ -12,26 +12,24 @@ from typing import Callable
 import torch
 
 from gluscope.errors import UserError
+from gluscope.schema import ACT_FNS
 from gluscope.recorder.gguf import GGUFSource, convert, is_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-_ACTIVATIONS = {  # config name -> (aten op, its arguments): what the HF modules call
+_OPS = {  # gluscope.schema.ACT_FNS's functions -> (aten op, its arguments): what the HF modules call
     "silu": (torch.ops.aten.silu, {}),
-    "swish": (torch.ops.aten.silu, {}),
     "gelu": (torch.ops.aten.gelu, {"approximate": "none"}),
-    "gelu_pytorch_tanh": (torch.ops.aten.gelu, {"approximate": "tanh"}),
-    "gelu_new": (torch.ops.aten.gelu, {"approximate": "tanh"}),
-    "gelu_fast": (torch.ops.aten.gelu, {"approximate": "tanh"}),
+    "gelu_tanh": (torch.ops.aten.gelu, {"approximate": "tanh"}),
 }
 
 
 def activation_function(name: str) -> Callable[..., torch.Tensor]:
     """act(x, out=None): the callable a config's activation name stands for; `out` reuses a buffer."""
-    if name not in _ACTIVATIONS:
-        raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows (silu, gelu, gelu_pytorch_tanh)")
-    op, kwargs = _ACTIVATIONS[name]
+    if name not in ACT_FNS:
+        raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows ({', '.join(ACT_FNS)})")
+    op, kwargs = _OPS[ACT_FNS[name]]
 
     def act(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return op.default(x, **kwargs) if out is None else op.out(x, out=out, **kwargs)
@@ -135,6 +133,32 @@ def refuse_mixture_of_experts(name: str, config: dict) -> None:
                         "its experts are gated MLPs, but GLUScope does not record expert neurons yet")
 
 
+def weight_count(folder: Path) -> int:
+    """The number of weights in a saved model's safetensors files, read from their headers alone."""
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, tensor in header.items():
+            if key != "__metadata__":
+                n = 1
+                for dim in tensor["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+def refuse_if_too_large(name: str, folder: Path, dtype: torch.dtype, device_bytes: int) -> None:
+    """Say so before loading when the weights alone cannot fit on the GPU: the recorder holds a whole
+    model on one device (no device map), and an out-of-memory traceback halfway through helps nobody."""
+    need = weight_count(folder) * torch.empty(0, dtype=dtype).element_size()
+    if need > device_bytes:
+        raise UserError(f"--model {name}: its weights need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                        f"more than the GPU's {device_bytes / 2**30:.1f} GiB; GLUScope records a model on one GPU "
+                        "(several GPUs each hold a whole model and record a shard): use a GPU with more memory")
+
+
 def resolve_model_source(name: str) -> tuple[str, GGUFSource | None]:
     """What `from_pretrained` should load for `name`: a hub name as given, a local folder as an
     absolute path (so transformers never mistakes it for a hub id), or a GGUF file's converted folder."""
@@ -176,6 +200,9 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     except RuntimeError as e:
         raise UserError(f"--device {device!r} is not a device torch knows ({e})") from None
     target, gguf = resolve_model_source(name)
+    if torch_device.type == "cuda" and hf_model is None and Path(target).is_dir():
+        index = torch_device.index if torch_device.index is not None else torch.cuda.current_device()
+        refuse_if_too_large(name, Path(target), DTYPES[dtype], torch.cuda.get_device_properties(index).total_memory)
 
     for noisy in ("transformers", "huggingface_hub"):  # their retries print before our one-line error
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -36,15 +36,21 @@ COMPILE_AUTO_TOKENS = 1_000_000
 
 def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_size: int = 8, k: int = 16,
            window_before: int = 24, window_after: int = 2, refactor_glu: bool = True, compile: str = "auto",
-           reducer: str = "auto", overwrite: bool = False, progress: bool = True) -> Path:
+           reducer: str = "auto", overwrite: bool = False, progress: bool = True,
+           shard: tuple[int, int] | None = None) -> Path:
     """Record every neuron of every layer over `corpus` into the database `out`; return its path.
+
+    shard: (index, count) records only that shard's batches (see shard_batches), with
+    the texts' global ids; `gluscope merge` puts the shards together.
 
     reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
     only), "torch" with reduce.py's tensor code (compiled per `compile`);
     "auto" takes the kernel on the CPU where it builds.
     """
     lengths = corpus.lengths
-    n_counted = int((lengths - 1).sum())
+    batches = shard_batches(lengths, batch_size, shard)
+    mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
+    n_counted = int((lengths[mine] - 1).sum())
     weights = layer_weights(model, refactor_glu)
     kind = choose_reducer(model.device, reducer)
     # Compiling costs 20-60 s once; it pays on long runs.
@@ -54,18 +60,20 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     reducers = make_reducers(kind, setups, compiled)
 
     started = time.perf_counter()
-    _run(model, corpus, reducers, batch_size, progress)
+    _run(model, corpus, batches, reducers, progress)
     elapsed = time.perf_counter() - started
     log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
              n_counted / max(elapsed, 1e-9), kind)
 
     tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
-    meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), k=k, window_before=window_before,
-                     window_after=window_after, refactor_glu=refactor_glu)
+    meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
+                     shard=shard, k=k, window_before=window_before, window_after=window_after,
+                     refactor_glu=refactor_glu)
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         writer.write_metadata(meta)
         writer.write_vocab(tokens_text, tokens_bytes)
-        writer.write_texts(corpus.source_index, corpus.token_ids, sources=corpus.sources)
+        writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
+                           sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
         _write_layers(writer, reducers, weights)
     return Path(out)
 
@@ -104,21 +112,36 @@ def _batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def shard_batches(lengths: np.ndarray, batch_size: int, shard: tuple[int, int] | None) -> list[np.ndarray]:
+    """The batches shard (index, count) records: every count-th batch of the whole run's, from the index-th.
+
+    Shards take whole batches, not texts, so every text runs in the same
+    padded batch as in a single run: its activations are then bit for bit
+    the single run's, and merged shards give the single run's examples.
+    """
+    batches = _batches(lengths, batch_size)
+    if shard is None:
+        return batches
+    index, count = shard
+    return batches[index::count]
+
+
 def _progress(total_tokens: int, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not enabled, smoothing=0.05,
                 desc="recording", dynamic_ncols=True)
 
 
-def _run(model: GatedModel, corpus: Corpus, reducers: list[LayerReducer], batch_size: int, progress: bool) -> None:
-    """Every text through the model once, in right-padded batches, each layer's activations to its reducer."""
+def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
+         progress: bool) -> None:
+    """Every text of `batches` through the model once, right-padded, each layer's activations to its reducer."""
     current: dict = {}  # shared by the hooks of one forward pass
     hooks = _hooks(reducers, current)
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
-    bar = _progress(int((lengths - 1).sum()), progress)
+    bar = _progress(sum(int((lengths[text_ids] - 1).sum()) for text_ids in batches), progress)
     with torch.inference_mode(), model.native_attention():
-        for text_ids in _batches(lengths, batch_size):
+        for text_ids in batches:
             batch_lengths = lengths[text_ids]
             tokens = np.full((len(text_ids), int(batch_lengths.max())), pad_id, dtype=np.int64)
             for row, i in enumerate(text_ids):
@@ -139,8 +162,9 @@ def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights:
     reducers.clear()
 
 
-def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: int, k: int, window_before: int,
-              window_after: int, refactor_glu: bool) -> dict:
+def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: int, texts: np.ndarray,
+              batch_size: int, shard: tuple[int, int] | None, k: int, window_before: int, window_after: int,
+              refactor_glu: bool) -> dict:
     lengths = corpus.lengths
     return {
         "schema_version": SCHEMA_VERSION,
@@ -163,8 +187,12 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
         "text_column": corpus.info.get("text_column"),
         "max_length": int(corpus.info.get("max_length", int(lengths.max()))),
         "bos_token_id": int(corpus.token_ids[0][0]),
-        "n_texts": corpus.n_texts,
-        "n_tokens": int((lengths - 1).sum()),
+        "n_texts": len(texts),
+        "n_tokens": int((lengths[texts] - 1).sum()),
+        "batch_size": batch_size,
+        "corpus_fingerprint": corpus.fingerprint(),
+        "shard_index": shard[0] if shard else None,
+        "shard_count": shard[1] if shard else None,
         "k": k,
         "window_before": window_before,
         "window_after": window_after,

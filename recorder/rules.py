@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gluscope.schema import HOOKS, QUADRANTS
+from gluscope.schema import HOOKS, QUADRANT_SIGNS, QUADRANTS
 
 N_QUADRANTS = len(QUADRANTS)
 N_HOOKS = len(HOOKS)
@@ -21,9 +21,8 @@ N_LISTS = N_QUADRANTS * N_HOOKS
 # Hook codes of schema.sql. `act` is act_fn(x_gate): no hook of its own, but a list like the others.
 POST, X_IN, X_GATE, ACT = (HOOKS.index(name) for name in ("hook_post", "hook_pre_linear", "hook_pre", "act"))
 
-# Quadrant code -> (sign of x_gate, sign of x_in), as schema.sql's quadrants table says.
-# Signs are strict: a token with x_gate == 0 or x_in == 0 is in no quadrant.
-QUADRANT_SIGNS: tuple[tuple[int, int], ...] = ((1, 1), (1, -1), (-1, 1), (-1, -1))
+# QUADRANT_SIGNS: quadrant code -> (sign of x_gate, sign of x_in). Signs are strict: a token with x_gate == 0
+# or x_in == 0 is in no quadrant.
 
 
 def list_index(quadrant: int, hook: int) -> int:

@@ -18,9 +18,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from gluscope.schema import schema_sql
+from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANTS, schema_sql
 
-N_Q, N_H = 4, 4  # quadrants, hooks
+N_Q, N_H = len(QUADRANTS), len(HOOKS)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class LayerStatistics:
 class LayerResult(LayerStatistics):
     """Everything recorded for one layer: the reducer's statistics and what the weights say."""
 
-    geometry: dict[str, np.ndarray]  # cos_gate_in, cos_gate_out, cos_in_out, norm_gate, norm_in, norm_out: [n]
+    geometry: dict[str, np.ndarray]  # gluscope.schema.GEOMETRY: [n] each
     flipped: np.ndarray        # [n] bool
     token_ids: np.ndarray | None = None     # [6, n, t] int32: weight_tokens by kind (schema.sql)
     token_scores: np.ndarray | None = None  # [6, n, t] float32
@@ -108,12 +108,13 @@ class DatabaseWriter:
         self.con.execute(f"INSERT INTO metadata ({', '.join(columns)}) VALUES ({placeholders})",
                          [meta[c] for c in columns])
 
-    def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray], first_text_id: int = 0,
-                    sources: Sequence[str | None] | None = None) -> None:
+    def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray],
+                    text_ids: np.ndarray | None = None, sources: Sequence[str | None] | None = None) -> None:
+        """Texts with their ids (default 0..n-1; a shard's are the whole corpus's)."""
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         flat = np.concatenate(token_ids).astype(np.int32) if len(token_ids) else np.zeros(0, np.int32)
         self._insert("texts", pa.table({
-            "text_id": pa.array(np.arange(first_text_id, first_text_id + len(token_ids), dtype=np.int32)),
+            "text_id": pa.array(np.asarray(np.arange(len(token_ids)) if text_ids is None else text_ids, np.int32)),
             "source_index": pa.array(np.asarray(source_index, dtype=np.int64)),
             "source": pa.array(list(sources) if sources is not None else [None] * len(token_ids), pa.string()),
             "n_tokens": pa.array(lengths.astype(np.int32)),
@@ -135,10 +136,9 @@ class DatabaseWriter:
         self._insert("neurons", pa.table({
             "layer": pa.array(np.full(n, layer, np.int16)),
             "neuron": pa.array(neuron),
-            **{f"count_{s}": pa.array(r.counts[q].astype(np.int64)) for q, s in enumerate(("pp", "pn", "np", "nn"))},
+            **{column: pa.array(r.counts[q].astype(np.int64)) for q, column in enumerate(COUNT_COLUMNS)},
             "flipped": pa.array(r.flipped.astype(bool)),
-            **{name: pa.array(r.geometry[name].astype(np.float32)) for name in
-               ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")},
+            **{name: pa.array(r.geometry[name].astype(np.float32)) for name in GEOMETRY},
         }))
 
         if r.token_ids is not None:

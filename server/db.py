@@ -1,8 +1,8 @@
 """Opening recorded databases read-only, and what is loaded from each once at startup.
 
-A DuckDB connection must not be used by several threads at once; FastAPI runs
-sync endpoints in a thread pool, so every thread gets its own cursor of the
-one read-only connection (`Database.cursor()`).
+Each process (the HTTP process and every reader, readers.py) opens the files
+itself and runs one request at a time, so a connection is never shared
+between threads.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import hashlib
 import operator
 import os
 import re
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +20,23 @@ import duckdb
 import numpy as np
 
 from gluscope.errors import UserError
-from gluscope.schema import SCHEMA_VERSION
+from gluscope.schema import ACT_FNS, COUNT_COLUMNS, GEOMETRY, SCHEMA_VERSION, schema_sql
 from gluscope.server import queries
 
-REQUIRED_TABLES = {"metadata", "quadrants", "hooks", "texts", "vocab", "neurons", "value_stats", "examples", "windows",
-                   "weight_tokens"}
+# Every table schema.sql creates, code tables included.
+REQUIRED_TABLES = frozenset(re.findall(r"^CREATE TABLE (\w+)", schema_sql(), re.M))
 
 # A small buffer pool keeps the server far below the file's size. One DuckDB
 # thread per query: a lookup reads one row group per table, so a query has
 # nothing to parallelise, and with many requests at once extra threads only
-# contend (measured: examples fragments at 16 clients, 147 req/s against 128).
+# contend (fewer fragments a second at 16 clients).
 # Set after connecting, not as connect() config: DuckDB refuses a second
 # connection to one file with a different config in the same process.
 SETTINGS = (f"SET memory_limit = '{os.environ.get('GLUSCOPE_MEMORY_LIMIT', '512MB')}'", "SET threads = 1")
+
+
+# DuckDB's file starts with three 4 KiB headers (one main, two alternating database headers) before its blocks.
+HEADER_BYTES = 3 * 4096
 
 
 class DatabaseFileError(UserError):
@@ -45,6 +48,7 @@ class Texts:
     """Every text's token ids in one flat array: text i is ids[offsets[i]:offsets[i+1]]."""
 
     source_index: np.ndarray  # [n_texts] int64
+    source: list[str | None]  # [n_texts] where each text came from, when the dataset says
     offsets: np.ndarray       # [n_texts + 1] int64
     ids: np.ndarray           # [sum of lengths] int32
 
@@ -73,8 +77,8 @@ class NeuronTable:
         ok = (n["layer"] >= 0) & (n["layer"] < n_layers) & (n["neuron"] >= 0) & (n["neuron"] < d_mlp)
         li, ni = n["layer"][ok].astype(np.int64), n["neuron"][ok].astype(np.int64)
         counts = np.full((n_layers, d_mlp, 4), -1, np.int64)
-        for q, slug in enumerate(("pp", "pn", "np", "nn")):
-            counts[li, ni, q] = n[f"count_{slug}"][ok]
+        for q, column in enumerate(COUNT_COLUMNS):
+            counts[li, ni, q] = n[column][ok]
         flipped = np.zeros((n_layers, d_mlp), bool)
         flipped[li, ni] = n["flipped"][ok]
         geometry = {}
@@ -94,36 +98,50 @@ class NeuronTable:
         return cls(counts, flipped, geometry, *arrays)
 
 
-GEOMETRY = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
-
 
 class LRUCache:
-    """A small thread-safe least-recently-used map (FastAPI runs sync views in a thread pool)."""
+    """A small least-recently-used map (each process runs one request at a time: no lock)."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
 
     def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.maxsize:
+            self._items.popitem(last=False)
 
 
 # Neurons whose examples stay in memory, about 50 KB each as NumPy arrays: a
-# researcher opens several sections of one neuron, and all of them together
+# researcher opens several lists of one neuron, and all of them together
 # cost one lookup of the whole neuron.
 EXAMPLE_CACHE_NEURONS = int(os.environ.get("GLUSCOPE_EXAMPLE_CACHE", "256"))
+
+
+@dataclass(eq=False)  # compared and hashed by identity: render.py keeps what it builds from one per vocabulary
+class Vocabulary:
+    """The vocab table: each token's string and the bytes it adds to a text."""
+
+    tokens: list[str]         # vocab.token by id
+    token_bytes: list[bytes]  # vocab.token_bytes by id
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def token(self, token_id: int) -> str:
+        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<unk {token_id}>"
+
+    def decode(self, token_ids) -> str:
+        """The text these ids spell: their bytes concatenated, decoded as UTF-8."""
+        n = len(self.token_bytes)
+        return b"".join(self.token_bytes[i] for i in token_ids if 0 <= i < n).decode("utf-8", errors="replace")
 
 
 @dataclass
@@ -133,14 +151,12 @@ class Database:
     path: Path
     id: str
     meta: dict[str, Any]
-    tokens: list[str]         # vocab.token by id
-    token_bytes: list[bytes]  # vocab.token_bytes by id
+    vocab: Vocabulary
     texts: Texts
     neurons: NeuronTable | None  # None in reader processes: no view they run reads it
     con: duckdb.DuckDBPyConnection
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
-    token_spans: list[str] = field(default_factory=list, repr=False)  # render.token_spans, set in each reader
-    _local: threading.local = field(default_factory=threading.local, repr=False)
+    _prepared: set[str] = field(default_factory=set, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -154,14 +170,8 @@ class Database:
     def n_texts(self) -> int:
         return len(self.texts)
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        cur = getattr(self._local, "cursor", None)
-        if cur is None:
-            cur = self._local.cursor = self.con.cursor()
-        return cur
-
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
-        return self.cursor().execute(sql, params or {}).fetchall()
+        return self.con.execute(sql, params or {}).fetchall()
 
     def prepared_columns(self, name: str, *args: int) -> dict[str, np.ndarray]:
         """queries.PREPARED[name] run on these integers, as one NumPy array per column (no object per value).
@@ -169,21 +179,11 @@ class Database:
         DuckDB's EXECUTE takes no bound parameters, so the arguments are
         written into it: operator.index() lets only true integers through.
         """
-        cur = self.cursor()
-        prepared = self._local.__dict__.setdefault("prepared", set())
-        if name not in prepared:
-            cur.execute(f"PREPARE {name} AS {queries.PREPARED[name]}")
-            prepared.add(name)
+        if name not in self._prepared:
+            self.con.execute(f"PREPARE {name} AS {queries.PREPARED[name]}")
+            self._prepared.add(name)
         values = ", ".join(str(operator.index(a)) for a in args)
-        return cur.execute(f"EXECUTE {name}({values})").fetchnumpy()
-
-    def token(self, token_id: int) -> str:
-        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<unk {token_id}>"
-
-    def decode(self, token_ids) -> str:
-        """The text these ids spell: their bytes concatenated, decoded as UTF-8."""
-        n = len(self.token_bytes)
-        return b"".join(self.token_bytes[i] for i in token_ids if 0 <= i < n).decode("utf-8", errors="replace")
+        return self.con.execute(f"EXECUTE {name}({values})").fetchnumpy()
 
 
 def slugify(text: str) -> str:
@@ -191,14 +191,26 @@ def slugify(text: str) -> str:
     return slug or "model"
 
 
-def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Database:
-    path = Path(path)
+def _open_checked(path: Path) -> tuple[duckdb.DuckDBPyConnection, dict[str, Any]]:
+    """A read-only connection to `path` and its metadata, once the file is checked to be one GLUScope
+    can serve; otherwise a DatabaseFileError naming the file and what is wrong."""
     try:
         con = duckdb.connect(str(path), read_only=True)
         for setting in SETTINGS:
             con.execute(setting)
     except duckdb.Error as e:
-        raise DatabaseFileError(f"{path}: cannot open as a DuckDB file ({e})") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        hint = "damaged or cut short" if "read enough bytes" in first or "Corrupt" in first else "not a DuckDB file"
+        raise DatabaseFileError(f"{path}: cannot open it: {hint} ({first})") from None
+    try:
+        return con, _checked_metadata(con, path)
+    except BaseException:
+        con.close()
+        raise
+
+
+def _checked_metadata(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, Any]:
+    _check_size(con, path)
     tables = {row[0] for row in con.execute(queries.TABLES).fetchall()}
     missing = REQUIRED_TABLES - tables
     if missing:
@@ -210,7 +222,24 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
     meta = dict(zip([d[0] for d in cur.description], rows[0]))
     if meta["schema_version"] != SCHEMA_VERSION:
         raise DatabaseFileError(f"{path}: schema version {meta['schema_version']}, this server reads {SCHEMA_VERSION}")
+    if meta.get("shard_count") is not None:
+        raise DatabaseFileError(f"{path}: shard {meta['shard_index']}/{meta['shard_count']} of a recording; "
+                                "merge the shards first (gluscope merge)")
+    if meta["act_fn"] not in ACT_FNS:
+        raise DatabaseFileError(f"{path}: act_fn {meta['act_fn']!r} is not an activation GLUScope computes "
+                                f"({', '.join(ACT_FNS)})")
+    return meta
 
+
+def check_database_file(path: str | os.PathLike) -> None:
+    """Raise DatabaseFileError unless `path` opens as a servable GLUScope database (a cheap look, no loading)."""
+    con, _ = _open_checked(Path(path))
+    con.close()
+
+
+def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Database:
+    path = Path(path)
+    con, meta = _open_checked(path)
     vocab = con.execute(queries.VOCAB).fetchall()
     lengths = con.execute(queries.TEXT_LENGTHS).fetchnumpy()
     offsets = np.zeros(len(lengths["n_tokens"]) + 1, dtype=np.int64)
@@ -218,10 +247,23 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
     ids = np.asarray(con.execute(queries.TEXT_TOKENS).fetchnumpy()["token_id"], dtype=np.int32)
     if len(ids) != offsets[-1]:
         raise DatabaseFileError(f"{path}: texts.n_tokens disagrees with the stored token ids")
-    texts = Texts(source_index=np.asarray(lengths["source_index"], dtype=np.int64), offsets=offsets, ids=ids)
+    sources = lengths["source"]
+    texts = Texts(source_index=np.asarray(lengths["source_index"], dtype=np.int64),
+                  source=[None if s is None else str(s) for s in sources.tolist()] if len(sources) else [],
+                  offsets=offsets, ids=ids)
     neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"])) if neuron_table else None
-    return Database(path=path, id="", meta=meta, tokens=[t for t, _ in vocab],
-                    token_bytes=[bytes(b) for _, b in vocab], texts=texts, neurons=neurons, con=con)
+    return Database(path=path, id="", meta=meta, vocab=Vocabulary([t for t, _ in vocab], [bytes(b) for _, b in vocab]),
+                    texts=texts, neurons=neurons, con=con)
+
+
+def _check_size(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A file shorter than the blocks its own header counts was cut short (a copy or download that stopped)."""
+    (row,) = con.execute("PRAGMA database_size").fetchall()
+    block_size, total_blocks = int(row[2]), int(row[3])
+    needed = HEADER_BYTES + block_size * total_blocks
+    size = path.stat().st_size
+    if size < needed:
+        raise DatabaseFileError(f"{path}: cut short: {size:,} bytes where its header says {needed:,}")
 
 
 def _fingerprint(meta: dict[str, Any]) -> str:

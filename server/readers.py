@@ -1,9 +1,10 @@
 """Reader processes: the views that query DuckDB run here, one request at a time per process.
 
-The server is one front process (uvicorn: HTTP, and every view that reads
-only what was loaded at startup) and N readers, each of which opens the same
-files read-only once. A view that reads the file sends its arguments to the
-readers' queue and awaits the body (bytes). Why not N uvicorn workers:
+The server is one HTTP process (uvicorn, and every view that reads only what
+was loaded at startup) and N readers, each of which opens the same files
+read-only once. A view marked `reads_file` (views.py) is sent by name, with
+its arguments, to the readers' queue, and the HTTP process awaits the body
+(bytes). Why not N uvicorn workers:
 
 - A worker keeps each keep-alive connection it accepted, and a burst of
   connections lands unevenly (16 clients split 16/0, 11/5 or 8/8 between two
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import multiprocessing
 import os
 import threading
@@ -39,6 +41,18 @@ from gluscope.server.render import token_spans
 _registry: dict[str, Database] | None = None
 
 
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may run on: its affinity, capped by a cgroup v2 quota (`docker run --cpus`)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 file, or one we do not understand: the affinity alone
+    return max(cpus, 1)
+
+
 def _exit_with_parent(parent: int) -> None:
     """A reader outlives a killed HTTP process (SIGKILL runs no shutdown): leave when it is gone."""
     while os.getppid() == parent:
@@ -49,9 +63,9 @@ def _exit_with_parent(parent: int) -> None:
 def _open(paths: list[str]) -> None:
     global _registry
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
-    _registry = open_databases(paths, neuron_table=False)  # about 110 MB for a 7B model, used only by the HTTP process
+    _registry = open_databases(paths, neuron_table=False)  # about 100 MB for a 7B model, used only by the HTTP process
     for db in _registry.values():
-        db.token_spans = token_spans(db.tokens)
+        token_spans(db.vocab)  # built once here, not on a user's first fragment
     freeze_startup_objects()
 
 

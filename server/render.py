@@ -1,28 +1,35 @@
-"""Choosing the response (JSON, htmx fragment or full page) and the helpers templates use.
+"""Choosing the response (JSON, htmx fragment or full page), making its bytes, and the helpers templates use.
 
-Views hand over one dict of data; `respond` decides once how to send it.
+A view hands over a Page (views.py): its JSON body and what the templates read
+besides it. render_body turns it into the bytes of one kind of response, in
+whichever process ran the view; make_response wraps them with the headers.
+Templates receive plain dicts, lists and markup, never a database.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import math
+import weakref
 from functools import lru_cache
 from itertools import chain
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jinja2
+import orjson
+import starlette.responses
 from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
 
-from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
-from gluscope.server.data import Section
-from gluscope.server.db import Database
+from gluscope.schema import HOOKS, QUADRANT_SIGNS, QUADRANT_SLUGS, QUADRANTS
+
+if TYPE_CHECKING:
+    from gluscope.server.data import ExampleList
+    from gluscope.server.db import Vocabulary
 
 TEMPLATE_DIR = Path(str(files("gluscope.templates")))
 STATIC_DIR = Path(str(files("gluscope.frontend") / "static"))
@@ -39,13 +46,16 @@ WHITESPACE_MARKS = {" ": "·", "\t": "→", "\r": "␍", "\n": "⏎\n", "\u00a0"
 POS_RGB, NEG_RGB = (214, 39, 40), (31, 119, 180)  # red above zero, blue below, white at zero
 
 
-class JSONResponse(Response):
-    """JSON without NaN (data functions already map it to null), UTF-8, compact."""
+def encode_json(content: Any) -> bytes:
+    """Compact UTF-8 JSON. Data functions map NaN and infinity to None (JSON has neither); orjson would
+    write null for them too. orjson, not the standard library: an examples body is a few thousand numbers,
+    and encoding it was the largest cost of the examples JSON (README, Performance)."""
+    return orjson.dumps(content)
 
-    media_type = "application/json"
 
+class JSONResponse(starlette.responses.JSONResponse):  # a JSONResponse, so /openapi.json shows the body model
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return encode_json(content)
 
 
 def wants_json(request: Request) -> bool:
@@ -76,20 +86,22 @@ def response_kind(request: Request, has_fragment: bool = False) -> str:
     return FRAGMENT if has_fragment and is_fragment_request(request) else PAGE
 
 
-def render_body(kind: str, data: dict[str, Any] | Callable[[], dict[str, Any]], page: str,
-                fragment: str | None = None, context: dict[str, Any] | None = None) -> bytes:
-    """The body of a response of this kind, as bytes: it may be made in a reader process (readers.py).
+def render_body(kind: str, data: Any | Callable[[], Any], page: str, fragment: str | None = None,
+                context: dict[str, Any] | Callable[[bool], dict[str, Any]] | None = None) -> bytes:
+    """The body of a response of this kind, as bytes.
 
-    `data` may be a function that makes the dict, called for JSON only: its
-    templates then read what they need from `context`, and the htmx fragment
-    never builds the JSON body.
+    `data` is the JSON body, or a function that makes it, called for JSON
+    only; templates read it as `data`. `context` is what they read besides,
+    or a function of `fragment` that makes it, called for HTML only (and it
+    may replace `data` by what the templates need instead): the htmx
+    fragment never builds the JSON body, nor the JSON the rows of a page.
     """
     if kind == JSON:
-        return JSONResponse(data() if callable(data) else data).body
-    context = {"fragment": kind == FRAGMENT, **(context or {})}
-    if not callable(data):
-        context["data"] = data
-    return templates.env.get_template(fragment if kind == FRAGMENT else page).render(context).encode()
+        return encode_json(data() if callable(data) else data)
+    is_fragment = kind == FRAGMENT and fragment is not None
+    made = context(is_fragment) if callable(context) else context
+    full = {"fragment": is_fragment, **({} if callable(data) else {"data": data}), **(made or {})}
+    return templates.env.get_template(fragment if is_fragment else page).render(full).encode()
 
 
 def make_response(request: Request, kind: str, body: bytes, status: int = 200) -> Response:
@@ -99,13 +111,6 @@ def make_response(request: Request, kind: str, body: bytes, status: int = 200) -
     if kind == PAGE:
         headers["Link"] = f'<{json_url(request)}>; rel="alternate"; type="application/json"'
     return HTMLResponse(body, status_code=status, headers=headers)
-
-
-def respond(request: Request, data: dict[str, Any] | Callable[[], dict[str, Any]], page: str,
-            fragment: str | None = None, context: dict[str, Any] | None = None, status: int = 200) -> Response:
-    """The response a view in this process sends: see response_kind and render_body."""
-    kind = response_kind(request, fragment is not None)
-    return make_response(request, kind, render_body(kind, data, page, fragment, context), status)
 
 
 def error_page(request: Request, body: dict[str, Any]) -> HTMLResponse:
@@ -128,13 +133,20 @@ def show_token(token: str) -> Markup:
     return Markup("".join(out)) if token else Markup('<span class="ws">∅</span>')
 
 
-def token_spans(tokens: list[str]) -> list[str]:
-    """Each vocabulary entry as the bare token span of an htmx examples fragment, built once at startup.
+_SPANS: "weakref.WeakKeyDictionary[Vocabulary, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def token_spans(vocab: Vocabulary) -> list[str]:
+    """Each vocabulary entry as the bare token span of an htmx examples fragment, built once per vocabulary
+    (readers.py builds them at startup).
 
     The fragment's snippets are then a join of prebuilt strings; gluscope.js
     adds each token's values, quadrant and colour from the snippet's data-v.
     """
-    return [f'<span class="t" tabindex="0">{show_token(token)}</span>' for token in tokens]
+    spans = _SPANS.get(vocab)
+    if spans is None:
+        spans = _SPANS[vocab] = [f'<span class="t" tabindex="0">{show_token(token)}</span>' for token in vocab.tokens]
+    return spans
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -152,7 +164,7 @@ def pct(x: float | None) -> str:
 def format_many(values: list[float | None], spec: str = "%.4g") -> list[str]:
     """fmt() of many numbers in one C-level formatting call.
 
-    A section shows 16 × 27 tokens with four values each; formatting them one
+    A list shows 16 × 27 tokens with four values each; formatting them one
     Python call at a time was the largest cost of the examples fragment.
     """
     if not values:
@@ -171,7 +183,7 @@ _FIXES = {"nan": "—", "inf": "—", "-inf": "—", "-0": "0"}
 
 
 def _styles(values: list[float | None], scale: float) -> list[str]:
-    """Each token's style attribute: a background on one diverging scale per section.
+    """Each token's style attribute: a background on one diverging scale per list.
 
     Same formula as colour() in gluscope.js, which recolours when the selector changes.
     """
@@ -188,22 +200,21 @@ _POS, _NEG = ",".join(map(str, POS_RGB)), ",".join(map(str, NEG_RGB))
 
 _SPAN = ('<span class="%s" tabindex="0" title="position %d · %s&#10;' + "&#10;".join(f"{h} %s" for h in HOOKS)
          + '"%s>%s</span>')
-_QUADRANT_OF = {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}
+_QUADRANT_OF = {(g > 0, x > 0): q for q, (g, x) in enumerate(QUADRANT_SIGNS)}  # (x_gate > 0, x_in > 0) -> code
 
 
-def snippet(ex: dict[str, Any], quadrant: str, colour_by: str, scale: float) -> Markup:
+def snippet(ex: dict[str, Any], q_code: int, colour_by: str, scale: float) -> Markup:
     """One example's window as focusable token spans; the title holds all four values (gluscope.js reads it).
 
     Built here rather than in a template loop, and with one formatting call
-    for all spans: a section has 16 × 27 tokens, and this is the hot path of
-    the examples fragment.
+    for all spans: a list has 16 × 27 tokens, and this is the hot path of
+    the examples page.
     """
-    q_code = QUADRANTS.index(quadrant)
     acts = ex["activations"]
     n = len(ex["tokens"])
     focus = ex["position"] - ex["window_start"]
-    quads = [_QUADRANT_OF[(g > 0, u > 0)] if g and u else None
-             for g, u in zip(acts["hook_pre"], acts["hook_pre_linear"])]
+    quads = [_QUADRANT_OF[(g > 0, x > 0)] if g and x else None
+             for g, x in zip(acts["hook_pre"], acts["hook_pre_linear"])]
     classes = ["t" if q == q_code else "t oq" for q in quads]
     if 0 <= focus < n:
         classes[focus] += " focus"
@@ -215,53 +226,58 @@ def snippet(ex: dict[str, Any], quadrant: str, colour_by: str, scale: float) -> 
     return Markup('<div class="snippet">' + (_SPAN * n) % tuple(chain.from_iterable(fields)) + "</div>")
 
 
-def compact_snippet(section: Section, i: int, spans: list[str]) -> Markup:
+def compact_snippet(found: ExampleList, i: int, spans: list[str]) -> Markup:
     """One example's window for the htmx fragment: bare token spans, and all four values of every token
     as little-endian float32 in base64 (data-v, [4 values in HOOKS order, tokens]).
 
     gluscope.js turns data-v into what snippet() writes on the server (each
-    token's tooltip values, quadrant class and colour). A section is then a
+    token's tooltip values, quadrant class and colour). A list is then a
     few kilobytes of numbers instead of 90 KB of formatted attributes, and
-    costs the server no per-token formatting: rendering a section went from
-    4.2 to about 1 ms (OLMo-7B-shaped file, this machine).
+    costs the server no per-token formatting: rendering a list went from
+    4.2 to 1.0 ms (OLMo-7B-shaped file, this machine).
     """
-    ids = section.token_ids[i]
+    ids = found.token_ids[i]
     n = len(ids)
     if n and (ids.min() < 0 or ids.max() >= len(spans)):  # never from our recorder; shown, not fatal
         body = "".join(spans[t] if 0 <= t < len(spans) else _UNKNOWN_SPAN % t for t in ids.tolist())
     else:
         body = "".join([spans[t] for t in ids.tolist()])
-    values = base64.b64encode(section.values[i, :, :n].astype("<f4").tobytes()).decode("ascii")
-    start = int(section.window_start[i])
-    return Markup(f'<div class="snippet" data-start="{start}" data-focus="{int(section.position[i]) - start}" '
+    values = base64.b64encode(found.values[i, :, :n].astype("<f4").tobytes()).decode("ascii")
+    start = int(found.window_start[i])
+    return Markup(f'<div class="snippet" data-start="{start}" data-focus="{int(found.position[i]) - start}" '
                   f'data-v="{values}">{body}</div>')
 
 
 _UNKNOWN_SPAN = '<span class="t" tabindex="0">&lt;unk %d&gt;</span>'
 
 
-def example_rows(section: Section, db: Database, colour_by: str, compact: bool) -> list[dict[str, Any]]:
-    """What _examples.html shows per example: the JSON fields and the snippet's markup.
+def examples_context(found: ExampleList, vocab: Vocabulary, colour_by: str, compact: bool) -> dict[str, Any]:
+    """What _examples.html reads: which list (`data`), its colour scales, and per example the JSON
+    fields and the snippet's markup.
 
     compact: the htmx fragment (gluscope.js finishes each snippet); else the
     page, complete without JavaScript.
     """
+    scales = found.scales()
     if compact:
-        spans = db.token_spans
-        return [{**section.head(i), "snippet": compact_snippet(section, i, spans)} for i in range(len(section))]
-    quadrant, scale = QUADRANTS[section.quadrant], section.scales()[colour_by]
-    rows = [section.example(i, db) for i in range(len(section))]
-    for ex in rows:
-        ex["snippet"] = snippet(ex, quadrant, colour_by, scale)
-    return rows
+        spans = token_spans(vocab)
+        rows = [{**found.head(i), "snippet": compact_snippet(found, i, spans)} for i in range(len(found))]
+    else:
+        rows = [found.example(i, vocab) for i in range(len(found))]
+        for ex in rows:
+            ex["snippet"] = snippet(ex, found.quadrant, colour_by, scales[colour_by])
+    return {"data": found.describe(), "examples": rows, "scales": scales, "colour_by": colour_by}
 
 
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update(show_token=show_token, fmt=fmt, pct=pct)
+    # gluscope.js reads the names and codes from <body>: written once, in gluscope/schema.py.
+    names = {"hooks": HOOKS, "quadrants": QUADRANTS, "quadrant-signs": QUADRANT_SIGNS}
+    body_names = Markup("".join(f' data-{k}="{escape(orjson.dumps(v).decode())}"' for k, v in names.items()))
     env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, zip=zip,
-                       example_rows=example_rows)
+                       body_names=body_names)
     return env
 
 

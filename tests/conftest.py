@@ -63,12 +63,17 @@ def tokenizer_training_texts() -> list[str]:
     return corpus_texts() * 4
 
 
+def corpus_source(i: int) -> str:
+    """Where corpus text i "came from": what a page shows beside its examples (`record --source-column`)."""
+    return f"corpus/text-{i:03d}.txt"
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     with path.open("w") as f:
         for i, text in enumerate(corpus_texts()):
-            f.write(json.dumps({"text": text, "id": i}) + "\n")
+            f.write(json.dumps({"text": text, "id": i, "source": corpus_source(i)}) + "\n")
     return path
 
 
@@ -89,6 +94,7 @@ def recorded_db(tmp_path_factory, tiny_llama, corpus_file) -> Path:
     """A database recorded by `gluscope record` from the tiny Llama over the test corpus."""
     out = tmp_path_factory.mktemp("db") / "tiny-llama.duckdb"
     code = gluscope_main(["record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
+                          "--source-column", "source",
                           "--max-length", "48", "--batch-size", "4", "--device", "cpu", "--compile", "off"])
     assert code == 0 and out.exists()
     return out
@@ -140,3 +146,29 @@ def script_list(recorded_db, planted_script_text_id) -> tuple[int, int, str, str
         con.close()
     assert row is not None
     return row[0], row[1], QUADRANT_SLUGS[row[2]], HOOKS[row[3]]
+
+
+@pytest.fixture(scope="session")
+def live_server(recorded_db):
+    """The real app over the recorded database, served by uvicorn on a free port in a thread: its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from gluscope.server.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app([recorded_db]), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)

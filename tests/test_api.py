@@ -286,11 +286,15 @@ def test_neuron_page_loads_weight_tokens_lazily(client, model_id):
 def test_a_neurons_examples_are_read_once_for_all_its_sections(client, model_id):
     """The first section of a neuron reads the whole neuron; its other sections come from memory.
 
-    The body functions run here on the test's own registry, as a reader process runs them.
+    The view runs here on the test's own registry, as a reader process runs it.
     """
     import json
 
-    from gluscope.server.app import examples_body
+    from gluscope.server.views import run_view
+
+    def examples_body(registry, kind, model, layer, neuron, quadrant, hook, colour):
+        return run_view(registry, "examples", model, kind,
+                        {"layer": layer, "neuron": neuron, "quadrant": quadrant, "hook": hook, "colour": colour})
 
     registry = client.app.state.registry
     db = registry[model_id]
@@ -317,3 +321,20 @@ def test_lru_cache_evicts_the_least_recently_used():
     empty = LRUCache(0)
     empty.put("a", 1)
     assert empty.get("a") is None
+
+
+def test_every_example_and_text_says_where_its_text_came_from(client, con, model_id):
+    """`record --source-column source` keeps each text's source; examples, texts and the page show it."""
+    from .conftest import corpus_source
+
+    stored = dict(con.execute("SELECT text_id, source FROM texts").fetchall())
+    rows = dict(con.execute("SELECT text_id, source_index FROM texts").fetchall())
+    assert all(stored[t] == corpus_source(rows[t]) for t in stored)
+    body = client.get(f"/api/models/{model_id}/neurons/1/3/examples", params={"quadrant": "nn", "hook": "act"}).json()
+    assert body["examples"] and all(ex["source"] == stored[ex["text_id"]] for ex in body["examples"])
+    text = client.get(f"/api/models/{model_id}/texts/5").json()
+    assert text["source"] == stored[5]
+    page = client.get(f"/models/{model_id}/neurons/1/3/examples", params={"quadrant": "nn", "hook": "act"}).text
+    assert stored[body["examples"][0]["text_id"]] in page
+    info = client.get(f"/api/models/{model_id}").json()
+    assert info["model_source"] and info["weights_file"] is None and info["quantization"] is None

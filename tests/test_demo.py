@@ -49,7 +49,7 @@ def test_the_corpus_mixes_real_prose_and_code_and_says_where_each_text_came_from
             topic = re.search(r"topic '([^']+)'", r["source"]).group(1)
             assert r["text"] in topics[topic]
         else:
-            assert r["source"].startswith("description of the Python package ")
+            raise AssertionError(f"unknown source {r['source']!r}")
     assert demo_corpus.build(tmp_path / "again.jsonl", per_kind=200).read_text() == out.read_text()
     assert not (tmp_path / "corpus.jsonl.tmp").exists()
 

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from gluscope.server.app import create_app
 from gluscope.server.errors import ParameterError
-from gluscope.server.readers import Readers
+from gluscope.server.readers import Readers, usable_cpus
 
 
 def pid_after(registry, seconds: float) -> int:
@@ -85,3 +85,28 @@ def test_readers_leave_when_the_http_process_is_killed(recorded_db):
     while any(Path(f"/proc/{p}").exists() for p in readers):
         assert time.monotonic() < deadline, "reader processes outlived the HTTP process"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("cpu_max, cap", [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1),
+                                          ("nonsense", None)])
+def test_usable_cpus_follow_the_affinity_and_a_cgroup_quota(tmp_path, cpu_max, cap):
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == (affinity if cap is None else min(affinity, cap))
+    assert usable_cpus(tmp_path / "absent") == affinity
+
+
+def test_serve_starts_one_reader_per_usable_cpu_by_default(recorded_db):
+    from .test_serve_and_demo import free_port, wait_for
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(recorded_db), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/api/models", proc).status_code == 200
+        readers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(readers) == usable_cpus()
+    finally:
+        proc.terminate()
+        proc.wait(20)

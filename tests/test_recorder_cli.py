@@ -174,3 +174,21 @@ def test_mixture_of_experts_models_are_refused_plainly(config_class, folder, cor
                         "--out", "out.duckdb"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert_user_error(r, "mixture-of-experts", "expert neurons")
     assert "huggingface.co" not in r.stderr and not (tmp_path / "out.duckdb").exists()
+
+
+def test_a_model_too_large_for_the_gpu_is_refused_before_loading(tiny_llama):
+    import torch
+
+    from gluscope.errors import UserError
+    from gluscope.recorder.model import refuse_if_too_large, weight_count
+
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    # Tied tensors are saved once: count each storage once.
+    assert weight_count(tiny_llama) == sum({p.data_ptr(): p.numel() for p in model.state_dict().values()}.values())
+    need = weight_count(tiny_llama) * 2
+    refuse_if_too_large("tiny", tiny_llama, torch.bfloat16, need)  # fits exactly
+    with pytest.raises(UserError, match="more than the GPU's"):
+        refuse_if_too_large("tiny", tiny_llama, torch.bfloat16, need - 1)
+

@@ -38,7 +38,7 @@ def test_serve_answers_with_one_or_more_workers(recorded_db, workers):
         assert len(models) == 1
         page = httpx.get(f"http://127.0.0.1:{port}/models/{models[0]['id']}/neurons/1/3", timeout=10)
         assert page.status_code == 200 and "gate-_in-" in page.text
-        # A view that reads the file, through each worker's query gate.
+        # A view that reads the file, answered by a reader process.
         section = httpx.get(f"http://127.0.0.1:{port}/api/models/{models[0]['id']}/neurons/1/3/examples",
                             params={"quadrant": "nn", "hook": "act"}, timeout=10)
         assert section.status_code == 200 and section.json()["examples"]

@@ -6,9 +6,12 @@
 // dataset and show our own tooltip on hover and on keyboard focus.
 (function () {
   "use strict";
-  var HOOKS = ["hook_post", "hook_pre_linear", "hook_pre", "act"];
+  // The names and codes the server uses (gluscope/schema.py), from base.html's <body>.
+  var names = document.body.dataset;
+  var HOOKS = JSON.parse(names.hooks), QUADRANTS = JSON.parse(names.quadrants);
+  var SIGNS = JSON.parse(names.quadrantSigns);  // [sign of x_gate, sign of x_in] per quadrant code
+  var X_GATE = HOOKS.indexOf("hook_pre"), X_IN = HOOKS.indexOf("hook_pre_linear");
   var POS = [214, 39, 40], NEG = [31, 119, 180];
-  var QUADRANTS = ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"];
 
   // Python's "%.4g", as render.format_many writes the page's titles, exactly:
   // toExponential(99) is the exact decimal expansion of any float32, and we
@@ -35,9 +38,11 @@
 
   function trim(x) { return x.replace(/0+$/, "").replace(/\.$/, ""); }
 
-  function quadrant(gate, inn) {
-    if (!gate || !inn || !isFinite(gate) || !isFinite(inn)) return "no quadrant";
-    return QUADRANTS[(gate > 0 ? 0 : 2) + (inn > 0 ? 0 : 1)];
+  function quadrant(x_gate, x_in) {
+    if (!x_gate || !x_in || !isFinite(x_gate) || !isFinite(x_in)) return "no quadrant";
+    for (var q = 0; q < SIGNS.length; q++) {
+      if (SIGNS[q][0] === Math.sign(x_gate) && SIGNS[q][1] === Math.sign(x_in)) return QUADRANTS[q];
+    }
   }
 
   function expand(snippet) {
@@ -48,7 +53,7 @@
     var start = +snippet.dataset.start, focus = +snippet.dataset.focus;
     for (var j = 0; j < n; j++) {
       var v = HOOKS.map(function (_, h) { return view.getFloat32(4 * (h * n + j), true); });
-      var q = quadrant(v[2], v[1]), t = tokens[j];
+      var q = quadrant(v[X_GATE], v[X_IN]), t = tokens[j];
       t.dataset.head = "position " + (start + j) + " \u00b7 " + q;
       t.dataset.v = v.map(fmt).join(",");
       if (q !== own) t.classList.add("oq");

@@ -1,0 +1,146 @@
+"""`gluscope merge`: put the shard files of one recording together into the file a single run writes.
+
+DuckDB is the merge engine: the shards are attached read-only and every
+table is one `INSERT ... SELECT` over their union, so memory stays bounded
+(DuckDB spills what does not fit) and every core is used. What makes the
+result equal a single run's:
+
+- shards hold whole batches (record.shard_batches), so each text's values
+  are bit for bit the single run's, and a text lives in exactly one shard;
+- a shard's top-k list holds every one of its texts that can be in the
+  whole run's top-k, so ranking the union by the recorder's own order
+  (|value| descending, then text_id, then position: rules of schema.sql's
+  `examples`) and keeping k gives the single run's list;
+- counts add up, min and max combine, and a mean is the count-weighted mean
+  of the shards' means (equal to the single run's up to the last bits of
+  float64, where the order of summation differs);
+- the weights' tables (geometry, weight tokens) and the vocabulary are the
+  same in every shard, and are taken from the first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from gluscope.errors import UserError
+from gluscope.recorder.writer import DatabaseWriter
+from gluscope.schema import COUNT_COLUMNS
+
+# Metadata columns in which the shards of one run differ; every other column must agree.
+PER_SHARD = {"created_at", "n_texts", "n_tokens", "shard_index"}
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as e:
+        raise UserError(f"{path}: not a readable DuckDB file ({str(e).splitlines()[0][:160]})") from None
+    try:
+        cur = con.execute("SELECT * FROM metadata")
+        row = cur.fetchone()
+        names = [d[0] for d in cur.description]
+    except duckdb.Error:
+        raise UserError(f"{path}: not a GLUScope database (no metadata table)") from None
+    finally:
+        con.close()
+    if row is None:
+        raise UserError(f"{path}: its metadata table is empty")
+    return dict(zip(names, row))
+
+
+def check_shards(paths: list[Path]) -> list[dict[str, Any]]:
+    """The shards' metadata, in shard order, once every file is checked to be one shard of one run."""
+    if len(paths) < 1:
+        raise UserError("give the shard files to merge")
+    metas = [_metadata(p) for p in paths]
+    for path, meta in zip(paths, metas):
+        if meta.get("shard_count") is None:
+            raise UserError(f"{path} is a whole recording, not a shard (record shards with --shard I/N)")
+    first_path, first = paths[0], metas[0]
+    for path, meta in zip(paths[1:], metas[1:]):
+        for column in first:
+            if column not in PER_SHARD and meta.get(column) != first[column]:
+                raise UserError(f"{path} and {first_path} are not shards of one run: their {column} differs "
+                                f"({meta.get(column)!r} against {first[column]!r})")
+    count = first["shard_count"]
+    seen: dict[int, Path] = {}
+    for path, meta in zip(paths, metas):
+        index = meta["shard_index"]
+        if index in seen:
+            raise UserError(f"{path} and {seen[index]} are both shard {index}/{count}")
+        seen[index] = path
+    missing = sorted(set(range(count)) - set(seen))
+    if missing:
+        raise UserError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(f'{i}/{count}' for i in missing)} "
+                        f"of {count} {'are' if len(missing) > 1 else 'is'} missing")
+    order = sorted(range(len(paths)), key=lambda i: metas[i]["shard_index"])
+    paths[:] = [paths[i] for i in order]
+    return [metas[i] for i in order]
+
+
+def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
+    """Merge the shard files `paths` into `out` (written atomically); return `out`."""
+    paths = [Path(p) for p in paths]
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if any(p.resolve() == out.resolve() for p in paths if out.exists()):
+        raise UserError(f"--out {out} is one of the shards")
+    metas = check_shards(paths)
+    meta = dict(metas[0])
+    meta.update(created_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), shard_index=None,
+                shard_count=None, n_texts=sum(m["n_texts"] for m in metas), n_tokens=sum(m["n_tokens"] for m in metas))
+    with DatabaseWriter(out, overwrite=overwrite) as writer:
+        con = writer.con
+        for i, path in enumerate(paths):
+            con.execute(f"ATTACH '{_quote(path)}' AS shard{i} (READ_ONLY)")
+        writer.write_metadata(meta)
+        for statement in _statements(len(paths), int(meta["k"])):
+            con.execute(statement)
+        for i in range(len(paths)):
+            con.execute(f"DETACH shard{i}")
+    return out
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _statements(n: int, k: int) -> list[str]:
+    def union(table: str, columns: str = "*") -> str:
+        return " UNION ALL ".join(f"SELECT {columns} FROM shard{i}.{table}" for i in range(n))
+
+    counts = ", ".join(f"sum({c}) AS {c}" for c in COUNT_COLUMNS)
+    count_of = "CASE v.quadrant " + " ".join(f"WHEN {q} THEN n.{c}" for q, c in enumerate(COUNT_COLUMNS)) + " END"
+    per_shard_stats = " UNION ALL ".join(
+        f"SELECT v.*, {count_of} AS n_quadrant FROM shard{i}.value_stats v JOIN shard{i}.neurons n USING (layer, neuron)"
+        for i in range(n))
+    return [
+        "INSERT INTO vocab SELECT * FROM shard0.vocab ORDER BY token_id",
+        f"INSERT INTO texts SELECT * FROM ({union('texts')}) ORDER BY text_id",
+        f"""INSERT INTO neurons BY NAME
+            SELECT g.* EXCLUDE ({", ".join(COUNT_COLUMNS)}), c.* EXCLUDE (layer, neuron)
+            FROM shard0.neurons g JOIN (SELECT layer, neuron, {counts} FROM ({union('neurons')}) GROUP BY ALL) c
+                 USING (layer, neuron)
+            ORDER BY layer, neuron""",
+        f"""INSERT INTO value_stats
+            SELECT layer, neuron, quadrant, hook, min(min), max(max),
+                   sum(mean * n_quadrant) FILTER (WHERE n_quadrant > 0) / nullif(sum(n_quadrant), 0)
+            FROM ({per_shard_stats}) GROUP BY ALL ORDER BY layer, neuron, quadrant, hook""",
+        f"""INSERT INTO examples
+            SELECT layer, neuron, quadrant, hook, (row_number() OVER w - 1) AS rank, value, text_id, position
+            FROM ({union('examples')})
+            WINDOW w AS (PARTITION BY layer, neuron, quadrant, hook ORDER BY abs(value) DESC, text_id, position)
+            QUALIFY row_number() OVER w <= {k}
+            ORDER BY layer, neuron, quadrant, hook, rank""",
+        f"""INSERT INTO windows
+            SELECT w.* FROM ({union('windows')}) w SEMI JOIN examples e USING (layer, neuron, text_id, position)
+            ORDER BY layer, neuron, text_id, position""",
+        "INSERT INTO weight_tokens SELECT * FROM shard0.weight_tokens ORDER BY layer, neuron, kind, rank",
+    ]

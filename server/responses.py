@@ -1,0 +1,196 @@
+"""The JSON bodies the API returns, as pydantic models: /openapi.json and /docs show them.
+
+data.py builds the bodies as plain dicts (encoding them needs no model);
+these declare their shape, every field closed (extra="forbid"), and
+tests/test_openapi.py checks with schemathesis that what the server sends
+conforms. Names come from gluscope.schema, so a new quadrant, value or
+geometry column changes the documentation with the data.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from gluscope.schema import GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS, WEIGHT_KINDS
+
+QuadrantLabel = Literal[QUADRANTS]  # type: ignore[valid-type]
+QuadrantSlug = Literal[QUADRANT_SLUGS]  # type: ignore[valid-type]
+Hook = Literal[HOOKS]  # type: ignore[valid-type]
+WeightKind = Literal[WEIGHT_KINDS]  # type: ignore[valid-type]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(Body):
+    """What was recorded, and how (the metadata table), with the id URLs use and the file's name."""
+
+    id: str
+    model_name: str
+    model_source: str = Field(description="hub name, local folder or .gguf file the recording was given")
+    model_revision: str | None
+    weights_file: str | None = Field(description="the GGUF file the weights were dequantized from, if any")
+    quantization: str | None = Field(description="that file's GGUF type, e.g. Q4_1")
+    architecture: str
+    act_fn: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    vocab_size: int
+    dtype: str
+    dataset: str
+    text_column: str | None
+    max_length: int
+    n_texts: int
+    n_tokens: int
+    k: int
+    window_before: int
+    window_after: int
+    refactor_glu: bool
+    weight_convention: str
+    created_at: str = Field(description="ISO 8601")
+    tool_version: str
+    schema_version: int
+    file: str
+
+
+class Models(Body):
+    models: list[ModelInfo]
+
+
+# One number per quadrant, keyed by slug.
+Frequencies = create_model("Frequencies", __base__=Body,
+                           **{slug: (float | None, ...) for slug in QUADRANT_SLUGS})  # type: ignore[call-overload]
+
+
+class LayerSummary(Body):
+    layer: int
+    n_neurons: int
+    frequency: Frequencies = Field(description="mean frequency of each quadrant over the layer's neurons")
+    frac_flipped: float | None
+
+
+class ModelDetail(ModelInfo):
+    layers: list[LayerSummary]
+
+
+class Stat(Body):
+    min: float | None
+    max: float | None
+    mean: float | None
+
+
+HookStats = create_model("HookStats", __base__=Body, **{h: (Stat, ...) for h in HOOKS})  # type: ignore[call-overload]
+
+
+class QuadrantSummary(Body):
+    quadrant: QuadrantLabel
+    slug: QuadrantSlug
+    count: int
+    frequency: float | None
+    stats: HookStats = Field(description="min, max and mean of each value over the quadrant's tokens (null if none)")
+
+
+Geometry = create_model("Geometry", __base__=Body, flipped=(bool, ...),
+                        **{name: (float | None, ...) for name in GEOMETRY})  # type: ignore[call-overload]
+
+
+class NeuronSummary(Body):
+    model: str
+    layer: int
+    neuron: int
+    n_tokens: int
+    quadrants: list[QuadrantSummary]
+    weights: Geometry
+
+
+class LayerNeuron(Geometry):  # type: ignore[misc, valid-type]
+    neuron: int
+    frequency: Frequencies
+
+
+class LayerPage(Body):
+    model: str
+    layer: int
+    n_neurons: int
+    sort: str
+    order: Literal["asc", "desc"]
+    offset: int
+    limit: int
+    neurons: list[LayerNeuron]
+
+
+Activations = create_model("Activations", __base__=Body,
+                           **{h: (list[float | None], ...) for h in HOOKS})  # type: ignore[call-overload]
+
+
+class Example(Body):
+    rank: int = Field(description="0 = most extreme")
+    value: float | None = Field(description="the ranked value at the token of interest")
+    text_id: int
+    source_index: int = Field(description="row in the source dataset")
+    source: str | None = Field(description="where the text came from, when the dataset says (a path, a URL)")
+    position: int = Field(description="the token of interest")
+    window_start: int
+    token_ids: list[int]
+    tokens: list[str]
+    activations: Activations = Field(description="each value at every token of the window")
+
+
+class ExampleListBody(Body):
+    model: str
+    layer: int
+    neuron: int
+    quadrant: QuadrantLabel
+    slug: QuadrantSlug
+    hook: Hook
+    examples: list[Example]
+
+
+class WeightToken(Body):
+    token_id: int
+    token: str
+    score: float | None
+
+
+class Writes(Body):
+    quadrant: QuadrantLabel
+    slug: QuadrantSlug
+    promotes: WeightKind
+    suppresses: WeightKind
+
+
+WeightTokenKinds = create_model("WeightTokenKinds", __base__=Body,
+                                **{k: (list[WeightToken], ...) for k in WEIGHT_KINDS})  # type: ignore[call-overload]
+
+
+class WeightTokens(Body):
+    model: str
+    layer: int
+    neuron: int
+    tokens: WeightTokenKinds = Field(description="by kind (schema.sql, weight_kinds), most extreme first")
+    writes: list[Writes] = Field(description="per quadrant, which output kind the neuron promotes")
+
+
+class Text(Body):
+    model: str
+    text_id: int
+    source_index: int
+    source: str | None
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+
+
+class ErrorDetail(Body):
+    status: int
+    parameter: str | None
+    message: str
+    valid: str | list[str] | None = Field(description="a range such as 0..31, the valid choices, or null")
+
+
+class Error(Body):
+    error: ErrorDetail

@@ -1,0 +1,165 @@
+"""The views: one function per page, of one database (or of them all) and keyword arguments.
+
+Every view has one shape, whichever process runs it. `@view` registers it
+with the templates that show it and says whether it queries the file: such
+a view runs in a reader process (readers.py), the others in the HTTP process
+on what was loaded at startup. Its keyword parameters, with their FastAPI
+declarations, are the endpoint's (app.py builds the endpoint from them), and
+it returns a Page (data and what the templates read) or a Redirect.
+run_view runs a view and makes the response's bytes, here or in a reader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import quote
+
+import duckdb
+from fastapi import Path, Query
+
+from gluscope.schema import HOOKS, QUADRANT_SLUGS
+from gluscope.server import data, queries, render
+from gluscope.server.db import Database
+from gluscope.server.errors import ParameterError
+from gluscope.server.validate import LAYER_PAGE_MAX, check_index, get_model, hook_code, parse_neuron_ref
+
+# Ranges and choices are documented (json_schema_extra) but checked by
+# validate.py, which knows each file's sizes and answers in the one error shape.
+INDEX = {"minimum": 0}
+Layer = Path(description="zero-based layer index", json_schema_extra=INDEX)
+Neuron = Path(description="zero-based neuron index within the layer", json_schema_extra=INDEX)
+TextId = Path(description="zero-based text id, 0 .. n_texts-1", json_schema_extra=INDEX)
+QuadrantQ = Query(description="quadrant slug: pp (gate+_in+), pn (gate+_in-), np (gate-_in+), nn (gate-_in-)",
+                  json_schema_extra={"enum": list(QUADRANT_SLUGS)})
+HookQ = Query(description="which value the list is ranked by", json_schema_extra={"enum": list(HOOKS)})
+
+
+@dataclass
+class Page:
+    """What a view shows: the JSON body and what the templates read besides (see render.render_body)."""
+
+    data: Any | Callable[[], Any]
+    context: dict[str, Any] | Callable[[bool], dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Redirect:
+    url: str
+    status: int = 302
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class View:
+    fn: Callable[..., Page | Redirect]
+    page: str | None        # the full page's template
+    fragment: str | None    # the partial an htmx request gets, if the page has one
+    reads_file: bool        # queries DuckDB: runs in a reader process
+    per_model: bool         # takes one model's Database (from the `model` parameter), else the registry
+
+
+VIEWS: dict[str, View] = {}
+
+
+def view(page: str | None = None, fragment: str | None = None, reads_file: bool = False,
+         per_model: bool = True) -> Callable[[Callable[..., Page | Redirect]], Callable[..., Page | Redirect]]:
+    def register(fn: Callable[..., Page | Redirect]) -> Callable[..., Page | Redirect]:
+        VIEWS[fn.__name__] = View(fn, page, fragment, reads_file, per_model)
+        return fn
+    return register
+
+
+def run_view(registry: dict[str, Database], name: str, model: str | None, kind: str,
+             params: dict[str, Any]) -> bytes | Redirect:
+    """VIEWS[name] on these arguments, as the body of a response of this kind (render.py)."""
+    v = VIEWS[name]
+    if v.per_model:
+        db = get_model(registry, model)
+        try:
+            shown = v.fn(db, **params)
+        except duckdb.Error as e:  # a file damaged where opening it did not look: say so, never a 500
+            raise ParameterError(503, None, f"{db.path.name} cannot be read where this page needs it; the file is "
+                                 f"damaged ({str(e).splitlines()[0][:160]})") from None
+    else:
+        shown = v.fn(registry, **params)
+    if isinstance(shown, Redirect):
+        return shown
+    context = shown.context
+    if v.per_model:  # every page of a model shows its name and shape
+        info = {"info": data.model_info(db)}
+        context = (lambda fragment: {**info, **shown.context(fragment)}) if callable(context) else {**info, **context}
+    return render.render_body(kind, shown.data, v.page, v.fragment, context)
+
+
+@view(page="index.html", per_model=False)
+def index(registry: dict[str, Database]) -> Page:
+    """Every model this server reads, with its metadata."""
+    return Page(data.models_data(registry))
+
+
+@view(page="model.html", reads_file=True)
+def model(db: Database) -> Page:
+    """A model's metadata and its layers, with the mean frequency of each quadrant per layer."""
+    return Page(data.model_data(db))
+
+
+@view(page="layer.html", reads_file=True)
+def layer(db: Database, layer: int = Layer,
+          sort: str = Query("neuron", description="column to sort by",
+                            json_schema_extra={"enum": list(queries.LAYER_SORT_KEYS)}),
+          order: str = Query("asc", description="asc or desc", json_schema_extra={"enum": list(data.LAYER_ORDERS)}),
+          offset: int = Query(0, description="first row", json_schema_extra=INDEX),
+          limit: int = Query(100, description=f"rows, at most {LAYER_PAGE_MAX}",
+                             json_schema_extra={"minimum": 1, "maximum": LAYER_PAGE_MAX})) -> Page:
+    """One page of a layer's neurons: frequency of each quadrant and weight geometry, sortable."""
+    return Page(data.layer_data(db, layer, sort, order, offset, limit))
+
+
+@view(page="neuron.html")
+def neuron(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
+    """Figure 1 of the paper: count, frequency and min/max/mean of each value in each quadrant; weight geometry."""
+    return Page(data.neuron_data(db, layer, neuron))
+
+
+@view(page="examples.html", fragment="_examples.html", reads_file=True)
+def examples(db: Database, layer: int = Layer, neuron: int = Neuron, quadrant: str = QuadrantQ, hook: str = HookQ,
+             colour: str | None = Query(None, description="page only: the value that colours the tokens")) -> Page:
+    """The top-k examples of one (quadrant, value) list, most extreme first, with all four values per window token."""
+    found = data.example_list(db, layer, neuron, quadrant, hook)
+    colour_by = HOOKS[found.hook if colour is None else hook_code(colour, "colour")]
+    return Page(lambda: found.to_json(db.vocab),
+                lambda fragment: render.examples_context(found, db.vocab, colour_by, compact=fragment))
+
+
+@view(page="tokens.html", fragment="_tokens.html", reads_file=True)
+def tokens(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
+    """Tokens the neuron's weights point at: output tokens of w_out.W_U (promoted or suppressed by
+    quadrant) and input tokens of w_gate.W_E and w_in.W_E (direct path only)."""
+    return Page(data.weight_tokens_data(db, layer, neuron))
+
+
+@view(page="text.html", fragment="_text.html")
+def text(db: Database, text_id: int = TextId,
+         position: int | None = Query(None, description="page only: a token to mark")) -> Page:
+    """One recorded text: its token ids, each token, and the text decoded from the stored vocabulary."""
+    result = data.text_data(db, text_id)
+    if position is not None:
+        check_index("position", position, len(result["token_ids"]))
+    return Page(result, {"position": position, "parts": data.text_parts(db, result["token_ids"], position)})
+
+
+def _neuron_url(db: Database, layer: int, neuron: int) -> str:
+    return f"/models/{quote(db.id)}/neurons/{layer}/{neuron}"
+
+
+@view()
+def random(db: Database) -> Redirect:
+    """A random neuron's page."""
+    return Redirect(_neuron_url(db, *data.random_neuron(db)), 302, {"Cache-Control": "no-store"})
+
+
+@view()
+def jump(db: Database, to: str = Query(...)) -> Redirect:
+    """The jump box: `layer.neuron` to that neuron's page."""
+    return Redirect(_neuron_url(db, *parse_neuron_ref(to, db)), 303)

@@ -1,0 +1,136 @@
+"""Shards and merge: `record --shard I/N` and `gluscope merge` give the file a single run writes; so does torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from .test_recorder_cli import assert_user_error, run_cli
+
+# Every table and its key; metadata is compared apart (created_at differs by design).
+TABLES = {
+    "texts": "text_id",
+    "vocab": "token_id",
+    "neurons": "layer, neuron",
+    "value_stats": "layer, neuron, quadrant, hook",
+    "examples": "layer, neuron, quadrant, hook, rank",
+    "windows": "layer, neuron, text_id, position",
+    "weight_tokens": "layer, neuron, kind, rank",
+}
+OPTIONS = ("--max-length", "40", "--batch-size", "3", "--k", "4", "--device", "cpu", "--compile", "off")
+
+
+def record(model: Path, corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("record", "--model", str(model), "--dataset", str(corpus), "--out", str(out), *OPTIONS, *extra)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama, corpus_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "single.duckdb"
+    assert (r := record(tiny_llama, corpus_file, out)).returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_llama, corpus_file, tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("shards")
+    paths = [folder / f"part{i}.duckdb" for i in range(3)]
+    for i, path in enumerate(paths):
+        assert (r := record(tiny_llama, corpus_file, path, "--shard", f"{i}/3")).returncode == 0, r.stderr
+    return paths
+
+
+def assert_same_recording(got: Path, want: Path) -> None:
+    """Every table equal row for row; means within 1e-12 relative; metadata equal but for its creation time."""
+    con = duckdb.connect(str(got), read_only=True)
+    con.execute(f"ATTACH '{want}' AS want (READ_ONLY)")
+    for table, key in TABLES.items():
+        columns = "* EXCLUDE (mean)" if table == "value_stats" else "*"
+        n = con.execute(f"SELECT count(*) FROM want.{table}").fetchone()[0]
+        assert n > 0 and n == con.execute(f"SELECT count(*) FROM {table}").fetchone()[0], table
+        differ = con.execute(f"""SELECT count(*) FROM (
+            (SELECT {columns} FROM {table} EXCEPT ALL SELECT {columns} FROM want.{table})
+            UNION ALL (SELECT {columns} FROM want.{table} EXCEPT ALL SELECT {columns} FROM {table}))""").fetchone()[0]
+        assert differ == 0, f"{table}: {differ} rows differ"
+    means = con.execute("""SELECT a.mean, b.mean FROM value_stats a JOIN want.value_stats b
+                           USING (layer, neuron, quadrant, hook) ORDER BY ALL""").fetchall()
+    a = np.array([m[0] if m[0] is not None else np.nan for m in means])
+    b = np.array([m[1] if m[1] is not None else np.nan for m in means])
+    assert (np.isnan(a) == np.isnan(b)).all()
+    np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-12, atol=0)
+    got_meta = con.execute("SELECT * EXCLUDE (created_at) FROM metadata").fetchall()
+    want_meta = con.execute("SELECT * EXCLUDE (created_at) FROM want.metadata").fetchall()
+    assert got_meta == want_meta
+    con.close()
+
+
+def test_shards_hold_whole_batches_with_global_text_ids(shards, single):
+    con = duckdb.connect(str(single), read_only=True)
+    n_texts, n_tokens = con.execute("SELECT n_texts, n_tokens FROM metadata").fetchone()
+    all_ids = {i for (i,) in con.execute("SELECT text_id FROM texts").fetchall()}
+    con.close()
+    seen, tokens = set(), 0
+    for i, path in enumerate(shards):
+        con = duckdb.connect(str(path), read_only=True)
+        assert con.execute("SELECT shard_index, shard_count FROM metadata").fetchone() == (i, 3)
+        ids = {t for (t,) in con.execute("SELECT text_id FROM texts").fetchall()}
+        tokens += con.execute("SELECT n_tokens FROM metadata").fetchone()[0]
+        con.close()
+        assert ids and not ids & seen
+        seen |= ids
+    assert seen == all_ids and tokens == n_tokens and len(seen) == n_texts
+
+
+def test_merged_shards_equal_the_single_run(shards, single, tmp_path):
+    out = tmp_path / "merged.duckdb"
+    # Any order of the files on the command line.
+    r = run_cli("merge", str(shards[2]), str(shards[0]), str(shards[1]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert_same_recording(out, single)
+
+
+def test_merge_refuses_what_is_not_one_run(shards, single, tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "never.duckdb"
+    assert_user_error(run_cli("merge", str(shards[0]), str(shards[1]), "--out", str(out)), "shard 2/3", "missing")
+    assert_user_error(run_cli("merge", str(shards[0]), str(shards[0]), str(shards[1]), "--out", str(out)),
+                      "both shard 0/3")
+    assert_user_error(run_cli("merge", str(single), str(shards[0]), "--out", str(out)), "whole recording")
+    other = tmp_path / "other-k.duckdb"
+    assert (r := record(tiny_llama, corpus_file, other, "--shard", "1/3", "--k", "5")).returncode == 0, r.stderr
+    assert_user_error(run_cli("merge", str(shards[0]), str(other), str(shards[2]), "--out", str(out)),
+                      "not shards of one run", "their k differs")
+    junk = tmp_path / "junk.duckdb"
+    junk.write_bytes(b"\0" * 5000)
+    assert_user_error(run_cli("merge", str(junk), "--out", str(out)), "not a readable DuckDB file")
+    assert_user_error(run_cli("merge", str(tmp_path / "missing.duckdb"), "--out", str(out)), "no such file")
+    assert not out.exists()
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        assert_user_error(record(tiny_llama, corpus_file, out, "--shard", bad), "--shard")
+
+
+def test_torchrun_on_two_cpu_processes_equals_the_single_run(single, tiny_llama, corpus_file, tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    out = tmp_path / "torchrun.duckdb"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), "-m", "gluscope", "record", "--model", str(tiny_llama), "--dataset",
+                        str(corpus_file), "--out", str(out), *OPTIONS],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "merged 2 shards" in r.stdout
+    assert_same_recording(out, single)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["torchrun.duckdb"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
