@@ -81,6 +81,13 @@ class GatedModel:
         can fire; the recorder reads only MLP hooks, and the HF module (sdpa)
         computes the same function. Measured: the bridge's attention was
         about a sixth of the recording time at 512 tokens on the CPU.
+
+        This depends on TransformerBridge internals (transformer_lens 4.x):
+        each block's `attn` wraps the HF module as `original_component`; the
+        block calls `attn` with the HF module's own arguments and takes its
+        return value; nn.Module.__call__ finds an instance attribute `forward`
+        before the class's. tests/test_reducer_interface.py fails if any of
+        that changes (the values differ, or the bridge's hook_pattern fires).
         """
         patched = []
         for block in self.bridge.blocks:

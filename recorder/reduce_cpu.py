@@ -10,12 +10,17 @@ while that text is still in cache.
 
 The kernel is compiled on first use with the system's g++ (as torch.compile
 on the CPU also needs) into a cache folder, and called through ctypes, so
-it needs neither Python headers nor a build step at install time.
+it needs neither Python headers nor a build step at install time. Its one
+argument is the struct `ReduceArgs` declares; the C++ side of that struct and
+the rules of rules.py reach the kernel as a generated header
+(`kernel_header()`, kept beside the built library), and `load_kernel` checks
+that the compiler laid the struct out as ctypes does.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -29,12 +34,94 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gluscope.recorder.reduce import N_LISTS, list_signs
+from gluscope.recorder import rules
+from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, finish_layer
+from gluscope.recorder.writer import LayerStatistics
 
 log = logging.getLogger("gluscope.record")
 
 SOURCE = Path(__file__).with_name("kernels") / "reduce_cpu.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_f32, _i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+
+# The layer's state, which the kernel updates in place: (name, C type, shape, initial value). Dimensions: n
+# neurons, Q = 4 quadrants, L = 16 lists, k examples per list, W window slots. Names that ReducedLayer also has
+# are handed to it as they are; a new statistic of the kernel is one row here and its code in the .cpp.
+STATE = (
+    ("counts", ctypes.c_int64, "n Q", 0),
+    ("near", ctypes.c_float, "n L", np.inf),      # the smallest |value|
+    ("total", ctypes.c_double, "n L", 0),         # the sum of |value|
+    ("top_mag", ctypes.c_float, "n L k", -1),     # the lists, sorted, most extreme first
+    ("top_text", ctypes.c_int32, "n L k", -1),
+    ("top_pos", ctypes.c_int32, "n L k", 0),
+    ("top_slot", ctypes.c_int32, "n L k", 0),     # the window row each entry owns
+    ("win_gate", ctypes.c_uint16, "n L k W", 0),  # float16 bits, by slot
+    ("win_in", ctypes.c_uint16, "n L k W", 0),
+)
+
+
+class ReduceArgs(ctypes.Structure):
+    """The kernel's argument: one layer's batch (read only), then the layer's STATE (updated in place).
+
+    Arrays are C-contiguous.
+    """
+
+    _fields_ = [
+        ("x_gate", _f32), ("x_in", _f32), ("act", _f32),   # [B, T, n]; x_in before the weight convention
+        ("sign", _f32),                                     # [n] the weight convention
+        ("lengths", _i64), ("text_ids", _i64),              # [B]
+        ("batch", ctypes.c_int64), ("seq_len", ctypes.c_int64), ("n", ctypes.c_int64),
+        ("before", ctypes.c_int64), ("after", ctypes.c_int64), ("k", ctypes.c_int64), ("window", ctypes.c_int64),
+        *((name, ctypes.POINTER(ctype)) for name, ctype, _, _ in STATE),
+        ("n_threads", ctypes.c_int32),
+    ]
+    INPUTS = ("x_gate", "x_in", "act", "sign", "lengths", "text_ids")
+
+    @classmethod
+    def of(cls, **values) -> "ReduceArgs":
+        """Arrays and tensors become pointers, after a check of their dtype and memory order."""
+        args = cls()
+        for name, ctype in cls._fields_:
+            value = values.pop(name)
+            if issubclass(ctype, ctypes._Pointer):
+                array = value.numpy() if isinstance(value, torch.Tensor) else value
+                if array.dtype != np.dtype(ctype._type_) or not array.flags.c_contiguous:
+                    raise TypeError(f"{name}: want a C-contiguous {np.dtype(ctype._type_)} array, got {array.dtype}")
+                value = ctypes.cast(array.ctypes.data, ctype)
+            setattr(args, name, value)
+        if values:
+            raise TypeError(f"ReduceArgs has no fields {sorted(values)}")
+        return args
+
+    @classmethod
+    def c_declaration(cls) -> str:
+        """The same struct in C++, and a function that reports how the compiler laid it out."""
+        c_types = {ctypes.c_float: "float", ctypes.c_double: "double", ctypes.c_int32: "int32_t",
+                   ctypes.c_int64: "int64_t", ctypes.c_uint16: "uint16_t"}
+        members = []
+        for name, ctype in cls._fields_:
+            if issubclass(ctype, ctypes._Pointer):
+                const = "const " if name in cls.INPUTS else ""
+                members.append(f"  {const}{c_types[ctype._type_]}* {name};")
+            else:
+                members.append(f"  {c_types[ctype]} {name};")
+        offsets = [f"  offsets[{i}] = offsetof(ReduceArgs, {name});" for i, (name, _) in enumerate(cls._fields_)]
+        return "\n".join([
+            "struct ReduceArgs {", *members, "};",
+            'extern "C" int64_t gluscope_reduce_args_layout(int64_t* offsets) {', *offsets,
+            "  return sizeof(ReduceArgs);", "}",
+        ]) + "\n"
+
+    @classmethod
+    def layout(cls) -> tuple[int, list[int]]:
+        """(sizeof, offset of each field) as ctypes lays the struct out."""
+        return ctypes.sizeof(cls), [getattr(cls, name).offset for name, _ in cls._fields_]
+
+
+def kernel_header() -> str:
+    """What the kernel's source is compiled with in front of it: the rules and the argument struct."""
+    return "#include <cstddef>\n#include <cstdint>\n" + rules.c_header() + ReduceArgs.c_declaration()
 
 
 class KernelUnavailable(RuntimeError):
@@ -66,28 +153,49 @@ def load_kernel() -> ctypes.CDLL:
         raise KernelUnavailable(f"no C++ compiler ({wanted or 'g++'}) found")
     # Extra flags, e.g. -mno-f16c (the tests build the portable float16 path this way).
     flags = [*FLAGS, *os.environ.get("GLUSCOPE_CXXFLAGS", "").split()]
+    header = kernel_header()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(header.encode() + source + " ".join([compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"reduce_cpu-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
+        # Kept beside the library for whoever reads the kernel; the build uses it through -include.
+        header_path = lib.with_suffix(".h")
+        header_path.write_text(header)
         # Build under a temporary name and rename: a concurrent run never loads half a file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, "-include", str(header_path), "-o", tmp, str(SOURCE)],
+                                  capture_output=True, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no message"])[-1]
                 raise KernelUnavailable(f"{compiler} failed: {last}")
             os.replace(tmp, lib)
+        except BaseException:
+            header_path.unlink(missing_ok=True)
+            raise
         finally:
             Path(tmp).unlink(missing_ok=True)
     dll = ctypes.CDLL(str(lib))
+    check_layout(dll)
     fn = dll.gluscope_reduce_update
-    fn.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i64, i64, i64, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, ctypes.c_int]
+    fn.restype = None
+    fn.argtypes = [ctypes.POINTER(ReduceArgs)]
     return dll
+
+
+def check_layout(dll: ctypes.CDLL) -> None:
+    """KernelUnavailable unless the compiled ReduceArgs has ctypes' size and field offsets."""
+    fn = dll.gluscope_reduce_args_layout
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    size, offsets = ReduceArgs.layout()
+    compiled = (ctypes.c_int64 * len(offsets))()
+    compiled_size = fn(compiled)
+    if compiled_size != size or list(compiled) != offsets:
+        raise KernelUnavailable(f"the compiled ReduceArgs ({compiled_size} bytes, offsets {list(compiled)}) is not "
+                                f"the one ctypes declares ({size} bytes, offsets {offsets})")
 
 
 def kernel_available() -> bool:
@@ -99,84 +207,55 @@ def kernel_available() -> bool:
         return False
 
 
-class CpuLayerState:
-    """The running statistics and top-k of one layer, as NumPy arrays updated by the compiled kernel.
+class ActBuffer:
+    """act(x_gate) of the current layer, in memory reused across layers and batches."""
 
-    Offers what `record._layer_result` reads from reduce.LayerState, totals()
-    and examples(), in the same layouts.
-    """
+    def __init__(self) -> None:
+        self.memory = torch.empty(0)
 
-    def __init__(self, k: int, n: int, window: int) -> None:
-        self.counts_ = np.zeros((n, 4), np.int64)
-        self.vsum_ = np.zeros((n, N_LISTS), np.float64)
-        self.near = np.full((n, N_LISTS), np.inf, np.float32)
-        self.top_mag = np.full((n, N_LISTS, k), -1.0, np.float32)
-        self.top_text = np.full((n, N_LISTS, k), -1, np.int32)
-        self.top_pos = np.zeros((n, N_LISTS, k), np.int32)
-        self.win_start = np.zeros((n, N_LISTS, k), np.int32)
-        self.win_len = np.zeros((n, N_LISTS, k), np.int32)
-        # The window row each entry owns: entries move as better ones enter, windows never do.
-        self.slot = np.broadcast_to(np.arange(k, dtype=np.int32), (n, N_LISTS, k)).copy()
-        self.win_gate = np.zeros((n, N_LISTS, k, window), np.uint16)
-        self.win_in = np.zeros((n, N_LISTS, k, window), np.uint16)
+    def act(self, act_fn, x_gate: torch.Tensor) -> torch.Tensor:
+        if self.memory.numel() < x_gate.numel():
+            self.memory = torch.empty(x_gate.numel())
+        return act_fn(x_gate, out=self.memory[:x_gate.numel()].view(x_gate.shape))
 
-    def update(self, g: torch.Tensor, x_in: torch.Tensor, act: torch.Tensor, sign: torch.Tensor,
-               lengths: np.ndarray, text_ids: np.ndarray, before: int, after: int) -> None:
-        """Fold one batch: g, x_in (raw, before the sign), act(g), all [B, T, n] float32 on the CPU."""
-        g, x_in, act, sign = (_contiguous_f32(t) for t in (g, x_in, act, sign))
-        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-        text_ids = np.ascontiguousarray(text_ids, dtype=np.int64)
-        B, T, n = g.shape
-        k, W = self.top_mag.shape[2], self.win_gate.shape[3]
-        ptr = _ptr
-        load_kernel().gluscope_reduce_update(
-            ptr(g), ptr(x_in), ptr(act), ptr(sign), B, T, n, ptr(lengths), ptr(text_ids), before, after, k, W,
-            ptr(self.counts_), ptr(self.vsum_), ptr(self.near), ptr(self.top_mag), ptr(self.top_text),
-            ptr(self.top_pos), ptr(self.win_start), ptr(self.win_len), ptr(self.slot), ptr(self.win_gate),
-            ptr(self.win_in),
-            torch.get_num_threads())
 
-    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(counts [4, n], vmin [16, n], vmax [16, n], vsum [16, n]), as LayerState.totals().
+class KernelReducer:
+    """A LayerReducer as NumPy arrays updated in place by the compiled kernel, neuron-major ([n, 16, ...])."""
 
-        A list's extreme end is its first entry; its near-zero end is `near`.
-        A list whose values were all exactly zero has no entry: both ends are that zero.
-        """
-        signs = list_signs().numpy()[:, None]
-        top = self.top_mag[:, :, 0].T
-        near = np.where(np.isfinite(self.near.T), self.near.T * signs, np.inf * signs)
-        extreme = np.where(top > 0, top * signs, np.where(np.isfinite(self.near.T), near, -np.inf * signs))
-        vmax = np.where(signs > 0, extreme, near).astype(np.float32)
-        vmin = np.where(signs > 0, near, extreme).astype(np.float32)
-        return np.ascontiguousarray(self.counts_.T), vmin, vmax, self.vsum_.T * signs
+    def __init__(self, setup: LayerSetup, buffer: ActBuffer) -> None:
+        self.setup = setup
+        self.buffer = buffer
+        self.sign = _contiguous_f32(setup.sign)
+        sizes = {"n": setup.n, "Q": rules.N_QUADRANTS, "L": rules.N_LISTS, "k": setup.k, "W": setup.window}
+        self.state = {name: np.full([sizes[d] for d in dims.split()], initial, np.dtype(ctype))
+                      for name, ctype, dims, initial in STATE}
+        # Entries move as better ones enter, windows never do: each entry carries the row of its window.
+        self.state["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
 
-    def examples(self) -> dict[str, np.ndarray]:
-        """The lists most extreme first, as [4, 4, n, k, ...] like LayerState.examples().
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
+        x_gate, x_in = _contiguous_f32(x_gate), _contiguous_f32(x_in)
+        B, T, n = x_gate.shape
+        args = ReduceArgs.of(
+            x_gate=x_gate, x_in=x_in, act=self.buffer.act(self.setup.act_fn, x_gate), sign=self.sign,
+            lengths=batch.lengths, text_ids=batch.text_ids, batch=B, seq_len=T, n=n,
+            before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
+            n_threads=torch.get_num_threads(), **self.state)
+        load_kernel().gluscope_reduce_update(ctypes.byref(args))
 
-        Views of neuron-major memory: the writer wants rows by neuron, so it
-        copies nothing more.
-        """
-        n = self.top_mag.shape[0]
+    def finish(self) -> LayerStatistics:
+        state = self.state
+        # Windows sit in slot order; put them in the order of their entries.
+        n, lists, k, window = state["win_gate"].shape
+        rows = (np.arange(n * lists)[:, None] * k + state["top_slot"].reshape(-1, k)).reshape(-1)
 
-        def qhnk(a: np.ndarray) -> np.ndarray:
-            return np.moveaxis(a.reshape(n, 4, 4, *a.shape[2:]), 0, 2)
-
-        value = np.where(self.top_text >= 0, self.top_mag, 0) * list_signs().numpy()[None, :, None]
-        # The kernel keeps each list's windows in slot order; entries carry their slot.
-        k, W = self.win_gate.shape[2:]
-        rows = (np.arange(n * N_LISTS)[:, None] * k + self.slot.reshape(-1, k)).reshape(-1)
-        windows = {name: bits.reshape(-1, W).take(rows, axis=0).reshape(bits.shape).view(np.float16)
-                   for name, bits in (("win_gate", self.win_gate), ("win_in", self.win_in))}
-        return {"value": qhnk(value.astype(np.float32)), "text": qhnk(self.top_text), "pos": qhnk(self.top_pos),
-                "win_start": qhnk(self.win_start), "win_len": qhnk(self.win_len),
-                **{name: qhnk(w) for name, w in windows.items()}}
+        def by_entry(bits: np.ndarray) -> np.ndarray:
+            return bits.reshape(-1, window).take(rows, axis=0).reshape(bits.shape).view(np.float16)
+        handed = {f.name: state[f.name] for f in dataclasses.fields(ReducedLayer)}
+        handed.update(win_gate=by_entry(state["win_gate"]), win_in=by_entry(state["win_in"]))
+        return finish_layer(ReducedLayer(**handed), self.setup)
 
 
 def _contiguous_f32(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         raise ValueError("the CPU kernel takes CPU tensors")
     return t.detach().to(torch.float32).contiguous()
-
-
-def _ptr(a) -> int:
-    return a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data

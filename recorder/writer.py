@@ -24,10 +24,9 @@ N_Q, N_H = len(QUADRANTS), len(HOOKS)
 
 
 @dataclass
-class LayerResult:
-    """Everything recorded for one layer. Shapes: n = d_mlp, k = examples per list, W = window slots.
-
-    Quadrant and hook axes follow the codes in schema.sql.
+class LayerStatistics:
+    """What a reducer finishes for one layer (reducer.finish_layer). Shapes: n = d_mlp, k = examples per list,
+    W = window slots. Quadrant and hook axes follow the codes in schema.sql.
     """
 
     counts: np.ndarray        # [4, n] int64
@@ -41,6 +40,12 @@ class LayerResult:
     window_len: np.ndarray     # [4, 4, n, k] int16
     window_gate: np.ndarray    # [4, 4, n, k, W] float16
     window_in: np.ndarray      # [4, 4, n, k, W] float16
+
+
+@dataclass
+class LayerResult(LayerStatistics):
+    """Everything recorded for one layer: the reducer's statistics and what the weights say."""
+
     geometry: dict[str, np.ndarray]  # gluscope.schema.GEOMETRY: [n] each
     flipped: np.ndarray        # [n] bool
     token_ids: np.ndarray | None = None     # [6, n, t] int32: weight_tokens by kind (schema.sql)
@@ -192,7 +197,7 @@ class DatabaseWriter:
         w_slots = r.window_gate.shape[-1]
         slot_ok = np.arange(w_slots)[None, :] < lengths[:, None]
         gate = ex(r.window_gate)[keep][first]
-        inn = ex(r.window_in)[keep][first]
+        x_in = ex(r.window_in)[keep][first]
         self._insert("windows", pa.table({
             "layer": pa.array(np.full(len(first), layer, np.int16)),
             "neuron": pa.array(ex_neuron[first].astype(np.int32)),
@@ -200,7 +205,7 @@ class DatabaseWriter:
             "position": pa.array(pos[first].astype(np.int16)),
             "window_start": pa.array(ex(r.window_start)[keep][first].astype(np.int16)),
             "x_gate": _list_array(gate.astype(np.float16).view(np.int16)[slot_ok], lengths),
-            "x_in": _list_array(inn.astype(np.float16).view(np.int16)[slot_ok], lengths),
+            "x_in": _list_array(x_in.astype(np.float16).view(np.int16)[slot_ok], lengths),
         }))
 
     def finish(self) -> Path:

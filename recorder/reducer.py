@@ -1,0 +1,167 @@
+"""What a reducer is: one layer's activations of one batch in, one finished layer out.
+
+Two implementations: `reduce.TensorReducer` (tensor code, any device) and
+`reduce_cpu.KernelReducer` (a compiled C++ pass, CPU only). Both take the same
+`LayerSetup` and the same `update` arguments, hand over a `ReducedLayer` in
+one layout, and `finish_layer` turns that into the writer's
+`LayerStatistics`, so signs, NaNs, means and window bounds are applied once.
+
+A new per-neuron statistic goes: its parameters, if both reducers need them
+(bin edges, say), into rules.py, whose c_header() hands them to the kernel;
+its per-batch reduction into reduce.py (reduce_batch and TensorReducer) and
+kernels/reduce_cpu.cpp (with one STATE row in reduce_cpu.py); one
+ReducedLayer field here and its conversion in finish_layer; one
+LayerStatistics field and its rows in writer.py; its table in schema.sql.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from gluscope.errors import UserError
+from gluscope.recorder.rules import LIST_SIGNS_NP, N_HOOKS, N_QUADRANTS, window_bounds
+from gluscope.recorder.writer import LayerStatistics
+
+
+@dataclass(frozen=True)
+class LayerSetup:
+    """What one layer's reducer is built with."""
+
+    k: int                     # examples kept per list
+    before: int                # window tokens before and after an example
+    after: int
+    sign: torch.Tensor         # [n] float32 +-1 on the model's device: the weight convention, applied to x_in
+    act_fn: Callable[..., torch.Tensor]
+    text_lengths: np.ndarray   # [n_texts] int64 tokens per text, BOS included: the windows' bounds
+
+    @property
+    def n(self) -> int:
+        return int(self.sign.shape[0])
+
+    @property
+    def window(self) -> int:
+        return self.before + self.after + 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The texts of one forward pass, right-padded to the longest."""
+
+    lengths: np.ndarray        # [B] int64, BOS included
+    text_ids: np.ndarray       # [B] int64
+    lengths_t: torch.Tensor    # the same two on the model's device
+    text_ids_t: torch.Tensor
+    valid: torch.Tensor        # [B, T] bool on the device: False at BOS and padding
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, text_ids: np.ndarray, device: torch.device) -> "Batch":
+        lengths = lengths.astype(np.int64)
+        text_ids = text_ids.astype(np.int64)
+        lengths_t = torch.from_numpy(lengths).to(device)
+        positions = torch.arange(int(lengths.max()), device=device)
+        return cls(lengths, text_ids, lengths_t, torch.from_numpy(text_ids).to(device),
+                   (positions >= 1) & (positions < lengths_t[:, None]))
+
+
+@dataclass
+class ReducedLayer:
+    """A reducer's totals for one layer, neuron-major, as magnitudes: finish_layer applies each list's sign.
+
+    n = neurons, L = 16 lists (rules.list_index), k = examples per list, W = window slots.
+    """
+
+    counts: np.ndarray     # [n, 4] int64 tokens per quadrant
+    near: np.ndarray       # [n, L] float32: the smallest |value| of the list; inf: none
+    total: np.ndarray      # [n, L] float64: the sum of |value|
+    top_mag: np.ndarray    # [n, L, k] float32 |value| of the examples, most extreme first
+    top_text: np.ndarray   # [n, L, k] int32, -1: an empty slot
+    top_pos: np.ndarray    # [n, L, k] int32
+    win_gate: np.ndarray   # [n, L, k, W] float16 x_gate around each example, from its window's start
+    win_in: np.ndarray     # [n, L, k, W] float16 x_in (after the weight convention)
+
+
+class LayerReducer(Protocol):
+    """One layer's running statistics; built from a LayerSetup."""
+
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
+        """Fold one batch: x_gate and x_in [B, T, n] as the hooks give them (x_in before the weight convention)."""
+
+    def finish(self) -> LayerStatistics:
+        """The layer's statistics, via finish_layer."""
+
+
+def finish_layer(r: ReducedLayer, setup: LayerSetup) -> LayerStatistics:
+    """Signs, empty quadrants (NaN), means and window bounds, the same for every reducer.
+
+    A list's extreme end is its first example; its near-zero end is `near`.
+    A list whose tokens all had the value 0 has no example: both ends are that 0.
+    """
+    n = r.counts.shape[0]
+    signs = LIST_SIGNS_NP
+    has = r.top_text >= 0
+    has_near = np.isfinite(r.near)
+    near = np.where(has_near, r.near, np.inf) * signs
+    extreme = np.where(has[:, :, 0], r.top_mag[:, :, 0], np.where(has_near, r.near, -np.inf)) * signs
+    per_list_count = np.repeat(r.counts, N_HOOKS, axis=1)
+    empty = per_list_count == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = r.total * signs / per_list_count
+
+    def qhn(a: np.ndarray) -> np.ndarray:  # [n, L, ...] -> [4, 4, n, ...], a view
+        return np.moveaxis(a.reshape(n, N_QUADRANTS, N_HOOKS, *a.shape[2:]), 0, 2)
+
+    def stat(a: np.ndarray, dtype) -> np.ndarray:
+        return qhn(np.where(empty, np.nan, a).astype(dtype))
+
+    lengths = setup.text_lengths[np.where(has, r.top_text, 0)]
+    start, stop = window_bounds(r.top_pos.astype(np.int64), lengths, setup.before, setup.after)
+    # astype keeps the memory order (order="K"), so the writer's neuron-major
+    # view of neuron-major arrays needs no copy.
+    return LayerStatistics(
+        counts=np.ascontiguousarray(r.counts.T),
+        value_min=stat(np.where(signs > 0, near, extreme), np.float32),
+        value_max=stat(np.where(signs > 0, extreme, near), np.float32),
+        value_mean=stat(mean, np.float64),
+        example_value=qhn((np.where(has, r.top_mag, 0) * signs[None, :, None]).astype(np.float32)),
+        example_text=qhn(r.top_text),
+        example_pos=qhn(r.top_pos.astype(np.int16)),
+        window_start=qhn(np.where(has, start, 0).astype(np.int16)),
+        window_len=qhn(np.where(has, stop - start, 0).astype(np.int16)),
+        window_gate=qhn(r.win_gate),
+        window_in=qhn(r.win_in),
+    )
+
+
+REDUCERS = ("auto", "kernel", "torch")
+
+
+def choose_reducer(device: torch.device, reducer: str) -> str:
+    """"kernel" (the compiled C++ pass, CPU only) or "torch" (reduce.py's tensor code, any device)."""
+    if reducer not in REDUCERS:
+        raise UserError(f"--reducer {reducer!r} is not one of {', '.join(REDUCERS)}")
+    if reducer == "torch" or device.type != "cpu":
+        if reducer == "kernel":
+            raise UserError(f"--reducer kernel runs on the CPU only, not on {device}")
+        return "torch"
+    from gluscope.recorder.reduce_cpu import KernelUnavailable, kernel_available, load_kernel
+    if reducer == "kernel":
+        try:
+            load_kernel()
+        except (KernelUnavailable, OSError) as e:
+            raise UserError(f"--reducer kernel: the CPU kernel cannot be built here ({e})") from None
+        return "kernel"
+    return "kernel" if kernel_available() else "torch"
+
+
+def make_reducers(kind: str, setups: list[LayerSetup], compiled: bool = False) -> list[LayerReducer]:
+    """One reducer per layer: kind "kernel" or "torch" (compiled with torch.compile if `compiled`)."""
+    if kind == "kernel":
+        from gluscope.recorder.reduce_cpu import ActBuffer, KernelReducer
+        buffer = ActBuffer()  # one for all layers: a fresh [B, T, n] tensor per layer costs page faults
+        return [KernelReducer(setup, buffer) for setup in setups]
+    from gluscope.recorder.reduce import TensorReducer
+    return [TensorReducer(setup, compiled) for setup in setups]

@@ -1,0 +1,84 @@
+"""What the weights alone say about each neuron: the weight convention's sign, geometry and tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gluscope.recorder.weight_tokens import top_tokens
+
+
+def weight_geometry(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                    refactor_glu: bool) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Per neuron sign s (the paper's refactor_glu) and the cosines and norms after applying it.
+
+    Rows are neurons. Multiplying w_in and w_out by s leaves the model's
+    function unchanged and makes cos(w_gate, w_in) >= 0.
+    """
+    dot = (w_gate * w_in).sum(1)
+    sign = torch.where(dot < 0, -1.0, 1.0) if refactor_glu else torch.ones_like(dot)
+    w_in = w_in * sign[:, None]
+    w_out = w_out * sign[:, None]
+    norms = {name: w.norm(dim=1) for name, w in (("gate", w_gate), ("in", w_in), ("out", w_out))}
+
+    def cos(a, b, na, nb):
+        return (a * b).sum(1) / (norms[na] * norms[nb]).clamp_min(1e-30)
+
+    geometry = {
+        "cos_gate_in": cos(w_gate, w_in, "gate", "in"),
+        "cos_gate_out": cos(w_gate, w_out, "gate", "out"),
+        "cos_in_out": cos(w_in, w_out, "in", "out"),
+        "norm_gate": norms["gate"], "norm_in": norms["in"], "norm_out": norms["out"],
+    }
+    return sign, {k: v.float().cpu().numpy() for k, v in geometry.items()}
+
+
+WEIGHT_TOKENS = 10
+
+
+def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, sign: torch.Tensor,
+                  W_E: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+    """Top tokens of +-w_out.W_U, +-w_gate.W_E and +-w_in.W_E per neuron (kinds 0..5 of schema.sql).
+
+    w_in and w_out are flipped by `sign` first, so the tables follow the
+    recorded weight convention.
+    """
+    n = w_gate.shape[0]
+    top = min(top, W_E.shape[0])
+    ids = np.zeros((6, n, top), dtype=np.int32)
+    scores = np.zeros((6, n, top), dtype=np.float32)
+    w_in = w_in * sign[:, None]
+    w_out = w_out * sign[:, None]
+    for kind, weight, matrix in ((0, w_out, W_U), (2, w_gate, W_E.T), (4, w_in, W_E.T)):
+        best_ids, best_scores = top_tokens(weight, matrix.contiguous(), top)
+        ids[kind:kind + 2] = best_ids.cpu().numpy()
+        scores[kind:kind + 2] = best_scores.float().cpu().numpy()
+    return ids, scores
+
+
+@dataclass
+class LayerWeights:
+    """One layer's weight statistics, computed before the recording."""
+
+    sign: torch.Tensor               # [n] float32 +-1 on the model's device: the weight convention
+    geometry: dict[str, np.ndarray]  # weight_geometry's cosines and norms
+    token_ids: np.ndarray            # [6, n, t] weight_tokens
+    token_scores: np.ndarray
+
+    def result_fields(self) -> dict:
+        """This layer's part of a writer.LayerResult."""
+        return {"geometry": self.geometry, "flipped": (self.sign < 0).cpu().numpy(),
+                "token_ids": self.token_ids, "token_scores": self.token_scores}
+
+
+def layer_weights(model, refactor_glu: bool) -> list[LayerWeights]:
+    """LayerWeights of every layer of a GatedModel."""
+    W_E, W_U = model.embeddings()
+    layers = []
+    for layer in range(model.n_layers):
+        weights = model.mlp_weights(layer)
+        sign, geometry = weight_geometry(*weights, refactor_glu)
+        layers.append(LayerWeights(sign.to(model.device), geometry, *weight_tokens(*weights, sign, W_E, W_U)))
+    return layers
