@@ -55,12 +55,18 @@ def run_dataset(args: argparse.Namespace) -> None:
 def output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out` for the whole run, so that a second run writing it is refused.
 
-    The lock is a hidden file beside `out`, left in place afterwards: deleting
-    it while another process waits to lock it would let two runs hold two locks.
+    The lock file lives in GLUScope's cache, named by a hash of `out`'s absolute
+    path, so nothing is left beside the output; it is not deleted afterwards,
+    since deleting a lock file another process has open would let two runs
+    hold two locks.
     """
+    import hashlib
+
+    from gluscope.cache import cache_dir
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.with_name(f".{out.name}.lock")
-    with lock.open("a") as f:
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24]
+    with (cache_dir("locks") / f"{key}.lock").open("a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

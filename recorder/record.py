@@ -51,7 +51,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     batches = shard_batches(lengths, batch_size, shard)
     mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
     n_counted = int((lengths[mine] - 1).sum())
-    weights = layer_weights(model, refactor_glu)
+    weights = layer_weights(model, refactor_glu, progress)
     kind = choose_reducer(model.device, reducer)
     # Compiling costs 20-60 s once; it pays on long runs.
     compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
@@ -74,7 +74,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
         writer.write_vocab(tokens_text, tokens_bytes)
         writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
-        _write_layers(writer, reducers, weights)
+        _write_layers(writer, reducers, weights, progress)
     return Path(out)
 
 
@@ -155,8 +155,12 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
     bar.close()
 
 
-def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights: list[LayerWeights]) -> None:
-    for layer, w in enumerate(weights):
+def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights: list[LayerWeights],
+                  progress: bool = False) -> None:
+    from tqdm.auto import tqdm
+
+    for layer, w in tqdm(list(enumerate(weights)), desc="writing", unit="layer", disable=not progress,
+                         dynamic_ncols=True):
         writer.write_layer(layer, LayerResult(**vars(reducers[layer].finish()), **w.result_fields()))
         reducers[layer] = None  # free its memory before the next layer's finishing copies
     reducers.clear()

@@ -39,20 +39,21 @@ WEIGHT_TOKENS = 10
 
 
 def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, sign: torch.Tensor,
-                  W_E: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+                  W_E_T: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS) -> tuple[np.ndarray, np.ndarray]:
     """Top tokens of +-w_out.W_U, +-w_gate.W_E and +-w_in.W_E per neuron (kinds 0..5 of schema.sql).
 
-    w_in and w_out are flipped by `sign` first, so the tables follow the
-    recorded weight convention.
+    W_E_T is W_E transposed, [d_model, vocab], contiguous like W_U, so that
+    every product reads its matrix row by row. w_in and w_out are flipped by
+    `sign` first, so the tables follow the recorded weight convention.
     """
     n = w_gate.shape[0]
-    top = min(top, W_E.shape[0])
+    top = min(top, W_E_T.shape[1])
     ids = np.zeros((6, n, top), dtype=np.int32)
     scores = np.zeros((6, n, top), dtype=np.float32)
     w_in = w_in * sign[:, None]
     w_out = w_out * sign[:, None]
-    for kind, weight, matrix in ((0, w_out, W_U), (2, w_gate, W_E.T), (4, w_in, W_E.T)):
-        best_ids, best_scores = top_tokens(weight, matrix.contiguous(), top)
+    for kind, weight, matrix in ((0, w_out, W_U), (2, w_gate, W_E_T), (4, w_in, W_E_T)):
+        best_ids, best_scores = top_tokens(weight, matrix, top)
         ids[kind:kind + 2] = best_ids.cpu().numpy()
         scores[kind:kind + 2] = best_scores.float().cpu().numpy()
     return ids, scores
@@ -73,12 +74,18 @@ class LayerWeights:
                 "token_ids": self.token_ids, "token_scores": self.token_scores}
 
 
-def layer_weights(model, refactor_glu: bool) -> list[LayerWeights]:
+def layer_weights(model, refactor_glu: bool, progress: bool = False) -> list[LayerWeights]:
     """LayerWeights of every layer of a GatedModel."""
+    from tqdm.auto import tqdm
+
     W_E, W_U = model.embeddings()
+    # Laid out once for every layer's products: [d_model, vocab], contiguous.
+    W_E_T, W_U = W_E.T.contiguous(), W_U.contiguous()
+    del W_E
     layers = []
-    for layer in range(model.n_layers):
+    for layer in tqdm(range(model.n_layers), desc="weight tokens", unit="layer", disable=not progress,
+                      dynamic_ncols=True):
         weights = model.mlp_weights(layer)
         sign, geometry = weight_geometry(*weights, refactor_glu)
-        layers.append(LayerWeights(sign.to(model.device), geometry, *weight_tokens(*weights, sign, W_E, W_U)))
+        layers.append(LayerWeights(sign.to(model.device), geometry, *weight_tokens(*weights, sign, W_E_T, W_U)))
     return layers

@@ -125,7 +125,7 @@ def test_torchrun_on_two_cpu_processes_equals_the_single_run(single, tiny_llama,
     assert r.returncode == 0, r.stderr[-3000:]
     assert "merged 2 shards" in r.stdout
     assert_same_recording(out, single)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["torchrun.duckdb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torchrun.duckdb"]
 
 
 def _free_port() -> int:
