@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gluscope.cache import cache_dir
 from gluscope.recorder import rules
 from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, finish_layer
 from gluscope.recorder.writer import LayerStatistics
@@ -128,11 +129,6 @@ class KernelUnavailable(RuntimeError):
     """The CPU kernel cannot be built here (no C++ compiler, or it failed)."""
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("GLUSCOPE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "gluscope"
-
-
 def _cpu_id() -> str:
     """-march=native code is only valid on the CPU that built it, so the cache key names that CPU."""
     try:
@@ -156,7 +152,7 @@ def load_kernel() -> ctypes.CDLL:
     header = kernel_header()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(header.encode() + source + " ".join([compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"reduce_cpu-{key}.so"
+    lib = cache_dir() / f"reduce_cpu-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         # Kept beside the library for whoever reads the kernel; the build uses it through -include.
