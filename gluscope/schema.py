@@ -6,7 +6,7 @@ code tables and columns that schema.sql creates, so a name is spelled once.
 
 from importlib import resources
 
-SCHEMA_VERSION = 2  # 2: model_source, weights_file, weights_sha256, quantization, batch_size, corpus_fingerprint, shard_index, shard_count; texts.source
+SCHEMA_VERSION = 3  # 3: histograms, density, intervals, samples, token_neurons, related; metadata sample_seed, n_random, n_per_interval, calibration_batches. 2: 2: model_source, weights_file, weights_sha256, quantization, batch_size, corpus_fingerprint, shard_index, shard_count; texts.source
 
 # Code order is the column order of the paper's Figure 1.
 QUADRANTS: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")
@@ -22,6 +22,18 @@ COUNT_COLUMNS: tuple[str, ...] = tuple(f"count_{slug}" for slug in QUADRANT_SLUG
 # TransformerLens's hook names (blocks.L.mlp.hook_post ...), and `act`, which is
 # no hook: act_fn(x_gate), the gate's activation, before it multiplies x_in.
 HOOKS: tuple[str, ...] = ("hook_post", "hook_pre_linear", "hook_pre", "act")
+
+# Hooks with a histogram (histograms.hook): `act` has none, it follows x_gate.
+HISTOGRAM_HOOKS: tuple[str, ...] = ("hook_post", "hook_pre_linear", "hook_pre")
+
+# samples.kind codes.
+SAMPLE_KINDS: tuple[str, ...] = ("random", "interval")
+# samples.kind and the examples endpoint's kind=: `top` is the examples table.
+EXAMPLE_KINDS: tuple[str, ...] = ("top", *SAMPLE_KINDS)
+
+# related.direction and related.via codes.
+RELATED_DIRECTIONS: tuple[str, ...] = ("downstream", "upstream")
+RELATED_VIA: tuple[str, ...] = ("gate", "in")
 
 # weight_tokens.kind codes (schema.sql, weight_kinds).
 WEIGHT_KINDS: tuple[str, ...] = ("out+", "out-", "gate+", "gate-", "in+", "in-")

@@ -37,7 +37,11 @@ CREATE TABLE metadata (
     window_before    INTEGER   NOT NULL,  -- a window spans position-before ..
     window_after     INTEGER   NOT NULL,  -- .. position+after, clipped to the text
     refactor_glu     BOOLEAN   NOT NULL,  -- true: w_in and w_out of each neuron multiplied by sign(w_gate . w_in)
-    weight_convention VARCHAR  NOT NULL   -- a sentence saying the same for humans
+    weight_convention VARCHAR  NOT NULL,  -- a sentence saying the same for humans
+    sample_seed      BIGINT    NOT NULL,  -- seed of the sampling hash (see `samples`)
+    n_random         INTEGER   NOT NULL,  -- random examples kept per (neuron, quadrant)
+    n_per_interval   INTEGER   NOT NULL,  -- examples kept per interval of |hook_post|
+    calibration_batches INTEGER NOT NULL  -- the run's first batches that fixed the intervals (see `intervals`)
 );
 
 -- Code tables, written with the schema.
@@ -165,6 +169,110 @@ CREATE TABLE windows (
     window_start SMALLINT   NOT NULL,
     x_gate       SMALLINT[] NOT NULL,
     x_in         SMALLINT[] NOT NULL
+);
+
+-- The fixed bins of `histograms` (axis 'value') and of each axis of
+-- `density` (axis 'density'): the same in every file, so the counts of a
+-- corpus's shards add up. Within a quadrant every value has one sign, so the
+-- bins are log-spaced in |value|, mirrored around 0. 'value': two per octave
+-- (edges 2^e and 1.5 * 2^e, read off a float32's exponent and top mantissa
+-- bit) from 2^-16 to 2^12; 'density': one per octave from 2^-12 to 2^8. The
+-- bins next to 0 are [-2^-16, 0) and [0, 2^-16) (resp. 2^-12); the outermost
+-- are open. Bin `bin` holds lo <= v < hi; NULL is an unbounded end.
+CREATE TABLE histogram_bins (
+    axis VARCHAR  NOT NULL,  -- 'value' or 'density'
+    bin  SMALLINT NOT NULL,  -- 0 .. in increasing order of value
+    lo   DOUBLE,
+    hi   DOUBLE
+);
+
+-- Per neuron, quadrant and hook (hook_post, hook_pre_linear, hook_pre; no
+-- `act`): how many of the quadrant's tokens fall in each 'value' bin. Only
+-- bins with a count are stored; a quadrant's counts sum to its count in
+-- `neurons`.
+CREATE TABLE histograms (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    quadrant TINYINT  NOT NULL,
+    hook     TINYINT  NOT NULL,
+    bin      SMALLINT NOT NULL,
+    count    BIGINT   NOT NULL  -- > 0
+);
+
+-- The joint distribution of (x_gate, x_in) per neuron over the counted
+-- tokens (those in a quadrant), on the 'density' bins of each axis; x_in
+-- after the weight convention. Only non-empty cells are stored.
+CREATE TABLE density (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    gate_bin SMALLINT NOT NULL,
+    in_bin   SMALLINT NOT NULL,
+    count    BIGINT   NOT NULL  -- > 0
+);
+
+-- Per neuron and quadrant, intervals of |hook_post| from typical to extreme:
+-- [0, b1), [b1, b2), [b2, b3), [b3, inf), where b1 < b2 < b3 are the
+-- 'value' bin edges at which the quadrant's tokens in the run's first
+-- calibration_batches batches reach 50 %, 90 % and 99 % (the calibration,
+-- done before the pass so that shards agree; recorder/rules.py says how).
+CREATE TABLE intervals (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    quadrant TINYINT  NOT NULL,
+    interval TINYINT  NOT NULL,  -- 0 .. 3, typical first
+    lo       FLOAT    NOT NULL,  -- |hook_post| >= lo
+    hi       FLOAT               -- |hook_post| < hi; NULL: unbounded
+);
+
+-- Examples drawn at random, per neuron and quadrant (not per hook). Every
+-- (neuron, token) has a 31-bit hash of (sample_seed, layer, neuron,
+-- text_id, position) (recorder/rules.py, sample_hash); a list keeps the
+-- tokens of smallest hash, at most one per text (a text's token of smallest
+-- hash, ties to the lower position; across texts ties go to the lower
+-- text_id). Kind 0 (random): up to n_random over the quadrant's tokens, a
+-- uniform sample. Kind 1 (interval): up to n_per_interval over the tokens
+-- whose |hook_post| is in one interval. Selection depends on no state, so
+-- shards merge to the single run's lists exactly. Windows are in `windows`.
+CREATE TABLE samples (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    quadrant TINYINT  NOT NULL,
+    kind     TINYINT  NOT NULL,  -- 0 random, 1 interval
+    interval TINYINT  NOT NULL,  -- kind 1: the interval; kind 0: 0
+    rank     TINYINT  NOT NULL,  -- 0 = smallest hash
+    hash     INTEGER  NOT NULL,
+    text_id  INTEGER  NOT NULL,
+    position SMALLINT NOT NULL,
+    x_gate   FLOAT    NOT NULL,  -- the token's values; hook_post = act * x_in
+    x_in     FLOAT    NOT NULL,  -- (after the weight convention)
+    act      FLOAT    NOT NULL
+);
+
+-- For each token and weight kind, the 32 neurons of the whole model with
+-- the most extreme score: the transpose of weight_tokens (the same
+-- [neurons, vocab] products, reduced along the neuron axis).
+CREATE TABLE token_neurons (
+    token_id INTEGER  NOT NULL,
+    kind     TINYINT  NOT NULL,  -- weight_kinds
+    rank     TINYINT  NOT NULL,  -- 0 = most extreme
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    score    FLOAT    NOT NULL
+);
+
+-- Neurons connected along the direct residual path: score(A -> B) =
+-- cos(w_out of A, g_B * w_via of B) for B in a later layer, where g_B is the
+-- gain of B's pre-MLP norm and via is B's gate or in weights (after the
+-- weight convention). Per neuron, direction and via: the 16 largest |score|.
+CREATE TABLE related (
+    layer        SMALLINT NOT NULL,
+    neuron       INTEGER  NOT NULL,
+    direction    TINYINT  NOT NULL,  -- 0: downstream (later neurons reading this one's output), 1: upstream
+    via          TINYINT  NOT NULL,  -- 0: gate, 1: in (the reading neuron's weights)
+    rank         TINYINT  NOT NULL,  -- 0 = largest |score|
+    other_layer  SMALLINT NOT NULL,
+    other_neuron INTEGER  NOT NULL,
+    score        FLOAT    NOT NULL
 );
 
 -- float16 bit pattern (as SMALLINT) -> FLOAT, for reading windows in SQL.

@@ -205,4 +205,9 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
             "refactor_glu: w_in and w_out of each neuron multiplied by sign(w_gate . w_in), so cos(w_gate, w_in) >= 0"
             if refactor_glu else "raw weights as published"
         ),
+        # Placeholders until the sampled examples (#11) are recorded; the tables stay empty meanwhile.
+        "sample_seed": 0,
+        "n_random": 8,
+        "n_per_interval": 4,
+        "calibration_batches": 0,
     }
