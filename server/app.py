@@ -54,7 +54,7 @@ def endpoint(name: str, model_in_path: bool, models: list[str]) -> Callable[...,
             return RedirectResponse(result.url, status_code=result.status, headers=result.headers)
         return make_response(request, kind, result)
 
-    hints = get_type_hints(v.fn)
+    hints = get_type_hints(v.fn, include_extras=True)  # keep Annotated validators (views.with_bounds)
     own = list(inspect.signature(v.fn).parameters.values())[1:]  # after the Database or the registry
     signature = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)]
     if v.per_model:
@@ -90,6 +90,10 @@ ROUTES = [
            "/models/{model}/neurons/{layer}/{neuron}/tokens"], "tokens", responses.WeightTokens),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}", "/models/{model}/neurons/{layer}/{neuron}.json",
            "/models/{model}/neurons/{layer}/{neuron}"], "neuron", responses.NeuronSummary),
+    Route(["/api/models/{model}/neurons", "/models/{model}/neurons.json", "/models/{model}/neurons"],
+          "neuron_filter", responses.FilterPage),
+    Route(["/api/models/{model}/compare", "/models/{model}/compare.json", "/models/{model}/compare"],
+          "compare", responses.Comparison),
     Route(["/api/models/{model}/texts/{text_id}", "/models/{model}/texts/{text_id}.json",
            "/models/{model}/texts/{text_id}"], "text", responses.Text),
     Route(["/models/{model}/random"], "random"),

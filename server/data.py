@@ -70,8 +70,16 @@ def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     counts = t.counts[layer, neuron]
     if counts[0] < 0:  # a neuron the recorder never wrote
         raise ParameterError(404, "neuron", f"neuron {layer}.{neuron} is not in this database", None)
-    mins, maxs = t.stat_min[layer, neuron].tolist(), t.stat_max[layer, neuron].tolist()
-    means = t.stat_mean[layer, neuron].tolist()
+    return neuron_summary(db, layer, neuron, counts.tolist(), bool(t.flipped[layer, neuron]),
+                          [t.geometry[name][layer, neuron] for name in GEOMETRY],
+                          t.stat_min[layer, neuron].tolist(), t.stat_max[layer, neuron].tolist(),
+                          t.stat_mean[layer, neuron].tolist())
+
+
+def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int], flipped: bool, geometry: list,
+                   mins: list[list], maxs: list[list], means: list[list]) -> dict[str, Any]:
+    """A neuron's summary body (responses.NeuronSummary) from its counts (QUADRANTS order), its geometry
+    (GEOMETRY order) and its stats [quadrant][hook], wherever they were read."""
     n_tokens = int(db.meta["n_tokens"])
     quadrants = []
     for q, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
@@ -82,8 +90,7 @@ def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
             "stats": {hook: {"min": _num(mins[q][h]), "max": _num(maxs[q][h]), "mean": _num(means[q][h])}
                       for h, hook in enumerate(HOOKS)},
         })
-    weights = {"flipped": bool(t.flipped[layer, neuron]),
-               **{name: _num(t.geometry[name][layer, neuron]) for name in GEOMETRY}}
+    weights = {"flipped": bool(flipped), **{name: _num(g) for name, g in zip(GEOMETRY, geometry)}}
     return {"model": db.id, "layer": layer, "neuron": neuron, "n_tokens": n_tokens,
             "quadrants": quadrants, "weights": weights}
 

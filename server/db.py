@@ -173,6 +173,12 @@ class Database:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
         return self.con.execute(sql, params or {}).fetchall()
 
+    def temp_table(self, name: str) -> None:
+        """Build queries.TEMP_TABLES[name] on this connection unless it already has it (once per process)."""
+        if name not in self._prepared:
+            self.con.execute(queries.TEMP_TABLES[name])
+            self._prepared.add(name)
+
     def prepared_columns(self, name: str, *args: int) -> dict[str, np.ndarray]:
         """queries.PREPARED[name] run on these integers, as one NumPy array per column (no object per value).
 

@@ -95,3 +95,100 @@ WHERE layer = $layer
 ORDER BY {key} {direction}, neuron
 LIMIT $limit OFFSET $offset
 """
+
+
+# --- the whole-model filter and the comparison (issue #12) ---------------------
+
+# Each field a whole-model filter may bound or sort by, as the SQL expression
+# over `neuron_facts` that computes it (DOUBLE, so a bound is compared with no
+# rounding of the request's number to float32). The field names come from
+# this fixed mapping, never from the request:
+# - freq_<slug>: count_<slug> / metadata.n_tokens (the frequency a neuron page shows);
+# - the weight geometry (schema.GEOMETRY);
+# - absmax_<slug>: the largest |hook_post| over the quadrant's tokens, from
+#   value_stats (hook 0): within a quadrant hook_post has one sign, so it is
+#   max or -min; NULL where the quadrant never occurred.
+FILTER_FIELDS: dict[str, str] = {
+    **{f"freq_{s}": f"freq_{s}" for s in QUADRANT_SLUGS},
+    **{name: f"{name}::DOUBLE" for name in GEOMETRY},
+    **{f"absmax_{s}": f"absmax_{s}::DOUBLE" for s in QUADRANT_SLUGS},
+}
+FILTER_SORT_KEYS: tuple[str, ...] = ("neuron", *FILTER_FIELDS)  # "neuron": by (layer, neuron)
+
+# The facts every filter reads, one row per neuron, built once per connection
+# as a temporary table (a read-only file accepts those). Why: the largest
+# |hook_post| lives in value_stats, 16 rows per neuron; on the OLMo-7B shape
+# (352,256 neurons, 5.6M value_stats rows) joining it to `neurons` took 225 ms
+# per request on one DuckDB thread and its conditional aggregation 417 ms,
+# against about 10 ms to scan this table (benchmarks/bench_filter.py). It costs
+# one aggregation when a reader starts and about 27 MB per reader at that shape.
+NEURON_FACTS = f"""
+CREATE TEMP TABLE IF NOT EXISTS neuron_facts AS
+SELECT n.layer, n.neuron,
+       {", ".join(f"n.{c} / (SELECT greatest(n_tokens, 1) FROM metadata)::DOUBLE AS freq_{s}"
+                  for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
+       {", ".join(f"n.{name}" for name in GEOMETRY)},
+       {", ".join(f"v.absmax_{s}" for s in QUADRANT_SLUGS)}
+FROM neurons n
+LEFT JOIN (
+    SELECT layer, neuron,
+           {", ".join(f"max(greatest(abs(min), abs(max))) FILTER (WHERE quadrant = {q}) AS absmax_{s}"
+                      for q, s in enumerate(QUADRANT_SLUGS))}
+    FROM value_stats
+    WHERE hook = 0
+    GROUP BY layer, neuron
+) v USING (layer, neuron)
+ORDER BY n.layer, n.neuron
+"""
+
+# Temporary tables each connection builds once, by name (Database.temp_table).
+TEMP_TABLES = {"neuron_facts": NEURON_FACTS}
+
+
+def neuron_filter(bounds: list[tuple[str, str]], shown: list[str], sort: str, descending: bool) -> str:
+    """One page of the neurons of layers $layer_lo..$layer_hi within these bounds, with the number of matches.
+
+    bounds: (field, "min" or "max") pairs of FILTER_FIELDS, each compared with
+    the bound parameter $min_<field> or $max_<field>; shown: the fields
+    returned after layer and neuron. NULLs (a quadrant that never occurred)
+    match no bound and sort last either way; ties go to (layer, neuron).
+    Returns layer, neuron, the shown fields, then `total`.
+    """
+    columns = "".join(f", {FILTER_FIELDS[f]} AS {f}" for f in shown)
+    key = "" if sort == "neuron" else f"{FILTER_FIELDS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, "
+    tie = "DESC" if sort == "neuron" and descending else "ASC"
+    return f"""
+SELECT layer, neuron{columns}, count(*) OVER () AS total
+FROM neuron_facts
+WHERE {_filter_where(bounds)}
+ORDER BY {key}layer {tie}, neuron {tie}
+LIMIT $limit OFFSET $offset
+"""
+
+
+def neuron_filter_count(bounds: list[tuple[str, str]]) -> str:
+    """The number of matches alone: for a page past the last match, which returns no row to carry it."""
+    return f"SELECT count(*) FROM neuron_facts WHERE {_filter_where(bounds)}"
+
+
+def _filter_where(bounds: list[tuple[str, str]]) -> str:
+    where = ["layer BETWEEN $layer_lo AND $layer_hi"]
+    where += [f"{FILTER_FIELDS[f]} {'>=' if side == 'min' else '<='} ${side}_{f}" for f, side in bounds]
+    return " AND ".join(where)
+
+
+# One neuron's row and its 16 value_stats rows, for views that run in a reader
+# (which holds no NeuronTable): the comparison.
+NEURON_ROW = f"SELECT {NEURON_COLUMNS} FROM neurons WHERE layer = $layer AND neuron = $neuron"
+NEURON_VALUE_STATS = """
+SELECT quadrant, hook, min, max, mean
+FROM value_stats
+WHERE layer = $layer AND neuron = $neuron
+"""
+
+# The related rows (schema.sql, `related`) of each of n neurons, given as
+# $layer_0, $neuron_0 ..: one lookup per neuron, each pruned to its row group.
+def related_of(n: int) -> str:
+    return "\nUNION ALL\n".join(
+        f"SELECT layer, neuron, direction, via, rank, other_layer, other_neuron, score FROM related "
+        f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))

@@ -66,6 +66,7 @@ def _open(paths: list[str]) -> None:
     _registry = open_databases(paths, neuron_table=False)  # about 100 MB for a 7B model, used only by the HTTP process
     for db in _registry.values():
         token_spans(db.vocab)  # built once here, not on a user's first fragment
+        db.temp_table("neuron_facts")  # and the filter's table (queries.NEURON_FACTS), not on its first request
     freeze_startup_objects()
 
 

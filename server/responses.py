@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from gluscope.schema import GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS, WEIGHT_KINDS
+from gluscope.schema import GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS, RELATED_VIA, WEIGHT_KINDS
+from gluscope.server.queries import FILTER_FIELDS
 
 QuadrantLabel = Literal[QUADRANTS]  # type: ignore[valid-type]
 QuadrantSlug = Literal[QUADRANT_SLUGS]  # type: ignore[valid-type]
@@ -183,6 +184,55 @@ class Text(Body):
     token_ids: list[int]
     tokens: list[str]
     text: str
+
+
+# One neuron of a whole-model filter: its key, and the fields the request bounded or sorted by (absent
+# otherwise; null where a quadrant never occurred). queries.FILTER_FIELDS names them.
+FilterRow = create_model("FilterRow", __base__=Body, layer=(int, ...), neuron=(int, ...),
+                         **{name: (float | None, None) for name in FILTER_FIELDS})  # type: ignore[call-overload]
+
+
+class FilterPage(Body):
+    model: str
+    layers: list[int] = Field(description="the first and last layer searched")
+    bounds: dict[str, float] = Field(description="the bounds given, by parameter name (min_<field>, max_<field>)")
+    sort: str
+    order: Literal["asc", "desc"]
+    offset: int
+    limit: int
+    total: int = Field(description="neurons within every bound, over all pages")
+    fields: list[str] = Field(description="the fields each row holds besides layer and neuron")
+    neurons: list[FilterRow]  # type: ignore[valid-type]
+
+
+class NeuronRef(Body):
+    layer: int
+    neuron: int
+
+
+class RelatedPair(Body):
+    writer: NeuronRef = Field(description="the earlier neuron, whose w_out is read")
+    reader: NeuronRef = Field(description="the later neuron, which reads it through w_gate or w_in")
+    via: Literal[RELATED_VIA]  # type: ignore[valid-type]
+    score: float | None = Field(description="cos(w_out of writer, g * w_via of reader), schema.sql `related`")
+    downstream_rank: int | None = Field(description="the reader's rank among the writer's downstream neurons")
+    upstream_rank: int | None = Field(description="the writer's rank among the reader's upstream neurons")
+
+
+class RelatedBetween(Body):
+    recorded: bool = Field(description="whether the file's related table holds rows for any of these neurons")
+    pairs: list[RelatedPair] = Field(description="pairs where one is among the other's 16 strongest, by |score|")
+
+
+class Comparison(Body):
+    model: str
+    neurons: list[NeuronRef]
+    quadrant: QuadrantLabel
+    slug: QuadrantSlug
+    hook: Hook
+    summaries: list[NeuronSummary]
+    related: RelatedBetween
+    examples: list[ExampleListBody] = Field(description="the chosen list of each neuron, in the order given")
 
 
 class ErrorDetail(Body):

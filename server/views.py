@@ -11,18 +11,21 @@ run_view runs a view and makes the response's bytes, here or in a reader.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 from urllib.parse import quote
 
 import duckdb
 from fastapi import Path, Query
+from pydantic import BeforeValidator
 
 from gluscope.schema import HOOKS, QUADRANT_SLUGS
-from gluscope.server import data, queries, render
+from gluscope.server import data, finding, queries, render
 from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
-from gluscope.server.validate import LAYER_PAGE_MAX, check_index, get_model, hook_code, parse_neuron_ref
+from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, LAYER_PAGE_MAX, check_index,
+                                      get_model, hook_code, parse_neuron_ref)
 
 # Ranges and choices are documented (json_schema_extra) but checked by
 # validate.py, which knows each file's sizes and answers in the one error shape.
@@ -163,3 +166,59 @@ def random(db: Database) -> Redirect:
 def jump(db: Database, to: str = Query(...)) -> Redirect:
     """The jump box: `layer.neuron` to that neuron's page."""
     return Redirect(_neuron_url(db, *parse_neuron_ref(to, db)), 303)
+
+
+# A bound left empty in the filter form is sent as "name=": no bound, not an error. (FastAPI applies the
+# validator only when the Query is inside the Annotated too.)
+_blank_is_none = BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v)
+
+
+def with_bounds(fn: Callable[..., Page]) -> Callable[..., Page]:
+    """Give fn, which takes **bounds, one keyword parameter per bound (finding.BOUND_NAMES): FastAPI then
+    parses and documents each, and fn receives them all in `bounds`."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    for name in finding.BOUND_NAMES:
+        side, field_name = name.split("_", 1)
+        doc = f"{'lowest' if side == 'min' else 'highest'} {finding.FIELD_HELP[field_name]}"
+        bound = Annotated[float | None, _blank_is_none, Query(description=doc)]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=bound, default=None))
+        fn.__annotations__[name] = bound
+    fn.__signature__ = inspect.Signature(params, return_annotation=Page)  # type: ignore[attr-defined]
+    return fn
+
+
+@view(page="filter.html", reads_file=True)
+@with_bounds
+def neuron_filter(db: Database,
+                  layers: str | None = Query(None, description="layers A-B (inclusive) or one layer A; all if empty",
+                                             json_schema_extra={"pattern": r"^\d+(-\d+)?$"}),
+                  sort: str = Query("neuron", description="field to sort by; `neuron` is (layer, neuron)",
+                                    json_schema_extra={"enum": list(queries.FILTER_SORT_KEYS)}),
+                  order: str | None = Query(None, description="asc or desc (default: asc by neuron, else desc)",
+                                            json_schema_extra={"enum": list(finding.FILTER_ORDERS)}),
+                  offset: int = Query(0, description="first row of the page", json_schema_extra=INDEX),
+                  limit: int = Query(50, description=f"rows, at most {FILTER_PAGE_MAX}",
+                                     json_schema_extra={"minimum": 1, "maximum": FILTER_PAGE_MAX}),
+                  **bounds: float | None) -> Page:
+    """The whole model's neurons within bounds on each quadrant's frequency, the weight geometry and each
+    quadrant's largest |hook_post|, sorted and paged; each row holds the fields bounded or sorted by."""
+    body = finding.filter_data(db, layers, bounds, sort, order, offset, limit)
+    return Page(body, {"labels": finding.FIELD_LABELS, "fields": list(queries.FILTER_FIELDS),
+                       "query": finding.filter_query(body)})
+
+
+@view(page="compare.html", fragment="_compare_lists.html", reads_file=True)
+def compare(db: Database,
+            neurons: str = Query(..., description=f"{COMPARE_MIN} to {COMPARE_MAX} distinct layer.neuron, "
+                                                  "comma-separated",
+                                 json_schema_extra={"pattern": r"^\d+\.\d+(,\d+\.\d+){1,3}$",
+                                                    "example": "0.1,1.2"}),
+            quadrant: str = Query("pp", description="the quadrant of the list shown for each neuron",
+                                  json_schema_extra={"enum": list(QUADRANT_SLUGS)}),
+            hook: str = Query("hook_post", description="the value that list is ranked by",
+                              json_schema_extra={"enum": list(HOOKS)})) -> Page:
+    """2 to 4 neurons side by side: summaries, the related scores between them, one list of examples each."""
+    body, lists = finding.compare_data(db, neurons, quadrant, hook)
+    return Page(lambda: {**body, "examples": [found.to_json(db.vocab) for found in lists]},
+                lambda fragment: {"data": body, "columns": [
+                    render.examples_context(found, db.vocab, HOOKS[found.hook], compact=True) for found in lists]})

@@ -1,0 +1,136 @@
+"""Finding neurons (issue #12): the whole-model filter, and neurons compared side by side, as JSON-ready dicts.
+
+Both run in a reader process (views.py): the filter scans the reader's
+`neuron_facts` table (queries.NEURON_FACTS), the comparison looks each neuron
+up in the file, as data.py's functions do for one neuron.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from gluscope.schema import GEOMETRY, QUADRANT_SLUGS, QUADRANTS, RELATED_DIRECTIONS, RELATED_VIA
+from gluscope.server import queries
+from gluscope.server.data import ExampleList, _num, example_list, neuron_summary
+from gluscope.server.db import Database
+from gluscope.server.errors import ParameterError
+from gluscope.server.validate import (check_bounds, check_choice, check_filter_page, check_neuron, hook_code,
+                                      parse_layer_range, parse_neuron_list, quadrant_code)
+
+FILTER_ORDERS = ("asc", "desc")
+BOUND_SIDES = ("min", "max")
+# Every bound a filter takes: min_<field> and max_<field> for each field of queries.FILTER_FIELDS.
+BOUND_NAMES: tuple[str, ...] = tuple(f"{side}_{f}" for f in queries.FILTER_FIELDS for side in BOUND_SIDES)
+# What a filter shows when it bounds and sorts by nothing: each quadrant's frequency.
+DEFAULT_FIELDS = tuple(f"freq_{s}" for s in QUADRANT_SLUGS)
+
+_GEOMETRY_LABELS = {"cos_gate_in": "cos(w_gate, w_in)", "cos_gate_out": "cos(w_gate, w_out)",
+                    "cos_in_out": "cos(w_in, w_out)", "norm_gate": "‖w_gate‖", "norm_in": "‖w_in‖",
+                    "norm_out": "‖w_out‖"}
+# Each field as a page and the API documentation name it.
+FIELD_LABELS: dict[str, str] = {
+    **{f"freq_{s}": f"{q} frequency" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
+    **{name: _GEOMETRY_LABELS[name] for name in GEOMETRY},
+    **{f"absmax_{s}": f"{q} max |hook_post|" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
+}
+FIELD_HELP: dict[str, str] = {
+    **{f"freq_{s}": f"the share of counted tokens in {q}, 0..1" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
+    **{name: f"{_GEOMETRY_LABELS[name]}, after the weight convention" for name in GEOMETRY},
+    **{f"absmax_{s}": f"the largest |hook_post| over the tokens of {q} (none where it never occurred)"
+       for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
+}
+
+
+def filter_data(db: Database, layers: str | None, bounds: dict[str, float | None], sort: str = "neuron",
+                order: str | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+    """The neurons of the layer range within every given bound, one page of them sorted, and how many match.
+
+    Each row holds layer, neuron and the fields bounded or sorted by (each
+    quadrant's frequency when there are none). order defaults to asc for
+    `neuron` and to desc for a field.
+    """
+    lo, hi = parse_layer_range(layers, db)
+    check_choice("sort", sort, queries.FILTER_SORT_KEYS)
+    order = order or ("asc" if sort == "neuron" else "desc")
+    check_choice("order", order, FILTER_ORDERS)
+    check_bounds(bounds)
+    check_filter_page(db, offset, limit)
+    given = [(f, side) for f in queries.FILTER_FIELDS for side in BOUND_SIDES
+             if bounds.get(f"{side}_{f}") is not None]
+    shown = [f for f in queries.FILTER_FIELDS if f == sort or any(f == g for g, _ in given)] or list(DEFAULT_FIELDS)
+    where = {"layer_lo": lo, "layer_hi": hi, **{f"{side}_{f}": float(bounds[f"{side}_{f}"]) for f, side in given}}
+    db.temp_table("neuron_facts")
+    rows = db.query(queries.neuron_filter(given, shown, sort, order == "desc"),
+                    {**where, "limit": limit, "offset": offset})
+    total = rows[0][-1] if rows else db.query(queries.neuron_filter_count(given), where)[0][0]
+    neurons = [{"layer": r[0], "neuron": r[1], **{f: _num(v) for f, v in zip(shown, r[2:-1])}} for r in rows]
+    return {"model": db.id, "layers": [lo, hi],
+            "bounds": {f"{side}_{f}": where[f"{side}_{f}"] for f, side in given},
+            "sort": sort, "order": order, "offset": offset, "limit": limit, "total": int(total),
+            "fields": shown, "neurons": neurons}
+
+
+def filter_query(body: dict[str, Any]) -> str:
+    """The query string of this filter without its offset: what a page's links add an offset to."""
+    lo, hi = body["layers"]
+    return urlencode({"layers": f"{lo}-{hi}", **body["bounds"], "sort": body["sort"], "order": body["order"],
+                      "limit": body["limit"]})
+
+
+def stored_neuron_summary(db: Database, layer: int, neuron: int) -> dict[str, Any]:
+    """data.neuron_data's body, read from the file (a reader process holds no NeuronTable)."""
+    check_neuron(db, layer, neuron)
+    key = {"layer": layer, "neuron": neuron}
+    row = db.query(queries.NEURON_ROW, key)
+    if not row:
+        raise ParameterError(404, "neurons", f"neuron {layer}.{neuron} is not in this database", None)
+    counts, flipped, geometry = row[0][:4], row[0][4], row[0][5:]
+    stats = [[[None] * 4 for _ in QUADRANTS] for _ in range(3)]  # min, max, mean [quadrant][hook]
+    for q, h, *values in db.query(queries.NEURON_VALUE_STATS, key):
+        if 0 <= q < 4 and 0 <= h < 4:
+            for i, v in enumerate(values):
+                stats[i][q][h] = v
+    return neuron_summary(db, layer, neuron, list(counts), flipped, list(geometry), *stats)
+
+
+def related_between(db: Database, refs: list[tuple[int, int]]) -> dict[str, Any]:
+    """The scores between these neurons that the `related` table holds, one row per (writer, reader, via).
+
+    The file holds no weight vectors, so no score is computed here: a pair is
+    listed where one neuron is among the other's 16 strongest in that
+    direction and via, with its rank in each list that holds it.
+    """
+    params = {f"{part}_{i}": value for i, ref in enumerate(refs) for part, value in zip(("layer", "neuron"), ref)}
+    rows = db.query(queries.related_of(len(refs)), params)
+    wanted = set(refs)
+    pairs: dict[tuple, dict[str, Any]] = {}
+    for layer, neuron, direction, via, rank, other_layer, other_neuron, score in rows:
+        other = (other_layer, other_neuron)
+        if other not in wanted or not (0 <= direction < 2 and 0 <= via < 2):
+            continue
+        downstream = RELATED_DIRECTIONS[direction] == "downstream"
+        writer, reader = ((layer, neuron), other) if downstream else (other, (layer, neuron))
+        pair = pairs.setdefault((writer, reader, via), {
+            "writer": {"layer": writer[0], "neuron": writer[1]}, "reader": {"layer": reader[0], "neuron": reader[1]},
+            "via": RELATED_VIA[via], "score": _num(score), "downstream_rank": None, "upstream_rank": None})
+        pair["downstream_rank" if downstream else "upstream_rank"] = int(rank)
+    listed = sorted(pairs.values(), key=lambda p: (-abs(p["score"] or 0.0), p["writer"]["layer"],
+                                                    p["writer"]["neuron"], p["reader"]["layer"],
+                                                    p["reader"]["neuron"], p["via"]))
+    return {"recorded": bool(rows), "pairs": listed}
+
+
+def compare_data(db: Database, neurons: str, quadrant: str = "pp",
+                 hook: str = "hook_post") -> tuple[dict[str, Any], list[ExampleList]]:
+    """2 to 4 neurons side by side: their summaries, the related scores between them, and one list of
+    examples (quadrant, hook) of each; the body without the lists, and the lists."""
+    refs = parse_neuron_list(neurons, db)
+    q = quadrant_code(quadrant)
+    hook_code(hook)  # both checked before any lookup
+    summaries = [stored_neuron_summary(db, layer, neuron) for layer, neuron in refs]
+    lists = [example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
+    body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron} for layer, neuron in refs],
+            "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q], "hook": hook,
+            "summaries": summaries, "related": related_between(db, refs)}
+    return body, lists

@@ -1,0 +1,312 @@
+"""The whole-model filter and the comparison (issue #12), against a brute force over the recorded file.
+
+The expected neurons are computed in Python from every row of the neurons and
+value_stats tables, read with plain SQL from the file the real recorder
+wrote; the API, served by the real app, must return exactly them, in order.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import duckdb
+import pytest
+from starlette.testclient import TestClient
+
+from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.server.app import create_app
+
+FIELDS = ([f"freq_{s}" for s in QUADRANT_SLUGS] + list(GEOMETRY) + [f"absmax_{s}" for s in QUADRANT_SLUGS])
+HX = {"HX-Request": "true"}
+
+
+@pytest.fixture(scope="module")
+def m(model_id):
+    return model_id
+
+
+@pytest.fixture(scope="module")
+def facts(recorded_db) -> dict[tuple[int, int], dict[str, float | None]]:
+    """Every neuron's fields, computed here from the raw rows."""
+    con = duckdb.connect(str(recorded_db), read_only=True)
+    try:
+        (n_tokens,) = con.execute("SELECT n_tokens FROM metadata").fetchall()[0]
+        neurons = con.execute(f"SELECT layer, neuron, {', '.join(COUNT_COLUMNS)}, {', '.join(GEOMETRY)} "
+                              "FROM neurons").fetchall()
+        stats = con.execute("SELECT layer, neuron, quadrant, hook, min, max FROM value_stats").fetchall()
+    finally:
+        con.close()
+    out: dict[tuple[int, int], dict[str, float | None]] = {}
+    for layer, neuron, *rest in neurons:
+        counts, geometry = rest[:4], rest[4:]
+        row: dict[str, float | None] = {f"freq_{s}": c / n_tokens for s, c in zip(QUADRANT_SLUGS, counts)}
+        row.update(zip(GEOMETRY, geometry))
+        row.update({f"absmax_{s}": None for s in QUADRANT_SLUGS})
+        out[(layer, neuron)] = row
+    for layer, neuron, quadrant, hook, lo, hi in stats:
+        if hook == HOOKS.index("hook_post") and lo is not None:
+            out[(layer, neuron)][f"absmax_{QUADRANT_SLUGS[quadrant]}"] = max(abs(lo), abs(hi))
+    return out
+
+
+def brute(facts, layers=None, bounds=None, sort="neuron", order=None) -> list[tuple[int, int]]:
+    bounds = bounds or {}
+    lo, hi = layers or (0, max(layer for layer, _ in facts))
+    order = order or ("asc" if sort == "neuron" else "desc")
+
+    def within(row) -> bool:
+        for name, bound in bounds.items():
+            side, field = name.split("_", 1)
+            v = row[field]
+            if v is None or (v < bound if side == "min" else v > bound):
+                return False
+        return True
+
+    hits = [key for key, row in facts.items() if lo <= key[0] <= hi and within(row)]
+    if sort == "neuron":
+        return sorted(hits, reverse=order == "desc")
+    present = sorted((k for k in hits if facts[k][sort] is not None), key=lambda k: (k[0], k[1]))
+    # By value in the asked order, ties by (layer, neuron) ascending; NULLs last.
+    present.sort(key=lambda k: facts[k][sort], reverse=order == "desc")
+    return present + sorted(k for k in hits if facts[k][sort] is None)
+
+
+def median(facts, field: str) -> float:
+    values = sorted(v[field] for v in facts.values() if v[field] is not None)
+    return values[len(values) // 2]
+
+
+def get_all(client, m, params) -> tuple[int, list[dict]]:
+    body = client.get(f"/api/models/{m}/neurons", params={**params, "limit": 500}).json()
+    return body["total"], body["neurons"]
+
+
+def check(client, m, facts, params, layers=None, bounds=None, sort="neuron", order=None):
+    total, rows = get_all(client, m, params)
+    expected = brute(facts, layers, bounds, sort, order)
+    assert total == len(expected) == len(rows)
+    assert [(r["layer"], r["neuron"]) for r in rows] == expected
+    for r in rows:
+        for field in set(r) - {"layer", "neuron"}:
+            assert r[field] == facts[(r["layer"], r["neuron"])][field], (r, field)  # exact: float32 widened
+    return rows
+
+
+def test_no_bounds_lists_every_neuron_in_order(client, m, facts):
+    rows = check(client, m, facts, {})
+    assert set(rows[0]) == {"layer", "neuron", *(f"freq_{s}" for s in QUADRANT_SLUGS)}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_each_bound_and_sort_equals_the_brute_force(client, m, facts, field):
+    mid = median(facts, field)
+    for side in ("min", "max"):
+        check(client, m, facts, {f"{side}_{field}": mid}, bounds={f"{side}_{field}": mid})  # inclusive at a value
+    for order in ("asc", "desc"):
+        rows = check(client, m, facts, {"sort": field, "order": order}, sort=field, order=order)
+        assert set(rows[0]) == {"layer", "neuron", field}
+
+
+def test_the_issues_example(client, m, facts):
+    """Layers 1-1, gate-_in- frequency >= its median, cos(w_in, w_out) <= its median, by that quadrant's
+    largest |hook_post|: the tiny model's version of "layers 20-29, gate-_in- >= 20 %, cos <= -0.5"."""
+    bounds = {"min_freq_nn": median(facts, "freq_nn"), "max_cos_in_out": median(facts, "cos_in_out")}
+    params = {"layers": "1-1", **bounds, "sort": "absmax_nn"}
+    rows = check(client, m, facts, params, (1, 1), bounds, "absmax_nn")
+    assert rows and set(rows[0]) == {"layer", "neuron", "freq_nn", "cos_in_out", "absmax_nn"}
+
+
+def test_many_bounds_at_once_and_a_single_layer(client, m, facts):
+    bounds = {"min_freq_pp": 0.0, "max_freq_pp": median(facts, "freq_pp"), "min_cos_gate_out": -0.5,
+              "max_norm_out": median(facts, "norm_out"), "min_absmax_pp": median(facts, "absmax_pp") / 2}
+    check(client, m, facts, {"layers": "0", **bounds, "sort": "norm_gate", "order": "asc"}, (0, 0), bounds,
+          "norm_gate", "asc")
+    check(client, m, facts, {"layers": " 0 - 1 ", **bounds, "order": "desc"}, (0, 1), bounds, "neuron", "desc")
+
+
+def test_pages_split_the_same_list(client, m, facts):
+    params = {"sort": "absmax_nn", "order": "asc"}
+    expected = brute(facts, sort="absmax_nn", order="asc")
+    seen = []
+    for offset in range(0, len(expected), 37):
+        body = client.get(f"/api/models/{m}/neurons", params={**params, "offset": offset, "limit": 37}).json()
+        assert body["total"] == len(expected) and (body["offset"], body["limit"]) == (offset, 37)
+        seen += [(r["layer"], r["neuron"]) for r in body["neurons"]]
+    assert seen == expected
+    past = client.get(f"/api/models/{m}/neurons", params={"min_freq_nn": 0.0, "offset": len(facts)}).json()
+    assert past["neurons"] == [] and past["total"] == len(brute(facts, bounds={"min_freq_nn": 0.0}))
+
+
+def test_empty_bounds_from_the_form_mean_no_bound(client, m, facts):
+    r = client.get(f"/api/models/{m}/neurons?layers=&min_freq_nn=&max_cos_in_out=&sort=neuron&order=asc")
+    assert r.status_code == 200 and r.json()["total"] == len(facts) and r.json()["bounds"] == {}
+
+
+@pytest.mark.parametrize("query,status,parameter,text", [
+    ("layers=1-0", 422, "layers", "out of order"),
+    ("layers=abc", 422, "layers", "not a layer range"),
+    ("layers=0-7", 404, "layers", "layer 7 does not exist"),
+    ("layers=-1", 422, "layers", "not a layer range"),
+    ("min_freq_nn=0.5&max_freq_nn=0.2", 422, "min_freq_nn", "bounds out of order"),
+    ("min_cos_in_out=nan", 422, "min_cos_in_out", "finite"),
+    ("max_absmax_pp=inf", 422, "max_absmax_pp", "finite"),
+    ("min_norm_in=big", 422, "min_norm_in", None),
+    ("sort=banana", 422, "sort", "unknown sort"),
+    ("sort=flipped", 422, "sort", "unknown sort"),
+    ("order=up", 422, "order", "unknown order"),
+    ("limit=0", 422, "limit", "1..500"),
+    ("limit=501", 422, "limit", "1..500"),
+    ("offset=-1", 422, "offset", None),
+    ("offset=193", 422, "offset", None),
+])
+def test_bad_filters_get_the_one_error_shape(client, m, query, status, parameter, text):
+    for url in (f"/api/models/{m}/neurons?{query}", f"/models/{m}/neurons?{query}"):
+        r = client.get(url)
+        assert r.status_code == status, (url, r.text[:300])
+        if url.startswith("/api/"):
+            err = r.json()["error"]
+            assert set(err) == {"status", "parameter", "message", "valid"} and err["parameter"] == parameter
+            assert text is None or text in err["message"], err
+        else:
+            assert '<p class="error-message">' in r.text
+
+
+def test_filter_page_runs_the_query_of_its_url(client, m, facts):
+    bounds = {"min_freq_nn": median(facts, "freq_nn"), "max_cos_in_out": median(facts, "cos_in_out")}
+    expected = brute(facts, (1, 1), bounds, "absmax_nn")
+    r = client.get(f"/models/{m}/neurons", params={"layers": "1-1", **bounds, "sort": "absmax_nn", "limit": 5})
+    html = r.text
+    assert r.status_code == 200 and f"{len(expected):,} neuron" in html
+    # The form shows the query it ran, so the URL is the shareable result.
+    assert 'name="layers" value="1-1"' in html and f'name="min_freq_nn" value="{bounds["min_freq_nn"]}"' in html
+    assert '<option value="absmax_nn" selected>' in html
+    for layer, neuron in expected[:5]:
+        assert f'href="/models/{m}/neurons/{layer}/{neuron}"' in html
+    first = ",".join(f"{layer}.{neuron}" for layer, neuron in expected[:4])
+    assert f'href="/models/{m}/compare?neurons={first}"' in html
+    assert 'rel="next"' in html and "offset=5" in html
+    assert client.get(f"/models/{m}/neurons.json", params={"layers": "1-1", **bounds, "sort": "absmax_nn",
+                                                            "limit": 5}).json()["total"] == len(expected)
+
+
+def test_model_and_neuron_pages_link_to_filter_and_compare(client, m):
+    assert f'href="/models/{m}/neurons"' in client.get(f"/models/{m}").text
+    html = client.get(f"/models/{m}/neurons/1/3").text
+    assert f'action="/models/{m}/compare"' in html and 'name="neurons" value="1.3, "' in html
+
+
+def _neuron_json(client, m, layer, neuron):
+    return client.get(f"/api/models/{m}/neurons/{layer}/{neuron}").json()
+
+
+def test_compare_equals_each_neurons_own_pages(client, m):
+    refs = [(1, 3), (0, 17), (1, 95)]
+    body = client.get(f"/api/models/{m}/compare", params={"neurons": "1.3, 0.17,1.95", "quadrant": "nn",
+                                                          "hook": "act"}).json()
+    assert body["neurons"] == [{"layer": a, "neuron": b} for a, b in refs]
+    assert (body["quadrant"], body["slug"], body["hook"]) == ("gate-_in-", "nn", "act")
+    # Summaries read from the file by the reader equal the neuron pages, served from memory.
+    assert body["summaries"] == [_neuron_json(client, m, a, b) for a, b in refs]
+    for got, (a, b) in zip(body["examples"], refs):
+        assert got == client.get(f"/api/models/{m}/neurons/{a}/{b}/examples",
+                                 params={"quadrant": "nn", "hook": "act"}).json()
+    assert client.get(f"/models/{m}/compare.json", params={"neurons": "1.3,0.17,1.95", "quadrant": "nn",
+                                                           "hook": "act"}).json() == body
+
+
+def test_compare_page_and_its_fragment(client, m):
+    r = client.get(f"/models/{m}/compare", params={"neurons": "0.5,1.7"})
+    html = r.text
+    assert r.status_code == 200 and html.startswith("<!doctype html>")
+    for layer, neuron in ((0, 5), (1, 7)):
+        assert f'href="/models/{m}/neurons/{layer}/{neuron}"' in html and f'id="col-{layer}-{neuron}"' in html
+        s = _neuron_json(client, m, layer, neuron)
+        for q in s["quadrants"]:
+            assert f"{100 * q['frequency']:.2f}%" in html
+    assert html.count('class="snippet"') > 0 and "related" in html
+    assert all(f">{q}</th>" in html for q in QUADRANTS)
+    frag = client.get(f"/models/{m}/compare", params={"neurons": "0.5,1.7", "quadrant": "np"}, headers=HX).text
+    assert frag.lstrip().startswith("{#") is False and '<div id="compare-lists">' in frag and "<html" not in frag
+    assert '<option value="np" selected>' in frag
+
+
+@pytest.mark.parametrize("neurons,status,text", [
+    ("1.3", 422, "1 neuron given"),
+    ("0.1,0.2,0.3,0.4,0.5", 422, "5 neurons given"),
+    ("", 422, "0 neurons given"),
+    ("0.1,0.96", 404, "neuron 96 does not exist"),
+    ("0.1,2.0", 404, "layer 2 does not exist"),
+    ("0.1,1-2", 422, "is not layer.neuron"),
+    ("0.1,abc", 422, "is not layer.neuron"),
+    ("0.1,0.1", 422, "given twice"),
+])
+def test_bad_comparisons_get_the_one_error_shape(client, m, neurons, status, text):
+    r = client.get(f"/api/models/{m}/compare", params={"neurons": neurons})
+    err = r.json()["error"]
+    assert r.status_code == status == err["status"] and text in err["message"], err
+    assert set(err) == {"status", "parameter", "message", "valid"}
+    page = client.get(f"/models/{m}/compare", params={"neurons": neurons})
+    assert page.status_code == status and '<p class="error-message">' in page.text
+    for bad in ({"neurons": "0.1,1.2", "quadrant": "zz"}, {"neurons": "0.1,1.2", "hook": "nope"}, {}):
+        assert client.get(f"/api/models/{m}/compare", params=bad).status_code == 422
+
+
+def test_compare_shows_the_related_pairs_the_file_holds(recorded_db, tmp_path):
+    """A copy of the recorded file with `related` rows written into it: the comparison lists the pairs among
+    the compared neurons, read back here with plain SQL, and nothing about neurons not compared."""
+    path = tmp_path / "related.duckdb"
+    shutil.copy(recorded_db, path)
+    con = duckdb.connect(str(path))
+    con.execute("DELETE FROM related")
+    # 0.3 writes to 1.5 through its in weights (rank 2 of 0.3's downstream, rank 0 of 1.5's upstream);
+    # 0.3 -> 1.6 via gate is listed only downstream; 0.3 -> 1.9 is about a neuron not compared.
+    con.execute("""INSERT INTO related VALUES
+        (0, 3, 0, 1, 2, 1, 5, -0.25), (1, 5, 1, 1, 0, 0, 3, -0.25),
+        (0, 3, 0, 0, 0, 1, 6, 0.5), (0, 3, 0, 0, 1, 1, 9, 0.4)""")
+    expected = con.execute("""
+        SELECT layer, neuron, direction, via, rank, other_layer, other_neuron, score FROM related
+        WHERE (layer, neuron) IN ((0, 3), (1, 5), (1, 6)) AND (other_layer, other_neuron) IN ((0, 3), (1, 5), (1, 6))
+        """).fetchall()
+    con.close()
+    with TestClient(create_app([path]), raise_server_exceptions=False) as c:
+        (model,) = c.get("/api/models").json()["models"]
+        body = c.get(f"/api/models/{model['id']}/compare", params={"neurons": "1.5,0.3,1.6"}).json()
+        html = c.get(f"/models/{model['id']}/compare", params={"neurons": "1.5,0.3,1.6"}).text
+    related = body["related"]
+    assert related["recorded"] is True
+    pairs = {(p["writer"]["layer"], p["writer"]["neuron"], p["reader"]["layer"], p["reader"]["neuron"], p["via"]):
+             (p["score"], p["downstream_rank"], p["upstream_rank"]) for p in related["pairs"]}
+    want: dict = {}
+    for layer, neuron, direction, via, rank, ol, on, score in expected:
+        key = (layer, neuron, ol, on) if direction == 0 else (ol, on, layer, neuron)
+        s, down, up = want.get((*key, ("gate", "in")[via]), (score, None, None))
+        want[(*key, ("gate", "in")[via])] = (s, rank if direction == 0 else down, rank if direction == 1 else up)
+    assert {k: (pytest.approx(v[0]), v[1], v[2]) for k, v in want.items()} == pairs
+    assert pairs[(0, 3, 1, 5, "in")][1:] == (2, 0) and len(pairs) == 2
+    assert [abs(p["score"]) for p in related["pairs"]] == sorted((abs(p["score"]) for p in related["pairs"]), reverse=True)
+    assert "related-pairs" in html and "-0.25" in html
+
+
+def test_compare_says_when_related_neurons_were_not_recorded(client, m, recorded_db):
+    con = duckdb.connect(str(recorded_db), read_only=True)
+    try:
+        rows = con.execute("SELECT count(*) FROM related WHERE (layer, neuron) IN ((0, 1), (1, 2))").fetchall()[0][0]
+    finally:
+        con.close()
+    body = client.get(f"/api/models/{m}/compare", params={"neurons": "0.1,1.2"}).json()
+    assert body["related"]["recorded"] is (rows > 0)
+    if not rows:
+        assert body["related"]["pairs"] == []
+        assert "were not recorded" in client.get(f"/models/{m}/compare", params={"neurons": "0.1,1.2"}).text
+
+
+def test_no_input_gives_a_500(client, m):
+    weird = ["-1", "1e400", "nan", "", "٣", "0x10", "'; DROP TABLE neurons; --", "a" * 300, "1.5.6", "0.1,,1.2"]
+    for value in weird:
+        for url in (f"/api/models/{m}/neurons?layers={value}", f"/api/models/{m}/neurons?min_freq_pp={value}",
+                    f"/api/models/{m}/neurons?sort={value}", f"/api/models/{m}/compare?neurons={value}",
+                    f"/api/models/{m}/compare?neurons=0.1,{value}", f"/models/{m}/neurons?max_absmax_nn={value}"):
+            r = client.get(url)
+            assert r.status_code < 500, (url, r.text[:200])
+            assert math.isfinite(r.status_code)
