@@ -63,8 +63,8 @@ def filter_data(db: Database, layers: str | None, bounds: dict[str, float | None
     db.temp_table("neuron_facts")
     rows = db.query(queries.neuron_filter(given, shown, sort, order == "desc"),
                     {**where, "limit": limit, "offset": offset})
-    total = rows[0][-1] if rows else db.query(queries.neuron_filter_count(given), where)[0][0]
-    neurons = [{"layer": r[0], "neuron": r[1], **{f: _num(v) for f, v in zip(shown, r[2:-1])}} for r in rows]
+    (total,) = db.query(queries.neuron_filter_count(given), where)[0]
+    neurons = [{"layer": r[0], "neuron": r[1], **{f: _num(v) for f, v in zip(shown, r[2:])}} for r in rows]
     return {"model": db.id, "layers": [lo, hi],
             "bounds": {f"{side}_{f}": where[f"{side}_{f}"] for f, side in given},
             "sort": sort, "order": order, "offset": offset, "limit": limit, "total": int(total),

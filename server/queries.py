@@ -120,7 +120,8 @@ FILTER_SORT_KEYS: tuple[str, ...] = ("neuron", *FILTER_FIELDS)  # "neuron": by (
 # |hook_post| lives in value_stats, 16 rows per neuron; on the OLMo-7B shape
 # (352,256 neurons, 5.6M value_stats rows) joining it to `neurons` took 225 ms
 # per request on one DuckDB thread and its conditional aggregation 417 ms,
-# against about 10 ms to scan this table (benchmarks/bench_filter.py). It costs
+# against 6 ms to scan this table for one page and 2 ms to count the matches
+# (benchmarks/bench_filter.py). It costs
 # one aggregation when a reader starts and about 27 MB per reader at that shape.
 NEURON_FACTS = f"""
 CREATE TEMP TABLE IF NOT EXISTS neuron_facts AS
@@ -146,19 +147,19 @@ TEMP_TABLES = {"neuron_facts": NEURON_FACTS}
 
 
 def neuron_filter(bounds: list[tuple[str, str]], shown: list[str], sort: str, descending: bool) -> str:
-    """One page of the neurons of layers $layer_lo..$layer_hi within these bounds, with the number of matches.
+    """One page of the neurons of layers $layer_lo..$layer_hi within these bounds (neuron_filter_count counts them).
 
     bounds: (field, "min" or "max") pairs of FILTER_FIELDS, each compared with
     the bound parameter $min_<field> or $max_<field>; shown: the fields
     returned after layer and neuron. NULLs (a quadrant that never occurred)
     match no bound and sort last either way; ties go to (layer, neuron).
-    Returns layer, neuron, the shown fields, then `total`.
+    Returns layer, neuron, then the shown fields.
     """
     columns = "".join(f", {FILTER_FIELDS[f]} AS {f}" for f in shown)
     key = "" if sort == "neuron" else f"{FILTER_FIELDS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, "
     tie = "DESC" if sort == "neuron" and descending else "ASC"
     return f"""
-SELECT layer, neuron{columns}, count(*) OVER () AS total
+SELECT layer, neuron{columns}
 FROM neuron_facts
 WHERE {_filter_where(bounds)}
 ORDER BY {key}layer {tie}, neuron {tie}
@@ -166,8 +167,9 @@ LIMIT $limit OFFSET $offset
 """
 
 
+# The number of matches, by a statement of its own: count(*) OVER () in the page's statement cost 20 ms on
+# the OLMo-7B shape (a window over every match, 176,832 for one bound), this one 2 ms.
 def neuron_filter_count(bounds: list[tuple[str, str]]) -> str:
-    """The number of matches alone: for a page past the last match, which returns no row to carry it."""
     return f"SELECT count(*) FROM neuron_facts WHERE {_filter_where(bounds)}"
 
 

@@ -125,7 +125,7 @@ def check_bounds(bounds: dict[str, float | None]) -> None:
 def check_filter_page(db: Database, offset: int, limit: int) -> None:
     """A page of a whole-model filter: offset 0..(neurons in the model), 1..FILTER_PAGE_MAX rows."""
     n = db.n_layers * db.d_mlp
-    if not 0 <= offset <= n:
-        raise ParameterError(422, "offset", f"offset {offset} is outside 0..{n}", f"0..{n}")
+    if not 0 <= offset <= n:  # 404 as for a layer page's offset: a row that does not exist
+        raise out_of_range("offset", offset, n + 1)
     if not 1 <= limit <= FILTER_PAGE_MAX:
         raise ParameterError(422, "limit", f"limit {limit} is outside 1..{FILTER_PAGE_MAX}", f"1..{FILTER_PAGE_MAX}")

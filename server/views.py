@@ -190,8 +190,7 @@ def with_bounds(fn: Callable[..., Page]) -> Callable[..., Page]:
 @view(page="filter.html", reads_file=True)
 @with_bounds
 def neuron_filter(db: Database,
-                  layers: str | None = Query(None, description="layers A-B (inclusive) or one layer A; all if empty",
-                                             json_schema_extra={"pattern": r"^\d+(-\d+)?$"}),
+                  layers: str | None = Query(None, description="layers A-B (inclusive) or one layer A; all if empty"),
                   sort: str = Query("neuron", description="field to sort by; `neuron` is (layer, neuron)",
                                     json_schema_extra={"enum": list(queries.FILTER_SORT_KEYS)}),
                   order: str | None = Query(None, description="asc or desc (default: asc by neuron, else desc)",

@@ -183,3 +183,48 @@ def test_tooltip_numbers_are_formatted_as_on_the_page(live_server, driver):
     expected = format_many(values)
     wrong = [(v, s, e) for v, s, e in zip(values, shown, expected) if s != e]
     assert not wrong, wrong[:10]
+
+
+def test_filter_form_then_compare_in_chromium(live_server, driver):
+    """Fill the filter form, submit it, and open the first results in the comparison: its columns load,
+    and switching the list (htmx) swaps the columns to the other list's examples."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    d, wait = driver, WebDriverWait(driver, 15)
+    model = httpx.get(f"{live_server}/api/models").json()["models"][0]["id"]
+    d.get(f"{live_server}/models/{model}")
+    d.find_element(By.ID, "filter-link").click()
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "form.filter-form"))
+    d.find_element(By.NAME, "layers").send_keys("1-1")
+    d.find_element(By.ID, "min_freq_nn").send_keys("0.05")
+    d.find_element(By.ID, "max_cos_in_out").send_keys("0.5")
+    Select(d.find_element(By.NAME, "sort")).select_by_value("absmax_nn")
+    d.find_element(By.ID, "filter-submit").click()
+    wait.until(lambda _: "min_freq_nn=0.05" in d.current_url)
+    expected = httpx.get(f"{live_server}/api/models/{model}/neurons", params={
+        "layers": "1-1", "min_freq_nn": 0.05, "max_cos_in_out": 0.5, "sort": "absmax_nn"}).json()
+    assert expected["total"] >= 2
+    links = [a.text for a in d.find_elements(By.CSS_SELECTOR, "table.filter-results td:first-child a")]
+    assert links == [f"{n['layer']}.{n['neuron']}" for n in expected["neurons"]]
+
+    d.find_element(By.ID, "compare-first").click()
+    wait.until(lambda _: "/compare?" in d.current_url)
+    first = expected["neurons"][:4]
+    columns = d.find_elements(By.CSS_SELECTOR, "#compare-lists .compare-col")
+    assert [c.get_attribute("id") for c in columns] == [f"col-{n['layer']}-{n['neuron']}" for n in first]
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#compare-lists .snippet .t.focus"))  # expanded by gluscope.js
+
+    # Another list: htmx swaps the columns and pushes the URL.
+    Select(d.find_element(By.CSS_SELECTOR, ".list-choice select[name=quadrant]")).select_by_value("nn")
+    wait.until(lambda _: "quadrant=nn" in d.current_url)
+    wait.until(lambda _: d.find_element(By.CSS_SELECTOR, ".list-choice select[name=quadrant]")
+               .get_attribute("value") == "nn")
+    shown = d.find_elements(By.CSS_SELECTOR, f"#col-{first[0]['layer']}-{first[0]['neuron']} li.ex")
+    api = httpx.get(f"{live_server}/api/models/{model}/neurons/{first[0]['layer']}/{first[0]['neuron']}/examples",
+                    params={"quadrant": "nn", "hook": "hook_post"}).json()
+    assert len(shown) == len(api["examples"])
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    _no_alert(d)

@@ -20,6 +20,11 @@ from gluscope.server.app import ROUTES
 load_all_checks()
 ALL_CHECKS = [CHECKS.get_one(name) for name in CHECKS.get_all_names()]
 API_PATHS = [route.paths[0] for route in ROUTES if route.body is not None]
+# Rules across parameters that OpenAPI cannot state, whose 422 is right: a minimum above its maximum and
+# a layer range out of order (the filter), a neuron given twice (the comparison). The comparison's pattern
+# guides generation to real neurons; its parser also takes the jump box's other separators and spaces.
+UNCHECKED = {"/api/models/{model}/neurons": {"positive_data_acceptance"},
+             "/api/models/{model}/compare": {"positive_data_acceptance", "negative_data_rejection"}}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,8 @@ def test_every_response_conforms_to_the_schema(api_schema, path, mode):
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def conforms(case):
-        statuses.append(case.call_and_validate(checks=ALL_CHECKS).status_code)
+        checks = [c for c in ALL_CHECKS if c.__name__ not in UNCHECKED.get(path, set())]
+        statuses.append(case.call_and_validate(checks=checks).status_code)
 
     conforms()
     if mode == GenerationMode.POSITIVE:
@@ -59,8 +65,14 @@ def test_bodies_validate_against_their_models(client, model_id, route):
     lists = [{"quadrant": q, "hook": h} for q in QUADRANT_SLUGS for h in HOOKS]
     urls = [route.paths[0].format(model=model_id, layer=layer, neuron=neuron, text_id=neuron)
             for layer in (0, 1) for neuron in (0, 41)]
+    queries = {
+        "examples": lists,
+        "compare": [{"neurons": "0.0,1.41", **lists[i]} for i in (0, 7, 15)] + [{"neurons": "1.2,0.3,1.4,0.5"}],
+        "neuron_filter": [{}, {"layers": "1", "min_freq_nn": 0.1, "max_cos_in_out": 0.0, "sort": "absmax_nn"},
+                          {"sort": "absmax_pn", "order": "asc", "offset": 150, "limit": 100}, {"offset": 192}],
+    }
     for url in urls:
-        for params in lists if route.view == "examples" else [{}]:
+        for params in queries.get(route.view, [{}]):
             r = client.get(url, params=params)
             assert r.status_code == 200, url
             route.body.model_validate(r.json())
@@ -69,7 +81,7 @@ def test_bodies_validate_against_their_models(client, model_id, route):
 def test_every_api_endpoint_documents_its_body(client):
     paths = client.get("/openapi.json").json()["paths"]
     api = [p for p in paths if p.startswith("/api/")]
-    assert len(api) == 7
+    assert len(api) == 9
     for path in api:
         ok = paths[path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert "$ref" in ok, path

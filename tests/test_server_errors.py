@@ -29,6 +29,11 @@ def _templates(m: str) -> list[str]:
         "/models/{m}/neurons/{x}/1", "/models/{m}/neurons/1/{x}.json", "/models/{m}/texts/0?position={x}",
         "/models/{m}/neurons/0/0/examples?quadrant=pp&hook=act&colour={x}", "/-/jump?model={m}&to={x}",
         "/models/{x}/random", "/models/{m}/{x}",
+        "/api/models/{m}/neurons?layers={x}", "/api/models/{m}/neurons?min_freq_nn={x}",
+        "/api/models/{m}/neurons?max_absmax_pp={x}&sort=absmax_pp", "/api/models/{m}/neurons?sort={x}",
+        "/api/models/{m}/neurons?offset={x}&limit={x}", "/models/{m}/neurons?max_cos_in_out={x}",
+        "/api/models/{m}/compare?neurons={x}", "/api/models/{m}/compare?neurons=0.1,{x}",
+        "/api/models/{m}/compare?neurons={x},{x}", "/models/{m}/compare?neurons=0.1,1.1&quadrant={x}",
     ]
 
 

@@ -157,8 +157,8 @@ def test_empty_bounds_from_the_form_mean_no_bound(client, m, facts):
     ("order=up", 422, "order", "unknown order"),
     ("limit=0", 422, "limit", "1..500"),
     ("limit=501", 422, "limit", "1..500"),
-    ("offset=-1", 422, "offset", None),
-    ("offset=193", 422, "offset", None),
+    ("offset=-1", 404, "offset", "0..192"),
+    ("offset=193", 404, "offset", "0..192"),
 ])
 def test_bad_filters_get_the_one_error_shape(client, m, query, status, parameter, text):
     for url in (f"/api/models/{m}/neurons?{query}", f"/models/{m}/neurons?{query}"):
