@@ -201,6 +201,7 @@ def test_filter_form_then_compare_in_chromium(live_server, driver):
     d.find_element(By.ID, "min_freq_nn").send_keys("0.05")
     d.find_element(By.ID, "max_cos_in_out").send_keys("0.5")
     Select(d.find_element(By.NAME, "sort")).select_by_value("absmax_nn")
+    Select(d.find_element(By.NAME, "order")).select_by_value("desc")
     d.find_element(By.ID, "filter-submit").click()
     wait.until(lambda _: "min_freq_nn=0.05" in d.current_url)
     expected = httpx.get(f"{live_server}/api/models/{model}/neurons", params={
