@@ -59,8 +59,11 @@ def test_bodies_validate_against_their_models(client, model_id, route):
     lists = [{"quadrant": q, "hook": h} for q in QUADRANT_SLUGS for h in HOOKS]
     urls = [route.paths[0].format(model=model_id, layer=layer, neuron=neuron, text_id=neuron)
             for layer in (0, 1) for neuron in (0, 41)]
+    searches = [{"token_id": t, "side": side, "kind": kind} for t in (3, 100)
+                for side, kind in (("weights", "out+"), ("weights", "in-"), ("examples", None))] + [{}]
+    params_of = {"examples": lists, "token_search": searches, "suggest": [{"token": "th"}, {"token": "e"}]}
     for url in urls:
-        for params in lists if route.view == "examples" else [{}]:
+        for params in params_of.get(route.view, [{}]):
             r = client.get(url, params=params)
             assert r.status_code == 200, url
             route.body.model_validate(r.json())
@@ -69,7 +72,7 @@ def test_bodies_validate_against_their_models(client, model_id, route):
 def test_every_api_endpoint_documents_its_body(client):
     paths = client.get("/openapi.json").json()["paths"]
     api = [p for p in paths if p.startswith("/api/")]
-    assert len(api) == 7
+    assert len(api) == 10
     for path in api:
         ok = paths[path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert "$ref" in ok, path
