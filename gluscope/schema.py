@@ -31,6 +31,9 @@ SAMPLE_KINDS: tuple[str, ...] = ("random", "interval")
 # samples.kind and the examples endpoint's kind=: `top` is the examples table.
 EXAMPLE_KINDS: tuple[str, ...] = ("top", *SAMPLE_KINDS)
 
+# example_tokens.role codes: the token of interest itself, or the token right after it.
+EXAMPLE_ROLES: tuple[str, ...] = ("focus", "next")
+
 # related.direction and related.via codes.
 RELATED_DIRECTIONS: tuple[str, ...] = ("downstream", "upstream")
 RELATED_VIA: tuple[str, ...] = ("gate", "in")

@@ -275,6 +275,26 @@ CREATE TABLE related (
     score        FLOAT    NOT NULL
 );
 
+-- The activation-side token index: for each token, the lists whose examples
+-- (kind 0, `examples`) or samples (kinds 1 random and 2 interval, `samples`;
+-- indexed with hook 0, their value hook_post) have it as the token of
+-- interest (role 0, focus) or right after it (role 1, next: what the model
+-- was about to predict). One row per (token, role, list); built from
+-- examples, samples and texts when the file is written (and merged), and
+-- sorted by token_id, so that a token's rows are one range of the file.
+CREATE TABLE example_tokens (
+    token_id   INTEGER  NOT NULL,
+    role       TINYINT  NOT NULL,  -- 0 focus: the token at the example's position; 1 next: the one after it
+    layer      SMALLINT NOT NULL,
+    neuron     INTEGER  NOT NULL,
+    quadrant   TINYINT  NOT NULL,
+    hook       TINYINT  NOT NULL,  -- the list's hook (examples); 0 for samples
+    kind       TINYINT  NOT NULL,  -- 0 top (examples), 1 random, 2 interval (samples.kind + 1)
+    matches    SMALLINT NOT NULL,  -- examples of the list with this token in this role
+    best_rank  TINYINT  NOT NULL,  -- the smallest rank among them
+    best_value FLOAT    NOT NULL   -- the value of that example (samples: its hook_post)
+);
+
 -- float16 bit pattern (as SMALLINT) -> FLOAT, for reading windows in SQL.
 CREATE MACRO f16(h) AS (
     CASE

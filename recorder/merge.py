@@ -14,8 +14,11 @@ result equal a single run's:
 - counts add up, min and max combine, and a mean is the count-weighted mean
   of the shards' means (equal to the single run's up to the last bits of
   float64, where the order of summation differs);
-- the weights' tables (geometry, weight tokens) and the vocabulary are the
-  same in every shard, and are taken from the first.
+- the weights' tables (geometry, weight tokens, token neurons, related
+  neurons) and the vocabulary are the same in every shard, and are taken
+  from the first;
+- the token index of the examples (example_tokens) is rebuilt from the merged
+  examples, samples and texts, by the SQL that builds a single run's.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
         writer.write_metadata(meta)
         for statement in _statements(len(paths), int(meta["k"])):
             con.execute(statement)
+        writer.write_example_tokens()  # last: it reads the merged examples, samples and texts
         for i in range(len(paths)):
             con.execute(f"DETACH shard{i}")
     return out
@@ -143,4 +147,6 @@ def _statements(n: int, k: int) -> list[str]:
             SELECT w.* FROM ({union('windows')}) w SEMI JOIN examples e USING (layer, neuron, text_id, position)
             ORDER BY layer, neuron, text_id, position""",
         "INSERT INTO weight_tokens SELECT * FROM shard0.weight_tokens ORDER BY layer, neuron, kind, rank",
+        "INSERT INTO token_neurons SELECT * FROM shard0.token_neurons ORDER BY token_id, kind, rank",
+        "INSERT INTO related SELECT * FROM shard0.related ORDER BY layer, neuron, direction, via, rank",
     ]

@@ -68,10 +68,38 @@ class GatedModel:
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_E [vocab, d_model], W_U [d_model, vocab]) in float32, cut to the tokenizer's vocabulary
         (models pad their embedding matrices; those rows are no tokens)."""
-        vocab = min(len(self.tokenizer), self.bridge.embed.W_E.shape[0])
+        vocab = self.token_count()
         W_E = self.bridge.embed.W_E.detach()[:vocab].float()
         W_U = self.bridge.unembed.W_U.detach()[:, :vocab].float()
         return W_E, W_U
+
+    def token_count(self) -> int:
+        """Tokens with an embedding row: the tokenizer's vocabulary, cut to the embedding matrix."""
+        return min(len(self.tokenizer), self.bridge.embed.W_E.shape[0])
+
+    def mlp_input_gain(self, layer: int) -> torch.Tensor:
+        """[d_model] float32 on the CPU: the per-dimension gain g of the norm in front of the layer's MLP.
+
+        The MLP reads g * (normalised residual), so a neuron's gate reads the
+        residual direction g * w_gate. TransformerBridge names that norm `ln2`
+        (Gemma-2's pre_feedforward_layernorm; OLMo-2 has none and OLMo's has
+        no weights: a gain of ones) and keeps its weights unfolded. The gain
+        is measured, not read off a weight: Gemma's norms multiply by
+        1 + weight, Llama's by weight, and the module knows which. Two inputs
+        x and -x of mean zero and RMS 1000 (eps negligible) normalise to +-s,
+        s the signs of x; half their outputs' difference is g * s, a bias
+        cancelling out.
+        """
+        norm = getattr(self.bridge.blocks[layer], "ln2", None)
+        module = getattr(norm, "original_component", None)
+        if module is None:
+            return torch.ones(self.d_model)
+        signs = torch.ones(self.d_model)
+        signs[1::2] = -1.0
+        probe = torch.stack([signs, -signs]) * 1000.0
+        with torch.no_grad():
+            out = module(probe.to(device=self.device, dtype=self.dtype)).float().cpu()
+        return (out[0] - out[1]) / (2 * signs)
 
     @contextmanager
     def native_attention(self):

@@ -22,7 +22,9 @@ import gluscope
 from gluscope.recorder.corpus import Corpus
 from gluscope.recorder.model import GatedModel
 from gluscope.recorder.reducer import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
+from gluscope.recorder.related import RelatedNeurons, related_neurons
 from gluscope.recorder.vocab import vocabulary
+from gluscope.recorder.weight_tokens import TokenNeurons
 from gluscope.recorder.weights import LayerWeights, layer_weights
 from gluscope.recorder.writer import DatabaseWriter, LayerResult
 from gluscope.schema import SCHEMA_VERSION
@@ -51,7 +53,13 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     batches = shard_batches(lengths, batch_size, shard)
     mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
     n_counted = int((lengths[mine] - 1).sum())
-    weights = layer_weights(model, refactor_glu, progress)
+    t = time.perf_counter()
+    token_neurons = TokenNeurons(model.token_count(), device=model.device)
+    weights = layer_weights(model, refactor_glu, progress, token_neurons)
+    log.info("weight tokens and token neurons in %.1f s", time.perf_counter() - t)
+    t = time.perf_counter()
+    related = related_neurons(model, [w.sign for w in weights], progress=progress)
+    log.info("related neurons in %.1f s", time.perf_counter() - t)
     kind = choose_reducer(model.device, reducer)
     # Compiling costs 20-60 s once; it pays on long runs.
     compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
@@ -75,6 +83,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
         writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
         _write_layers(writer, reducers, weights, progress)
+        _write_finding(writer, token_neurons, related, model.d_mlp)
     return Path(out)
 
 
@@ -164,6 +173,13 @@ def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights:
         writer.write_layer(layer, LayerResult(**vars(reducers[layer].finish()), **w.result_fields()))
         reducers[layer] = None  # free its memory before the next layer's finishing copies
     reducers.clear()
+
+
+def _write_finding(writer: DatabaseWriter, token_neurons: TokenNeurons, related: RelatedNeurons, d_mlp: int) -> None:
+    """The tables that find neurons (issue #12): by token from the weights and from the examples, and related."""
+    writer.write_token_neurons(*token_neurons.result(d_mlp))
+    writer.write_related(related.other_layer, related.other_neuron, related.score)
+    writer.write_example_tokens()
 
 
 def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: int, texts: np.ndarray,

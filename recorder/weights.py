@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gluscope.recorder.weight_tokens import top_tokens
+from gluscope.recorder.weight_tokens import TokenNeurons, top_tokens
 
 
 def weight_geometry(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
@@ -39,12 +39,15 @@ WEIGHT_TOKENS = 10
 
 
 def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, sign: torch.Tensor,
-                  W_E_T: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+                  W_E_T: torch.Tensor, W_U: torch.Tensor, top: int = WEIGHT_TOKENS,
+                  token_neurons: TokenNeurons | None = None, first_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top tokens of +-w_out.W_U, +-w_gate.W_E and +-w_in.W_E per neuron (kinds 0..5 of schema.sql).
 
     W_E_T is W_E transposed, [d_model, vocab], contiguous like W_U, so that
     every product reads its matrix row by row. w_in and w_out are flipped by
     `sign` first, so the tables follow the recorded weight convention.
+    `token_neurons`, if given, is fed the same products (this layer's neurons
+    numbered from first_id), for the token_neurons table.
     """
     n = w_gate.shape[0]
     top = min(top, W_E_T.shape[1])
@@ -53,7 +56,8 @@ def weight_tokens(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
     w_in = w_in * sign[:, None]
     w_out = w_out * sign[:, None]
     for kind, weight, matrix in ((0, w_out, W_U), (2, w_gate, W_E_T), (4, w_in, W_E_T)):
-        best_ids, best_scores = top_tokens(weight, matrix, top)
+        reduce = token_neurons.reducer(kind, first_id) if token_neurons is not None else None
+        best_ids, best_scores = top_tokens(weight, matrix, top, reduce)
         ids[kind:kind + 2] = best_ids.cpu().numpy()
         scores[kind:kind + 2] = best_scores.float().cpu().numpy()
     return ids, scores
@@ -74,8 +78,9 @@ class LayerWeights:
                 "token_ids": self.token_ids, "token_scores": self.token_scores}
 
 
-def layer_weights(model, refactor_glu: bool, progress: bool = False) -> list[LayerWeights]:
-    """LayerWeights of every layer of a GatedModel."""
+def layer_weights(model, refactor_glu: bool, progress: bool = False,
+                  token_neurons: TokenNeurons | None = None) -> list[LayerWeights]:
+    """LayerWeights of every layer of a GatedModel; `token_neurons` (if given) gathers the whole model's."""
     from tqdm.auto import tqdm
 
     W_E, W_U = model.embeddings()
@@ -87,5 +92,7 @@ def layer_weights(model, refactor_glu: bool, progress: bool = False) -> list[Lay
                       dynamic_ncols=True):
         weights = model.mlp_weights(layer)
         sign, geometry = weight_geometry(*weights, refactor_glu)
-        layers.append(LayerWeights(sign.to(model.device), geometry, *weight_tokens(*weights, sign, W_E_T, W_U)))
+        layers.append(LayerWeights(sign.to(model.device), geometry,
+                                   *weight_tokens(*weights, sign, W_E_T, W_U, token_neurons=token_neurons,
+                                                  first_id=layer * model.d_mlp)))
     return layers

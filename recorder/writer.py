@@ -60,6 +60,32 @@ def _list_array(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
 
 BLOCK_SIZE = 65536
 
+# The activation-side token index (schema.sql, example_tokens), in SQL over
+# what is already in the file, so a recording and a merge build it alike.
+# DuckDB lists are 1-based: the token at position p is token_ids[p + 1], the
+# next one token_ids[p + 2] (NULL past the text's end). Samples list one
+# value per quadrant, not per hook: they are indexed as hook_post.
+EXAMPLE_TOKENS = """
+INSERT INTO example_tokens
+WITH listed AS (
+    SELECT layer, neuron, quadrant, hook, 0 AS kind, rank, value, text_id, position FROM examples
+    UNION ALL
+    SELECT layer, neuron, quadrant, 0, 1 + kind, rank, act * x_in, text_id, position FROM samples
+), tokens AS (
+    SELECT l.*, t.token_ids[l.position + 1] AS focus, t.token_ids[l.position + 2] AS next
+    FROM listed l JOIN texts t USING (text_id)
+), roles AS (
+    SELECT focus AS token_id, 0 AS role, * EXCLUDE (focus, next) FROM tokens
+    UNION ALL
+    SELECT next, 1, * EXCLUDE (focus, next) FROM tokens WHERE next IS NOT NULL
+)
+SELECT token_id, role, layer, neuron, quadrant, hook, kind, count(*) AS matches, min(rank) AS best_rank,
+       arg_min(value, rank) AS best_value
+FROM roles
+GROUP BY token_id, role, layer, neuron, quadrant, hook, kind
+ORDER BY token_id, role, layer, neuron, quadrant, hook, kind
+"""
+
 
 class DatabaseWriter:
     """Writes one database file; use as a context manager so failures clean up."""
@@ -207,6 +233,44 @@ class DatabaseWriter:
             "x_gate": _list_array(gate.astype(np.float16).view(np.int16)[slot_ok], lengths),
             "x_in": _list_array(x_in.astype(np.float16).view(np.int16)[slot_ok], lengths),
         }))
+
+    def write_token_neurons(self, layer: np.ndarray, neuron: np.ndarray, score: np.ndarray) -> None:
+        """token_neurons from [6 kinds, V, top] arrays (weight_tokens.TokenNeurons.result), rows ordered by
+        (token_id, kind, rank) so that a token's rows are contiguous; slots with layer -1 are left out."""
+        kinds, V, top = layer.shape
+        order = lambda a: np.ascontiguousarray(np.moveaxis(a, 1, 0)).reshape(-1)  # [V, kind, rank]
+        grid = np.indices((V, kinds, top), dtype=np.int32).reshape(3, -1)
+        keep = order(layer) >= 0
+        self._insert("token_neurons", pa.table({
+            "token_id": pa.array(grid[0][keep]),
+            "kind": pa.array(grid[1][keep].astype(np.int8)),
+            "rank": pa.array(grid[2][keep].astype(np.int8)),
+            "layer": pa.array(order(layer)[keep].astype(np.int16)),
+            "neuron": pa.array(order(neuron)[keep].astype(np.int32)),
+            "score": pa.array(order(score)[keep].astype(np.float32)),
+        }))
+
+    def write_related(self, other_layer: np.ndarray, other_neuron: np.ndarray, score: np.ndarray) -> None:
+        """related from [L, direction, via, n, top] arrays (related.RelatedNeurons), rows ordered by
+        (layer, neuron, direction, via, rank); slots with other_layer -1 are left out."""
+        order = lambda a: np.ascontiguousarray(np.moveaxis(a, 3, 1)).reshape(-1)  # [L, n, direction, via, rank]
+        shape = np.moveaxis(other_layer, 3, 1).shape
+        grid = np.indices(shape, dtype=np.int32).reshape(len(shape), -1)
+        keep = order(other_layer) >= 0
+        self._insert("related", pa.table({
+            "layer": pa.array(grid[0][keep].astype(np.int16)),
+            "neuron": pa.array(grid[1][keep]),
+            "direction": pa.array(grid[2][keep].astype(np.int8)),
+            "via": pa.array(grid[3][keep].astype(np.int8)),
+            "rank": pa.array(grid[4][keep].astype(np.int8)),
+            "other_layer": pa.array(order(other_layer)[keep].astype(np.int16)),
+            "other_neuron": pa.array(order(other_neuron)[keep].astype(np.int32)),
+            "score": pa.array(order(score)[keep].astype(np.float32)),
+        }))
+
+    def write_example_tokens(self) -> None:
+        """example_tokens from the examples, samples and texts already written (the last table: see EXAMPLE_TOKENS)."""
+        self.con.execute(EXAMPLE_TOKENS)
 
     def finish(self) -> Path:
         self.con.execute("CHECKPOINT")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from gluscope.schema import GEOMETRY, QUADRANT_SLUGS, QUADRANTS, RELATED_DIRECTIONS, RELATED_VIA
+from gluscope.schema import GEOMETRY, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server import queries
 from gluscope.server.data import ExampleList, _num, example_list, neuron_summary
 from gluscope.server.db import Database
@@ -94,31 +94,27 @@ def stored_neuron_summary(db: Database, layer: int, neuron: int) -> dict[str, An
     return neuron_summary(db, layer, neuron, list(counts), flipped, list(geometry), *stats)
 
 
-def related_between(db: Database, refs: list[tuple[int, int]]) -> dict[str, Any]:
+def related_pairs(db: Database, refs: list[tuple[int, int]]) -> dict[str, Any]:
     """The scores between these neurons that the `related` table holds, one row per (writer, reader, via).
 
     The file holds no weight vectors, so no score is computed here: a pair is
-    listed where one neuron is among the other's 16 strongest in that
-    direction and via, with its rank in each list that holds it.
+    listed where one neuron is among the other's 16 strongest for that via,
+    and says in which of the two lists (the writer's downstream, the
+    reader's upstream) it was kept.
     """
-    params = {f"{part}_{i}": value for i, ref in enumerate(refs) for part, value in zip(("layer", "neuron"), ref)}
-    rows = db.query(queries.related_of(len(refs)), params)
-    wanted = set(refs)
     pairs: dict[tuple, dict[str, Any]] = {}
-    for layer, neuron, direction, via, rank, other_layer, other_neuron, score in rows:
-        other = (other_layer, other_neuron)
-        if other not in wanted or not (0 <= direction < 2 and 0 <= via < 2):
-            continue
-        downstream = RELATED_DIRECTIONS[direction] == "downstream"
-        writer, reader = ((layer, neuron), other) if downstream else (other, (layer, neuron))
-        pair = pairs.setdefault((writer, reader, via), {
+    for r in queries.related_between(db, refs):
+        downstream = r["direction"] == "downstream"
+        a, b = (r["layer"], r["neuron"]), (r["other_layer"], r["other_neuron"])
+        writer, reader = (a, b) if downstream else (b, a)
+        pair = pairs.setdefault((writer, reader, r["via"]), {
             "writer": {"layer": writer[0], "neuron": writer[1]}, "reader": {"layer": reader[0], "neuron": reader[1]},
-            "via": RELATED_VIA[via], "score": _num(score), "downstream_rank": None, "upstream_rank": None})
-        pair["downstream_rank" if downstream else "upstream_rank"] = int(rank)
+            "via": r["via"], "score": _num(r["score"]), "downstream": False, "upstream": False})
+        pair["downstream" if downstream else "upstream"] = True
     listed = sorted(pairs.values(), key=lambda p: (-abs(p["score"] or 0.0), p["writer"]["layer"],
                                                     p["writer"]["neuron"], p["reader"]["layer"],
                                                     p["reader"]["neuron"], p["via"]))
-    return {"recorded": bool(rows), "pairs": listed}
+    return {"recorded": bool(db.query(queries.RELATED_RECORDED)[0][0]), "pairs": listed}
 
 
 def compare_data(db: Database, neurons: str, quadrant: str = "pp",
@@ -132,5 +128,5 @@ def compare_data(db: Database, neurons: str, quadrant: str = "pp",
     lists = [example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
     body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron} for layer, neuron in refs],
             "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q], "hook": hook,
-            "summaries": summaries, "related": related_between(db, refs)}
+            "summaries": summaries, "related": related_pairs(db, refs)}
     return body, lists

@@ -188,9 +188,92 @@ FROM value_stats
 WHERE layer = $layer AND neuron = $neuron
 """
 
-# The related rows (schema.sql, `related`) of each of n neurons, given as
-# $layer_0, $neuron_0 ..: one lookup per neuron, each pruned to its row group.
-def related_of(n: int) -> str:
-    return "\nUNION ALL\n".join(
-        f"SELECT layer, neuron, direction, via, rank, other_layer, other_neuron, score FROM related "
-        f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
+# Whether the file holds related neurons at all (a file may have been written before they were recorded).
+RELATED_RECORDED = "SELECT EXISTS (SELECT 1 FROM related)"
+
+# --- finding neurons (issue #12) ---------------------------------------------
+
+# A token's neurons from the weights (schema.sql, token_neurons): at most 32
+# rows, one range of the table, which is sorted by token_id.
+TOKEN_NEURONS = """
+SELECT token_id, layer, neuron, score
+FROM token_neurons
+WHERE token_id = $token_id AND kind = $kind AND layer BETWEEN $lo AND $hi
+ORDER BY rank
+"""
+
+
+def example_tokens_search(n: int) -> str:
+    """The lists whose examples hold any of n tokens ($t0 ...) in one role, filtered, best first.
+
+    example_tokens is sorted by token_id, so each token is one range that the
+    zonemaps find; a UNION ALL of one lookup per token keeps that pruning
+    (an IN list may not). An example holds one token per role, so summing
+    over the tokens counts the list's examples that hold any of them.
+    Optional filters are NULL when not given.
+    """
+    branches = " UNION ALL ".join(
+        f"SELECT * FROM example_tokens WHERE token_id = $t{i} AND role = $role" for i in range(n))
+    return f"""
+SELECT * FROM (
+    SELECT layer, neuron, quadrant, hook, kind, sum(matches)::INTEGER AS matches, min(best_rank) AS best_rank,
+           arg_min(best_value, best_rank) AS best_value
+    FROM ({branches})
+    WHERE layer BETWEEN $lo AND $hi
+      AND ($quadrant IS NULL OR quadrant = $quadrant)
+      AND ($hook IS NULL OR hook = $hook)
+      AND ($kind IS NULL OR kind = $kind)
+    GROUP BY layer, neuron, quadrant, hook, kind
+)
+ORDER BY matches DESC, abs(best_value) DESC, layer, neuron, quadrant, hook, kind
+LIMIT $limit
+"""
+
+
+# A neuron's related neurons (schema.sql, related), both directions and both vias.
+RELATED = """
+SELECT direction, via, rank, other_layer, other_neuron, score
+FROM related
+WHERE layer = $layer AND neuron = $neuron
+ORDER BY direction, via, rank
+"""
+
+
+def related_between_sql(n: int) -> str:
+    """The stored scores from each of n neurons ($l0, $n0 ... ) to any other of them.
+
+    One lookup per neuron joined by UNION ALL, not one OR of n conditions:
+    each branch is pruned to the neuron's row group by the zonemaps.
+    """
+    pairs = ", ".join(f"($l{i}, $n{i})" for i in range(n))
+    branches = " UNION ALL ".join(
+        f"SELECT layer, neuron, direction, via, other_layer, other_neuron, score FROM related "
+        f"WHERE layer = $l{i} AND neuron = $n{i}" for i in range(n))
+    return f"""
+SELECT * FROM ({branches})
+WHERE (other_layer, other_neuron) IN (SELECT * FROM (VALUES {pairs}))
+ORDER BY layer, neuron, direction, via, abs(score) DESC
+"""
+
+
+def related_between(db, neurons: list[tuple[int, int]]) -> list[dict]:
+    """What `related` holds between these neurons (for /compare): one dict per stored (A, B, direction, via).
+
+    Only the top 16 per neuron, direction and via are recorded, so a pair
+    missing here scored below every one of A's stored neighbours. Each
+    connection appears once per direction it was kept in: A -> B downstream of
+    A (row of A) and, if also in B's top 16, upstream of B (row of B).
+    Keys: layer, neuron, other_layer, other_neuron, direction ("downstream" |
+    "upstream"), via ("gate" | "in": the reading neuron's weights), score.
+    """
+    from gluscope.schema import RELATED_DIRECTIONS, RELATED_VIA
+
+    unique = list(dict.fromkeys((int(l), int(n)) for l, n in neurons))
+    if len(unique) < 2:
+        return []
+    params = {}
+    for i, (layer, neuron) in enumerate(unique):
+        params[f"l{i}"], params[f"n{i}"] = layer, neuron
+    rows = db.query(related_between_sql(len(unique)), params)
+    return [{"layer": r[0], "neuron": r[1], "direction": RELATED_DIRECTIONS[r[2]], "via": RELATED_VIA[r[3]],
+             "other_layer": r[4], "other_neuron": r[5], "score": float(r[6])} for r in rows]

@@ -13,13 +13,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from gluscope.schema import GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS, RELATED_VIA, WEIGHT_KINDS
 from gluscope.server.queries import FILTER_FIELDS
+from gluscope.schema import (EXAMPLE_KINDS, EXAMPLE_ROLES, GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS, RELATED_VIA,
+                             WEIGHT_KINDS)
 
 QuadrantLabel = Literal[QUADRANTS]  # type: ignore[valid-type]
 QuadrantSlug = Literal[QUADRANT_SLUGS]  # type: ignore[valid-type]
 Hook = Literal[HOOKS]  # type: ignore[valid-type]
 WeightKind = Literal[WEIGHT_KINDS]  # type: ignore[valid-type]
+ExampleKind = Literal[EXAMPLE_KINDS]  # type: ignore[valid-type]
+ExampleRole = Literal[EXAMPLE_ROLES]  # type: ignore[valid-type]
+Via = Literal[RELATED_VIA]  # type: ignore[valid-type]
 
 
 class Body(BaseModel):
@@ -215,12 +219,12 @@ class RelatedPair(Body):
     reader: NeuronRef = Field(description="the later neuron, which reads it through w_gate or w_in")
     via: Literal[RELATED_VIA]  # type: ignore[valid-type]
     score: float | None = Field(description="cos(w_out of writer, g * w_via of reader), schema.sql `related`")
-    downstream_rank: int | None = Field(description="the reader's rank among the writer's downstream neurons")
-    upstream_rank: int | None = Field(description="the writer's rank among the reader's upstream neurons")
+    downstream: bool = Field(description="kept among the writer's 16 strongest downstream neurons")
+    upstream: bool = Field(description="kept among the reader's 16 strongest upstream neurons")
 
 
 class RelatedBetween(Body):
-    recorded: bool = Field(description="whether the file's related table holds rows for any of these neurons")
+    recorded: bool = Field(description="whether this file holds related neurons at all")
     pairs: list[RelatedPair] = Field(description="pairs where one is among the other's 16 strongest, by |score|")
 
 
@@ -233,6 +237,68 @@ class Comparison(Body):
     summaries: list[NeuronSummary]
     related: RelatedBetween
     examples: list[ExampleListBody] = Field(description="the chosen list of each neuron, in the order given")
+
+class TokenRef(Body):
+    token_id: int
+    token: str
+
+
+class WeightHit(Body):
+    layer: int
+    neuron: int
+    token_id: int = Field(description="the searched token this score is for")
+    token: str
+    score: float | None = Field(description="the dot product of the weight kind (schema.sql, weight_kinds)")
+
+
+class ExampleHit(Body):
+    layer: int
+    neuron: int
+    quadrant: QuadrantLabel
+    slug: QuadrantSlug
+    hook: Hook = Field(description="the list's value; samples (kinds random, interval) are listed as hook_post")
+    kind: ExampleKind
+    matches: int = Field(description="examples of the list holding the token in the searched role")
+    best_rank: int = Field(description="the smallest rank among them (0 = most extreme)")
+    best_value: float | None = Field(description="that example's value")
+
+
+class TokenSearch(Body):
+    model: str
+    side: Literal["weights", "examples"]
+    token_id: int | None
+    token: str | None
+    loose: bool
+    kind: str | None = Field(description="a weight kind (side=weights) or an example kind (side=examples; null: all)")
+    role: ExampleRole | None = Field(description="side=examples: the token of interest (focus) or the next token")
+    quadrant: QuadrantSlug | None
+    hook: Hook | None
+    layers: str | None
+    limit: int
+    tokens: list[TokenRef] = Field(description="the vocabulary entries searched for")
+    results: list[WeightHit] | list[ExampleHit] = Field(description="most extreme first (weights); by matches, "
+                                                                    "then |value| (examples)")
+
+
+class Suggestions(Body):
+    model: str
+    token: str = Field(description="the text the suggestions start with")
+    suggestions: list[TokenRef]
+
+
+class RelatedNeuron(Body):
+    layer: int
+    neuron: int
+    via: Via = Field(description="which weights of the reading neuron: gate or in")
+    score: float | None = Field(description="cos(w_out of the writer, g * w_via of the reader)")
+
+
+class Related(Body):
+    model: str
+    layer: int
+    neuron: int
+    downstream: list[RelatedNeuron] = Field(description="later neurons reading what this one writes, by |score|")
+    upstream: list[RelatedNeuron] = Field(description="earlier neurons whose output this one reads, by |score|")
 
 
 class ErrorDetail(Body):

@@ -20,8 +20,8 @@ import duckdb
 from fastapi import Path, Query
 from pydantic import BeforeValidator
 
-from gluscope.schema import HOOKS, QUADRANT_SLUGS
-from gluscope.server import data, finding, queries, render
+from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_ROLES, HOOKS, QUADRANT_SLUGS, WEIGHT_KINDS
+from gluscope.server import data, finding, queries, render, search
 from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
 from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, LAYER_PAGE_MAX, check_index,
@@ -221,3 +221,45 @@ def compare(db: Database,
     return Page(lambda: {**body, "examples": [found.to_json(db.vocab) for found in lists]},
                 lambda fragment: {"data": body, "columns": [
                     render.examples_context(found, db.vocab, HOOKS[found.hook], compact=True) for found in lists]})
+
+@view(page="search.html", fragment="_search_results.html", reads_file=True)
+def token_search(db: Database,
+                 token_id: int | None = Query(None, description="a vocabulary id (or give token)",
+                                              json_schema_extra=INDEX),
+                 token: str | None = Query(None, description="the decoded text of a vocabulary entry, e.g. ' again'"),
+                 loose: bool = Query(False, description="token= ignores a leading space and case"),
+                 side: str = Query("weights", description="weights: token_neurons; examples: recorded examples",
+                                   json_schema_extra={"enum": list(search.SIDES)}),
+                 kind: str | None = Query(None, description=f"side=weights: {', '.join(WEIGHT_KINDS)} (default "
+                                          f"{WEIGHT_KINDS[0]}); side=examples: {', '.join(EXAMPLE_KINDS)} "
+                                          "(default all)"),
+                 role: str = Query("focus", description="side=examples: the token of interest (focus) or the one "
+                                   "after it (next)", json_schema_extra={"enum": list(EXAMPLE_ROLES)}),
+                 quadrant: str | None = Query(None, description="side=examples: a quadrant slug",
+                                              json_schema_extra={"enum": list(QUADRANT_SLUGS)}),
+                 hook: str | None = Query(None, description="side=examples: the list's value",
+                                          json_schema_extra={"enum": list(HOOKS)}),
+                 layers: str | None = Query(None, description="A-B (inclusive) or A; default every layer"),
+                 limit: int = Query(20, description=f"results, 1..{search.SEARCH_LIMIT}",
+                                    json_schema_extra={"minimum": 1, "maximum": search.SEARCH_LIMIT})) -> Page:
+    """Neurons of a token: whose weights promote, suppress or read it most (side=weights, the transpose of the
+    weight tokens over the whole model), or whose recorded examples hold it (side=examples)."""
+    return Page(search.token_search_data(db, token_id, token, loose, side, kind, role, quadrant, hook, layers, limit),
+                {"weight_kinds": WEIGHT_KINDS, "example_kinds": EXAMPLE_KINDS, "roles": EXAMPLE_ROLES,
+                 "sides": search.SIDES})
+
+
+@view(page="suggest.html", fragment="_suggest.html", reads_file=True)
+def suggest(db: Database, token: str = Query(..., description="what the search box holds so far"),
+            limit: int = Query(12, description=f"entries, 1..{search.SUGGEST_LIMIT}",
+                               json_schema_extra={"minimum": 1, "maximum": search.SUGGEST_LIMIT})) -> Page:
+    """Vocabulary entries for a search box: the exact text, then those equal or starting with it ignoring a
+    leading space and case, shortest first. An empty box suggests nothing."""
+    return Page(search.suggestions_data(db, token, limit))
+
+
+@view(page="related.html", fragment="_related.html", reads_file=True)
+def related(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
+    """Neurons connected to this one along the direct residual path: score(A -> B) = cos(w_out of A,
+    g_B * w_via of B), g_B the gain of B's pre-MLP norm; the 16 largest |score| per direction and via."""
+    return Page(search.related_data(db, layer, neuron))

@@ -253,19 +253,19 @@ def test_bad_comparisons_get_the_one_error_shape(client, m, neurons, status, tex
 
 
 def test_compare_shows_the_related_pairs_the_file_holds(recorded_db, tmp_path):
-    """A copy of the recorded file with `related` rows written into it: the comparison lists the pairs among
-    the compared neurons, read back here with plain SQL, and nothing about neurons not compared."""
+    """A copy of the recorded file with known `related` rows: the comparison lists the pairs among the
+    compared neurons, as read back here with plain SQL, and nothing about neurons not compared."""
     path = tmp_path / "related.duckdb"
     shutil.copy(recorded_db, path)
     con = duckdb.connect(str(path))
     con.execute("DELETE FROM related")
-    # 0.3 writes to 1.5 through its in weights (rank 2 of 0.3's downstream, rank 0 of 1.5's upstream);
-    # 0.3 -> 1.6 via gate is listed only downstream; 0.3 -> 1.9 is about a neuron not compared.
+    # 0.3 writes to 1.5 through its in weights (kept in 0.3's downstream list and in 1.5's upstream one);
+    # 0.3 -> 1.6 via gate is kept only downstream; 0.3 -> 1.9 is about a neuron not compared.
     con.execute("""INSERT INTO related VALUES
         (0, 3, 0, 1, 2, 1, 5, -0.25), (1, 5, 1, 1, 0, 0, 3, -0.25),
         (0, 3, 0, 0, 0, 1, 6, 0.5), (0, 3, 0, 0, 1, 1, 9, 0.4)""")
     expected = con.execute("""
-        SELECT layer, neuron, direction, via, rank, other_layer, other_neuron, score FROM related
+        SELECT layer, neuron, direction, via, other_layer, other_neuron, score FROM related
         WHERE (layer, neuron) IN ((0, 3), (1, 5), (1, 6)) AND (other_layer, other_neuron) IN ((0, 3), (1, 5), (1, 6))
         """).fetchall()
     con.close()
@@ -275,30 +275,32 @@ def test_compare_shows_the_related_pairs_the_file_holds(recorded_db, tmp_path):
         html = c.get(f"/models/{model['id']}/compare", params={"neurons": "1.5,0.3,1.6"}).text
     related = body["related"]
     assert related["recorded"] is True
-    pairs = {(p["writer"]["layer"], p["writer"]["neuron"], p["reader"]["layer"], p["reader"]["neuron"], p["via"]):
-             (p["score"], p["downstream_rank"], p["upstream_rank"]) for p in related["pairs"]}
+    got = {(p["writer"]["layer"], p["writer"]["neuron"], p["reader"]["layer"], p["reader"]["neuron"], p["via"]):
+           (p["score"], p["downstream"], p["upstream"]) for p in related["pairs"]}
     want: dict = {}
-    for layer, neuron, direction, via, rank, ol, on, score in expected:
-        key = (layer, neuron, ol, on) if direction == 0 else (ol, on, layer, neuron)
-        s, down, up = want.get((*key, ("gate", "in")[via]), (score, None, None))
-        want[(*key, ("gate", "in")[via])] = (s, rank if direction == 0 else down, rank if direction == 1 else up)
-    assert {k: (pytest.approx(v[0]), v[1], v[2]) for k, v in want.items()} == pairs
-    assert pairs[(0, 3, 1, 5, "in")][1:] == (2, 0) and len(pairs) == 2
-    assert [abs(p["score"]) for p in related["pairs"]] == sorted((abs(p["score"]) for p in related["pairs"]), reverse=True)
+    for layer, neuron, direction, via, ol, on, score in expected:
+        key = ((layer, neuron, ol, on) if direction == 0 else (ol, on, layer, neuron)) + (("gate", "in")[via],)
+        _, down, up = want.get(key, (score, False, False))
+        want[key] = (score, down or direction == 0, up or direction == 1)
+    assert got == {k: (pytest.approx(v[0]), v[1], v[2]) for k, v in want.items()}
+    assert got[(0, 3, 1, 5, "in")][1:] == (True, True) and got[(0, 3, 1, 6, "gate")][1:] == (True, False)
+    assert len(got) == 2
+    assert [abs(p["score"]) for p in related["pairs"]] == sorted((abs(p["score"]) for p in related["pairs"]),
+                                                                 reverse=True)
     assert "related-pairs" in html and "-0.25" in html
 
 
-def test_compare_says_when_related_neurons_were_not_recorded(client, m, recorded_db):
-    con = duckdb.connect(str(recorded_db), read_only=True)
-    try:
-        rows = con.execute("SELECT count(*) FROM related WHERE (layer, neuron) IN ((0, 1), (1, 2))").fetchall()[0][0]
-    finally:
-        con.close()
-    body = client.get(f"/api/models/{m}/compare", params={"neurons": "0.1,1.2"}).json()
-    assert body["related"]["recorded"] is (rows > 0)
-    if not rows:
-        assert body["related"]["pairs"] == []
-        assert "were not recorded" in client.get(f"/models/{m}/compare", params={"neurons": "0.1,1.2"}).text
+def test_compare_says_when_related_neurons_were_not_recorded(recorded_db, tmp_path):
+    path = tmp_path / "unrelated.duckdb"
+    shutil.copy(recorded_db, path)
+    con = duckdb.connect(str(path))
+    con.execute("DELETE FROM related")
+    con.close()
+    with TestClient(create_app([path]), raise_server_exceptions=False) as c:
+        (model,) = c.get("/api/models").json()["models"]
+        body = c.get(f"/api/models/{model['id']}/compare", params={"neurons": "0.1,1.2"}).json()
+        assert body["related"] == {"recorded": False, "pairs": []}
+        assert "were not recorded" in c.get(f"/models/{model['id']}/compare", params={"neurons": "0.1,1.2"}).text
 
 
 def test_no_input_gives_a_500(client, m):
@@ -310,3 +312,24 @@ def test_no_input_gives_a_500(client, m):
             r = client.get(url)
             assert r.status_code < 500, (url, r.text[:200])
             assert math.isfinite(r.status_code)
+
+
+def test_compare_lists_a_pair_the_recorder_related(client, m, recorded_db):
+    """On the recorded file itself: a neuron and its strongest downstream neuron show as one pair, with the
+    score the related table holds, in every list that kept it."""
+    con = duckdb.connect(str(recorded_db), read_only=True)
+    try:
+        rows = con.execute("SELECT layer, neuron, via, other_layer, other_neuron, score FROM related "
+                           "WHERE direction = 0 AND rank = 0 ORDER BY layer, neuron, via LIMIT 1").fetchall()
+        if not rows:
+            pytest.skip("this recorder writes no related neurons")
+        a, b, via, c, d, score = rows[0]
+        kept_up = con.execute("SELECT count(*) FROM related WHERE layer = ? AND neuron = ? AND direction = 1 "
+                              "AND via = ? AND other_layer = ? AND other_neuron = ?", [c, d, via, a, b]).fetchall()
+    finally:
+        con.close()
+    body = client.get(f"/api/models/{m}/compare", params={"neurons": f"{c}.{d},{a}.{b}"}).json()
+    pair = next(p for p in body["related"]["pairs"] if p["via"] == ("gate", "in")[via]
+                and (p["writer"], p["reader"]) == ({"layer": a, "neuron": b}, {"layer": c, "neuron": d}))
+    assert pair["score"] == pytest.approx(score) and pair["downstream"] is True
+    assert pair["upstream"] is (kept_up[0][0] > 0)

@@ -65,14 +65,16 @@ def test_bodies_validate_against_their_models(client, model_id, route):
     lists = [{"quadrant": q, "hook": h} for q in QUADRANT_SLUGS for h in HOOKS]
     urls = [route.paths[0].format(model=model_id, layer=layer, neuron=neuron, text_id=neuron)
             for layer in (0, 1) for neuron in (0, 41)]
-    queries = {
-        "examples": lists,
+    searches = [{"token_id": t, "side": side, "kind": kind} for t in (3, 100)
+                for side, kind in (("weights", "out+"), ("weights", "in-"), ("examples", None))] + [{}]
+    params_of = {
+        "examples": lists, "token_search": searches, "suggest": [{"token": "th"}, {"token": "e"}],
         "compare": [{"neurons": "0.0,1.41", **lists[i]} for i in (0, 7, 15)] + [{"neurons": "1.2,0.3,1.4,0.5"}],
         "neuron_filter": [{}, {"layers": "1", "min_freq_nn": 0.1, "max_cos_in_out": 0.0, "sort": "absmax_nn"},
                           {"sort": "absmax_pn", "order": "asc", "offset": 150, "limit": 100}, {"offset": 192}],
     }
     for url in urls:
-        for params in queries.get(route.view, [{}]):
+        for params in params_of.get(route.view, [{}]):
             r = client.get(url, params=params)
             assert r.status_code == 200, url
             route.body.model_validate(r.json())
@@ -81,7 +83,7 @@ def test_bodies_validate_against_their_models(client, model_id, route):
 def test_every_api_endpoint_documents_its_body(client):
     paths = client.get("/openapi.json").json()["paths"]
     api = [p for p in paths if p.startswith("/api/")]
-    assert len(api) == 9
+    assert len(api) == 12
     for path in api:
         ok = paths[path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert "$ref" in ok, path

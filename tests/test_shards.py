@@ -22,6 +22,9 @@ TABLES = {
     "examples": "layer, neuron, quadrant, hook, rank",
     "windows": "layer, neuron, text_id, position",
     "weight_tokens": "layer, neuron, kind, rank",
+    "token_neurons": "token_id, kind, rank",
+    "related": "layer, neuron, direction, via, rank",
+    "example_tokens": "token_id, role, layer, neuron, quadrant, hook, kind",
 }
 OPTIONS = ("--max-length", "40", "--batch-size", "3", "--k", "4", "--device", "cpu", "--compile", "off")
 
