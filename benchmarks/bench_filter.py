@@ -7,8 +7,11 @@ With 1 and 16 concurrent clients (bench_server.py's closed-loop client): the
 neuron JSON (the baseline, answered from memory), filters of random bounds
 over random layer ranges (the issue's example shape: a frequency floor, a
 cosine ceiling, sorted by a quadrant's largest |hook_post|), filters over the
-whole model sorted by a field, the comparison JSON and its page (2 to 4
-random neurons). Each line gives p50/p99 and the p99's ratio to the
+whole model sorted by a field (one of its first 10 pages of 100), the
+comparison JSON and its page (2 to 4 random neurons, none cached), and a
+researcher's comparison: 2 to 4 random neurons, then 3 other lists of them
+(4 htmx requests in a row on one connection, the later three from the
+neurons' cached examples). Each line gives p50/p99 and the p99's ratio to the
 baseline's p99 at the same client count. Before measuring, the SQL shapes the
 filter could take are timed once in this process on the file itself (one
 DuckDB thread, as a reader runs), which is why queries.NEURON_FACTS exists.
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def whole_model_sort() -> str:
             field = rng.choice(list(queries.FILTER_FIELDS))
-            query = {"sort": field, "order": rng.choice(("asc", "desc")), "offset": rng.randrange(0, 5000),
+            query = {"sort": field, "order": rng.choice(("asc", "desc")), "offset": 100 * rng.randrange(10),
                      "limit": 100}
             return f"/api/models/{m}/neurons?{urlencode(query)}"
 
@@ -117,21 +120,33 @@ def main(argv: list[str] | None = None) -> None:
             return urlencode({"neurons": ",".join(f"{a}.{b}" for a, b in refs),
                               "quadrant": rng.choice(QUADRANT_SLUGS), "hook": rng.choice(HOOKS)})
 
+        def switching_lists() -> list[str]:
+            """A researcher's comparison: open it, then switch the list 3 times (htmx fragments, from the
+            neurons' cached examples)."""
+            first = neurons_to_compare()
+            neurons = first.split("&")[0]
+            lists = rng.sample([(q, h) for q in QUADRANT_SLUGS for h in HOOKS], 3)
+            return [f"/models/{m}/compare?{first}"] + [f"/models/{m}/compare?{neurons}&quadrant={q}&hook={h}"
+                                                       for q, h in lists]
+
         scenarios = {
-            "neuron JSON": lambda: f"/api/models/{m}/neurons/{rng.randrange(n_layers)}/{rng.randrange(d_mlp)}",
-            "filter, example": example_filter,
-            "filter, whole model": whole_model_sort,
-            "filter page": lambda: example_filter().replace("/api/models/", "/models/"),
-            "compare JSON": lambda: f"/api/models/{m}/compare?{neurons_to_compare()}",
-            "compare page": lambda: f"/models/{m}/compare?{neurons_to_compare()}",
+            "neuron JSON": lambda: [f"/api/models/{m}/neurons/{rng.randrange(n_layers)}/{rng.randrange(d_mlp)}"],
+            "filter, example": lambda: [example_filter()],
+            "filter, whole model": lambda: [whole_model_sort()],
+            "filter page": lambda: [example_filter().replace("/api/models/", "/models/")],
+            "compare JSON": lambda: [f"/api/models/{m}/compare?{neurons_to_compare()}"],
+            "compare page": lambda: [f"/models/{m}/compare?{neurons_to_compare()}"],
+            "compare, 4 lists": lambda: switching_lists(),
         }
         print(f"\n{'scenario':<22}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
               f"{'req/s':>8}{'p99/baseline':>14}")
         baseline: dict[int, float] = {}
         for name, make in scenarios.items():
             for clients in (int(c) for c in args.clients.split(",")):
-                run(base, [[make()] for _ in range(20)], {}, clients)  # warm up the connections
-                lat, wall, _ = run(base, [[make()] for _ in range(args.requests)], {}, clients)
+                run(base, [make() for _ in range(20)], {}, clients)  # warm up the connections
+                sessions = [make() for _ in range(args.requests // len(make()))]
+                lat, wall, _ = run(base, sessions, {"HX-Request": "true"} if name == "compare, 4 lists" else {},
+                                   clients)
                 p99 = percentile(lat, 99)
                 baseline.setdefault(clients, p99)
                 print(f"{name:<22}{clients:>8}{len(lat):>10}{1000 * percentile(lat, 50):>9.1f}{1000 * p99:>9.1f}"

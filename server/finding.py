@@ -78,20 +78,24 @@ def filter_query(body: dict[str, Any]) -> str:
                       "limit": body["limit"]})
 
 
-def stored_neuron_summary(db: Database, layer: int, neuron: int) -> dict[str, Any]:
-    """data.neuron_data's body, read from the file (a reader process holds no NeuronTable)."""
-    check_neuron(db, layer, neuron)
-    key = {"layer": layer, "neuron": neuron}
-    row = db.query(queries.NEURON_ROW, key)
-    if not row:
-        raise ParameterError(404, "neurons", f"neuron {layer}.{neuron} is not in this database", None)
-    counts, flipped, geometry = row[0][:4], row[0][4], row[0][5:]
-    stats = [[[None] * 4 for _ in QUADRANTS] for _ in range(3)]  # min, max, mean [quadrant][hook]
-    for q, h, *values in db.query(queries.NEURON_VALUE_STATS, key):
+def stored_neuron_summaries(db: Database, refs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """data.neuron_data's body for each neuron, read from the file (a reader process holds no NeuronTable)."""
+    for layer, neuron in refs:
+        check_neuron(db, layer, neuron)
+    params = {f"{part}_{i}": value for i, ref in enumerate(refs) for part, value in zip(("layer", "neuron"), ref)}
+    rows = {r[0]: r[1:] for r in db.query(queries.neuron_rows(len(refs)), params)}
+    stats = [[[[None] * 4 for _ in QUADRANTS] for _ in range(3)] for _ in refs]  # [i][min, max, mean][q][hook]
+    for i, q, h, *values in db.query(queries.neuron_value_stats(len(refs)), params):
         if 0 <= q < 4 and 0 <= h < 4:
-            for i, v in enumerate(values):
-                stats[i][q][h] = v
-    return neuron_summary(db, layer, neuron, list(counts), flipped, list(geometry), *stats)
+            for k, v in enumerate(values):
+                stats[i][k][q][h] = v
+    out = []
+    for i, (layer, neuron) in enumerate(refs):
+        if i not in rows:
+            raise ParameterError(404, "neurons", f"neuron {layer}.{neuron} is not in this database", None)
+        row = rows[i]
+        out.append(neuron_summary(db, layer, neuron, list(row[:4]), row[4], list(row[5:]), *stats[i]))
+    return out
 
 
 def related_pairs(db: Database, refs: list[tuple[int, int]]) -> dict[str, Any]:
@@ -124,7 +128,7 @@ def compare_data(db: Database, neurons: str, quadrant: str = "pp",
     refs = parse_neuron_list(neurons, db)
     q = quadrant_code(quadrant)
     hook_code(hook)  # both checked before any lookup
-    summaries = [stored_neuron_summary(db, layer, neuron) for layer, neuron in refs]
+    summaries = stored_neuron_summaries(db, refs)
     lists = [example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
     body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron} for layer, neuron in refs],
             "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q], "hook": hook,

@@ -179,14 +179,18 @@ def _filter_where(bounds: list[tuple[str, str]]) -> str:
     return " AND ".join(where)
 
 
-# One neuron's row and its 16 value_stats rows, for views that run in a reader
-# (which holds no NeuronTable): the comparison.
-NEURON_ROW = f"SELECT {NEURON_COLUMNS} FROM neurons WHERE layer = $layer AND neuron = $neuron"
-NEURON_VALUE_STATS = """
-SELECT quadrant, hook, min, max, mean
-FROM value_stats
-WHERE layer = $layer AND neuron = $neuron
-"""
+# Each of n neurons' row and 16 value_stats rows ($layer_0, $neuron_0 ..), for views that run in a reader
+# (which holds no NeuronTable): the comparison. One lookup per neuron in a UNION ALL, each pruned to its
+# row group, in one statement per table: 2 statements for 4 neurons instead of 8.
+def neuron_rows(n: int) -> str:
+    return "\nUNION ALL\n".join(f"SELECT {i} AS i, {NEURON_COLUMNS} FROM neurons "
+                                 f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
+
+
+def neuron_value_stats(n: int) -> str:
+    return "\nUNION ALL\n".join(f"SELECT {i} AS i, quadrant, hook, min, max, mean FROM value_stats "
+                                 f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
+
 
 # Whether the file holds related neurons at all (a file may have been written before they were recorded).
 RELATED_RECORDED = "SELECT EXISTS (SELECT 1 FROM related)"
