@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from gluscope.schema import GEOMETRY, QUADRANT_SLUGS, QUADRANTS
+from gluscope.schema import GEOMETRY, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server import queries
 from gluscope.server.data import ExampleList, _num, example_list, neuron_summary
 from gluscope.server.db import Database
@@ -121,10 +121,34 @@ def related_pairs(db: Database, refs: list[tuple[int, int]]) -> dict[str, Any]:
     return {"recorded": bool(db.query(queries.RELATED_RECORDED)[0][0]), "pairs": listed}
 
 
+def histogram_overlay(db: Database, refs: list[tuple[int, int]], q: int, hook: str) -> dict[str, Any] | None:
+    """Each neuron's histogram of `hook` over the tokens of quadrant q, on the file's common bins (schema.sql,
+    histograms), trimmed to the bins any of them fills; None where the file holds none of them (histograms
+    not recorded) or the value has none (`act`)."""
+    if hook not in HISTOGRAM_HOOKS:
+        return None
+    params = {f"{part}_{i}": value for i, ref in enumerate(refs) for part, value in zip(("layer", "neuron"), ref)}
+    rows = db.query(queries.neurons_histogram(len(refs)), {**params, "quadrant": q, "hook": HOOKS.index(hook)})
+    bins = db.query(queries.VALUE_BINS)
+    at = {b: k for k, (b, _, _) in enumerate(bins)}
+    counts = [[0] * len(bins) for _ in refs]
+    for i, b, n in rows:
+        if b in at:
+            counts[i][at[b]] += int(n)
+    filled = [k for k in range(len(bins)) if any(c[k] for c in counts)]
+    if not filled:
+        return None
+    lo, hi = filled[0], filled[-1] + 1
+    return {"quadrant": QUADRANTS[q], "hook": hook,
+            "edges": [_num(bins[k][1]) for k in range(lo, hi)] + [_num(bins[hi - 1][2])],
+            "counts": [c[lo:hi] for c in counts]}
+
+
 def compare_data(db: Database, neurons: str, quadrant: str = "pp",
                  hook: str = "hook_post") -> tuple[dict[str, Any], list[ExampleList]]:
-    """2 to 4 neurons side by side: their summaries, the related scores between them, and one list of
-    examples (quadrant, hook) of each; the body without the lists, and the lists."""
+    """2 to 4 neurons side by side: their summaries, the related scores between them, their histograms of
+    the chosen (quadrant, hook) overlaid, and that list of examples of each; the body without the lists,
+    and the lists."""
     refs = parse_neuron_list(neurons, db)
     q = quadrant_code(quadrant)
     hook_code(hook)  # both checked before any lookup
@@ -132,5 +156,6 @@ def compare_data(db: Database, neurons: str, quadrant: str = "pp",
     lists = [example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
     body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron} for layer, neuron in refs],
             "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q], "hook": hook,
-            "summaries": summaries, "related": related_pairs(db, refs)}
+            "summaries": summaries, "related": related_pairs(db, refs),
+            "histograms": histogram_overlay(db, refs, q, hook)}
     return body, lists

@@ -192,6 +192,18 @@ def neuron_value_stats(n: int) -> str:
                                  f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
 
 
+# The fixed 'value' bins of `histograms` (schema.sql, histogram_bins), a few hundred rows.
+VALUE_BINS = "SELECT bin, lo, hi FROM histogram_bins WHERE axis = 'value' ORDER BY bin"
+
+
+def neurons_histogram(n: int) -> str:
+    """One (quadrant $quadrant, hook $hook) histogram of each of n neurons ($layer_0, $neuron_0 ..), as
+    (i, bin, count) rows, one lookup per neuron."""
+    return "\nUNION ALL\n".join(f"SELECT {i} AS i, bin, count FROM histograms WHERE layer = $layer_{i} AND "
+                                 f"neuron = $neuron_{i} AND quadrant = $quadrant AND hook = $hook"
+                                 for i in range(n))
+
+
 # Whether the file holds related neurons at all (a file may have been written before they were recorded).
 RELATED_RECORDED = "SELECT EXISTS (SELECT 1 FROM related)"
 

@@ -282,3 +282,39 @@ def _env() -> jinja2.Environment:
 
 
 templates = Jinja2Templates(env=_env())
+
+
+# One colour per compared neuron, apart from the quadrant hues.
+OVERLAY_COLOURS = ("#1d232a", "#e377c2", "#17becf", "#8c564b")
+
+
+def overlay_svg(overlay: dict[str, Any], names: list[str], width: int = 720, height: int = 190) -> Markup:
+    """The compared neurons' histograms of one (quadrant, value) overlaid as step lines: each neuron's share
+    of its quadrant's tokens per bin, so that neurons whose quadrant is rare compare by shape."""
+    counts, edges = overlay["counts"], overlay["edges"]
+    n = len(edges) - 1
+    shares = [[c / sum(row) for c in row] if sum(row) else [0.0] * n for row in counts]
+    top = max((max(s) for s in shares if s), default=0.0) or 1.0
+    left, right, bottom, up = 44, 8, 34, 8
+    base, dx = height - bottom, (width - left - right) / max(n, 1)
+
+    def y(v: float) -> str:
+        return f"{base - v / top * (base - up):.1f}"
+
+    out = [f'<svg class="overlay" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="{escape(overlay["hook"])} in {escape(overlay["quadrant"])}, per neuron">',
+           f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="#999"/>',
+           f'<text x="{left - 4}" y="{up + 8}" text-anchor="end" font-size="10">{100 * top:.0f}%</text>',
+           f'<text x="{left - 4}" y="{base}" text-anchor="end" font-size="10">0</text>']
+    for j in sorted({0, n // 2, n}):
+        label = "−∞" if edges[j] is None and j == 0 else "∞" if edges[j] is None else f"{edges[j]:.3g}"
+        out.append(f'<text x="{left + j * dx:.1f}" y="{base + 13}" text-anchor="middle" font-size="10">{label}</text>')
+    for k, row in enumerate(shares):
+        colour = OVERLAY_COLOURS[k % len(OVERLAY_COLOURS)]
+        d = f"M{left},{base}" + "".join(f" V{y(v)} H{left + (j + 1) * dx:.1f}" for j, v in enumerate(row)) + f" V{base}"
+        out.append(f'<path class="series" d="{d}" fill="none" stroke="{colour}" stroke-width="1.6">'
+                   f'<title>{escape(names[k])}</title></path>')
+        out.append(f'<text x="{left + 8 + 90 * k}" y="{height - 4}" font-size="11" fill="{colour}">'
+                   f'■ {escape(names[k])}</text>')
+    out.append("</svg>")
+    return Markup("".join(out))

@@ -228,6 +228,14 @@ class RelatedBetween(Body):
     pairs: list[RelatedPair] = Field(description="pairs where one is among the other's 16 strongest, by |score|")
 
 
+class HistogramOverlay(Body):
+    quadrant: QuadrantLabel
+    hook: Hook
+    edges: list[float | None] = Field(description="bin edges (histogram_bins, axis 'value'), one more than each "
+                                                  "row of counts; null: unbounded")
+    counts: list[list[int]] = Field(description="per compared neuron, in order: tokens of the quadrant per bin")
+
+
 class Comparison(Body):
     model: str
     neurons: list[NeuronRef]
@@ -236,6 +244,8 @@ class Comparison(Body):
     hook: Hook
     summaries: list[NeuronSummary]
     related: RelatedBetween
+    histograms: HistogramOverlay | None = Field(description="null where the file holds no histograms of these "
+                                                           "neurons, or for act (which has none)")
     examples: list[ExampleListBody] = Field(description="the chosen list of each neuron, in the order given")
 
 class TokenRef(Body):

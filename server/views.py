@@ -218,9 +218,11 @@ def compare(db: Database,
                               json_schema_extra={"enum": list(HOOKS)})) -> Page:
     """2 to 4 neurons side by side: summaries, the related scores between them, one list of examples each."""
     body, lists = finding.compare_data(db, neurons, quadrant, hook)
+    names = [f"{n['layer']}.{n['neuron']}" for n in body["neurons"]]
     return Page(lambda: {**body, "examples": [found.to_json(db.vocab) for found in lists]},
                 lambda fragment: {"data": body, "columns": [
-                    render.examples_context(found, db.vocab, HOOKS[found.hook], compact=True) for found in lists]})
+                    render.examples_context(found, db.vocab, HOOKS[found.hook], compact=True) for found in lists],
+                    "overlay": render.overlay_svg(body["histograms"], names) if body["histograms"] else None})
 
 @view(page="search.html", fragment="_search_results.html", reads_file=True)
 def token_search(db: Database,

@@ -333,3 +333,36 @@ def test_compare_lists_a_pair_the_recorder_related(client, m, recorded_db):
                 and (p["writer"], p["reader"]) == ({"layer": a, "neuron": b}, {"layer": c, "neuron": d}))
     assert pair["score"] == pytest.approx(score) and pair["downstream"] is True
     assert pair["upstream"] is (kept_up[0][0] > 0)
+
+
+def test_compare_overlays_the_histograms_the_file_holds(recorded_db, tmp_path):
+    """Known histogram rows written into a copy of the file: the comparison returns each neuron's counts on
+    the common bins, trimmed to the bins any of them fills, and draws one line per neuron."""
+    path = tmp_path / "histograms.duckdb"
+    shutil.copy(recorded_db, path)
+    con = duckdb.connect(str(path))
+    if not con.execute("SELECT count(*) FROM histogram_bins WHERE axis = 'value'").fetchall()[0][0]:
+        con.execute("INSERT INTO histogram_bins SELECT 'value', b, CASE WHEN b > 0 THEN b - 10 END, "
+                    "CASE WHEN b < 19 THEN b - 9 END FROM range(20) t(b)")
+    bins = con.execute("SELECT bin, lo, hi FROM histogram_bins WHERE axis = 'value' ORDER BY bin").fetchall()
+    b = [row[0] for row in bins]
+    con.execute("DELETE FROM histograms")
+    # gate-_in- hook_post of 0.3 in bins b[3], b[5]; of 1.5 in b[4]; other lists and neurons must not show.
+    con.execute("INSERT INTO histograms VALUES (0, 3, 3, 0, ?, 7), (0, 3, 3, 0, ?, 2), (1, 5, 3, 0, ?, 4), "
+                "(1, 5, 0, 0, ?, 9), (1, 5, 3, 1, ?, 9), (1, 6, 3, 0, ?, 9)", [b[3], b[5], b[4], b[9], b[9], b[9]])
+    con.close()
+    with TestClient(create_app([path]), raise_server_exceptions=False) as c:
+        (model,) = c.get("/api/models").json()["models"]
+        url = f"/api/models/{model['id']}/compare"
+        body = c.get(url, params={"neurons": "0.3,1.5", "quadrant": "nn"}).json()
+        html = c.get(f"/models/{model['id']}/compare", params={"neurons": "0.3,1.5", "quadrant": "nn"}).text
+        act = c.get(url, params={"neurons": "0.3,1.5", "quadrant": "nn", "hook": "act"}).json()
+        none = c.get(url, params={"neurons": "0.7,1.8", "quadrant": "nn"}).json()
+        frag = c.get(f"/models/{model['id']}/compare", params={"neurons": "0.7,1.8"}, headers=HX).text
+    h = body["histograms"]
+    assert (h["quadrant"], h["hook"]) == ("gate-_in-", "hook_post")
+    assert h["counts"] == [[7, 0, 2], [0, 4, 0]]
+    assert h["edges"] == [pytest.approx(bins[k][1]) if bins[k][1] is not None else None for k in (3, 4, 5)] + \
+        [pytest.approx(bins[5][2])]
+    assert html.count('<path class="series"') == 2 and "<title>0.3</title>" in html
+    assert act["histograms"] is None and none["histograms"] is None and 'id="no-histograms"' in frag
