@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 from urllib.parse import quote
 
 import duckdb
@@ -168,9 +168,10 @@ def jump(db: Database, to: str = Query(...)) -> Redirect:
     return Redirect(_neuron_url(db, *parse_neuron_ref(to, db)), 303)
 
 
-# A bound left empty in the filter form is sent as "name=": no bound, not an error. (FastAPI applies the
-# validator only when the Query is inside the Annotated too.)
-_blank_is_none = BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v)
+# A bound left empty in the filter form is sent as "name=": no bound, not an error, and the schema says
+# so. (FastAPI applies the validator only when the Query is inside the Annotated too.)
+_blank_is_none = BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v,
+                                 json_schema_input_type=float | None | Literal[""])
 
 
 def with_bounds(fn: Callable[..., Page]) -> Callable[..., Page]:

@@ -185,19 +185,51 @@ def test_tooltip_numbers_are_formatted_as_on_the_page(live_server, driver):
     assert not wrong, wrong[:10]
 
 
-def test_filter_form_then_compare_in_chromium(live_server, driver):
-    """Fill the filter form, submit it, and open the first results in the comparison: its columns load,
-    and switching the list (htmx) swaps the columns to the other list's examples."""
-    import httpx
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
 def test_search_a_token_and_follow_a_result(live_server, driver):
     """Type a token into a model page's search box, pick a suggestion (htmx), then follow a result to its neuron."""
     import httpx
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
+
+    d, wait = driver, WebDriverWait(driver, 15)
+    model = httpx.get(f"{live_server}/api/models").json()["models"][0]["id"]
+    d.get(f"{live_server}/models/{model}")
+    box = d.find_element(By.CSS_SELECTOR, "form.search-box input[name=token]")
+    box.send_keys("the")
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, ".search-box .suggestions a"))
+    expected = httpx.get(f"{live_server}/api/models/{model}/search/suggest", params={"token": "the"}).json()
+    links = d.find_elements(By.CSS_SELECTOR, ".search-box .suggestions a")
+    assert len(links) == len(expected["suggestions"]) > 0
+    links[0].click()
+    wait.until(EC.url_contains("/search?token_id="))
+    token_id = expected["suggestions"][0]["token_id"]
+    results = httpx.get(f"{live_server}/api/models/{model}/search/tokens", params={"token_id": token_id}).json()
+    hits = d.find_elements(By.CSS_SELECTOR, "table.search-hits a.hit")
+    assert [h.text for h in hits] == [f"{r['layer']}.{r['neuron']}" for r in results["results"]]
+    first = results["results"][0]
+    hits[0].click()
+    wait.until(EC.url_matches(rf"/neurons/{first['layer']}/{first['neuron']}$"))
+    assert f"{first['layer']}.{first['neuron']}" in d.find_element(By.TAG_NAME, "h1").text
+    # The neuron page loads its related neurons, each a link.
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, ".related a.ref"))
+    # Without JavaScript the box is a plain form: submitting the text searches it loosely.
+    d.get(f"{live_server}/models/{model}/layers/0")
+    box = d.find_element(By.CSS_SELECTOR, "form.search-box input[name=token]")
+    box.send_keys("THE")
+    d.find_element(By.CSS_SELECTOR, "form.search-box button").click()
+    wait.until(EC.url_contains("/search?token=THE"))
+    assert d.find_elements(By.CSS_SELECTOR, "table.search-hits a.hit")
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_filter_form_then_compare_in_chromium(live_server, driver):
+    """Fill the filter form, submit it, and open the first results in the comparison: its columns load,
+    and switching the list (htmx) swaps the columns to the other list's examples."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     d, wait = driver, WebDriverWait(driver, 15)
     model = httpx.get(f"{live_server}/api/models").json()["models"][0]["id"]
@@ -236,31 +268,3 @@ def test_search_a_token_and_follow_a_result(live_server, driver):
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     _no_alert(d)
-
-    box = d.find_element(By.CSS_SELECTOR, "form.search-box input[name=token]")
-    box.send_keys("the")
-    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, ".search-box .suggestions a"))
-    expected = httpx.get(f"{live_server}/api/models/{model}/search/suggest", params={"token": "the"}).json()
-    links = d.find_elements(By.CSS_SELECTOR, ".search-box .suggestions a")
-    assert len(links) == len(expected["suggestions"]) > 0
-    links[0].click()
-    wait.until(EC.url_contains("/search?token_id="))
-    token_id = expected["suggestions"][0]["token_id"]
-    results = httpx.get(f"{live_server}/api/models/{model}/search/tokens", params={"token_id": token_id}).json()
-    hits = d.find_elements(By.CSS_SELECTOR, "table.search-hits a.hit")
-    assert [h.text for h in hits] == [f"{r['layer']}.{r['neuron']}" for r in results["results"]]
-    first = results["results"][0]
-    hits[0].click()
-    wait.until(EC.url_matches(rf"/neurons/{first['layer']}/{first['neuron']}$"))
-    assert f"{first['layer']}.{first['neuron']}" in d.find_element(By.TAG_NAME, "h1").text
-    # The neuron page loads its related neurons, each a link.
-    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, ".related a.ref"))
-    # Without JavaScript the box is a plain form: submitting the text searches it loosely.
-    d.get(f"{live_server}/models/{model}/layers/0")
-    box = d.find_element(By.CSS_SELECTOR, "form.search-box input[name=token]")
-    box.send_keys("THE")
-    d.find_element(By.CSS_SELECTOR, "form.search-box button").click()
-    wait.until(EC.url_contains("/search?token=THE"))
-    assert d.find_elements(By.CSS_SELECTOR, "table.search-hits a.hit")
-    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
-    assert not errors, errors
