@@ -13,12 +13,14 @@ from urllib.parse import urlencode
 from gluscope.schema import GEOMETRY, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server import queries
 from gluscope.server.data import ExampleList, _num, example_list, neuron_summary
-from gluscope.server.db import Database
+from gluscope.server.db import Database, LRUCache
 from gluscope.server.errors import ParameterError
 from gluscope.server.validate import (check_bounds, check_choice, check_filter_page, check_neuron, hook_code,
                                       parse_layer_range, parse_neuron_list, quadrant_code)
 
 FILTER_ORDERS = ("asc", "desc")
+# The summaries and related pairs of recently compared neuron sets, per reader process (the file never changes).
+_COMPARED = LRUCache(64)
 BOUND_SIDES = ("min", "max")
 # Every bound a filter takes: min_<field> and max_<field> for each field of queries.FILTER_FIELDS.
 BOUND_NAMES: tuple[str, ...] = tuple(f"{side}_{f}" for f in queries.FILTER_FIELDS for side in BOUND_SIDES)
@@ -152,10 +154,16 @@ def compare_data(db: Database, neurons: str, quadrant: str = "pp",
     refs = parse_neuron_list(neurons, db)
     q = quadrant_code(quadrant)
     hook_code(hook)  # both checked before any lookup
-    summaries = stored_neuron_summaries(db, refs)
+    # Switching the list of a comparison (its htmx fragment) looks up only the new list and histograms.
+    key = (str(db.path), tuple(refs))
+    cached = _COMPARED.get(key)
+    if cached is None:
+        cached = stored_neuron_summaries(db, refs), related_pairs(db, refs)
+        _COMPARED.put(key, cached)
+    summaries, related = cached
     lists = [example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
     body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron} for layer, neuron in refs],
             "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q], "hook": hook,
-            "summaries": summaries, "related": related_pairs(db, refs),
+            "summaries": summaries, "related": related,
             "histograms": histogram_overlay(db, refs, q, hook)}
     return body, lists

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import contextmanager
 
 import duckdb
 import pytest
@@ -48,6 +49,21 @@ def facts(recorded_db) -> dict[tuple[int, int], dict[str, float | None]]:
         if hook == HOOKS.index("hook_post") and lo is not None:
             out[(layer, neuron)][f"absmax_{QUADRANT_SLUGS[quadrant]}"] = max(abs(lo), abs(hi))
     return out
+
+
+@contextmanager
+def served(path):
+    """The real app over one file: its test client and the file's model id."""
+    with TestClient(create_app([path]), raise_server_exceptions=False) as c:
+        (model,) = c.get("/api/models").json()["models"]
+        yield c, model["id"]
+
+
+def edited_copy(recorded_db, tmp_path, name: str) -> tuple:
+    """A copy of the recorded file opened for writing: a test plants known rows in it."""
+    path = tmp_path / f"{name}.duckdb"
+    shutil.copy(recorded_db, path)
+    return path, duckdb.connect(str(path))
 
 
 def brute(facts, layers=None, bounds=None, sort="neuron", order=None) -> list[tuple[int, int]]:
@@ -255,9 +271,7 @@ def test_bad_comparisons_get_the_one_error_shape(client, m, neurons, status, tex
 def test_compare_shows_the_related_pairs_the_file_holds(recorded_db, tmp_path):
     """A copy of the recorded file with known `related` rows: the comparison lists the pairs among the
     compared neurons, as read back here with plain SQL, and nothing about neurons not compared."""
-    path = tmp_path / "related.duckdb"
-    shutil.copy(recorded_db, path)
-    con = duckdb.connect(str(path))
+    path, con = edited_copy(recorded_db, tmp_path, "related")
     con.execute("DELETE FROM related")
     # 0.3 writes to 1.5 through its in weights (kept in 0.3's downstream list and in 1.5's upstream one);
     # 0.3 -> 1.6 via gate is kept only downstream; 0.3 -> 1.9 is about a neuron not compared.
@@ -269,10 +283,9 @@ def test_compare_shows_the_related_pairs_the_file_holds(recorded_db, tmp_path):
         WHERE (layer, neuron) IN ((0, 3), (1, 5), (1, 6)) AND (other_layer, other_neuron) IN ((0, 3), (1, 5), (1, 6))
         """).fetchall()
     con.close()
-    with TestClient(create_app([path]), raise_server_exceptions=False) as c:
-        (model,) = c.get("/api/models").json()["models"]
-        body = c.get(f"/api/models/{model['id']}/compare", params={"neurons": "1.5,0.3,1.6"}).json()
-        html = c.get(f"/models/{model['id']}/compare", params={"neurons": "1.5,0.3,1.6"}).text
+    with served(path) as (c, model):
+        body = c.get(f"/api/models/{model}/compare", params={"neurons": "1.5,0.3,1.6"}).json()
+        html = c.get(f"/models/{model}/compare", params={"neurons": "1.5,0.3,1.6"}).text
     related = body["related"]
     assert related["recorded"] is True
     got = {(p["writer"]["layer"], p["writer"]["neuron"], p["reader"]["layer"], p["reader"]["neuron"], p["via"]):
@@ -291,16 +304,13 @@ def test_compare_shows_the_related_pairs_the_file_holds(recorded_db, tmp_path):
 
 
 def test_compare_says_when_related_neurons_were_not_recorded(recorded_db, tmp_path):
-    path = tmp_path / "unrelated.duckdb"
-    shutil.copy(recorded_db, path)
-    con = duckdb.connect(str(path))
+    path, con = edited_copy(recorded_db, tmp_path, "unrelated")
     con.execute("DELETE FROM related")
     con.close()
-    with TestClient(create_app([path]), raise_server_exceptions=False) as c:
-        (model,) = c.get("/api/models").json()["models"]
-        body = c.get(f"/api/models/{model['id']}/compare", params={"neurons": "0.1,1.2"}).json()
+    with served(path) as (c, model):
+        body = c.get(f"/api/models/{model}/compare", params={"neurons": "0.1,1.2"}).json()
         assert body["related"] == {"recorded": False, "pairs": []}
-        assert "were not recorded" in c.get(f"/models/{model['id']}/compare", params={"neurons": "0.1,1.2"}).text
+        assert "were not recorded" in c.get(f"/models/{model}/compare", params={"neurons": "0.1,1.2"}).text
 
 
 def test_no_input_gives_a_500(client, m):
@@ -338,9 +348,7 @@ def test_compare_lists_a_pair_the_recorder_related(client, m, recorded_db):
 def test_compare_overlays_the_histograms_the_file_holds(recorded_db, tmp_path):
     """Known histogram rows written into a copy of the file: the comparison returns each neuron's counts on
     the common bins, trimmed to the bins any of them fills, and draws one line per neuron."""
-    path = tmp_path / "histograms.duckdb"
-    shutil.copy(recorded_db, path)
-    con = duckdb.connect(str(path))
+    path, con = edited_copy(recorded_db, tmp_path, "histograms")
     if not con.execute("SELECT count(*) FROM histogram_bins WHERE axis = 'value'").fetchall()[0][0]:
         con.execute("INSERT INTO histogram_bins SELECT 'value', b, CASE WHEN b > 0 THEN b - 10 END, "
                     "CASE WHEN b < 19 THEN b - 9 END FROM range(20) t(b)")
@@ -351,14 +359,13 @@ def test_compare_overlays_the_histograms_the_file_holds(recorded_db, tmp_path):
     con.execute("INSERT INTO histograms VALUES (0, 3, 3, 0, ?, 7), (0, 3, 3, 0, ?, 2), (1, 5, 3, 0, ?, 4), "
                 "(1, 5, 0, 0, ?, 9), (1, 5, 3, 1, ?, 9), (1, 6, 3, 0, ?, 9)", [b[3], b[5], b[4], b[9], b[9], b[9]])
     con.close()
-    with TestClient(create_app([path]), raise_server_exceptions=False) as c:
-        (model,) = c.get("/api/models").json()["models"]
-        url = f"/api/models/{model['id']}/compare"
+    with served(path) as (c, model):
+        url = f"/api/models/{model}/compare"
         body = c.get(url, params={"neurons": "0.3,1.5", "quadrant": "nn"}).json()
-        html = c.get(f"/models/{model['id']}/compare", params={"neurons": "0.3,1.5", "quadrant": "nn"}).text
+        html = c.get(f"/models/{model}/compare", params={"neurons": "0.3,1.5", "quadrant": "nn"}).text
         act = c.get(url, params={"neurons": "0.3,1.5", "quadrant": "nn", "hook": "act"}).json()
         none = c.get(url, params={"neurons": "0.7,1.8", "quadrant": "nn"}).json()
-        frag = c.get(f"/models/{model['id']}/compare", params={"neurons": "0.7,1.8"}, headers=HX).text
+        frag = c.get(f"/models/{model}/compare", params={"neurons": "0.7,1.8"}, headers=HX).text
     h = body["histograms"]
     assert (h["quadrant"], h["hook"]) == ("gate-_in-", "hook_post")
     assert h["counts"] == [[7, 0, 2], [0, 4, 0]]
