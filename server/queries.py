@@ -121,8 +121,9 @@ FILTER_SORT_KEYS: tuple[str, ...] = ("neuron", *FILTER_FIELDS)  # "neuron": by (
 # (352,256 neurons, 5.6M value_stats rows) joining it to `neurons` took 225 ms
 # per request on one DuckDB thread and its conditional aggregation 417 ms,
 # against 6 ms to scan this table for one page and 2 ms to count the matches
-# (benchmarks/bench_filter.py). It costs
-# one aggregation when a reader starts and about 27 MB per reader at that shape.
+# (benchmarks/bench_filter.py, on a quiet machine). It costs one aggregation
+# when a reader starts (0.5 s) and 34 MB per reader at that shape
+# (duckdb_memory()'s IN_MEMORY_TABLE).
 NEURON_FACTS = f"""
 CREATE TEMP TABLE IF NOT EXISTS neuron_facts AS
 SELECT n.layer, n.neuron,
