@@ -243,6 +243,7 @@ def test_filter_form_then_compare_in_chromium(live_server, driver):
     Select(d.find_element(By.NAME, "order")).select_by_value("desc")
     d.find_element(By.ID, "filter-submit").click()
     wait.until(lambda _: "min_freq_nn=0.05" in d.current_url)
+    assert "min_freq_pp" not in d.current_url  # empty bounds stay out of the shared URL
     expected = httpx.get(f"{live_server}/api/models/{model}/neurons", params={
         "layers": "1-1", "min_freq_nn": 0.05, "max_cos_in_out": 0.5, "sort": "absmax_nn"}).json()
     assert expected["total"] >= 2

@@ -373,3 +373,17 @@ def test_compare_overlays_the_histograms_the_file_holds(recorded_db, tmp_path):
         [pytest.approx(bins[5][2])]
     assert html.count('<path class="series"') == 2 and "<title>0.3</title>" in html
     assert act["histograms"] is None and none["histograms"] is None and 'id="no-histograms"' in frag
+
+
+@pytest.mark.parametrize("side", ["weights", "examples"])
+def test_search_results_open_their_first_neurons_in_the_comparison(client, m, side):
+    found = client.get(f"/api/models/{m}/search/tokens", params={"token_id": 3, "side": side}).json()["results"]
+    first = list(dict.fromkeys(f"{r['layer']}.{r['neuron']}" for r in found))[:4]
+    html = client.get(f"/models/{m}/search", params={"token_id": 3, "side": side}).text
+    if len(first) < 2:
+        assert 'id="compare-first"' not in html
+        return
+    extra = f"&amp;quadrant={found[0]['slug']}&amp;hook={found[0]['hook']}" if side == "examples" else ""
+    href = f'href="/models/{m}/compare?neurons={",".join(first)}{extra}"'
+    assert href in html
+    assert client.get(f"/models/{m}/compare?neurons={','.join(first)}").status_code == 200

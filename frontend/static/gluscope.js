@@ -142,4 +142,12 @@
   window.GLUScope = {fmt: fmt};  // for the browser tests
   document.addEventListener("htmx:load", function (e) { init(e.target); });
   document.addEventListener("DOMContentLoaded", function () { init(document); });
+  // The filter form leaves its empty bounds out of the URL, so that a shared result reads as its query.
+  document.addEventListener("submit", function (e) {
+    if (!e.target.classList || !e.target.classList.contains("filter-form")) return;
+    e.target.querySelectorAll("input").forEach(function (i) { if (i.value === "") i.disabled = true; });
+  });
+  window.addEventListener("pageshow", function () {  // back to a form whose inputs the submit disabled
+    document.querySelectorAll("form.filter-form input:disabled").forEach(function (i) { i.disabled = false; });
+  });
 })();
