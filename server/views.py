@@ -169,20 +169,23 @@ def jump(db: Database, to: str = Query(...)) -> Redirect:
 def token_search(db: Database,
                  token_id: int | None = Query(None, description="a vocabulary id (or give token)",
                                               json_schema_extra=INDEX),
-                 token: str | None = Query(None, description="the decoded text of a vocabulary entry, e.g. ' again'"),
+                 token: str | None = Query(None, description="the decoded text of a vocabulary entry, e.g. ' again'",
+                                           json_schema_extra={"minLength": 1, "maxLength": search.TOKEN_TEXT_MAX}),
                  loose: bool = Query(False, description="token= ignores a leading space and case"),
                  side: str = Query("weights", description="weights: token_neurons; examples: recorded examples",
                                    json_schema_extra={"enum": list(search.SIDES)}),
                  kind: str | None = Query(None, description=f"side=weights: {', '.join(WEIGHT_KINDS)} (default "
                                           f"{WEIGHT_KINDS[0]}); side=examples: {', '.join(EXAMPLE_KINDS)} "
-                                          "(default all)"),
+                                          "(default all)",
+                                          json_schema_extra={"enum": ["", *WEIGHT_KINDS, *EXAMPLE_KINDS]}),
                  role: str = Query("focus", description="side=examples: the token of interest (focus) or the one "
                                    "after it (next)", json_schema_extra={"enum": list(EXAMPLE_ROLES)}),
-                 quadrant: str | None = Query(None, description="side=examples: a quadrant slug",
-                                              json_schema_extra={"enum": list(QUADRANT_SLUGS)}),
-                 hook: str | None = Query(None, description="side=examples: the list's value",
-                                          json_schema_extra={"enum": list(HOOKS)}),
-                 layers: str | None = Query(None, description="A-B (inclusive) or A; default every layer"),
+                 quadrant: str | None = Query(None, description="side=examples: a quadrant slug (empty: any)",
+                                              json_schema_extra={"enum": ["", *QUADRANT_SLUGS]}),
+                 hook: str | None = Query(None, description="side=examples: the list's value (empty: any)",
+                                          json_schema_extra={"enum": ["", *HOOKS]}),
+                 layers: str | None = Query(None, description="A-B (inclusive) or A; default every layer",
+                                            json_schema_extra={"pattern": search.LAYERS_PATTERN}),
                  limit: int = Query(20, description=f"results, 1..{search.SEARCH_LIMIT}",
                                     json_schema_extra={"minimum": 1, "maximum": search.SEARCH_LIMIT})) -> Page:
     """Neurons of a token: whose weights promote, suppress or read it most (side=weights, the transpose of the

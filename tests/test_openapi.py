@@ -20,6 +20,10 @@ from gluscope.server.app import ROUTES
 load_all_checks()
 ALL_CHECKS = [CHECKS.get_one(name) for name in CHECKS.get_all_names()]
 API_PATHS = [route.paths[0] for route in ROUTES if route.body is not None]
+# Where a parameter's valid values depend on another's, which OpenAPI cannot say, a request valid by the schema
+# can be refused (422) with reason: the token search's kind is a weight kind for side=weights and an example
+# kind for side=examples, and a range of layers must run forwards. Every other check still runs there.
+CROSS_PARAMETER = {"/api/models/{model}/search/tokens": ("positive_data_acceptance",)}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +43,12 @@ def test_every_response_conforms_to_the_schema(api_schema, path, mode):
 
     # A bounded number of examples per endpoint keeps this to seconds; the
     # error tests (test_server_errors.py) cover strange inputs more densely.
+    checks = [c for c in ALL_CHECKS if c.__name__ not in CROSS_PARAMETER.get(path, ())]
+
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def conforms(case):
-        statuses.append(case.call_and_validate(checks=ALL_CHECKS).status_code)
+        statuses.append(case.call_and_validate(checks=checks).status_code)
 
     conforms()
     if mode == GenerationMode.POSITIVE:
