@@ -167,6 +167,38 @@ def run(base: str, sessions: list[list[str]], headers: dict[str, str], clients: 
 SECTIONS = 4
 
 
+def finding_scenarios(m: str, n_layers: int, d_mlp: int, vocab_size: int, rng: random.Random) -> dict:
+    """The requests that find neurons (issue #12): token search on both sides, suggestions, related neurons.
+    Each asks about a random token or neuron, so none is answered from a cache."""
+    from urllib.parse import quote
+
+    from gluscope.schema import EXAMPLE_ROLES, WEIGHT_KINDS
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(vocab_size) for _ in range(n)]
+
+    def neurons(n: int) -> list[tuple[int, int]]:
+        return [(rng.randrange(n_layers), rng.randrange(d_mlp)) for _ in range(n)]
+
+    def examples_query(t: int) -> str:
+        extra = rng.choice(["", f"&quadrant={rng.choice(QUADRANT_SLUGS)}", f"&layers={n_layers // 2}-{n_layers - 1}"])
+        return f"token_id={t}&side=examples&role={rng.choice(EXAMPLE_ROLES)}{extra}"
+
+    prefix = lambda: rng.choice("bcdfghklmnprstvwz") + rng.choice("aeiouy")  # noqa: E731 - the synthetic vocabulary's syllables
+    return {
+        "search weights JSON": (lambda n: [[f"/api/models/{m}/search/tokens?token_id={t}&kind={quote(rng.choice(WEIGHT_KINDS))}"]
+                                           for t in tokens(n)], {}),
+        "search examples JSON": (lambda n: [[f"/api/models/{m}/search/tokens?{examples_query(t)}"] for t in tokens(n)],
+                                 {}),
+        "search page": (lambda n: [[f"/models/{m}/search?{examples_query(t)}"] for t in tokens(n)], {}),
+        "suggest fragment": (lambda n: [[f"/models/{m}/search/suggest?token={prefix()}"] for _ in range(n)],
+                             {"HX-Request": "true"}),
+        "related JSON": (lambda n: [[f"/api/models/{m}/neurons/{l}/{i}/related"] for l, i in neurons(n)], {}),
+        "related fragment": (lambda n: [[f"/models/{m}/neurons/{l}/{i}/related"] for l, i in neurons(n)],
+                             {"HX-Request": "true"}),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group(required=True)
@@ -219,15 +251,16 @@ def main(argv: list[str] | None = None) -> None:
             "examples, browsing": (lambda n: [sections(l, i, SECTIONS) for l, i in neurons(n // SECTIONS)],
                                    {"HX-Request": "true"}),
             "examples JSON": (lambda n: [sections(l, i, 1, "/api") for l, i in neurons(n)], {}),
+            **finding_scenarios(m, n_layers, d_mlp, model["vocab_size"], rng),
         }
-        print(f"\n{'scenario':<20}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}{'client ms/req':>14}")
+        print(f"\n{'scenario':<22}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}{'client ms/req':>14}")
         for name, (make_sessions, headers) in scenarios.items():
             if args.only and args.only not in name:
                 continue
             for clients in (int(c) for c in args.clients.split(",")):
                 run(base, make_sessions(20), headers, clients)  # warm up the connections
                 lat, wall, client_cpu = run(base, make_sessions(args.requests), headers, clients)
-                print(f"{name:<20}{clients:>8}{len(lat):>10}{1000 * percentile(lat, 50):>9.1f}"
+                print(f"{name:<22}{clients:>8}{len(lat):>10}{1000 * percentile(lat, 50):>9.1f}"
                       f"{1000 * percentile(lat, 99):>9.1f}{1000 * lat[-1]:>9.1f}{len(lat) / wall:>8.0f}"
                       f"{1000 * client_cpu / len(lat):>14.2f}")
         if proc:

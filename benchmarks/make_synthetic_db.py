@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gluscope.recorder.writer import DatabaseWriter, LayerResult
+from gluscope.recorder.writer import EXAMPLE_TOKENS, DatabaseWriter, LayerResult, write_related, write_token_neurons
 from gluscope.schema import GEOMETRY, QUADRANT_SIGNS, SCHEMA_VERSION
 from gluscope.server.activations import activation
 
@@ -153,6 +153,49 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
     )
 
 
+def write_finding_tables(con, n_layers: int, d_mlp: int, vocab_size: int, rng: np.random.Generator) -> None:
+    """The tables that find neurons (issue #12) at the file's shape: token_neurons (32 random neurons per token
+    and kind, scores sorted as recorded), related (16 per neuron, direction and via, in other layers) and the
+    examples' token index, built by the recorder's own SQL from the file's examples and texts."""
+    top = 32
+    ids = rng.integers(0, n_layers * d_mlp, (6, vocab_size, top))
+    scores = np.sort(rng.random((6, vocab_size, top), dtype=np.float32), axis=-1)[..., ::-1]
+    scores *= np.array([1, -1, 1, -1, 1, -1], np.float32).reshape(6, 1, 1)
+    write_token_neurons(con, (ids // d_mlp).astype(np.int16), (ids % d_mlp).astype(np.int32), scores)
+    del ids, scores
+    for layer in range(n_layers):  # one layer's rows at a time: 32 layers at once would hold 1.4 GB of arrays
+        shape = (1, 2, 2, d_mlp, 16)
+        other_layer = np.full(shape, -1, np.int16)
+        if layer + 1 < n_layers:  # downstream: later layers
+            other_layer[:, 0] = rng.integers(layer + 1, n_layers, other_layer[:, 0].shape)
+        if layer > 0:             # upstream: earlier layers
+            other_layer[:, 1] = rng.integers(0, layer, other_layer[:, 1].shape)
+        score = (np.sort(rng.random(shape, dtype=np.float32), axis=-1)[..., ::-1]
+                 * rng.choice(np.array([-1, 1], np.float32), shape))
+        write_related(con, other_layer, rng.integers(0, d_mlp, shape).astype(np.int32), score, first_layer=layer)
+    con.execute(EXAMPLE_TOKENS)
+
+
+def add_finding_tables(path: Path, seed: int = 0) -> None:
+    """write_finding_tables into an existing synthetic file (written by main without them, e.g. by another
+    checkout), so the growth they cost is measured on the same file."""
+    import duckdb
+
+    from gluscope.schema import schema_sql
+    con = duckdb.connect(str(path))
+    tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    for ddl in schema_sql().split(";"):
+        name = ddl.split("CREATE TABLE", 1)[1].split("(", 1)[0].strip() if "CREATE TABLE" in ddl else None
+        if name and name not in tables:
+            con.execute(ddl)
+    for table in ("token_neurons", "related", "example_tokens"):
+        con.execute(f"DELETE FROM {table}")
+    n_layers, d_mlp, vocab_size = con.execute("SELECT n_layers, d_mlp, vocab_size FROM metadata").fetchone()
+    write_finding_tables(con, n_layers, d_mlp, vocab_size, np.random.default_rng([seed, 12]))
+    con.execute("CHECKPOINT")
+    con.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -171,7 +214,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="write shard I of N of this corpus (texts I, I+N, ...), for `gluscope merge`")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--finding-only", action="store_true",
+                   help="add the tables that find neurons (token_neurons, related, example_tokens) to the existing "
+                        "--out file instead of writing a new one, and print the growth")
     args = p.parse_args(argv)
+    if args.finding_only:
+        t0, before = time.perf_counter(), args.out.stat().st_size
+        add_finding_tables(args.out, args.seed)
+        after = args.out.stat().st_size
+        print(f"{args.out}: {before / 1e9:.2f} GB -> {after / 1e9:.2f} GB (+{(after - before) / 1e9:.2f} GB) "
+              f"in {time.perf_counter() - t0:.0f} s")
+        return
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -195,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "
                              "so cos(w_gate, w_in) >= 0; the model computes the same function.",
     }
+    for key, value in {"sample_seed": 0, "n_random": 8, "n_per_interval": 4, "calibration_batches": 0}.items():
+        meta.setdefault(key, value)  # schema 3's sampling fields, until this script writes samples
     with DatabaseWriter(args.out, overwrite=args.overwrite) as w:
         w.write_metadata(meta)
         w.write_vocab(tokens, token_bytes)
@@ -206,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
             r.example_text = np.where(r.example_text >= 0, own[np.maximum(r.example_text, 0)], -1).astype(np.int32)
             w.write_layer(layer, r)
             print(f"layer {layer} written in {time.perf_counter() - t:.1f} s", flush=True)
+        t = time.perf_counter()
+        write_finding_tables(w.con, args.layers, args.d_mlp, args.vocab_size, np.random.default_rng([args.seed, 12]))
+        print(f"token_neurons, related and example_tokens written in {time.perf_counter() - t:.1f} s", flush=True)
     size = args.out.stat().st_size
     print(f"{args.out}: {size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s "
           f"({args.layers} layers x {args.d_mlp} neurons, {args.texts} texts, {n_tokens} tokens)")

@@ -119,11 +119,7 @@ class DatabaseWriter:
             self.abort()
 
     def _insert(self, table: str, data: pa.Table) -> None:
-        self.con.register("_batch", data)
-        try:
-            self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
-        finally:
-            self.con.unregister("_batch")
+        insert(self.con, table, data)
 
     def write_metadata(self, meta: dict[str, Any]) -> None:
         columns = [row[0] for row in self.con.execute("DESCRIBE metadata").fetchall()]
@@ -235,38 +231,10 @@ class DatabaseWriter:
         }))
 
     def write_token_neurons(self, layer: np.ndarray, neuron: np.ndarray, score: np.ndarray) -> None:
-        """token_neurons from [6 kinds, V, top] arrays (weight_tokens.TokenNeurons.result), rows ordered by
-        (token_id, kind, rank) so that a token's rows are contiguous; slots with layer -1 are left out."""
-        kinds, V, top = layer.shape
-        order = lambda a: np.ascontiguousarray(np.moveaxis(a, 1, 0)).reshape(-1)  # [V, kind, rank]
-        grid = np.indices((V, kinds, top), dtype=np.int32).reshape(3, -1)
-        keep = order(layer) >= 0
-        self._insert("token_neurons", pa.table({
-            "token_id": pa.array(grid[0][keep]),
-            "kind": pa.array(grid[1][keep].astype(np.int8)),
-            "rank": pa.array(grid[2][keep].astype(np.int8)),
-            "layer": pa.array(order(layer)[keep].astype(np.int16)),
-            "neuron": pa.array(order(neuron)[keep].astype(np.int32)),
-            "score": pa.array(order(score)[keep].astype(np.float32)),
-        }))
+        write_token_neurons(self.con, layer, neuron, score)
 
     def write_related(self, other_layer: np.ndarray, other_neuron: np.ndarray, score: np.ndarray) -> None:
-        """related from [L, direction, via, n, top] arrays (related.RelatedNeurons), rows ordered by
-        (layer, neuron, direction, via, rank); slots with other_layer -1 are left out."""
-        order = lambda a: np.ascontiguousarray(np.moveaxis(a, 3, 1)).reshape(-1)  # [L, n, direction, via, rank]
-        shape = np.moveaxis(other_layer, 3, 1).shape
-        grid = np.indices(shape, dtype=np.int32).reshape(len(shape), -1)
-        keep = order(other_layer) >= 0
-        self._insert("related", pa.table({
-            "layer": pa.array(grid[0][keep].astype(np.int16)),
-            "neuron": pa.array(grid[1][keep]),
-            "direction": pa.array(grid[2][keep].astype(np.int8)),
-            "via": pa.array(grid[3][keep].astype(np.int8)),
-            "rank": pa.array(grid[4][keep].astype(np.int8)),
-            "other_layer": pa.array(order(other_layer)[keep].astype(np.int16)),
-            "other_neuron": pa.array(order(other_neuron)[keep].astype(np.int32)),
-            "score": pa.array(order(score)[keep].astype(np.float32)),
-        }))
+        write_related(self.con, other_layer, other_neuron, score)
 
     def write_example_tokens(self) -> None:
         """example_tokens from the examples, samples and texts already written (the last table: see EXAMPLE_TOKENS)."""
@@ -285,3 +253,52 @@ class DatabaseWriter:
         finally:
             self.tmp_path.unlink(missing_ok=True)
             Path(str(self.tmp_path) + ".wal").unlink(missing_ok=True)
+
+
+def insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+    """One bulk INSERT of an Arrow table, its columns matched by name."""
+    con.register("_batch", data)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+    finally:
+        con.unregister("_batch")
+
+
+def _flat(a: np.ndarray, axis: int, to: int) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(a, axis, to)).reshape(-1)
+
+
+def write_token_neurons(con: duckdb.DuckDBPyConnection, layer: np.ndarray, neuron: np.ndarray,
+                        score: np.ndarray) -> None:
+    """token_neurons from [6 kinds, V, top] arrays (weight_tokens.TokenNeurons.result), rows ordered by
+    (token_id, kind, rank) so that a token's rows are contiguous; slots with layer -1 are left out."""
+    kinds, V, top = layer.shape
+    grid = np.indices((V, kinds, top), dtype=np.int32).reshape(3, -1)
+    keep = _flat(layer, 1, 0) >= 0
+    insert(con, "token_neurons", pa.table({
+        "token_id": pa.array(grid[0][keep]),
+        "kind": pa.array(grid[1][keep].astype(np.int8)),
+        "rank": pa.array(grid[2][keep].astype(np.int8)),
+        "layer": pa.array(_flat(layer, 1, 0)[keep].astype(np.int16)),
+        "neuron": pa.array(_flat(neuron, 1, 0)[keep].astype(np.int32)),
+        "score": pa.array(_flat(score, 1, 0)[keep].astype(np.float32)),
+    }))
+
+
+def write_related(con: duckdb.DuckDBPyConnection, other_layer: np.ndarray, other_neuron: np.ndarray,
+                  score: np.ndarray, first_layer: int = 0) -> None:
+    """related from [L, direction, via, n, top] arrays (related.RelatedNeurons) of layers first_layer.., rows
+    ordered by (layer, neuron, direction, via, rank); slots with other_layer -1 are left out."""
+    shape = np.moveaxis(other_layer, 3, 1).shape
+    grid = np.indices(shape, dtype=np.int32).reshape(len(shape), -1)
+    keep = _flat(other_layer, 3, 1) >= 0
+    insert(con, "related", pa.table({
+        "layer": pa.array((grid[0][keep] + first_layer).astype(np.int16)),
+        "neuron": pa.array(grid[1][keep]),
+        "direction": pa.array(grid[2][keep].astype(np.int8)),
+        "via": pa.array(grid[3][keep].astype(np.int8)),
+        "rank": pa.array(grid[4][keep].astype(np.int8)),
+        "other_layer": pa.array(_flat(other_layer, 3, 1)[keep].astype(np.int16)),
+        "other_neuron": pa.array(_flat(other_neuron, 3, 1)[keep].astype(np.int32)),
+        "score": pa.array(_flat(score, 3, 1)[keep].astype(np.float32)),
+    }))

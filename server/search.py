@@ -24,6 +24,7 @@ SIDES = ("weights", "examples")
 SEARCH_LIMIT = 100   # results per search
 SUGGEST_LIMIT = 50   # vocabulary entries per suggestion list
 TOKEN_TEXT_MAX = 200  # characters of token= (no vocabulary entry is longer in practice)
+LAYERS_PATTERN = r"^( *[0-9]{1,9} *(- *[0-9]{1,9} *)?)?$"  # empty: every layer (a form's blank field)
 
 
 # --- the vocabulary, looked up by text ---------------------------------------
@@ -91,9 +92,9 @@ def resolve_tokens(db: Database, token_id: int | None, token: str | None, loose:
 def parse_layers(db: Database, layers: str | None) -> tuple[int, int]:
     """'A-B' (inclusive) or 'A' to a checked range of layers; None or '' means every layer."""
     n = db.n_layers
-    if layers is None or layers.strip() == "":
+    if layers is None or layers.strip(" ") == "":
         return 0, n - 1
-    m = re.fullmatch(r"\s*(\d{1,9})\s*(?:[-–]\s*(\d{1,9})\s*)?", layers)
+    m = re.fullmatch(r" *([0-9]{1,9}) *(?:- *([0-9]{1,9}) *)?", layers)
     if not m:
         raise ParameterError(422, "layers", f"{layers[:40]!r} is not a layer range such as 20-29 or 5",
                              f"A-B within 0..{n - 1}")
@@ -136,6 +137,10 @@ def token_search_data(db: Database, token_id: int | None = None, token: str | No
     ids = resolve_tokens(db, token_id, token, loose)
     query: dict[str, Any] = {"model": db.id, "side": side, "token_id": token_id, "token": token, "loose": loose,
                              "layers": None if layers is None else f"{lo}-{hi}", "limit": limit}
+    # Every parameter is checked whichever side it applies to: a typo never passes unnoticed.
+    check_choice("role", role, EXAMPLE_ROLES)
+    q = None if quadrant is None else quadrant_code(quadrant)
+    h = None if hook is None else hook_code(hook)
     if side == "weights":
         kind = check_choice("kind", kind or WEIGHT_KINDS[0], WEIGHT_KINDS)
         query.update(kind=kind, role=None, quadrant=None, hook=None)
@@ -143,9 +148,6 @@ def token_search_data(db: Database, token_id: int | None = None, token: str | No
     else:
         if kind is not None:
             check_choice("kind", kind, EXAMPLE_KINDS)
-        check_choice("role", role, EXAMPLE_ROLES)
-        q = None if quadrant is None else quadrant_code(quadrant)
-        h = None if hook is None else hook_code(hook)
         query.update(kind=kind, role=role, quadrant=None if q is None else QUADRANT_SLUGS[q],
                      hook=None if h is None else HOOKS[h])
         results = _example_hits(db, ids, EXAMPLE_ROLES.index(role), q, h,
