@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", default="1,16")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None, help="run only the scenarios whose name contains this (and the baseline)")
     args = p.parse_args(argv)
 
     proc = None
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'req/s':>8}{'p99/baseline':>14}")
         baseline: dict[int, float] = {}
         for name, make in scenarios.items():
+            if args.only and args.only not in name and name != "neuron JSON":
+                continue
             for clients in (int(c) for c in args.clients.split(",")):
                 run(base, [make() for _ in range(20)], {}, clients)  # warm up the connections
                 sessions = [make() for _ in range(args.requests // len(make()))]
