@@ -14,7 +14,9 @@ researcher's comparison: 2 to 4 random neurons, then 3 other lists of them
 neurons' cached examples). Each line gives p50/p99 and the p99's ratio to the
 baseline's p99 at the same client count. Before measuring, the SQL shapes the
 filter could take are timed once in this process on the file itself (one
-DuckDB thread, as a reader runs), which is why queries.NEURON_FACTS exists.
+DuckDB thread, as a reader runs), which is why queries.NEURON_FACTS exists,
+and each view is timed in this process against one cold lookup of a
+neuron's examples (what the examples fragment costs): `--views-only` stops there.
 """
 
 from __future__ import annotations
@@ -72,6 +74,75 @@ def time_sql_shapes(db: Path) -> None:
     con.close()
 
 
+def time_views(db: Path, n: int = 20, seed: int = 0) -> None:
+    """Each request's view run in this process as a reader runs it (one at a time, nothing contending but
+    the machine's other work): median ms, and the ratio to one cold lookup of a neuron's examples."""
+    from statistics import median
+
+    from gluscope.server import data, finding, render
+    from gluscope.server.db import open_databases
+    from gluscope.server.views import run_view
+
+    registry = open_databases([db], neuron_table=False)
+    model = next(iter(registry.values()))
+    render.token_spans(model.vocab)
+    model.temp_table("neuron_facts")
+    rng = random.Random(seed)
+    n_layers, d_mlp = model.n_layers, model.d_mlp
+    none = {name: None for name in finding.BOUND_NAMES}
+
+    def refs(k: int) -> str:
+        return ",".join(f"{rng.randrange(n_layers)}.{rng.randrange(d_mlp)}" for _ in range(k))
+
+    def example() -> None:
+        lo = rng.randrange(n_layers - 9)
+        run_view(registry, "neuron_filter", model.id, "json",
+                 {"layers": f"{lo}-{lo + 9}", "sort": "absmax_nn", "order": None, "offset": 0, "limit": 50,
+                  **none, "min_freq_nn": 0.2, "max_cos_in_out": rng.uniform(-0.5, 0.5)})
+
+    def whole() -> None:
+        run_view(registry, "neuron_filter", model.id, "json",
+                 {"layers": None, "sort": rng.choice(list(queries.FILTER_FIELDS)), "order": None,
+                  "offset": 100 * rng.randrange(10), "limit": 100, **none})
+
+    def compare(kind: str, k: int) -> None:
+        run_view(registry, "compare", model.id, kind, {"neurons": refs(k), "quadrant": "nn", "hook": "hook_post"})
+
+    cases = {
+        "examples of one neuron, cold (data.example_list)":
+            lambda: data.example_list(model, rng.randrange(n_layers), rng.randrange(d_mlp), "nn", "hook_post"),
+        "filter, example (JSON)": example,
+        "filter, whole model sorted (JSON)": whole,
+        "compare 2 neurons, cold (JSON)": lambda: compare("json", 2),
+        "compare 4 neurons, cold (JSON)": lambda: compare("json", 4),
+        "compare 4 neurons, cold (page)": lambda: compare("page", 4),
+    }
+    print(f"\nviews in this process, median of {n} ({'ms':>6}, ratio to one neuron's examples)")
+    base = None
+    for name, fn in cases.items():
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        ms = 1000 * median(times)
+        base = base or ms
+        print(f"  {name:<50}{ms:>8.1f}{ms / base:>8.2f}")
+    # The same 4 neurons again with other lists (a researcher switching lists): their examples are cached.
+    kept = refs(4)
+    run_view(registry, "compare", model.id, "fragment", {"neurons": kept, "quadrant": "nn", "hook": "hook_post"})
+    times = []
+    for q in QUADRANT_SLUGS:
+        for h in HOOKS:
+            t = time.perf_counter()
+            run_view(registry, "compare", model.id, "fragment", {"neurons": kept, "quadrant": q, "hook": h})
+            times.append(time.perf_counter() - t)
+    ms = 1000 * median(times)
+    print(f"  {'compare 4 neurons, another list (fragment, cached)':<50}{ms:>8.1f}{ms / base:>8.2f}")
+    for m in registry.values():
+        m.con.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group(required=True)
@@ -81,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", default="1,16")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views-only", action="store_true", help="with --db: time the views in this process only")
     p.add_argument("--only", default=None, help="run only the scenarios whose name contains this (and the baseline)")
     args = p.parse_args(argv)
 
@@ -88,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.db:
         print(f"read {args.db} once into the OS page cache in {read_through(args.db):.1f} s")
         time_sql_shapes(args.db)
+        time_views(args.db)
+        if args.views_only:
+            return
         port = free_port()
         t = time.perf_counter()
         proc = start_server(args.db, port, args.workers)
