@@ -56,9 +56,11 @@ class RandomWeights:
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """(CPU seconds of this process, the result): on a machine others share, CPU time, not the wall clock,
+    is what the work costs (the wall clock also counts the time others' processes ran)."""
+    t = time.process_time()
     out = fn()
-    return time.perf_counter() - t, out
+    return time.process_time() - t, out
 
 
 def main() -> None:
@@ -89,13 +91,14 @@ def main() -> None:
     tn = TokenNeurons(V)
     with_tn, _ = timed(lambda: layer_weights(model, True, token_neurons=tn))
     rel, _ = timed(lambda: related_neurons(model, [w.sign for w in weights]))
+    print("(CPU seconds of this process, all threads)")
     pairs = L * (L - 1) // 2
     flops = pairs * 2 * 2 * n * n * d
     print(f"weight tokens (baseline)                 {base:8.1f} s  1.00")
     print(f"weight tokens + token_neurons             {with_tn:8.1f} s  {with_tn / base:.2f}  "
           f"(token_neurons alone: {with_tn - base:.1f} s)")
     print(f"related neurons ({pairs} layer pairs)  {rel:8.1f} s  {rel / base:.2f}  "
-          f"({flops / 1e12:.2f} TFLOP, {flops / rel / 1e9:.0f} GFLOP/s)")
+          f"({flops / 1e12:.2f} TFLOP, {flops / rel / 1e9:.0f} GFLOP per CPU-second)")
     if args.full_layers:
         F = args.full_layers
         full_pairs = F * (F - 1) // 2
@@ -103,7 +106,7 @@ def main() -> None:
         per_pair = rel / max(pairs, 1)
         full_flops = full_pairs * 2 * 2 * n * n * d
         print(f"extrapolated to {F} layers: weight tokens {base / L * F:.0f} s, token_neurons +{per_layer_tn * F:.0f} s, "
-              f"related {per_pair * full_pairs:.0f} s ({full_pairs} pairs, {full_flops / 1e15:.2f} PFLOP) on this CPU")
+              f"related {per_pair * full_pairs:.0f} s ({full_pairs} pairs, {full_flops / 1e15:.2f} PFLOP) CPU-seconds")
 
 
 if __name__ == "__main__":

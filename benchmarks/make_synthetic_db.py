@@ -190,7 +190,7 @@ def add_finding_tables(path: Path, seed: int = 0) -> None:
             con.execute(ddl)
     for table in ("token_neurons", "related", "example_tokens"):
         con.execute(f"DELETE FROM {table}")
-    n_layers, d_mlp, vocab_size = con.execute("SELECT n_layers, d_mlp, vocab_size FROM metadata").fetchone()
+    ((n_layers, d_mlp, vocab_size),) = con.execute("SELECT n_layers, d_mlp, vocab_size FROM metadata").fetchall()
     write_finding_tables(con, n_layers, d_mlp, vocab_size, np.random.default_rng([seed, 12]))
     con.execute("CHECKPOINT")
     con.close()

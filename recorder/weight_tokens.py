@@ -83,12 +83,15 @@ class TokenNeurons:
     def reducer(self, kind: int, first_id: int) -> Callable[[int, torch.Tensor], None]:
         """An on_product for top_tokens over one layer's weight of kinds (kind, kind + 1), numbered from first_id."""
         def update(lo: int, product: torch.Tensor) -> None:
-            k = min(self.top, product.shape[0])
+            # Per token, along contiguous memory: on the CPU a transposed copy and topk along its rows
+            # cost 1.65 s for both sides of a [1024, 49152] block, topk down the columns 2.5 s.
+            per_token = product.T.contiguous()                      # [V, rows]
+            k = min(self.top, per_token.shape[1])
             for side in (kind, kind + 1):
                 largest = bool(self.largest[side])
-                best = product.topk(k, dim=0, largest=largest)      # [k, V]: this block's best neurons per token
-                scores = torch.cat([self.scores[side], best.values.T.to(self.scores.dtype)], dim=1)
-                ids = torch.cat([self.ids[side], best.indices.T + (first_id + lo)], dim=1)
+                best = per_token.topk(k, dim=1, largest=largest)    # [V, k]: this block's best neurons per token
+                scores = torch.cat([self.scores[side], best.values.to(self.scores.dtype)], dim=1)
+                ids = torch.cat([self.ids[side], best.indices + (first_id + lo)], dim=1)
                 keep = scores.topk(self.top, dim=1, largest=largest)
                 self.scores[side] = keep.values
                 self.ids[side] = ids.gather(1, keep.indices)
