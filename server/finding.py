@@ -21,6 +21,15 @@ from gluscope.server.validate import (check_bounds, check_choice, check_filter_p
 FILTER_ORDERS = ("asc", "desc")
 # The summaries and related pairs of recently compared neuron sets, per reader process (the file never changes).
 _COMPARED = LRUCache(64)
+# What a comparison reads of the whole file (the value bins, whether related neurons were recorded), once.
+_PER_FILE: dict[tuple[str, str], list[tuple]] = {}
+
+
+def _once(db: Database, sql: str) -> list[tuple]:
+    key = (str(db.path), sql)
+    if key not in _PER_FILE:
+        _PER_FILE[key] = db.query(sql)
+    return _PER_FILE[key]
 BOUND_SIDES = ("min", "max")
 # Every bound a filter takes: min_<field> and max_<field> for each field of queries.FILTER_FIELDS.
 BOUND_NAMES: tuple[str, ...] = tuple(f"{side}_{f}" for f in queries.FILTER_FIELDS for side in BOUND_SIDES)
@@ -120,7 +129,7 @@ def related_pairs(db: Database, refs: list[tuple[int, int]]) -> dict[str, Any]:
     listed = sorted(pairs.values(), key=lambda p: (-abs(p["score"] or 0.0), p["writer"]["layer"],
                                                     p["writer"]["neuron"], p["reader"]["layer"],
                                                     p["reader"]["neuron"], p["via"]))
-    return {"recorded": bool(db.query(queries.RELATED_RECORDED)[0][0]), "pairs": listed}
+    return {"recorded": bool(_once(db, queries.RELATED_RECORDED)[0][0]), "pairs": listed}
 
 
 def histogram_overlay(db: Database, refs: list[tuple[int, int]], q: int, hook: str) -> dict[str, Any] | None:
@@ -131,7 +140,7 @@ def histogram_overlay(db: Database, refs: list[tuple[int, int]], q: int, hook: s
         return None
     params = {f"{part}_{i}": value for i, ref in enumerate(refs) for part, value in zip(("layer", "neuron"), ref)}
     rows = db.query(queries.neurons_histogram(len(refs)), {**params, "quadrant": q, "hook": HOOKS.index(hook)})
-    bins = db.query(queries.VALUE_BINS)
+    bins = _once(db, queries.VALUE_BINS)
     at = {b: k for k, (b, _, _) in enumerate(bins)}
     counts = [[0] * len(bins) for _ in refs]
     for i, b, n in rows:
