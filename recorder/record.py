@@ -19,7 +19,10 @@ import torch
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import gluscope
-from gluscope.recorder.corpus import Corpus
+from gluscope.errors import UserError
+from gluscope.recorder.checkpoint import (CheckpointSchedule, checkpoint_path, describe_run, difference,
+                                          load_checkpoint, save_checkpoint, weights_fingerprint)
+from gluscope.recorder.corpus import Corpus, tokenizer_fingerprint
 from gluscope.recorder.model import GatedModel
 from gluscope.recorder.reducer import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
 from gluscope.recorder.vocab import vocabulary
@@ -37,11 +40,16 @@ COMPILE_AUTO_TOKENS = 1_000_000
 def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_size: int = 8, k: int = 16,
            window_before: int = 24, window_after: int = 2, refactor_glu: bool = True, compile: str = "auto",
            reducer: str = "auto", overwrite: bool = False, progress: bool = True,
-           shard: tuple[int, int] | None = None) -> Path:
+           shard: tuple[int, int] | None = None, checkpoint_every: float | None = None,
+           resume: bool = False) -> Path:
     """Record every neuron of every layer over `corpus` into the database `out`; return its path.
 
     shard: (index, count) records only that shard's batches (see shard_batches), with
     the texts' global ids; `gluscope merge` puts the shards together.
+
+    checkpoint_every: minutes between checkpoints beside `out` (checkpoint.py); 0: none;
+    None: CheckpointSchedule's default. resume: go on from that checkpoint, which must
+    describe this very run. The checkpoint is removed once `out` is complete.
 
     reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
     only), "torch" with reduce.py's tensor code (compiled per `compile`);
@@ -59,23 +67,59 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
                          text_lengths=lengths) for w in weights]
     reducers = make_reducers(kind, setups, compiled)
 
-    started = time.perf_counter()
-    _run(model, corpus, batches, reducers, progress)
-    elapsed = time.perf_counter() - started
-    log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
-             n_counted / max(elapsed, 1e-9), kind)
-
     tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
     meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
                      shard=shard, k=k, window_before=window_before, window_after=window_after,
                      refactor_glu=refactor_glu)
+    run = describe_run(meta, reducer=kind, compiled=compiled, device=model.device.type,
+                       shard=f"{shard[0]}/{shard[1]}" if shard else None, n_batches=len(batches),
+                       weights_fingerprint=weights_fingerprint(model),
+                       tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer))
+    saved = checkpoint_path(out)
+    first = _resume(saved, run, reducers) if resume else 0
+    schedule = CheckpointSchedule(checkpoint_every, sum(int((lengths[b] - 1).sum()) for b in batches[first:]))
+
+    def after_batch(done: int, tokens: int) -> None:
+        if done < len(batches) and schedule.due(tokens):
+            began = time.perf_counter()
+            size = save_checkpoint(saved, run, done, reducers)
+            schedule.written()
+            log.info("checkpoint after batch %d of %d: %.1f MB in %.2f s", done, len(batches), size / 1e6,
+                     time.perf_counter() - began)
+
+    started = time.perf_counter()
+    _run(model, corpus, batches, reducers, progress, first, after_batch)
+    elapsed = time.perf_counter() - started
+    log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
+             n_counted / max(elapsed, 1e-9), kind)
+
+    meta["created_at"] = _now()
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         writer.write_metadata(meta)
         writer.write_vocab(tokens_text, tokens_bytes)
         writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
         _write_layers(writer, reducers, weights, progress)
+    saved.unlink(missing_ok=True)
     return Path(out)
+
+
+def _resume(saved: Path, run: dict, reducers: list[LayerReducer]) -> int:
+    """Load the checkpoint into `reducers`, after checking it is this run's; return the first batch left to do."""
+    checkpoint = load_checkpoint(saved)
+    try:
+        differs = difference(checkpoint.run, run)
+        if differs:
+            raise UserError(f"--resume: {differs}")
+        for layer, reducer in enumerate(reducers):
+            try:
+                reducer.load_state(checkpoint.layer_state(layer))
+            except (ValueError, KeyError) as e:
+                raise UserError(f"--resume: checkpoint {saved} does not fit this run (layer {layer}: {e})") from None
+    finally:
+        checkpoint.close()
+    log.info("resuming from %s: %d of %d batches were done", saved, checkpoint.next_batch, run["n_batches"])
+    return checkpoint.next_batch
 
 
 def _hooks(reducers: list[LayerReducer], current: dict) -> list[tuple[str, Callable]]:
@@ -126,22 +170,28 @@ def shard_batches(lengths: np.ndarray, batch_size: int, shard: tuple[int, int] |
     return batches[index::count]
 
 
-def _progress(total_tokens: int, enabled: bool):
+def _progress(total_tokens: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not enabled, smoothing=0.05,
-                desc="recording", dynamic_ncols=True)
+    return tqdm(total=total_tokens, initial=initial, unit="tok", unit_scale=True, disable=not enabled,
+                smoothing=0.05, desc="recording", dynamic_ncols=True)
 
 
 def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
-         progress: bool) -> None:
-    """Every text of `batches` through the model once, right-padded, each layer's activations to its reducer."""
+         progress: bool, first: int = 0, after_batch: Callable[[int, int], None] | None = None) -> None:
+    """Every text of batches[first:] through the model once, right-padded, each layer's activations to its reducer.
+
+    after_batch(batches done, tokens done since `first`) runs between batches, when every reducer holds whole batches.
+    """
     current: dict = {}  # shared by the hooks of one forward pass
     hooks = _hooks(reducers, current)
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
-    bar = _progress(sum(int((lengths[text_ids] - 1).sum()) for text_ids in batches), progress)
+    counted = [int((lengths[text_ids] - 1).sum()) for text_ids in batches]
+    bar = _progress(sum(counted), progress, initial=sum(counted[:first]))
+    done = 0
     with torch.inference_mode(), model.native_attention():
-        for text_ids in batches:
+        for b in range(first, len(batches)):
+            text_ids = batches[b]
             batch_lengths = lengths[text_ids]
             tokens = np.full((len(text_ids), int(batch_lengths.max())), pad_id, dtype=np.int64)
             for row, i in enumerate(text_ids):
@@ -151,7 +201,10 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
             # tokens never attend to the pads after them.
             model.bridge.run_with_hooks(torch.from_numpy(tokens).to(model.device), return_type=None,
                                         fwd_hooks=hooks)
-            bar.update(int((batch_lengths - 1).sum()))
+            bar.update(counted[b])
+            done += counted[b]
+            if after_batch is not None:
+                after_batch(b + 1, done)
     bar.close()
 
 
@@ -166,6 +219,10 @@ def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights:
     reducers.clear()
 
 
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
 def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: int, texts: np.ndarray,
               batch_size: int, shard: tuple[int, int] | None, k: int, window_before: int, window_after: int,
               refactor_glu: bool) -> dict:
@@ -173,7 +230,7 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
     return {
         "schema_version": SCHEMA_VERSION,
         "tool_version": gluscope.__version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
+        "created_at": _now(),
         "model_name": model.name,
         "model_source": model.source or model.name,
         "model_revision": model.revision,
