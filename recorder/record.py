@@ -187,9 +187,10 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
     counted = [int((lengths[text_ids] - 1).sum()) for text_ids in batches]
-    bar = _progress(sum(counted), progress, initial=sum(counted[:first]))
     done = 0
-    with torch.inference_mode(), model.native_attention():
+    # The bar as a context: an interrupt closes it before the one-line message, which then is the last line.
+    with _progress(sum(counted), progress, initial=sum(counted[:first])) as bar, torch.inference_mode(), \
+            model.native_attention():
         for b in range(first, len(batches)):
             text_ids = batches[b]
             batch_lengths = lengths[text_ids]
@@ -205,17 +206,17 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
             done += counted[b]
             if after_batch is not None:
                 after_batch(b + 1, done)
-    bar.close()
 
 
 def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights: list[LayerWeights],
                   progress: bool = False) -> None:
     from tqdm.auto import tqdm
 
-    for layer, w in tqdm(list(enumerate(weights)), desc="writing", unit="layer", disable=not progress,
-                         dynamic_ncols=True):
-        writer.write_layer(layer, LayerResult(**vars(reducers[layer].finish()), **w.result_fields()))
-        reducers[layer] = None  # free its memory before the next layer's finishing copies
+    with tqdm(total=len(weights), desc="writing", unit="layer", disable=not progress, dynamic_ncols=True) as bar:
+        for layer, w in enumerate(weights):
+            writer.write_layer(layer, LayerResult(**vars(reducers[layer].finish()), **w.result_fields()))
+            reducers[layer] = None  # free its memory before the next layer's finishing copies
+            bar.update()
     reducers.clear()
 
 

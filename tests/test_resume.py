@@ -12,10 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
-import pytest
+import dataclasses
 
-from gluscope.recorder.checkpoint import DELAY_ENV
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from gluscope.recorder import reduce_cpu
+from gluscope.recorder.checkpoint import DELAY_ENV, load_checkpoint, save_checkpoint
+from gluscope.recorder.model import activation_function
+from gluscope.recorder.reduce import TensorReducer
+from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
 from gluscope.recorder.tiny_models import save_tiny_model
 
 from .conftest import require_kernel, tokenizer_training_texts
@@ -65,6 +73,41 @@ def assert_identical_files(got: Path, want: Path) -> None:
             assert con.execute(f"SELECT count(*) FROM {here}.{table}").fetchall()[0][0] > 0, table
     finally:
         con.close()
+
+
+@pytest.mark.parametrize("kind", ["kernel", "torch"])
+def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kind, tmp_path):
+    """Batch A, a checkpoint, batch B into a fresh reducer loaded from it: the statistics of A then B, bit for bit."""
+    if kind == "kernel":
+        require_kernel()
+    gen = torch.Generator().manual_seed(7)
+    lengths = np.array([9, 6, 9, 4, 8, 9])
+    setup = LayerSetup(k=3, before=2, after=1, sign=torch.where(torch.rand(24, generator=gen) < 0.5, -1.0, 1.0),
+                       act_fn=activation_function("silu"), text_lengths=lengths)
+    batches = [(torch.randn(3, 9, 24, generator=gen), torch.randn(3, 9, 24, generator=gen),
+                Batch.of(lengths[ids], ids, torch.device("cpu"))) for ids in (np.array([0, 1, 2]), np.array([3, 4, 5]))]
+    whole, first = make_reducers(kind, [setup, setup])
+    for x_gate, x_in, batch in batches:
+        whole.update(x_gate, x_in, batch)
+    first.update(*batches[0])
+    declared = TensorReducer.STATE if kind == "torch" else tuple(row[0] for row in reduce_cpu.STATE)
+    assert tuple(first.state()) == declared
+    path = tmp_path / "layer.checkpoint"
+    save_checkpoint(path, {"test": kind}, 1, [first])
+    checkpoint = load_checkpoint(path)
+    assert (checkpoint.run, checkpoint.next_batch) == ({"test": kind}, 1)
+    (resumed,) = make_reducers(kind, [setup])
+    resumed.load_state(checkpoint.layer_state(0))
+    resumed.update(*batches[1])
+    want, got = whole.finish(), resumed.finish()
+    for field in dataclasses.fields(want):
+        np.testing.assert_array_equal(getattr(got, field.name), getattr(want, field.name), err_msg=field.name)
+    # A state of another shape is refused, naming the field.
+    other = LayerSetup(k=4, before=2, after=1, sign=setup.sign, act_fn=setup.act_fn, text_lengths=lengths)
+    (wrong,) = make_reducers(kind, [other])
+    with pytest.raises(ValueError, match=r"the saved \w+ is .*, this reducer.s is "):
+        wrong.load_state(checkpoint.layer_state(0))
+    checkpoint.close()
 
 
 @pytest.fixture(scope="module")
