@@ -9,7 +9,8 @@ one layout, and `finish_layer` turns that into the writer's
 A new per-neuron statistic goes: its parameters, if both reducers need them
 (bin edges, say), into rules.py, whose c_header() hands them to the kernel;
 its per-batch reduction into reduce.py (reduce_batch and TensorReducer) and
-kernels/reduce_cpu.cpp (with one STATE row in reduce_cpu.py); one
+kernels/reduce_cpu.cpp (with one STATE row in reduce_cpu.py, and its tensor
+named in TensorReducer.STATE: checkpoints save what these declare); one
 ReducedLayer field here and its conversion in finish_layer; one
 LayerStatistics field and its rows in writer.py; its table in schema.sql.
 """
