@@ -92,6 +92,10 @@ def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kin
     first.update(*batches[0])
     declared = TensorReducer.STATE if kind == "torch" else tuple(row[0] for row in reduce_cpu.STATE)
     assert tuple(first.state()) == declared
+    if kind == "torch":
+        tensors = {name for name, value in vars(first).items() if isinstance(value, torch.Tensor)}
+        assert tensors <= set(declared), (f"TensorReducer's {sorted(tensors - set(declared))} are not in its STATE: "
+                                          "a checkpoint would lose them (name them there if batches change them)")
     path = tmp_path / "layer.checkpoint"
     save_checkpoint(path, {"test": kind}, 1, [first])
     checkpoint = load_checkpoint(path)
