@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gluscope.recorder import reduce_cpu
-from gluscope.recorder.checkpoint import DELAY_ENV, load_checkpoint, save_checkpoint
+from gluscope.recorder.checkpoint import DELAY_ENV, describe_run, difference, load_checkpoint, save_checkpoint
 from gluscope.recorder.model import activation_function
 from gluscope.recorder.reduce import TensorReducer
 from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
@@ -112,6 +112,21 @@ def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kin
     with pytest.raises(ValueError, match=r"the saved \w+ is .*, this reducer.s is "):
         wrong.load_state(checkpoint.layer_state(0))
     checkpoint.close()
+
+
+def test_the_first_difference_of_two_runs_is_said_as_the_option_that_makes_it():
+    run = describe_run({"created_at": "now", "batch_size": np.int64(8), "k": 16, "refactor_glu": True,
+                        "max_length": 1024, "corpus_fingerprint": "aaa", "sample_seed": 0}, shard=None)
+    assert difference(run, dict(run)) is None
+    assert "created_at" not in run  # the creation time is no part of a run
+    assert difference(run, {**run, "batch_size": 16}) == "checkpoint was recorded with --batch-size 8, this run has 16"
+    assert difference(run, {**run, "refactor_glu": False}) == (
+        "checkpoint was recorded with the weight convention refactor_glu, this run has --no-refactor-glu")
+    assert difference(run, {**run, "shard": "1/3"}) == "checkpoint was recorded with no --shard, this run has --shard 1/3"
+    # An option is named before the corpus fingerprint it also changes; a key without a flag by its name.
+    assert "--max-length 1024, this run has 512" in difference(run, {**run, "max_length": 512, "corpus_fingerprint": "b"})
+    assert "over another corpus" in difference(run, {**run, "corpus_fingerprint": "b"})
+    assert difference(run, {**run, "sample_seed": 3}) == "checkpoint was recorded with sample_seed 0, this run has 3"
 
 
 @pytest.fixture(scope="module")
