@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from gluscope.recorder import reduce_cpu
-from gluscope.recorder.checkpoint import DELAY_ENV, describe_run, difference, load_checkpoint, save_checkpoint
+from gluscope.recorder.checkpoint import (DEFAULT_EVERY_MINUTES, DELAY_ENV, ESTIMATE_AFTER_BATCHES,
+                                          CheckpointSchedule, describe_run, difference, load_checkpoint,
+                                          save_checkpoint)
 from gluscope.recorder.model import activation_function
 from gluscope.recorder.reduce import TensorReducer
 from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
@@ -127,6 +129,27 @@ def test_the_first_difference_of_two_runs_is_said_as_the_option_that_makes_it():
     assert "--max-length 1024, this run has 512" in difference(run, {**run, "max_length": 512, "corpus_fingerprint": "b"})
     assert "over another corpus" in difference(run, {**run, "corpus_fingerprint": "b"})
     assert difference(run, {**run, "sample_seed": 3}) == "checkpoint was recorded with sample_seed 0, this run has 3"
+
+
+def test_by_default_only_a_run_estimated_over_15_minutes_checkpoints():
+    def decided(total_tokens: int) -> float:
+        schedule = CheckpointSchedule(None, total_tokens)
+        time.sleep(0.01)
+        assert not any(schedule.due(tokens_done=10 * (i + 1)) for i in range(ESTIMATE_AFTER_BATCHES))
+        return schedule.every_s
+    # 30 tokens took at least 10 ms: 10^9 tokens take days, 30 tokens no time.
+    assert decided(10**9) == DEFAULT_EVERY_MINUTES * 60
+    assert decided(30) == 0
+    assert CheckpointSchedule(0, 10**9).every_s == 0 and CheckpointSchedule(0.5, 30).every_s == 30
+
+
+def test_resume_under_torchrun_is_refused_in_one_line(tiny_llama, corpus_file, tmp_path):
+    # torchrun's own variables, as each rank sees them; the refusal comes before any process group.
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    r = subprocess.run(record_cmd(tiny_llama, corpus_file, tmp_path / "x.duckdb", "--resume"), capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert_user_error(r, "--resume and --checkpoint-every do not work under torchrun")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
