@@ -20,8 +20,8 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import gluscope
 from gluscope.errors import UserError
-from gluscope.recorder.checkpoint import (CheckpointSchedule, checkpoint_path, describe_run, difference,
-                                          load_checkpoint, save_checkpoint, weights_fingerprint)
+from gluscope.recorder.checkpoint import (Checkpoint, CheckpointSchedule, checkpoint_path, describe_run,
+                                          difference, load_checkpoint, save_checkpoint, weights_fingerprint)
 from gluscope.recorder.corpus import Corpus, tokenizer_fingerprint
 from gluscope.recorder.model import GatedModel
 from gluscope.recorder.reducer import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
@@ -59,14 +59,9 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     batches = shard_batches(lengths, batch_size, shard)
     mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
     n_counted = int((lengths[mine] - 1).sum())
-    weights = layer_weights(model, refactor_glu, progress)
     kind = choose_reducer(model.device, reducer)
     # Compiling costs 20-60 s once; it pays on long runs.
     compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
-    setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=w.sign, act_fn=model.act_fn,
-                         text_lengths=lengths) for w in weights]
-    reducers = make_reducers(kind, setups, compiled)
-
     tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
     meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
                      shard=shard, k=k, window_before=window_before, window_after=window_after,
@@ -76,7 +71,14 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
                        weights_fingerprint=weights_fingerprint(model),
                        tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer))
     saved = checkpoint_path(out)
-    first = _resume(saved, run, reducers) if resume else 0
+    # Checked before the weights' tokens, which take a minute for a large vocabulary.
+    checkpoint = _checkpoint_of(saved, run) if resume else None
+
+    weights = layer_weights(model, refactor_glu, progress)
+    setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=w.sign, act_fn=model.act_fn,
+                         text_lengths=lengths) for w in weights]
+    reducers = make_reducers(kind, setups, compiled)
+    first = _resume(checkpoint, reducers) if checkpoint else 0
     schedule = CheckpointSchedule(checkpoint_every, sum(int((lengths[b] - 1).sum()) for b in batches[first:]))
 
     def after_batch(done: int, tokens: int) -> None:
@@ -104,21 +106,29 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     return Path(out)
 
 
-def _resume(saved: Path, run: dict, reducers: list[LayerReducer]) -> int:
-    """Load the checkpoint into `reducers`, after checking it is this run's; return the first batch left to do."""
+def _checkpoint_of(saved: Path, run: dict) -> Checkpoint:
+    """The checkpoint `saved`, once it is known to be of this very run (else one line saying how it differs)."""
     checkpoint = load_checkpoint(saved)
+    differs = difference(checkpoint.run, run)
+    if differs:
+        checkpoint.close()
+        raise UserError(f"--resume: {differs}")
+    return checkpoint
+
+
+def _resume(checkpoint: Checkpoint, reducers: list[LayerReducer]) -> int:
+    """Load the checkpoint into `reducers`; return the first batch left to do."""
     try:
-        differs = difference(checkpoint.run, run)
-        if differs:
-            raise UserError(f"--resume: {differs}")
         for layer, reducer in enumerate(reducers):
             try:
                 reducer.load_state(checkpoint.layer_state(layer))
             except (ValueError, KeyError) as e:
-                raise UserError(f"--resume: checkpoint {saved} does not fit this run (layer {layer}: {e})") from None
+                raise UserError(f"--resume: checkpoint {checkpoint.path} does not fit this run "
+                                f"(layer {layer}: {e})") from None
     finally:
         checkpoint.close()
-    log.info("resuming from %s: %d of %d batches were done", saved, checkpoint.next_batch, run["n_batches"])
+    log.info("resuming from %s: %d of %d batches were done", checkpoint.path, checkpoint.next_batch,
+             checkpoint.run["n_batches"])
     return checkpoint.next_batch
 
 

@@ -108,7 +108,8 @@ def checked_state(state: Mapping[str, np.ndarray], name: str, like: np.ndarray |
     value = np.asarray(state[name])
     dtype = torch.empty(0, dtype=like.dtype).numpy().dtype if isinstance(like, torch.Tensor) else like.dtype
     if value.shape != tuple(like.shape) or value.dtype != dtype:
-        raise ValueError(f"the saved {name} is {value.dtype}{list(value.shape)}, this reducer's is {dtype}{list(like.shape)}")
+        raise ValueError(f"the saved {name} is {value.dtype}{list(value.shape)}, "
+                         f"this reducer's is {dtype}{list(like.shape)}")
     return value
 
 

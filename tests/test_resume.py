@@ -124,9 +124,11 @@ def test_the_first_difference_of_two_runs_is_said_as_the_option_that_makes_it():
     assert difference(run, {**run, "batch_size": 16}) == "checkpoint was recorded with --batch-size 8, this run has 16"
     assert difference(run, {**run, "refactor_glu": False}) == (
         "checkpoint was recorded with the weight convention refactor_glu, this run has --no-refactor-glu")
-    assert difference(run, {**run, "shard": "1/3"}) == "checkpoint was recorded with no --shard, this run has --shard 1/3"
+    assert difference(run, {**run, "shard": "1/3"}) == (
+        "checkpoint was recorded with no --shard, this run has --shard 1/3")
     # An option is named before the corpus fingerprint it also changes; a key without a flag by its name.
-    assert "--max-length 1024, this run has 512" in difference(run, {**run, "max_length": 512, "corpus_fingerprint": "b"})
+    assert "--max-length 1024, this run has 512" in difference(run, {**run, "max_length": 512,
+                                                                     "corpus_fingerprint": "b"})
     assert "over another corpus" in difference(run, {**run, "corpus_fingerprint": "b"})
     assert difference(run, {**run, "sample_seed": 3}) == "checkpoint was recorded with sample_seed 0, this run has 3"
 
