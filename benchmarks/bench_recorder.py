@@ -128,7 +128,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
-               compile=args.compile, reducer=args.reducer, progress=False, overwrite=True)
+               compile=args.compile, reducer=args.reducer, progress=False, overwrite=True, checkpoint_every=0)
     except LoopDone:
         pass
     finally:

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="record shard I of N (whole batches, every N-th from the I-th), for `gluscope merge`; "
                         "under torchrun each rank records its own shard and rank 0 merges them")
+    p.add_argument("--checkpoint-every", type=float, default=None, metavar="MINUTES",
+                   help="save the running state beside --out every MINUTES (fractions allowed; 0: never; default: "
+                        "every 10 min when the first batches say the run takes over 15 min)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint beside --out; it must be of the same model, corpus and options")
     p.add_argument("--overwrite", action="store_true")
     _add_corpus_options(p)
 
@@ -153,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"gluscope {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"gluscope {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its text, if any, says what survives (a checkpoint to resume from)
+        print(f"gluscope {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -93,6 +93,10 @@ def run_record(args: argparse.Namespace) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if shard is not None:
             raise UserError("--shard and torchrun do not mix: under torchrun every rank records its own shard")
+        if args.resume or args.checkpoint_every:
+            raise UserError("--resume and --checkpoint-every do not work under torchrun yet; record shards with "
+                            "--shard I/N to resume each alone")
+        args.checkpoint_every = 0
         return _record_distributed(args)
     with output_lock(args.out):
         _record(args, args.out, shard)
@@ -145,15 +149,25 @@ def run_merge(args: argparse.Namespace) -> None:
 
 
 def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, overwrite: bool | None = None) -> None:
-    import duckdb
-
-    from gluscope.recorder.corpus import is_corpus_folder, load_corpus, tokenizer_fingerprint
-    from gluscope.recorder.model import load_model
-    from gluscope.recorder.record import record
+    from gluscope.recorder.checkpoint import checkpoint_path, remove_stale_temporaries
 
     overwrite = args.overwrite if overwrite is None else overwrite
+    saved = checkpoint_path(out)
     if out.exists() and not overwrite:
+        if args.resume and saved.exists():  # killed between the database's rename and the checkpoint's removal
+            raise UserError(f"{out} already exists, so the run of {saved} finished; delete the checkpoint, "
+                            f"or pass --overwrite to write {out} again from it")
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise UserError("--checkpoint-every must not be negative (0 turns checkpoints off)")
+    if args.resume and not saved.exists():
+        raise UserError(f"--resume: there is no checkpoint {saved} (a run writes one with --checkpoint-every)")
+    if saved.exists() and not args.resume:
+        if not overwrite:
+            raise UserError(f"{saved} holds an interrupted run: pass --resume to continue it, "
+                            f"or --overwrite to start over")
+        saved.unlink()
+    remove_stale_temporaries(out)
     for name, value in (("--batch-size", args.batch_size), ("--k", args.k)):
         if value < 1:
             raise UserError(f"{name} must be at least 1")
@@ -163,6 +177,13 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
     dataset = args.dataset
     if dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
         raise UserError(f"--dataset {dataset}: no such file or folder")
+
+    # Imported after the checks above, which then answer in a second instead of after torch's import.
+    import duckdb
+
+    from gluscope.recorder.corpus import is_corpus_folder, load_corpus, tokenizer_fingerprint
+    from gluscope.recorder.model import load_model
+    from gluscope.recorder.record import record
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.name is not None and not args.name.strip():
@@ -181,7 +202,11 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
         record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
                k=args.k, window_before=args.window_before, window_after=args.window_after,
                refactor_glu=args.refactor_glu, compile=args.compile, reducer=args.reducer,
-               overwrite=overwrite, shard=shard)
+               overwrite=overwrite, shard=shard, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except KeyboardInterrupt:
+        if saved.exists():
+            raise KeyboardInterrupt(f"{saved} is kept: run the same command with --resume to continue") from None
+        raise
     except (OSError, duckdb.Error) as e:  # a full disk, a file-size limit: the writer has removed its file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot write {out} ({first[:200]}); nothing was left behind") from None

@@ -19,7 +19,10 @@ import torch
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import gluscope
-from gluscope.recorder.corpus import Corpus
+from gluscope.errors import UserError
+from gluscope.recorder.checkpoint import (Checkpoint, CheckpointSchedule, checkpoint_path, describe_run,
+                                          difference, load_checkpoint, save_checkpoint, weights_fingerprint)
+from gluscope.recorder.corpus import Corpus, tokenizer_fingerprint
 from gluscope.recorder.model import GatedModel
 from gluscope.recorder.reducer import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
 from gluscope.recorder.related import RelatedNeurons, related_neurons
@@ -39,11 +42,16 @@ COMPILE_AUTO_TOKENS = 1_000_000
 def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_size: int = 8, k: int = 16,
            window_before: int = 24, window_after: int = 2, refactor_glu: bool = True, compile: str = "auto",
            reducer: str = "auto", overwrite: bool = False, progress: bool = True,
-           shard: tuple[int, int] | None = None) -> Path:
+           shard: tuple[int, int] | None = None, checkpoint_every: float | None = None,
+           resume: bool = False) -> Path:
     """Record every neuron of every layer over `corpus` into the database `out`; return its path.
 
     shard: (index, count) records only that shard's batches (see shard_batches), with
     the texts' global ids; `gluscope merge` puts the shards together.
+
+    checkpoint_every: minutes between checkpoints beside `out` (checkpoint.py); 0: none;
+    None: CheckpointSchedule's default. resume: go on from that checkpoint, which must
+    describe this very run. The checkpoint is removed once `out` is complete.
 
     reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
     only), "torch" with reduce.py's tensor code (compiled per `compile`);
@@ -53,6 +61,21 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     batches = shard_batches(lengths, batch_size, shard)
     mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
     n_counted = int((lengths[mine] - 1).sum())
+    kind = choose_reducer(model.device, reducer)
+    # Compiling costs 20-60 s once; it pays on long runs.
+    compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
+    tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
+    meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
+                     shard=shard, k=k, window_before=window_before, window_after=window_after,
+                     refactor_glu=refactor_glu)
+    run = describe_run(meta, reducer=kind, compiled=compiled, device=model.device.type,
+                       shard=f"{shard[0]}/{shard[1]}" if shard else None, n_batches=len(batches),
+                       weights_fingerprint=weights_fingerprint(model),
+                       tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer))
+    saved = checkpoint_path(out)
+    # Checked before the weights' tokens, which take a minute for a large vocabulary.
+    checkpoint = _checkpoint_of(saved, run) if resume else None
+
     t = time.perf_counter()
     token_neurons = TokenNeurons(model.token_count(), device=model.device)
     weights = layer_weights(model, refactor_glu, progress, token_neurons)
@@ -60,23 +83,27 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     t = time.perf_counter()
     related = related_neurons(model, [w.sign for w in weights], progress=progress)
     log.info("related neurons in %.1f s", time.perf_counter() - t)
-    kind = choose_reducer(model.device, reducer)
-    # Compiling costs 20-60 s once; it pays on long runs.
-    compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
     setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=w.sign, act_fn=model.act_fn,
                          text_lengths=lengths) for w in weights]
     reducers = make_reducers(kind, setups, compiled)
+    first = _resume(checkpoint, reducers) if checkpoint else 0
+    schedule = CheckpointSchedule(checkpoint_every, sum(int((lengths[b] - 1).sum()) for b in batches[first:]))
+
+    def after_batch(done: int, tokens: int) -> None:
+        if done < len(batches) and schedule.due(tokens):
+            began = time.perf_counter()
+            size = save_checkpoint(saved, run, done, reducers)
+            schedule.written()
+            log.info("checkpoint after batch %d of %d: %.1f MB in %.2f s", done, len(batches), size / 1e6,
+                     time.perf_counter() - began)
 
     started = time.perf_counter()
-    _run(model, corpus, batches, reducers, progress)
+    _run(model, corpus, batches, reducers, progress, first, after_batch)
     elapsed = time.perf_counter() - started
     log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
              n_counted / max(elapsed, 1e-9), kind)
 
-    tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
-    meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
-                     shard=shard, k=k, window_before=window_before, window_after=window_after,
-                     refactor_glu=refactor_glu)
+    meta["created_at"] = _now()
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         writer.write_metadata(meta)
         writer.write_vocab(tokens_text, tokens_bytes)
@@ -84,7 +111,34 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
         _write_layers(writer, reducers, weights, progress)
         _write_finding(writer, token_neurons, related, model.d_mlp)
+    saved.unlink(missing_ok=True)
     return Path(out)
+
+
+def _checkpoint_of(saved: Path, run: dict) -> Checkpoint:
+    """The checkpoint `saved`, once it is known to be of this very run (else one line saying how it differs)."""
+    checkpoint = load_checkpoint(saved)
+    differs = difference(checkpoint.run, run)
+    if differs:
+        checkpoint.close()
+        raise UserError(f"--resume: {differs}")
+    return checkpoint
+
+
+def _resume(checkpoint: Checkpoint, reducers: list[LayerReducer]) -> int:
+    """Load the checkpoint into `reducers`; return the first batch left to do."""
+    try:
+        for layer, reducer in enumerate(reducers):
+            try:
+                reducer.load_state(checkpoint.layer_state(layer))
+            except (ValueError, KeyError) as e:
+                raise UserError(f"--resume: checkpoint {checkpoint.path} does not fit this run "
+                                f"(layer {layer}: {e})") from None
+    finally:
+        checkpoint.close()
+    log.info("resuming from %s: %d of %d batches were done", checkpoint.path, checkpoint.next_batch,
+             checkpoint.run["n_batches"])
+    return checkpoint.next_batch
 
 
 def _hooks(reducers: list[LayerReducer], current: dict) -> list[tuple[str, Callable]]:
@@ -135,22 +189,29 @@ def shard_batches(lengths: np.ndarray, batch_size: int, shard: tuple[int, int] |
     return batches[index::count]
 
 
-def _progress(total_tokens: int, enabled: bool):
+def _progress(total_tokens: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not enabled, smoothing=0.05,
-                desc="recording", dynamic_ncols=True)
+    return tqdm(total=total_tokens, initial=initial, unit="tok", unit_scale=True, disable=not enabled,
+                smoothing=0.05, desc="recording", dynamic_ncols=True)
 
 
 def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
-         progress: bool) -> None:
-    """Every text of `batches` through the model once, right-padded, each layer's activations to its reducer."""
+         progress: bool, first: int = 0, after_batch: Callable[[int, int], None] | None = None) -> None:
+    """Every text of batches[first:] through the model once, right-padded, each layer's activations to its reducer.
+
+    after_batch(batches done, tokens done since `first`) runs between batches, when every reducer holds whole batches.
+    """
     current: dict = {}  # shared by the hooks of one forward pass
     hooks = _hooks(reducers, current)
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
-    bar = _progress(sum(int((lengths[text_ids] - 1).sum()) for text_ids in batches), progress)
-    with torch.inference_mode(), model.native_attention():
-        for text_ids in batches:
+    counted = [int((lengths[text_ids] - 1).sum()) for text_ids in batches]
+    done = 0
+    # The bar as a context: an interrupt closes it before the one-line message, which then is the last line.
+    with _progress(sum(counted), progress, initial=sum(counted[:first])) as bar, torch.inference_mode(), \
+            model.native_attention():
+        for b in range(first, len(batches)):
+            text_ids = batches[b]
             batch_lengths = lengths[text_ids]
             tokens = np.full((len(text_ids), int(batch_lengths.max())), pad_id, dtype=np.int64)
             for row, i in enumerate(text_ids):
@@ -160,18 +221,21 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
             # tokens never attend to the pads after them.
             model.bridge.run_with_hooks(torch.from_numpy(tokens).to(model.device), return_type=None,
                                         fwd_hooks=hooks)
-            bar.update(int((batch_lengths - 1).sum()))
-    bar.close()
+            bar.update(counted[b])
+            done += counted[b]
+            if after_batch is not None:
+                after_batch(b + 1, done)
 
 
 def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights: list[LayerWeights],
                   progress: bool = False) -> None:
     from tqdm.auto import tqdm
 
-    for layer, w in tqdm(list(enumerate(weights)), desc="writing", unit="layer", disable=not progress,
-                         dynamic_ncols=True):
-        writer.write_layer(layer, LayerResult(**vars(reducers[layer].finish()), **w.result_fields()))
-        reducers[layer] = None  # free its memory before the next layer's finishing copies
+    with tqdm(total=len(weights), desc="writing", unit="layer", disable=not progress, dynamic_ncols=True) as bar:
+        for layer, w in enumerate(weights):
+            writer.write_layer(layer, LayerResult(**vars(reducers[layer].finish()), **w.result_fields()))
+            reducers[layer] = None  # free its memory before the next layer's finishing copies
+            bar.update()
     reducers.clear()
 
 
@@ -182,6 +246,10 @@ def _write_finding(writer: DatabaseWriter, token_neurons: TokenNeurons, related:
     writer.write_example_tokens()
 
 
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
 def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: int, texts: np.ndarray,
               batch_size: int, shard: tuple[int, int] | None, k: int, window_before: int, window_after: int,
               refactor_glu: bool) -> dict:
@@ -189,7 +257,7 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
     return {
         "schema_version": SCHEMA_VERSION,
         "tool_version": gluscope.__version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
+        "created_at": _now(),
         "model_name": model.name,
         "model_source": model.source or model.name,
         "model_revision": model.revision,

@@ -10,12 +10,12 @@ of the naive 16 masks.
 from __future__ import annotations
 
 from functools import cache
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, finish_layer
+from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
 from gluscope.recorder.rules import (ACT, LIST_SIGNS, N_HOOKS, N_LISTS, N_QUADRANTS, POST, QUADRANT_SIGNS, X_GATE, X_IN,
                                      key_magnitude, list_index, magnitude_key, position_tie, text_tie, tie_position,
                                      window_bounds)
@@ -108,6 +108,10 @@ def _compiled_reduce_batch() -> Callable:
 class TensorReducer:
     """A LayerReducer as tensors on the model's device. Lists are [k, 16, n], slots unordered until finish."""
 
+    # The attributes that hold the running state: a checkpoint saves and restores exactly these
+    # (state/load_state), so a new statistic's tensor is checkpointed by naming it here.
+    STATE = ("keys", "magnitude", "text", "pos", "win_gate", "win_in", "counts", "near", "total")
+
     def __init__(self, setup: LayerSetup, compiled: bool = False) -> None:
         self.setup = setup
         self.reduce_fn = _compiled_reduce_batch() if compiled else reduce_batch
@@ -124,6 +128,14 @@ class TensorReducer:
         self.counts = full((N_QUADRANTS, n), 0, torch.int64)
         self.near = full((N_LISTS, n), float("inf"), torch.float32)
         self.total = full((N_LISTS, n), 0, torch.float64)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        for name in self.STATE:
+            like = getattr(self, name)
+            setattr(self, name, torch.from_numpy(checked_state(state, name, like)).to(like.device))
 
     def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
         x_gate = x_gate.float()

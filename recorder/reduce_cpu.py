@@ -30,13 +30,14 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 
 from gluscope.cache import cache_dir
 from gluscope.recorder import rules
-from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, finish_layer
+from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
 from gluscope.recorder.writer import LayerStatistics
 
 log = logging.getLogger("gluscope.record")
@@ -48,7 +49,8 @@ _f32, _i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
 
 # The layer's state, which the kernel updates in place: (name, C type, shape, initial value). Dimensions: n
 # neurons, Q = 4 quadrants, L = 16 lists, k examples per list, W window slots. Names that ReducedLayer also has
-# are handed to it as they are; a new statistic of the kernel is one row here and its code in the .cpp.
+# are handed to it as they are; a new statistic of the kernel is one row here and its code in the .cpp (a checkpoint
+# saves and restores every row: KernelReducer.state).
 STATE = (
     ("counts", ctypes.c_int64, "n Q", 0),
     ("near", ctypes.c_float, "n L", np.inf),      # the smallest |value|
@@ -223,10 +225,18 @@ class KernelReducer:
         self.buffer = buffer
         self.sign = _contiguous_f32(setup.sign)
         sizes = {"n": setup.n, "Q": rules.N_QUADRANTS, "L": rules.N_LISTS, "k": setup.k, "W": setup.window}
-        self.state = {name: np.full([sizes[d] for d in dims.split()], initial, np.dtype(ctype))
-                      for name, ctype, dims, initial in STATE}
+        self.arrays = {name: np.full([sizes[d] for d in dims.split()], initial, np.dtype(ctype))
+                       for name, ctype, dims, initial in STATE}
         # Entries move as better ones enter, windows never do: each entry carries the row of its window.
-        self.state["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
+        self.arrays["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return dict(self.arrays)
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        for name, _, _, _ in STATE:
+            # In place: the arrays' memory is what the kernel is handed.
+            self.arrays[name][...] = checked_state(state, name, self.arrays[name])
 
     def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
         x_gate, x_in = _contiguous_f32(x_gate), _contiguous_f32(x_in)
@@ -235,11 +245,11 @@ class KernelReducer:
             x_gate=x_gate, x_in=x_in, act=self.buffer.act(self.setup.act_fn, x_gate), sign=self.sign,
             lengths=batch.lengths, text_ids=batch.text_ids, batch=B, seq_len=T, n=n,
             before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
-            n_threads=torch.get_num_threads(), **self.state)
+            n_threads=torch.get_num_threads(), **self.arrays)
         load_kernel().gluscope_reduce_update(ctypes.byref(args))
 
     def finish(self) -> LayerStatistics:
-        state = self.state
+        state = self.arrays
         # Windows sit in slot order; put them in the order of their entries.
         n, lists, k, window = state["win_gate"].shape
         rows = (np.arange(n * lists)[:, None] * k + state["top_slot"].reshape(-1, k)).reshape(-1)

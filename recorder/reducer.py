@@ -9,7 +9,8 @@ one layout, and `finish_layer` turns that into the writer's
 A new per-neuron statistic goes: its parameters, if both reducers need them
 (bin edges, say), into rules.py, whose c_header() hands them to the kernel;
 its per-batch reduction into reduce.py (reduce_batch and TensorReducer) and
-kernels/reduce_cpu.cpp (with one STATE row in reduce_cpu.py); one
+kernels/reduce_cpu.cpp (with one STATE row in reduce_cpu.py, and its tensor
+named in TensorReducer.STATE: checkpoints save what these declare); one
 ReducedLayer field here and its conversion in finish_layer; one
 LayerStatistics field and its rows in writer.py; its table in schema.sql.
 """
@@ -17,7 +18,7 @@ LayerStatistics field and its rows in writer.py; its table in schema.sql.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -92,6 +93,24 @@ class LayerReducer(Protocol):
 
     def finish(self) -> LayerStatistics:
         """The layer's statistics, via finish_layer."""
+
+    def state(self) -> dict[str, np.ndarray | torch.Tensor]:
+        """The running state, by the names the reducer declares (a checkpoint saves this)."""
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Continue from a state() saved earlier by a reducer of the same kind and setup."""
+
+
+def checked_state(state: Mapping[str, np.ndarray], name: str, like: np.ndarray | torch.Tensor) -> np.ndarray:
+    """state[name] as an array of `like`'s shape and dtype; ValueError naming the field otherwise."""
+    if name not in state:
+        raise ValueError(f"the saved state lacks {name}")
+    value = np.asarray(state[name])
+    dtype = torch.empty(0, dtype=like.dtype).numpy().dtype if isinstance(like, torch.Tensor) else like.dtype
+    if value.shape != tuple(like.shape) or value.dtype != dtype:
+        raise ValueError(f"the saved {name} is {value.dtype}{list(value.shape)}, "
+                         f"this reducer's is {dtype}{list(like.shape)}")
+    return value
 
 
 def finish_layer(r: ReducedLayer, setup: LayerSetup) -> LayerStatistics:
