@@ -155,6 +155,7 @@ class Database:
     texts: Texts
     neurons: NeuronTable | None  # None in reader processes: no view they run reads it
     con: duckdb.DuckDBPyConnection
+    bin_edges: dict[str, list[float | None]] = field(default_factory=dict)  # histogram_bins per axis (load_bin_edges)
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
     _prepared: set[str] = field(default_factory=set, repr=False)
 
@@ -184,6 +185,20 @@ class Database:
             self._prepared.add(name)
         values = ", ".join(str(operator.index(a)) for a in args)
         return self.con.execute(f"EXECUTE {name}({values})").fetchnumpy()
+
+
+def load_bin_edges(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, list[float | None]]:
+    """The edges of each axis of histogram_bins: bin i holds edges[i] <= v < edges[i+1], None an open end."""
+    rows: dict[str, list[tuple[int, float | None, float | None]]] = {}
+    for axis, b, lo, hi in con.execute(queries.HISTOGRAM_BINS).fetchall():
+        rows.setdefault(axis, []).append((b, lo, hi))
+    edges = {}
+    for axis, bins in rows.items():
+        if [b for b, _, _ in bins] != list(range(len(bins))) or any(
+                bins[i][2] != bins[i + 1][1] for i in range(len(bins) - 1)):
+            raise DatabaseFileError(f"{path}: histogram_bins axis {axis!r} is not one run of adjacent bins 0, 1, ...")
+        edges[axis] = [lo for _, lo, _ in bins] + [bins[-1][2]]
+    return edges
 
 
 def slugify(text: str) -> str:
@@ -253,7 +268,7 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
                   offsets=offsets, ids=ids)
     neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"])) if neuron_table else None
     return Database(path=path, id="", meta=meta, vocab=Vocabulary([t for t, _ in vocab], [bytes(b) for _, b in vocab]),
-                    texts=texts, neurons=neurons, con=con)
+                    texts=texts, neurons=neurons, con=con, bin_edges=load_bin_edges(con, path))
 
 
 def _check_size(con: duckdb.DuckDBPyConnection, path: Path) -> None:
