@@ -106,19 +106,7 @@ def histogram_svg(counts: Sequence[int], slot: np.ndarray, lows: np.ndarray, hig
            f'width="{width}" height="{height}" role="img">',
            f"<title>{_text(caption)}</title>"]
     x_of = lambda s: left + (s - first) * bw  # noqa: E731
-    # Bands (the intervals) behind the bars, each a link; a transparent copy on top takes the clicks.
-    for i, b in enumerate(bands):
-        x0 = x_of(int(np.searchsorted(lows, b.lo)))
-        x1 = x_of(stop if b.hi is None else int(np.searchsorted(lows, b.hi)))
-        x0, x1 = max(x0, left), min(x1, left + pw)
-        if x1 <= x0:
-            continue
-        out.append(f'<a href="{_text(b.href)}" class="interval" data-interval="{i}"><title>{_text(b.label)}</title>'
-                   f'<rect class="band band-{i % 2}" x="{_n(x0)}" y="{top}" width="{_n(x1 - x0)}" height="{ph}"/>'
-                   f'<rect class="band-key" x="{_n(x0)}" y="{top + ph + 20}" width="{_n(x1 - x0)}" height="6"/>'
-                   f'<rect class="hit" x="{_n(x0)}" y="{top}" width="{_n(x1 - x0)}" height="{ph + 26}"/></a>')
-    sign_text = "−" if sign < 0 else ""
-    out.append(f'<g class="bar q-{slug}">')
+    bars = {}
     for j, c in enumerate(shown.tolist()):
         if not c:
             continue
@@ -126,9 +114,23 @@ def histogram_svg(counts: Sequence[int], slot: np.ndarray, lows: np.ndarray, hig
         s = first + j
         hi = highs[s]
         rng = f"[{edge_label(lows[s])}, {edge_label(None if math.isinf(hi) else hi)})"
-        out.append(f'<rect x="{x_of(s) + 0.4:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 0.8, 0.6):.1f}" '
+        bars[s] = (f'<rect x="{x_of(s) + 0.4:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 0.8, 0.6):.1f}" '
                    f'height="{h:.1f}"><title>|value| in {_text(rng)}: {c:,} tokens</title></rect>')
-    out.append("</g>")
+    # Each band (an interval) is a link holding its background, its key under the axis and its bars: a click
+    # anywhere on it opens the interval's examples, and each bar keeps its own tooltip.
+    for i, b in enumerate(bands):
+        s0 = int(np.searchsorted(lows, b.lo))
+        s1 = stop if b.hi is None else int(np.searchsorted(lows, b.hi))
+        x0, x1 = max(x_of(s0), left), min(x_of(s1), left + pw)
+        inside = "".join(bars.pop(s) for s in sorted(bars) if s0 <= s < s1)
+        if x1 <= x0:
+            continue
+        out.append(f'<a href="{_text(b.href)}" class="interval" data-interval="{i}"><title>{_text(b.label)}</title>'
+                   f'<rect class="band band-{i % 2}" x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{ph}"/>'
+                   f'<rect class="band-key" x="{x0:.1f}" y="{top + ph + 20}" width="{x1 - x0:.1f}" height="6"/>'
+                   f'<g class="bar q-{slug}">{inside}</g></a>')
+    sign_text = "−" if sign < 0 else ""
+    out.append(f'<g class="bar q-{slug}">{"".join(bars[s] for s in sorted(bars))}</g>')
     # Axes: ticks at octaves, labelled every few so that they stay apart.
     out.append(f'<path class="axis" d="M{left},{top}V{top + ph}H{left + pw}"/>')
     octaves = [(s, int(math.log2(lows[s]))) for s in range(first, stop + 1)
@@ -301,7 +303,7 @@ def scatter_png(x: np.ndarray, y: np.ndarray, frame: ScatterFrame, rgb: tuple[in
         for dy in (-1, 0, 1):
             xs, ys = np.clip(cx + dx, 0, w - 1), np.clip(cy + dy, 0, h - 1)
             np.add.at(ink, (ys, xs), 1.0 if dx == dy == 0 else 0.5)
-    coverage = 1.0 - np.exp(-0.9 * ink)  # one dot is clearly dark; a pile saturates instead of clipping
+    coverage = 1.0 - np.exp(-1.4 * ink)  # one dot is clearly dark; a pile saturates instead of clipping
     img = np.full((h, w, 3), 255.0, np.float32)
     grid = np.zeros((h, w), bool)
     for _, gx in frame.x_ticks():

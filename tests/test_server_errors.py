@@ -28,6 +28,11 @@ def _templates(m: str) -> list[str]:
         "/api/models/{m}/layers/0?offset={x}", "/api/models/{m}/layers/0?limit={x}", "/api/models/{m}/layers/0?order={x}",
         "/models/{m}/neurons/{x}/1", "/models/{m}/neurons/1/{x}.json", "/models/{m}/texts/0?position={x}",
         "/models/{m}/neurons/0/0/examples?quadrant=pp&hook=act&colour={x}", "/-/jump?model={m}&to={x}",
+        "/api/models/{m}/neurons/0/0/examples?quadrant=pp&hook=act&kind={x}",
+        "/api/models/{m}/neurons/0/0/examples?quadrant=pp&hook=act&kind=interval&interval={x}",
+        "/api/models/{m}/neurons/{x}/{x}/histograms", "/models/{m}/neurons/0/0/histograms?hook={x}",
+        "/api/models/{m}/layers/{x}/scatter", "/models/{m}/layers/{x}/scatter.png",
+        "/models/{m}/layers/0/scatter/click?x={x}&y={x}", "/models/{m}?scatter={x}",
         "/models/{x}/random", "/models/{m}/{x}",
     ]
 
