@@ -3,10 +3,10 @@
 SVG is written here as text, so every piece of text that goes into it passes
 through `_text` (markupsafe's escape): a label may one day hold a token or a
 model's name, and an SVG inlined in a page runs a <script> like HTML does.
-The PNG is drawn with NumPy and compressed with zlib: a layer's 11k-30k
-points cost a few milliseconds, and the page works without JavaScript (an
-<input type="image"> sends the click's pixel, and the server finds the
-nearest neuron; see views.scatter_click).
+The PNG is drawn with NumPy and compressed with zlib: 30k points take
+17-26 ms and 48 KB here (benchmarks/bench_scatter.py), and the page works
+without JavaScript (an <input type="image"> sends the click's pixel, and
+the server finds the nearest neuron; see views.scatter_click).
 """
 
 from __future__ import annotations
@@ -295,38 +295,54 @@ def scatter_frame(x: np.ndarray, y: np.ndarray, width: int = 640, height: int = 
 def scatter_png(x: np.ndarray, y: np.ndarray, frame: ScatterFrame, rgb: tuple[int, int, int] = (29, 35, 42)) -> bytes:
     """The points as dots of 3x3 pixels on white, darker where they pile up, with grid lines at the ticks."""
     h, w = frame.height, frame.width
-    ink = np.zeros((h, w), np.float32)
     px, py = frame.to_pixels(x, y)
     ok = np.isfinite(px) & np.isfinite(py)
-    cx, cy = np.rint(px[ok]).astype(np.int64), np.rint(py[ok]).astype(np.int64)
-    for dx in (-1, 0, 1):
-        for dy in (-1, 0, 1):
-            xs, ys = np.clip(cx + dx, 0, w - 1), np.clip(cy + dy, 0, h - 1)
-            np.add.at(ink, (ys, xs), 1.0 if dx == dy == 0 else 0.5)
-    coverage = 1.0 - np.exp(-1.4 * ink)  # one dot is clearly dark; a pile saturates instead of clipping
-    img = np.full((h, w, 3), 255.0, np.float32)
-    grid = np.zeros((h, w), bool)
+    cx = np.clip(np.rint(px[ok]).astype(np.int64), 0, w - 1)
+    cy = np.clip(np.rint(py[ok]).astype(np.int64), 0, h - 1)
+    # Points per pixel (bincount: np.add.at took 140 ms for 30k points), then each spread over a 3x3 dot by
+    # adding shifted copies: a point weighs 1 at its pixel and 0.5 around it.
+    hits = np.bincount(cy * w + cx, minlength=h * w).reshape(h, w).astype(np.float32)
+    padded = np.pad(hits, 1)
+    ink = hits * 0.5
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            ink += 0.5 * padded[dy:dy + h, dx:dx + w]
+    # One dot is clearly dark, a pile saturates instead of clipping: LEVELS shades of it per kind of
+    # background pixel (plain, grid line, frame), written as a palette image, one byte a pixel.
+    level = np.rint((LEVELS - 1) * (1.0 - np.exp(-1.4 * ink))).astype(np.uint8)
+    background = np.zeros((h, w), np.uint8)
     for _, gx in frame.x_ticks():
-        grid[frame.top:frame.top + frame.plot_height, int(round(gx))] = True
+        background[frame.top:frame.top + frame.plot_height, int(round(gx))] = 1
     for _, gy in frame.y_ticks():
-        grid[int(round(gy)), frame.left:frame.left + frame.plot_width] = True
-    img[grid] = (232, 235, 238)
+        background[int(round(gy)), frame.left:frame.left + frame.plot_width] = 1
     l, t, r, b = frame.left, frame.top, frame.left + frame.plot_width - 1, frame.top + frame.plot_height - 1
-    img[t:b + 1, [l, r]] = img[[t, b], l:r + 1] = (160, 168, 176)
-    img = img * (1 - coverage[..., None]) + np.asarray(rgb, np.float32) * coverage[..., None]
-    return encode_png(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+    background[t:b + 1, [l, r]] = 2
+    background[[t, b], l:r + 1] = 2
+    paper = np.array([(255, 255, 255), (232, 235, 238), (160, 168, 176)], np.float32)
+    k = np.arange(LEVELS, dtype=np.float32)[None, :, None] / (LEVELS - 1)
+    palette = np.rint(paper[:, None, :] + (np.asarray(rgb, np.float32) - paper[:, None, :]) * k).astype(np.uint8)
+    background *= LEVELS
+    background += level
+    return encode_png(background, palette.reshape(-1, 3))
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG of an [h, w, 3] uint8 array (filter 0 on every row: small enough for flat plots)."""
-    h, w, _ = rgb.shape
-    raw = np.zeros((h, 1 + 3 * w), np.uint8)
-    raw[:, 1:] = rgb.reshape(h, 3 * w)
+LEVELS = 85  # shades per background: 3 x 85 = 255 palette entries
+# zlib's level 1: on a flat plot it takes a fraction of level 6's time for a file a little larger.
+ZLIB_LEVEL = 1
+
+
+def encode_png(index: np.ndarray, palette: np.ndarray) -> bytes:
+    """An 8-bit palette PNG of an [h, w] uint8 array of indexes into palette ([n <= 256, 3] uint8), filter 0 on
+    every row (small enough for flat plots)."""
+    h, w = index.shape
+    raw = np.zeros((h, 1 + w), np.uint8)
+    raw[:, 1:] = index
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+            + chunk(b"PLTE", palette.astype(np.uint8).tobytes())
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), ZLIB_LEVEL)) + chunk(b"IEND", b""))
 
 
 def nearest(px: np.ndarray, py: np.ndarray, x: float, y: float) -> int:

@@ -289,23 +289,25 @@ def test_model_page_correlation_equals_numpy(client, con, model_id, n_tokens):
 
 
 def _png(data: bytes) -> np.ndarray:
-    """Decode an 8-bit RGB PNG with filter 0 rows (what the server writes), by the spec, for the test."""
+    """Decode an 8-bit palette PNG with filter-0 rows (what the server writes), by the spec, to [h, w, 3] RGB."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    at, idat, size = 8, b"", None
+    at, idat, size, palette = 8, b"", None, None
     while at < len(data):
         (n,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
         chunk = data[at + 8:at + 8 + n]
         assert struct.unpack(">I", data[at + 8 + n:at + 12 + n])[0] == zlib.crc32(kind + chunk)
         if kind == b"IHDR":
             size = struct.unpack(">II", chunk[:8])
-            assert chunk[8:] == bytes([8, 2, 0, 0, 0])
+            assert chunk[8:] == bytes([8, 3, 0, 0, 0])
+        elif kind == b"PLTE":
+            palette = np.frombuffer(chunk, np.uint8).reshape(-1, 3)
         elif kind == b"IDAT":
             idat += chunk
         at += 12 + n
     w, h = size
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
-    assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape(h, w, 3)
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w)
+    assert (raw[:, 0] == 0).all() and raw[:, 1:].max() < len(palette)
+    return palette[raw[:, 1:]]
 
 
 def test_scatter_json_png_and_a_click(client, con, model_id, n_tokens):
