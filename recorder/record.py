@@ -20,7 +20,9 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import gluscope
 from gluscope.recorder.corpus import Corpus
+from gluscope.recorder import rules
 from gluscope.recorder.model import GatedModel
+from gluscope.recorder.reduce import Calibration, enabled_distributions
 from gluscope.recorder.reducer import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
 from gluscope.recorder.vocab import vocabulary
 from gluscope.recorder.weights import LayerWeights, layer_weights
@@ -37,7 +39,8 @@ COMPILE_AUTO_TOKENS = 1_000_000
 def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_size: int = 8, k: int = 16,
            window_before: int = 24, window_after: int = 2, refactor_glu: bool = True, compile: str = "auto",
            reducer: str = "auto", overwrite: bool = False, progress: bool = True,
-           shard: tuple[int, int] | None = None) -> Path:
+           shard: tuple[int, int] | None = None, sample_seed: int = 0,
+           calibration_batches: int = rules.CALIBRATION_BATCHES) -> Path:
     """Record every neuron of every layer over `corpus` into the database `out`; return its path.
 
     shard: (index, count) records only that shard's batches (see shard_batches), with
@@ -46,6 +49,10 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
     only), "torch" with reduce.py's tensor code (compiled per `compile`);
     "auto" takes the kernel on the CPU where it builds.
+
+    sample_seed seeds the hash that picks the sampled examples; the intervals of |hook_post| they are drawn
+    from are calibrated on the whole run's first `calibration_batches` batches (rules.interval_bounds), so
+    every shard computes the same bounds.
     """
     lengths = corpus.lengths
     batches = shard_batches(lengths, batch_size, shard)
@@ -55,8 +62,11 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     kind = choose_reducer(model.device, reducer)
     # Compiling costs 20-60 s once; it pays on long runs.
     compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
+    calibration = _batches(lengths, batch_size)[:calibration_batches]
+    bounds = _calibrate(model, corpus, calibration, weights, progress)
     setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=w.sign, act_fn=model.act_fn,
-                         text_lengths=lengths) for w in weights]
+                         text_lengths=lengths, layer=layer, seed=sample_seed, bounds=bounds[layer])
+              for layer, w in enumerate(weights)]
     reducers = make_reducers(kind, setups, compiled)
 
     started = time.perf_counter()
@@ -68,14 +78,26 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
     meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
                      shard=shard, k=k, window_before=window_before, window_after=window_after,
-                     refactor_glu=refactor_glu)
+                     refactor_glu=refactor_glu, sample_seed=sample_seed, calibration_batches=len(calibration))
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         writer.write_metadata(meta)
+        writer.write_histogram_bins()
         writer.write_vocab(tokens_text, tokens_bytes)
         writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
         _write_layers(writer, reducers, weights, progress)
     return Path(out)
+
+
+def _calibrate(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], weights: list[LayerWeights],
+               progress: bool) -> list[np.ndarray | None]:
+    """Per layer, the interval bounds [n, 4, 3] from a pass over `batches` (None: the defaults, no batches)."""
+    if not batches or "calibration" not in enabled_distributions():
+        return [None] * len(weights)
+    calibrations = [Calibration(w.sign, model.act_fn) for w in weights]
+    log.info("calibrating the intervals of |hook_post| on %d batches", len(batches))
+    _run(model, corpus, batches, calibrations, progress, desc="calibrating")
+    return [c.bounds() for c in calibrations]
 
 
 def _hooks(reducers: list[LayerReducer], current: dict) -> list[tuple[str, Callable]]:
@@ -126,20 +148,20 @@ def shard_batches(lengths: np.ndarray, batch_size: int, shard: tuple[int, int] |
     return batches[index::count]
 
 
-def _progress(total_tokens: int, enabled: bool):
+def _progress(total_tokens: int, enabled: bool, desc: str = "recording"):
     from tqdm.auto import tqdm
     return tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not enabled, smoothing=0.05,
-                desc="recording", dynamic_ncols=True)
+                desc=desc, dynamic_ncols=True)
 
 
 def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
-         progress: bool) -> None:
+         progress: bool, desc: str = "recording") -> None:
     """Every text of `batches` through the model once, right-padded, each layer's activations to its reducer."""
     current: dict = {}  # shared by the hooks of one forward pass
     hooks = _hooks(reducers, current)
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
-    bar = _progress(sum(int((lengths[text_ids] - 1).sum()) for text_ids in batches), progress)
+    bar = _progress(sum(int((lengths[text_ids] - 1).sum()) for text_ids in batches), progress, desc)
     with torch.inference_mode(), model.native_attention():
         for text_ids in batches:
             batch_lengths = lengths[text_ids]
@@ -168,7 +190,7 @@ def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights:
 
 def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: int, texts: np.ndarray,
               batch_size: int, shard: tuple[int, int] | None, k: int, window_before: int, window_after: int,
-              refactor_glu: bool) -> dict:
+              refactor_glu: bool, sample_seed: int, calibration_batches: int) -> dict:
     lengths = corpus.lengths
     return {
         "schema_version": SCHEMA_VERSION,
@@ -205,9 +227,8 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
             "refactor_glu: w_in and w_out of each neuron multiplied by sign(w_gate . w_in), so cos(w_gate, w_in) >= 0"
             if refactor_glu else "raw weights as published"
         ),
-        # Placeholders until the sampled examples (#11) are recorded; the tables stay empty meanwhile.
-        "sample_seed": 0,
-        "n_random": 8,
-        "n_per_interval": 4,
-        "calibration_batches": 0,
+        "sample_seed": sample_seed,
+        "n_random": rules.N_RANDOM,
+        "n_per_interval": rules.N_PER_INTERVAL,
+        "calibration_batches": calibration_batches,
     }

@@ -227,6 +227,8 @@ class KernelReducer:
                       for name, ctype, dims, initial in STATE}
         # Entries move as better ones enter, windows never do: each entry carries the row of its window.
         self.state["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
+        from gluscope.recorder.reduce import TensorDistributions
+        self.distributions = TensorDistributions(setup)
 
     def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
         x_gate, x_in = _contiguous_f32(x_gate), _contiguous_f32(x_in)
@@ -237,6 +239,7 @@ class KernelReducer:
             before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
             n_threads=torch.get_num_threads(), **self.state)
         load_kernel().gluscope_reduce_update(ctypes.byref(args))
+        self.distributions.update(x_gate, x_in * self.setup.sign, self.buffer.act(self.setup.act_fn, x_gate), batch)
 
     def finish(self) -> LayerStatistics:
         state = self.state
@@ -246,7 +249,8 @@ class KernelReducer:
 
         def by_entry(bits: np.ndarray) -> np.ndarray:
             return bits.reshape(-1, window).take(rows, axis=0).reshape(bits.shape).view(np.float16)
-        handed = {f.name: state[f.name] for f in dataclasses.fields(ReducedLayer)}
+        handed = {f.name: state[f.name] for f in dataclasses.fields(ReducedLayer) if f.name in state}
+        handed.update(self.distributions.finish())
         handed.update(win_gate=by_entry(state["win_gate"]), win_in=by_entry(state["win_in"]))
         return finish_layer(ReducedLayer(**handed), self.setup)
 

@@ -22,6 +22,11 @@ TABLES = {
     "examples": "layer, neuron, quadrant, hook, rank",
     "windows": "layer, neuron, text_id, position",
     "weight_tokens": "layer, neuron, kind, rank",
+    "histogram_bins": "axis, bin",
+    "histograms": "layer, neuron, quadrant, hook, bin",
+    "density": "layer, neuron, gate_bin, in_bin",
+    "intervals": "layer, neuron, quadrant, interval",
+    "samples": "layer, neuron, quadrant, kind, interval, rank",
 }
 OPTIONS = ("--max-length", "40", "--batch-size", "3", "--k", "4", "--device", "cpu", "--compile", "off")
 
