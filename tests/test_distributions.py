@@ -367,3 +367,18 @@ def test_sample_fragments_and_tabs(client, model_id, kind):
         assert fragment.count('<li class="ex-group">') == len(groups)
     page = client.get(f"{base}&kind={kind}").text
     assert page.startswith("<!doctype html>") and page.count('<li class="ex">') == len(data["examples"])
+
+
+@pytest.mark.parametrize("page,api", [
+    ("/models/{m}/neurons/1/42/histograms.json", "/api/models/{m}/neurons/1/42/histograms"),
+    ("/models/{m}/neurons/0/5/examples.json?quadrant=np&hook=act&kind=interval&interval=1",
+     "/api/models/{m}/neurons/0/5/examples?quadrant=np&hook=act&kind=interval&interval=1"),
+    ("/models/{m}/layers/1/scatter.json", "/api/models/{m}/layers/1/scatter"),
+])
+def test_new_pages_have_json_twins(client, model_id, page, api):
+    twin, direct = client.get(page.format(m=model_id)), client.get(api.format(m=model_id))
+    assert twin.status_code == direct.status_code == 200 and twin.json() == direct.json()
+    html = client.get(page.format(m=model_id).replace(".json", "", 1))
+    assert html.headers["content-type"].startswith("text/html") and 'rel="alternate"' in html.headers["link"]
+    negotiated = client.get(page.format(m=model_id).replace(".json", "", 1), headers={"Accept": "application/json"})
+    assert negotiated.json() == direct.json()
