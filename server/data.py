@@ -287,9 +287,10 @@ def histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     bounds = sorted(zip(c["quadrant"][sel].tolist(), c["a"][sel].tolist(), c["lo"][sel].tolist(),
                         [None if m else v for m, v in zip(hi_null.tolist(), c["hi"][sel].tolist())]))
     post = HISTOGRAM_HOOKS.index("hook_post")
+    magnitudes = _bin_magnitudes(edges)
     quadrants = []
     for qi, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
-        intervals = [{"interval": i, "lo": _num(lo), "hi": _num(hi), "count": _interval_count(hist[qi, post], edges, lo, hi)}
+        intervals = [{"interval": i, "lo": _num(lo), "hi": _num(hi), "count": _interval_count(hist[qi, post], magnitudes, lo, hi)}
                      for qq, i, lo, hi in bounds if qq == qi]
         quadrants.append({"quadrant": label, "slug": slug, "count": int(counts[qi]),
                           "frequency": int(counts[qi]) / n_tokens if n_tokens else None, "intervals": intervals})
@@ -303,53 +304,29 @@ def _nonempty(counts: np.ndarray) -> tuple[int, int]:
     return (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
 
 
-def _interval_count(counts: np.ndarray, edges: list[float | None], lo: float, hi: float | None) -> int | None:
+def _bin_magnitudes(edges: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each signed bin's range of |value|: (inner, outer), outer inf for an open bin."""
+    e = np.array([np.nan if v is None else v for v in edges], np.float64)
+    a, b = np.abs(e[:-1]), np.abs(e[1:])
+    open_lo, open_hi = np.isnan(e[:-1]), np.isnan(e[1:])
+    inner = np.where(open_lo, b, np.where(open_hi, a, np.minimum(a, b)))
+    outer = np.where(open_lo | open_hi, np.inf, np.maximum(a, b))
+    return inner, outer
+
+
+def _interval_count(counts: np.ndarray, magnitudes: tuple[np.ndarray, np.ndarray], lo: float,
+                    hi: float | None) -> int | None:
     """Tokens with |hook_post| in [lo, hi), from the histogram: exact, since interval bounds are bin edges
     (schema.sql); None where a bound falls inside a bin that holds tokens."""
     if not len(counts):
         return 0
-    e = np.array([np.nan if v is None else v for v in edges], np.float64)
-    a, b = np.abs(e[:-1]), np.abs(e[1:])
-    inner, outer = np.fmin(a, b), np.fmax(a, b)  # each bin's |value| range; NaN (open) ends are ignored by fmin/fmax
-    inner = np.where(np.isnan(e[:-1]) | np.isnan(e[1:]), np.where(np.isnan(e[:-1]), b, a), inner)
-    outer = np.where(np.isnan(e[:-1]) | np.isnan(e[1:]), np.inf, outer)
+    inner, outer = magnitudes
     top = np.inf if hi is None else hi
     inside = (inner >= lo) & (outer <= top)
-    straddles = (inner < lo) & (outer > lo) | (inner < top) & (outer > top)
+    straddles = ((inner < lo) & (outer > lo)) | ((inner < top) & (outer > top))
     if (counts[straddles] > 0).any():
         return None
     return int(counts[inside].sum())
-
-
-def text_data(db: Database, text_id: int) -> dict[str, Any]:
-    check_index("text_id", text_id, db.n_texts)
-    ids = db.texts.token_ids(text_id).tolist()
-    return {"model": db.id, "text_id": text_id, "source_index": int(db.texts.source_index[text_id]),
-            "source": db.texts.source[text_id],
-            "token_ids": ids, "tokens": [db.vocab.token(i) for i in ids], "text": db.vocab.decode(ids[1:])}
-
-
-def text_parts(db: Database, ids: list[int], position: int | None) -> tuple[str, str, str]:
-    """The decoded text split around the marked token (the BOS at position 0 adds nothing)."""
-    decode = db.vocab.decode
-    if position is None or position == 0:
-        return decode(ids[1:]), "", ""
-    return decode(ids[1:position]), decode(ids[position:position + 1]), decode(ids[position + 1:])
-
-
-def layer_data(db: Database, layer: int, sort: str = "neuron", order: str = "asc",
-               offset: int = 0, limit: int = 100) -> dict[str, Any]:
-    check_index("layer", layer, db.n_layers)
-    check_choice("sort", sort, queries.LAYER_SORT_KEYS)
-    check_choice("order", order, LAYER_ORDERS)
-    check_page(db, offset, limit)
-    rows = db.query(queries.layer_neurons(sort, order == "desc"), {"layer": layer, "limit": limit, "offset": offset})
-    n_tokens = max(int(db.meta["n_tokens"]), 1)
-    neurons = [{"neuron": r[0],
-                "frequency": {slug: r[1 + q] / n_tokens for q, slug in enumerate(QUADRANT_SLUGS)},
-                "flipped": bool(r[5]), **dict(zip(GEOMETRY, map(_num, r[6:])))} for r in rows]
-    return {"model": db.id, "layer": layer, "n_neurons": db.d_mlp, "sort": sort, "order": order,
-            "offset": offset, "limit": limit, "neurons": neurons}
 
 
 @dataclass
