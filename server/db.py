@@ -125,6 +125,11 @@ class LRUCache:
 EXAMPLE_CACHE_NEURONS = int(os.environ.get("GLUSCOPE_EXAMPLE_CACHE", "256"))
 
 
+# Entries of Database.derived: the model page's layer summary, and per layer its scatter's points and PNG
+# (about 0.4 MB for 11k neurons).
+DERIVED_CACHE = 64
+
+
 @dataclass(eq=False)  # compared and hashed by identity: render.py keeps what it builds from one per vocabulary
 class Vocabulary:
     """The vocab table: each token's string and the bytes it adds to a text."""
@@ -157,6 +162,9 @@ class Database:
     con: duckdb.DuckDBPyConnection
     bin_edges: dict[str, list[float | None]] = field(default_factory=dict)  # histogram_bins per axis (load_bin_edges)
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
+    # What the model page and a layer's scatter compute from whole tables (data.py): the file never changes,
+    # so each is computed once per process.
+    derived: LRUCache = field(default_factory=lambda: LRUCache(DERIVED_CACHE), repr=False)
     _prepared: set[str] = field(default_factory=set, repr=False)
 
     @property

@@ -19,7 +19,7 @@ import duckdb
 from fastapi import Path, Query
 
 from gluscope.schema import EXAMPLE_KINDS, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS
-from gluscope.server import data, plots, queries, render
+from gluscope.server import data, queries, render
 from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
 from gluscope.server.validate import (LAYER_PAGE_MAX, check_choice, check_index, get_model, hook_code,
@@ -134,8 +134,7 @@ def scatter(db: Database, layer: int = Layer) -> Page:
 @view(reads_file=True)
 def scatter_png(db: Database, layer: int = Layer) -> Image:
     """The §5.1 scatter of one layer as a PNG image."""
-    found = data.scatter(db, layer)
-    return Image(plots.scatter_png(found.freq_gate_pos, found.cos_in_out, found.frame))
+    return Image(data.scatter_png(db, layer))
 
 
 @view(reads_file=True)
