@@ -76,15 +76,17 @@ inline uint16_t to_half(float v) {
 template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS>
 inline int32_t mag_bin(uint32_t u) {
   const int32_t b = int32_t(u >> OCTAVE_SHIFT) - SHIFT;
-  return b < 0 ? 0 : (b > MAG_BINS - 1 ? MAG_BINS - 1 : b);
+  return std::min(std::max(b, 0), MAG_BINS - 1);
 }
 
 template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS>
 inline int32_t signed_bin(float v) {
   const uint32_t u = bits(v) & 0x7fffffffu;
   const uint32_t pred = u - (u != 0);  // the predecessor float of |v|, used where v < 0 (so u >= 1)
-  return v >= 0 ? MAG_BINS + mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(u)
-                : MAG_BINS - 1 - mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(pred);
+  // Both computed, then one chosen: a select, not a branch, so the loops over a block vectorise.
+  const int32_t pos = MAG_BINS + mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(u);
+  const int32_t neg = MAG_BINS - 1 - mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(pred);
+  return v >= 0 ? pos : neg;
 }
 
 inline int32_t value_bin(float v) { return signed_bin<VALUE_SHIFT, 22, VALUE_MAG_BINS>(v); }
@@ -212,77 +214,94 @@ void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, cons
 
 constexpr int PART_HIST = 1, PART_DENSITY = 2, PART_SAMPLING = 4;  // ReduceArgs.parts (reduce_cpu.PARTS)
 
+constexpr int hist_at(int hook) {
+  for (int h = 0; h < N_HIST_HOOKS; ++h)
+    if (HIST_HOOK[h] == hook) return h;
+  return -1;
+}
+constexpr int HIST_POST_AT = hist_at(HOOK_POST), HIST_IN_AT = hist_at(HOOK_X_IN), HIST_GATE_AT = hist_at(HOOK_X_GATE);
+
+// distributions() computes quadrant codes and list signs by formula; these are the rules it assumes.
+constexpr bool formulas_hold() {
+  for (int q = 0; q < N_QUADRANTS; ++q) {
+    const int gneg = QUADRANT_GATE_SIGN[q] < 0, ineg = QUADRANT_IN_SIGN[q] < 0;
+    if (q != 2 * gneg + ineg) return false;
+    if (LIST_SIGN[q * N_HOOKS + HOOK_POST] != 1 - 2 * (gneg ^ ineg)) return false;
+    if (LIST_SIGN[q * N_HOOKS + HOOK_X_IN] != 1 - 2 * ineg) return false;
+    if (LIST_SIGN[q * N_HOOKS + HOOK_X_GATE] != 1 - 2 * gneg) return false;
+  }
+  return HIST_POST_AT >= 0 && HIST_IN_AT >= 0 && HIST_GATE_AT >= 0;
+}
+static_assert(formulas_hold(), "rules.py's quadrant codes or list signs changed: update distributions()");
+
 // One text's histograms, density and sample candidates for a block of w neurons from j0, from the block's
 // x_gate, x_in (after the weight convention) and act, which the main loop left in lg, li and la ([t, BLOCK]).
 void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t length,
                    const float (&bnd)[N_QUADRANTS][3][BLOCK], const uint32_t (&salt)[BLOCK], const float* lg,
-                   const float* li, const float* la, int32_t* cell, int32_t* hist_slot, int32_t* dens, uint32_t* hash,
-                   uint32_t* token_hash) {
+                   const float* li, const float* la) {
   constexpr int NQ = N_QUADRANTS, NC = N_QUADRANTS * N_INTERVALS;
   constexpr int HIST_PER_NEURON = NQ * N_HIST_HOOKS * HIST_SLOTS, D = 2 * DENSITY_MAG_BINS;
   const int32_t parts = args->parts;
   const int32_t tid = int32_t(args->text_ids[b]);
   const uint32_t text_hash = fmix32(uint32_t(args->seed) ^ uint32_t(tid));
-  for (int64_t t = 1; t < length; ++t) token_hash[t] = fmix32(text_hash ^ uint32_t(t));
-  // Codes of every token, vectorised over the block.
+  int64_t* __restrict__ hist = args->hist + j0 * HIST_PER_NEURON;
+  int64_t* __restrict__ density = args->density + j0 * D * D;
+  // Per text, (quadrant, interval) cell and neuron of the block: the smallest hash and its position.
+  alignas(64) uint32_t best_hash[NC * BLOCK];
+  alignas(64) int32_t best_pos[NC * BLOCK];
+  std::fill(best_hash, best_hash + NC * BLOCK, HASH_EMPTY);
+  std::fill(best_pos, best_pos + NC * BLOCK, 0);
+  // One row of the block at a time: its codes vectorised over the block, then the counts (scattered, so
+  // scalar); consecutive increments go to different neurons, so they never wait on each other.
+  alignas(64) int32_t c_row[BLOCK], h_row[N_HIST_HOOKS * BLOCK], d_row[BLOCK];
+  alignas(64) uint32_t s_row[BLOCK];
   for (int64_t t = 1; t < length; ++t) {
     const float* __restrict__ g_row = lg + t * BLOCK;
     const float* __restrict__ i_row = li + t * BLOCK;
     const float* __restrict__ a_row = la + t * BLOCK;
-    int32_t* __restrict__ c_row = cell + t * BLOCK;
-    int32_t* __restrict__ h_row = hist_slot + t * BLOCK * N_HIST_HOOKS;
-    int32_t* __restrict__ d_row = dens + t * BLOCK;
-    uint32_t* __restrict__ s_row = hash + t * BLOCK;
-    const uint32_t th = token_hash[t];
+    const uint32_t th = fmix32(text_hash ^ uint32_t(t));
 #pragma omp simd
     for (int jj = 0; jj < BLOCK; ++jj) {
       const float g = g_row[jj], x_in = i_row[jj], post = a_row[jj] * x_in;
-      int32_t q = -1;
-      float b0 = 0, b1 = 0, b2 = 0;
-      int32_t sign_of[N_HIST_HOOKS] = {};
-      for (int c = 0; c < NQ; ++c) {
-        const bool member = (QUADRANT_GATE_SIGN[c] > 0 ? g > 0 : g < 0) & (QUADRANT_IN_SIGN[c] > 0 ? x_in > 0 : x_in < 0);
-        q = member ? c : q;
-        b0 = member ? bnd[c][0][jj] : b0;
-        b1 = member ? bnd[c][1][jj] : b1;
-        b2 = member ? bnd[c][2][jj] : b2;
-        for (int h = 0; h < N_HIST_HOOKS; ++h) sign_of[h] = member ? LIST_SIGN[c * N_HOOKS + HIST_HOOK[h]] : sign_of[h];
-      }
+      // The quadrant code is 2 * (x_gate < 0) + (x_in < 0), and each list's sign the product of the signs
+      // it depends on (formulas_hold() checks both against the header's tables).
+      const int32_t gneg = g < 0, ineg = x_in < 0;
+      const int32_t member = int32_t(g != 0) & int32_t(x_in != 0);  // int, not bool: bools stop GCC vectorising
+      const int32_t q = 2 * gneg + ineg;
       const float p = std::fabs(post);
-      const int32_t interval = int32_t(p >= b0) + int32_t(p >= b1) + int32_t(p >= b2);
-      c_row[jj] = q < 0 ? -1 : q * N_INTERVALS + interval;
-      for (int h = 0; h < N_HIST_HOOKS; ++h) {
-        const float v = HIST_HOOK[h] == HOOK_POST ? post : (HIST_HOOK[h] == HOOK_X_IN ? x_in : g);
-        const int32_t slot = sign_of[h] * (value_bin(v) - VALUE_MAG_BINS);
-        h_row[h * BLOCK + jj] = ((q < 0 ? 0 : q) * N_HIST_HOOKS + h) * HIST_SLOTS + slot;
+      int32_t interval = 0;
+      for (int i = 0; i < 3; ++i) {  // unconditional loads, then selects
+        const float pp = bnd[0][i][jj], pn = bnd[1][i][jj], np_ = bnd[2][i][jj], nn = bnd[3][i][jj];
+        const float gate_pos = ineg ? pn : pp, gate_neg = ineg ? nn : np_;
+        interval += int32_t(p >= (gneg ? gate_neg : gate_pos));
       }
-      d_row[jj] = density_bin(g) * D + density_bin(x_in);
+      c_row[jj] = ((q * N_INTERVALS + interval) * BLOCK + jj + 1) * member - 1;  // -1: in no quadrant
+      const int32_t s_post = 1 - 2 * (gneg ^ ineg), s_in = 1 - 2 * ineg, s_gate = 1 - 2 * gneg;
+      const int32_t base = jj * HIST_PER_NEURON + q * N_HIST_HOOKS * HIST_SLOTS;
+      h_row[jj] = base + HIST_POST_AT * HIST_SLOTS + s_post * (value_bin(post) - VALUE_MAG_BINS);
+      h_row[BLOCK + jj] = base + HIST_IN_AT * HIST_SLOTS + s_in * (value_bin(x_in) - VALUE_MAG_BINS);
+      h_row[2 * BLOCK + jj] = base + HIST_GATE_AT * HIST_SLOTS + s_gate * (value_bin(g) - VALUE_MAG_BINS);
+      d_row[jj] = (jj * D + density_bin(g)) * D + density_bin(x_in);
       s_row[jj] = ((th ^ salt[jj]) * GOLDEN) >> 1;
     }
-  }
-  // Counts and per-text candidates, neuron by neuron.
-  for (int jj = 0; jj < w; ++jj) {
-    const int64_t j = j0 + jj;
-    int64_t* __restrict__ hist = args->hist + j * HIST_PER_NEURON;
-    int64_t* __restrict__ density = args->density + j * D * D;
-    uint32_t best_hash[NC];
-    int32_t best_pos[NC];
-    std::fill(best_hash, best_hash + NC, HASH_EMPTY);
-    std::fill(best_pos, best_pos + NC, 0);
-    for (int64_t t = 1; t < length; ++t) {
-      const int32_t c = cell[t * BLOCK + jj];
+    for (int jj = 0; jj < w; ++jj) {
+      const int32_t c = c_row[jj];
       if (c < 0) continue;
-      if (parts & PART_HIST)
-        for (int h = 0; h < N_HIST_HOOKS; ++h) ++hist[hist_slot[(t * N_HIST_HOOKS + h) * BLOCK + jj]];
-      if (parts & PART_DENSITY) ++density[dens[t * BLOCK + jj]];
-      const uint32_t hv = hash[t * BLOCK + jj];
-      if (hv < best_hash[c]) {  // strict: the lower position wins a tie
-        best_hash[c] = hv;
+      if (parts & PART_HIST) {
+        ++hist[h_row[jj]];
+        ++hist[h_row[BLOCK + jj]];
+        ++hist[h_row[2 * BLOCK + jj]];
+      }
+      if (parts & PART_DENSITY) ++density[d_row[jj]];
+      if (s_row[jj] < best_hash[c]) {  // strict: the lower position wins a tie
+        best_hash[c] = s_row[jj];
         best_pos[c] = int32_t(t);
       }
     }
-    if (!(parts & PART_SAMPLING)) continue;
-    const int64_t at = j * NQ * SAMPLE_SLOTS;
+  }
+  if (!(parts & PART_SAMPLING)) return;
+  for (int jj = 0; jj < w; ++jj) {
+    const int64_t at = (j0 + jj) * NQ * SAMPLE_SLOTS;
     const Samples s{args->samp_hash + at, args->samp_text + at, args->samp_pos + at, args->samp_slot + at,
                     args->samp_gate + at, args->samp_in + at, args->samp_act + at,
                     args->samp_win_gate + at * args->window, args->samp_win_in + at * args->window, args->window};
@@ -290,7 +309,7 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
       uint32_t rh = HASH_EMPTY;
       int32_t rp = 0;
       for (int i = 0; i < N_INTERVALS; ++i) {
-        const int c = q * N_INTERVALS + i;
+        const int c = (q * N_INTERVALS + i) * BLOCK + jj;
         if (best_hash[c] == HASH_EMPTY) continue;
         if (best_hash[c] < rh || (best_hash[c] == rh && best_pos[c] < rp)) {
           rh = best_hash[c];
@@ -336,12 +355,8 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
 #pragma omp parallel num_threads(args->n_threads)
   {
   // This text's x_gate and x_in of the block, contiguous, for the windows of entering examples.
+  // act too, for the distributions.
   std::vector<float> local_g(max_length * BLOCK), local_in(max_length * BLOCK), local_a(max_length * BLOCK);
-  // Per token of the block (distributions): the cell quadrant * N_INTERVALS + interval (-1: in no quadrant),
-  // the sample hash, the three histogram slots and the density cell.
-  std::vector<int32_t> l_cell(max_length * BLOCK), l_hist(max_length * BLOCK * N_HIST_HOOKS),
-      l_dens(max_length * BLOCK);
-  std::vector<uint32_t> l_hash(max_length * BLOCK), token_hash(max_length);
 #pragma omp for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * BLOCK;
@@ -468,8 +483,7 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
                   before, after);
         }
       }
-      if (parts) distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data(),
-                               l_cell.data(), l_hist.data(), l_dens.data(), l_hash.data(), token_hash.data());
+      if (parts) distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data());
     }
     for (int jj = 0; jj < w; ++jj) {
       const int64_t j = j0 + jj;
