@@ -339,6 +339,37 @@ def _interval_count(counts: np.ndarray, magnitudes: tuple[np.ndarray, np.ndarray
     return int(counts[inside].sum())
 
 
+def text_data(db: Database, text_id: int) -> dict[str, Any]:
+    check_index("text_id", text_id, db.n_texts)
+    ids = db.texts.token_ids(text_id).tolist()
+    return {"model": db.id, "text_id": text_id, "source_index": int(db.texts.source_index[text_id]),
+            "source": db.texts.source[text_id],
+            "token_ids": ids, "tokens": [db.vocab.token(i) for i in ids], "text": db.vocab.decode(ids[1:])}
+
+
+def text_parts(db: Database, ids: list[int], position: int | None) -> tuple[str, str, str]:
+    """The decoded text split around the marked token (the BOS at position 0 adds nothing)."""
+    decode = db.vocab.decode
+    if position is None or position == 0:
+        return decode(ids[1:]), "", ""
+    return decode(ids[1:position]), decode(ids[position:position + 1]), decode(ids[position + 1:])
+
+
+def layer_data(db: Database, layer: int, sort: str = "neuron", order: str = "asc",
+               offset: int = 0, limit: int = 100) -> dict[str, Any]:
+    check_index("layer", layer, db.n_layers)
+    check_choice("sort", sort, queries.LAYER_SORT_KEYS)
+    check_choice("order", order, LAYER_ORDERS)
+    check_page(db, offset, limit)
+    rows = db.query(queries.layer_neurons(sort, order == "desc"), {"layer": layer, "limit": limit, "offset": offset})
+    n_tokens = max(int(db.meta["n_tokens"]), 1)
+    neurons = [{"neuron": r[0],
+                "frequency": {slug: r[1 + q] / n_tokens for q, slug in enumerate(QUADRANT_SLUGS)},
+                "flipped": bool(r[5]), **dict(zip(GEOMETRY, map(_num, r[6:])))} for r in rows]
+    return {"model": db.id, "layer": layer, "n_neurons": db.d_mlp, "sort": sort, "order": order,
+            "offset": offset, "limit": limit, "neurons": neurons}
+
+
 @dataclass
 class Scatter:
     """One layer's neurons as the points of the paper's §5.1 scatter, and where they land on its image."""

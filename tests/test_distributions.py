@@ -29,13 +29,6 @@ def con(recorded_db):
     c.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def recorded_distributions(con):
-    # Until the recorder writes the #11 tables (branch distrec), a recorded file holds them empty.
-    if not con.execute("SELECT count(*) FROM histogram_bins").fetchall()[0][0]:
-        pytest.skip("this checkout's recorder writes no histograms, density, intervals or samples yet")
-
-
 @pytest.fixture(scope="module")
 def n_tokens(con) -> int:
     return con.execute("SELECT n_tokens FROM metadata").fetchall()[0][0]
