@@ -259,6 +259,14 @@ def histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     entry than counts, or both are empty when the neuron counted no token.
     """
     check_neuron(db, layer, neuron)
+    cached = db.distributions.get((layer, neuron))
+    if cached is None:
+        cached = _histograms_data(db, layer, neuron)
+        db.distributions.put((layer, neuron), cached)
+    return cached
+
+
+def _histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     raw = db.prepared_columns("neuron_distribution", layer, neuron)
     c = {name: np.ma.getdata(column) for name, column in raw.items()}
     part = c["part"]

@@ -128,6 +128,9 @@ EXAMPLE_CACHE_NEURONS = int(os.environ.get("GLUSCOPE_EXAMPLE_CACHE", "256"))
 # Entries of Database.derived: the model page's layer summary, and per layer its scatter's points and PNG
 # (about 0.4 MB for 11k neurons).
 DERIVED_CACHE = 64
+# Neurons whose distributions (data.histograms_data, about 20 KB each) stay in memory: switching the value
+# a neuron's histograms show asks for them again.
+DISTRIBUTION_CACHE_NEURONS = 64
 
 
 @dataclass(eq=False)  # compared and hashed by identity: render.py keeps what it builds from one per vocabulary
@@ -165,6 +168,7 @@ class Database:
     # What the model page and a layer's scatter compute from whole tables (data.py): the file never changes,
     # so each is computed once per process.
     derived: LRUCache = field(default_factory=lambda: LRUCache(DERIVED_CACHE), repr=False)
+    distributions: LRUCache = field(default_factory=lambda: LRUCache(DISTRIBUTION_CACHE_NEURONS), repr=False)
     _prepared: set[str] = field(default_factory=set, repr=False)
 
     @property
