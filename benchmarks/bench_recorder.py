@@ -1,11 +1,16 @@
 """Recorder time against a plain forward pass of the same Hugging Face model, on the same tokens.
 
     python benchmarks/bench_recorder.py [--layers 8 --d-model 512 --d-mlp 1408 --texts 256 --length 512]
+    python benchmarks/bench_recorder.py --variants all,-histograms,-density,-sampling,-calibration,none
 
 Prints seconds, tokens/s and the ratio to the baseline for: the HF causal
 LM's forward pass without hooks (the baseline), the recorder's forward pass
 with its reductions, the recorder's whole loop, and the loop plus writing the
-database. The baseline runs batch by batch right after the recorder's pass on
+database. With --variants, the measurement repeats back to back with
+parts of the distributions (#11) switched off (`-histograms`: all but the
+histograms; `none`: none of histograms, density, sampling, calibration), so
+each part's cost is the difference to `all`. The calibration's forward
+passes count as recorder time without a baseline of their own. The baseline runs batch by batch right after the recorder's pass on
 the same tokens, so both see the machine at the same speed: this machine's
 speed drifts by up to a third over minutes. Not a test: nothing here passes
 or fails.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -48,6 +54,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=512, help="model vocabulary size")
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--skip-write", action="store_true", help="time the loop only (the database of a 7B model takes minutes)")
+    ap.add_argument("--variants", default="all", help="comma-separated: all, none, or -PART for PART in "
+                    "histograms, density, sampling, calibration (that part switched off)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="gluscope-bench-"))
@@ -87,8 +95,33 @@ def main() -> None:
            dataset="bench", batch_size=2, compile=args.compile, reducer=args.reducer, progress=False)
 
     import gluscope.recorder.record as rec
+    from gluscope.recorder.reduce import DISTRIBUTIONS
+
+    print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
+          f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
+          f"reducer={choose_reducer(torch.device(args.device), args.reducer)}, compile={args.compile}, "
+          f"torch threads={torch.get_num_threads()}")
+    summary = []
+    for variant in args.variants.split(","):
+        skip = {"all": [], "none": list(DISTRIBUTIONS)}.get(variant, [variant.removeprefix("-")])
+        if not set(skip) <= set(DISTRIBUTIONS):
+            raise SystemExit(f"unknown variant {variant!r}")
+        os.environ["GLUSCOPE_BENCH_SKIP"] = ",".join(skip)
+        print(f"\n== variant {variant} (switched off: {', '.join(skip) or 'nothing'})")
+        summary.append((variant, measure(args, rec, model, hf, corpus, tmp, n_tokens, sync)))
+    os.environ.pop("GLUSCOPE_BENCH_SKIP", None)
+    if len(summary) > 1:
+        print("\nsummary: recorder/forward (forward and reductions, calibration included), steady state")
+        for variant, (ratio, steady) in summary:
+            print(f"  {variant:14s} {ratio:5.3f}  {steady:5.3f}")
+
+
+def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync) -> tuple[float, float]:
+    """One recording with its paired baseline; prints the table, returns (recorder/forward, steady state)."""
     orig_writer = rec.DatabaseWriter
+    orig_calibrate = rec._calibrate
     marks: dict[str, float] = {}
+    calibrating = [False]
 
     class LoopDone(Exception):
         pass
@@ -101,12 +134,20 @@ def main() -> None:
                 raise LoopDone
             super().__init__(*a, **kw)
 
+    def timed_calibrate(*a, **kw):
+        calibrating[0] = True
+        try:
+            return orig_calibrate(*a, **kw)
+        finally:
+            calibrating[0] = False
+
     # Each recorder batch is followed at once by the baseline's forward pass on
     # the same padded tokens, so both see the machine at the same speed: this
     # machine drifts by up to a third over minutes, which alternating whole
     # passes did not cancel (one run's rounds gave 1.29 and 1.73).
     pairs: list[tuple[float, float]] = []
-    run_with_hooks = model.bridge.run_with_hooks
+    calibration_s = [0.0]
+    run_with_hooks = model.bridge.__class__.run_with_hooks.__get__(model.bridge)
 
     def paired(tokens, *a, **kw):
         sync()
@@ -116,14 +157,18 @@ def main() -> None:
         finally:
             sync()
             recorder_s = time.perf_counter() - t
-            t = time.perf_counter()
-            with torch.inference_mode():
-                hf(tokens)
-            sync()
-            pairs.append((recorder_s, time.perf_counter() - t))
+            if calibrating[0]:  # no baseline: a plain run has no calibration
+                calibration_s[0] += recorder_s
+            else:
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    hf(tokens)
+                sync()
+                pairs.append((recorder_s, time.perf_counter() - t))
 
     model.bridge.__dict__["run_with_hooks"] = paired  # the bridge forwards attribute writes to its model
     rec.DatabaseWriter = TimedWriter
+    rec._calibrate = timed_calibrate
     sync()
     t0 = time.perf_counter()
     try:
@@ -133,25 +178,23 @@ def main() -> None:
         pass
     finally:
         rec.DatabaseWriter = orig_writer
+        rec._calibrate = orig_calibrate
     total_s = time.perf_counter() - t0
     recorder_s, baseline_s = (sum(x) for x in zip(*pairs))
     # The loop also ran the baseline; what remains is the recorder's own loop.
     loop_s = marks["loop"] - t0 - baseline_s
     write_s = total_s - (marks["loop"] - t0)
 
-    print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
-          f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
-          f"reducer={choose_reducer(torch.device(args.device), args.reducer)}, compile={args.compile}, "
-          f"torch threads={torch.get_num_threads()}")
     rows = [
         ("HF forward, causal LM (baseline), batch by batch", baseline_s),
         ("recorder forward and reductions, batch by batch", recorder_s),
+        ("calibration passes", calibration_s[0]),
         ("recorder loop (all of it)", loop_s),
     ]
     if not args.skip_write:
         rows.append(("recorder end to end (loop + database)", loop_s + write_s))
     for name, sec in rows:
-        print(f"{name:50s} {sec:8.2f} s {n_tokens / sec:8.0f} tok/s  ratio {sec / baseline_s:5.2f}")
+        print(f"{name:50s} {sec:8.2f} s {n_tokens / max(sec, 1e-9):8.0f} tok/s  ratio {sec / baseline_s:5.2f}")
     ratios = sorted(r / b for r, b in pairs)
     print(f"per-batch ratios: min {ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f} "
           f"over {len(ratios)} batches")
@@ -164,6 +207,7 @@ def main() -> None:
         print(f"database: {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")
+    return (recorder_s + calibration_s[0]) / baseline_s, rec_last / base_last
 
 
 if __name__ == "__main__":

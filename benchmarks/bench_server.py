@@ -9,6 +9,8 @@ connection): p50, p99 and max latency, throughput, the client's own CPU per
 request, and the server's resident memory (when this script started it).
 Fragments come in two patterns: one section of a random neuron per request
 (none served from the server's per-neuron cache), and browsing (4 sections of one neuron in a row).
+Issue #11's endpoints follow: histograms (JSON and fragment), random and interval lists, the model
+page with a layer's §5.1 scatter, its PNG and a click on it (a 303 to the nearest neuron).
 With --db, the file is read once first, so that it sits in the OS page
 cache, as on a server with memory to spare that has run a while: a cold
 file measures the disk instead (`--cold` skips this).
@@ -145,7 +147,7 @@ def run(base: str, sessions: list[list[str]], headers: dict[str, str], clients: 
                     t = time.perf_counter()
                     status = await _get(reader, writer, request)
                     latencies.append(time.perf_counter() - t)
-                    if status != 200:
+                    if status not in (200, 303):
                         errors.append(f"{status} {url}")
         finally:
             writer.close()
@@ -252,6 +254,24 @@ def main(argv: list[str] | None = None) -> None:
                                    {"HX-Request": "true"}),
             "examples JSON": (lambda n: [sections(l, i, 1, "/api") for l, i in neurons(n)], {}),
             **finding_scenarios(m, n_layers, d_mlp, model["vocab_size"], rng),
+            # Issue #11: a neuron's distributions (JSON, and the fragment the neuron page loads), its random and
+            # interval lists, and the model page's §5.1 scatter of a layer.
+            "histograms JSON": (lambda n: [[f"/api/models/{m}/neurons/{l}/{i}/histograms"] for l, i in neurons(n)], {}),
+            "histograms fragment": (lambda n: [[f"/models/{m}/neurons/{l}/{i}/histograms"] for l, i in neurons(n)],
+                                    {"HX-Request": "true"}),
+            "examples random": (lambda n: [[f"/models/{m}/neurons/{l}/{i}/examples?quadrant={rng.choice(QUADRANT_SLUGS)}"
+                                            f"&hook=hook_post&kind=random"] for l, i in neurons(n)], {"HX-Request": "true"}),
+            "examples interval": (lambda n: [[f"/models/{m}/neurons/{l}/{i}/examples?quadrant={rng.choice(QUADRANT_SLUGS)}"
+                                              f"&hook=hook_post&kind=interval"] for l, i in neurons(n)],
+                                  {"HX-Request": "true"}),
+            "examples interval JSON": (lambda n: [[f"/api/models/{m}/neurons/{l}/{i}/examples?quadrant="
+                                                   f"{rng.choice(QUADRANT_SLUGS)}&hook=hook_post&kind=interval"]
+                                                  for l, i in neurons(n)], {}),
+            "model page": (lambda n: [[f"/models/{m}?scatter={rng.randrange(n_layers)}"] for _ in range(n)], {}),
+            "scatter PNG": (lambda n: [[f"/models/{m}/layers/{rng.randrange(n_layers)}/scatter.png"] for _ in range(n)],
+                            {}),
+            "scatter click": (lambda n: [[f"/models/{m}/layers/{rng.randrange(n_layers)}/scatter/click?x="
+                                          f"{rng.randrange(640)}&y={rng.randrange(400)}"] for _ in range(n)], {}),
         }
         print(f"\n{'scenario':<22}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}{'client ms/req':>14}")
         for name, (make_sessions, headers) in scenarios.items():

@@ -20,8 +20,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import duckdb
 import numpy as np
 
+from gluscope.recorder import rules
 from gluscope.recorder.writer import EXAMPLE_TOKENS, DatabaseWriter, LayerResult, write_related, write_token_neurons
 from gluscope.schema import GEOMETRY, QUADRANT_SIGNS, SCHEMA_VERSION
 from gluscope.server.activations import activation
@@ -131,6 +133,8 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
     for a in (value_min, value_max, value_mean):
         a[np.broadcast_to(empty[:, None, :], a.shape)] = np.nan
 
+    distributions = make_distributions(counts, lengths, window_before, window_after, rng)
+
     geometry = {
         "cos_gate_in": rng.uniform(0.0 if refactor_glu else -1.0, 1.0, n),
         "cos_gate_out": rng.uniform(-0.3, 0.3, n),
@@ -144,6 +148,7 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
         window_start=pad(pick(start).astype(np.int16), 0),
         window_len=pad(pick(wlen).astype(np.int16), 0),
         window_gate=pad(pick(gate), 0), window_in=pad(pick(inn), 0),
+        **distributions,
         geometry={name: geometry[name].astype(np.float32) for name in GEOMETRY},
         flipped=rng.random(n) < 0.5,
         # Weight tokens: 10 per kind, scores sorted as the recorder stores them.
@@ -194,6 +199,77 @@ def add_finding_tables(path: Path, seed: int = 0) -> None:
     write_finding_tables(con, n_layers, d_mlp, vocab_size, np.random.default_rng([seed, 12]))
     con.execute("CHECKPOINT")
     con.close()
+
+
+def _bump(shape: tuple[int, ...], offsets: np.ndarray, sigma: float, counts: np.ndarray) -> np.ndarray:
+    """counts [...] spread over len(offsets) bins as a discretised normal: [..., len(offsets)] int64 summing to counts."""
+    w = np.exp(-offsets.astype(np.float64) ** 2 / (2 * sigma ** 2))
+    w /= w.sum()
+    out = np.floor(counts[..., None] * w).astype(np.int64)
+    out[..., len(offsets) // 2] += counts - out.sum(-1)
+    return out
+
+
+def make_distributions(counts: np.ndarray, lengths: np.ndarray, window_before: int, window_after: int,
+                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Histograms, density, interval bounds and samples shaped like a real recording's (rules.py's bins).
+
+    Per (neuron, quadrant, hook) the values span about 14 octaves around a random centre, as hooked
+    activations over millions of tokens do, so about 29 'value' bins and 15 x 15 'density' cells per quadrant
+    hold a count; every filled quadrant has all 24 samples.
+    """
+    n = counts.shape[1]
+    mid_v, mid_d = rules.VALUE_MAG_BINS, rules.DENSITY_MAG_BINS
+    per_q = counts.T  # [n, 4]
+    hist = np.zeros((n, 4, 3, rules.VALUE_BINS), np.int64)
+    off = np.arange(-14, 15)
+    centre = rng.integers(20, 38, (n, 4, 3))
+    spread = _bump((n, 4, 3), off, 4.0, np.repeat(per_q[:, :, None], 3, 2))   # [n, 4, 3, 29]
+    mag = np.clip(centre[..., None] + off, 0, mid_v - 1)
+    sign = np.array([[rules.LIST_SIGNS[rules.list_index(q, h)] for h in rules.HIST_HOOKS] for q in range(4)])
+    signed = np.where(sign[None, :, :, None] > 0, mid_v + mag, mid_v - 1 - mag)
+    idx = np.indices(signed.shape)
+    np.add.at(hist, (idx[0], idx[1], idx[2], signed), spread)
+
+    density = np.zeros((n, 2 * mid_d, 2 * mid_d), np.int64)
+    off_d = np.arange(-7, 8)
+    gate_c, in_c = rng.integers(6, 16, (n, 4)), rng.integers(6, 16, (n, 4))
+    g_w = _bump((n, 4), off_d, 2.5, per_q)                                     # [n, 4, 15]
+    cells = np.floor(g_w[..., :, None] * _bump((n, 4), off_d, 2.5, np.full((n, 4), 10 ** 6))[..., None, :]
+                     / 10 ** 6).astype(np.int64)                               # [n, 4, 15, 15]
+    g_sign, i_sign = SIGNS[:, 0], SIGNS[:, 1]
+    gm = np.clip(gate_c[..., None] + off_d, 0, mid_d - 1)
+    im = np.clip(in_c[..., None] + off_d, 0, mid_d - 1)
+    gb = np.where(g_sign[None, :, None] > 0, mid_d + gm, mid_d - 1 - gm)[..., :, None]
+    ib = np.where(i_sign[None, :, None] > 0, mid_d + im, mid_d - 1 - im)[..., None, :]
+    gb, ib = np.broadcast_arrays(gb, ib)
+    np.add.at(density, (np.arange(n)[:, None, None, None], gb, ib), cells)
+
+    edges = rules.value_magnitude_edges()
+    b1 = rng.integers(20, 40, (n, 4))
+    b2 = b1 + rng.integers(2, 5, (n, 4))
+    b3 = b2 + rng.integers(2, 5, (n, 4))
+    bounds = edges[np.stack([b1, b2, b3], -1)].astype(np.float32)
+
+    S, W = rules.SAMPLE_SLOTS, window_before + window_after + 1
+    n_texts = len(lengths)
+    text = rng.integers(0, n_texts, (n, 4, S)).astype(np.int32)
+    text[per_q == 0] = -1
+    L = lengths[np.maximum(text, 0)]
+    pos = (1 + rng.random((n, 4, S)) * (L - 1)).astype(np.int64)
+    start = np.maximum(pos - window_before, 0)
+    stop = np.minimum(pos + window_after + 1, L)
+    hashes = np.sort(rng.integers(0, 2 ** 31, (n, 4, S)), -1)  # each list sorted: close enough for size
+    xg = (SIGNS[None, :, 0, None] * rng.exponential(1.0, (n, 4, S))).astype(np.float32)
+    xi = (SIGNS[None, :, 1, None] * rng.exponential(1.0, (n, 4, S))).astype(np.float32)
+    return dict(
+        histograms=hist, density=density, bounds=bounds,
+        sample_hash=np.where(text >= 0, hashes, -1), sample_text=text, sample_pos=pos.astype(np.int16),
+        sample_gate=xg, sample_in=xi, sample_act=activation("silu")(xg).astype(np.float32),
+        sample_window_start=start.astype(np.int16), sample_window_len=(stop - start).astype(np.int16),
+        sample_window_gate=rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16),
+        sample_window_in=rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,25 +323,36 @@ def main(argv: list[str] | None = None) -> None:
         "window_after": args.window_after, "refactor_glu": True,
         "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "
                              "so cos(w_gate, w_in) >= 0; the model computes the same function.",
+        "sample_seed": 0, "n_random": rules.N_RANDOM, "n_per_interval": rules.N_PER_INTERVAL,
+        "calibration_batches": rules.CALIBRATION_BATCHES,
     }
-    for key, value in {"sample_seed": 0, "n_random": 8, "n_per_interval": 4, "calibration_batches": 0}.items():
-        meta.setdefault(key, value)  # schema 3's sampling fields, until this script writes samples
+    write_s = 0.0  # the writer's own time; making the random statistics is not part of a recording
     with DatabaseWriter(args.out, overwrite=args.overwrite) as w:
         w.write_metadata(meta)
         w.write_vocab(tokens, token_bytes)
         w.write_texts(own * 3, [texts[i] for i in own], text_ids=own)
+        w.write_histogram_bins()
         for layer in range(args.layers):
             t = time.perf_counter()
             r = make_layer(layer, args.d_mlp, args.k, args.candidates, lengths[own], n_tokens,
                            args.window_before, args.window_after, True, rng, args.vocab_size)
             r.example_text = np.where(r.example_text >= 0, own[np.maximum(r.example_text, 0)], -1).astype(np.int32)
+            r.sample_text = np.where(r.sample_text >= 0, own[np.maximum(r.sample_text, 0)], -1).astype(np.int32)
+            made = time.perf_counter()
             w.write_layer(layer, r)
-            print(f"layer {layer} written in {time.perf_counter() - t:.1f} s", flush=True)
+            write_s += time.perf_counter() - made
+            print(f"layer {layer} made in {made - t:.1f} s, written in {time.perf_counter() - made:.1f} s", flush=True)
         t = time.perf_counter()
         write_finding_tables(w.con, args.layers, args.d_mlp, args.vocab_size, np.random.default_rng([args.seed, 12]))
+        write_s += time.perf_counter() - t
         print(f"token_neurons, related and example_tokens written in {time.perf_counter() - t:.1f} s", flush=True)
     size = args.out.stat().st_size
-    print(f"{args.out}: {size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s "
+    con = duckdb.connect(str(args.out), read_only=True)
+    for table, in con.execute("SELECT DISTINCT table_name FROM duckdb_tables() ORDER BY ALL").fetchall():
+        rows = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+        print(f"  {table:16s} {rows:>13,d} rows")
+    con.close()
+    print(f"{args.out}: {size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s, of which writing layers {write_s:.0f} s "
           f"({args.layers} layers x {args.d_mlp} neurons, {args.texts} texts, {n_tokens} tokens)")
 
 

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=16, help="examples kept per neuron, quadrant and value (default: 16)")
     p.add_argument("--window-before", type=int, default=24, help="window tokens before an example (default: 24)")
     p.add_argument("--window-after", type=int, default=2, help="window tokens after an example (default: 2)")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="seed of the hash that draws the random and interval examples (default: 0)")
+    p.add_argument("--calibration-batches", type=int, default=4,
+                   help="the run's first batches that calibrate the intervals of |hook_post| (default: 4)")
     p.add_argument("--no-refactor-glu", dest="refactor_glu", action="store_false",
                    help="keep raw weights instead of flipping w_in, w_out so that cos(w_gate, w_in) >= 0")
     p.add_argument("--reducer", choices=["auto", "kernel", "torch"], default="auto",

@@ -41,7 +41,8 @@ CREATE TABLE metadata (
     sample_seed      BIGINT    NOT NULL,  -- seed of the sampling hash (see `samples`)
     n_random         INTEGER   NOT NULL,  -- random examples kept per (neuron, quadrant)
     n_per_interval   INTEGER   NOT NULL,  -- examples kept per interval of |hook_post|
-    calibration_batches INTEGER NOT NULL  -- the run's first batches that fixed the intervals (see `intervals`)
+    calibration_batches INTEGER NOT NULL  -- the run's first batches that fixed the intervals (see `intervals`):
+                                          -- 4, or all of a run with fewer; 0: none (default bounds)
 );
 
 -- Code tables, written with the schema.
@@ -189,7 +190,9 @@ CREATE TABLE histogram_bins (
 -- Per neuron, quadrant and hook (hook_post, hook_pre_linear, hook_pre; no
 -- `act`): how many of the quadrant's tokens fall in each 'value' bin. Only
 -- bins with a count are stored; a quadrant's counts sum to its count in
--- `neurons`.
+-- `neurons`. Within a quadrant every value has the quadrant's sign, except
+-- that a hook_post which underflowed to 0 (act(x_gate) = 0 far below zero,
+-- as GELU gives) counts in the bin [0, 2^-16) whatever the quadrant.
 CREATE TABLE histograms (
     layer    SMALLINT NOT NULL,
     neuron   INTEGER  NOT NULL,
@@ -214,7 +217,12 @@ CREATE TABLE density (
 -- [0, b1), [b1, b2), [b2, b3), [b3, inf), where b1 < b2 < b3 are the
 -- 'value' bin edges at which the quadrant's tokens in the run's first
 -- calibration_batches batches reach 50 %, 90 % and 99 % (the calibration,
--- done before the pass so that shards agree; recorder/rules.py says how).
+-- done before the pass so that shards agree; recorder/rules.py says how):
+-- b_i is the smallest edge E with (tokens with |hook_post| < E) >= that
+-- share, then b2 and b3 are pushed up to at least the next edge (down from
+-- 2^12 if they run out). A quadrant with no calibration token takes the
+-- neuron's tokens of all quadrants; a neuron with none, or a run with
+-- calibration_batches = 0, has 2^-4, 2^-2 and 1.
 CREATE TABLE intervals (
     layer    SMALLINT NOT NULL,
     neuron   INTEGER  NOT NULL,
@@ -226,7 +234,11 @@ CREATE TABLE intervals (
 
 -- Examples drawn at random, per neuron and quadrant (not per hook). Every
 -- (neuron, token) has a 31-bit hash of (sample_seed, layer, neuron,
--- text_id, position) (recorder/rules.py, sample_hash); a list keeps the
+-- text_id, position) (recorder/rules.py):
+--   token_hash = fmix32(fmix32(seed ^ text_id) ^ position)
+--   salt       = fmix32(fmix32(seed ^ layer) ^ neuron)
+--   hash       = (((token_hash ^ salt) * 0x9E3779B1) mod 2^32) >> 1
+-- with fmix32 MurmurHash3's 32-bit finalizer; a list keeps the
 -- tokens of smallest hash, at most one per text (a text's token of smallest
 -- hash, ties to the lower position; across texts ties go to the lower
 -- text_id). Kind 0 (random): up to n_random over the quadrant's tokens, a

@@ -173,6 +173,10 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
             raise UserError(f"{name} must be at least 1")
     if args.window_before < 0 or args.window_after < 0:
         raise UserError("--window-before and --window-after must not be negative")
+    if args.calibration_batches < 0:
+        raise UserError("--calibration-batches must not be negative")
+    if not 0 <= args.sample_seed < 2 ** 32:
+        raise UserError("--sample-seed must be in 0 .. 2^32 - 1")
     # Check the dataset path before the (slow) model load.
     dataset = args.dataset
     if dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
@@ -202,7 +206,8 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
         record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
                k=args.k, window_before=args.window_before, window_after=args.window_after,
                refactor_glu=args.refactor_glu, compile=args.compile, reducer=args.reducer,
-               overwrite=overwrite, shard=shard, checkpoint_every=args.checkpoint_every, resume=args.resume)
+               overwrite=overwrite, shard=shard, checkpoint_every=args.checkpoint_every, resume=args.resume,
+               sample_seed=args.sample_seed, calibration_batches=args.calibration_batches)
     except KeyboardInterrupt:
         if saved.exists():
             raise KeyboardInterrupt(f"{saved} is kept: run the same command with --resume to continue") from None

@@ -19,6 +19,11 @@ result equal a single run's:
   from the first;
 - the token index of the examples (example_tokens) is rebuilt from the merged
   examples, samples and texts, by the SQL that builds a single run's.
+- histograms and density counts add up; the interval bounds come from the
+  same calibration batches in every shard (checked equal) and are taken from
+  the first; sampled examples are re-selected by the recorder's own order
+  (hash, then text_id, then position) with `QUALIFY`, as a shard's list
+  holds every one of its texts that can be in the single run's list.
 """
 
 from __future__ import annotations
@@ -104,7 +109,8 @@ def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
         for i, path in enumerate(paths):
             con.execute(f"ATTACH '{_quote(path)}' AS shard{i} (READ_ONLY)")
         writer.write_metadata(meta)
-        for statement in _statements(len(paths), int(meta["k"])):
+        _check_intervals(con, paths)
+        for statement in _statements(len(paths), int(meta["k"]), int(meta["n_random"]), int(meta["n_per_interval"])):
             con.execute(statement)
         writer.write_example_tokens()  # last: it reads the merged examples, samples and texts
         for i in range(len(paths)):
@@ -112,11 +118,21 @@ def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _check_intervals(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> None:
+    for i in range(1, len(paths)):
+        differ = con.execute(f"""SELECT count(*) FROM (
+            (SELECT * FROM shard0.intervals EXCEPT ALL SELECT * FROM shard{i}.intervals)
+            UNION ALL (SELECT * FROM shard{i}.intervals EXCEPT ALL SELECT * FROM shard0.intervals))""").fetchone()[0]
+        if differ:
+            raise UserError(f"{paths[i]} and {paths[0]} are not shards of one run: {differ} rows of their "
+                            f"interval bounds differ")
+
+
 def _quote(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def _statements(n: int, k: int) -> list[str]:
+def _statements(n: int, k: int, n_random: int, n_per_interval: int) -> list[str]:
     def union(table: str, columns: str = "*") -> str:
         return " UNION ALL ".join(f"SELECT {columns} FROM shard{i}.{table}" for i in range(n))
 
@@ -143,9 +159,27 @@ def _statements(n: int, k: int) -> list[str]:
             WINDOW w AS (PARTITION BY layer, neuron, quadrant, hook ORDER BY abs(value) DESC, text_id, position)
             QUALIFY row_number() OVER w <= {k}
             ORDER BY layer, neuron, quadrant, hook, rank""",
+        f"""INSERT INTO samples
+            SELECT layer, neuron, quadrant, kind, interval, (row_number() OVER w - 1) AS rank, hash, text_id,
+                   position, x_gate, x_in, act
+            FROM ({union('samples')})
+            WINDOW w AS (PARTITION BY layer, neuron, quadrant, kind, interval ORDER BY hash, text_id, position)
+            QUALIFY row_number() OVER w <= CASE kind WHEN 0 THEN {n_random} ELSE {n_per_interval} END
+            ORDER BY layer, neuron, quadrant, kind, interval, rank""",
         f"""INSERT INTO windows
-            SELECT w.* FROM ({union('windows')}) w SEMI JOIN examples e USING (layer, neuron, text_id, position)
+            SELECT w.* FROM ({union('windows')}) w
+            SEMI JOIN (SELECT layer, neuron, text_id, position FROM examples
+                       UNION SELECT layer, neuron, text_id, position FROM samples) e
+                 USING (layer, neuron, text_id, position)
             ORDER BY layer, neuron, text_id, position""",
+        "INSERT INTO histogram_bins SELECT * FROM shard0.histogram_bins ORDER BY axis DESC, bin",
+        f"""INSERT INTO histograms
+            SELECT layer, neuron, quadrant, hook, bin, sum(count) FROM ({union('histograms')})
+            GROUP BY ALL ORDER BY layer, neuron, quadrant, hook, bin""",
+        f"""INSERT INTO density
+            SELECT layer, neuron, gate_bin, in_bin, sum(count) FROM ({union('density')})
+            GROUP BY ALL ORDER BY layer, neuron, gate_bin, in_bin""",
+        "INSERT INTO intervals SELECT * FROM shard0.intervals ORDER BY layer, neuron, quadrant, interval",
         "INSERT INTO weight_tokens SELECT * FROM shard0.weight_tokens ORDER BY layer, neuron, kind, rank",
         "INSERT INTO token_neurons SELECT * FROM shard0.token_neurons ORDER BY token_id, kind, rank",
         "INSERT INTO related SELECT * FROM shard0.related ORDER BY layer, neuron, direction, via, rank",

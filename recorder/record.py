@@ -23,7 +23,9 @@ from gluscope.errors import UserError
 from gluscope.recorder.checkpoint import (Checkpoint, CheckpointSchedule, checkpoint_path, describe_run,
                                           difference, load_checkpoint, save_checkpoint, weights_fingerprint)
 from gluscope.recorder.corpus import Corpus, tokenizer_fingerprint
+from gluscope.recorder import rules
 from gluscope.recorder.model import GatedModel
+from gluscope.recorder.reduce import Calibration, enabled_distributions
 from gluscope.recorder.reducer import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
 from gluscope.recorder.related import RelatedNeurons, related_neurons
 from gluscope.recorder.vocab import vocabulary
@@ -43,7 +45,8 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
            window_before: int = 24, window_after: int = 2, refactor_glu: bool = True, compile: str = "auto",
            reducer: str = "auto", overwrite: bool = False, progress: bool = True,
            shard: tuple[int, int] | None = None, checkpoint_every: float | None = None,
-           resume: bool = False) -> Path:
+           resume: bool = False, sample_seed: int = 0,
+           calibration_batches: int = rules.CALIBRATION_BATCHES) -> Path:
     """Record every neuron of every layer over `corpus` into the database `out`; return its path.
 
     shard: (index, count) records only that shard's batches (see shard_batches), with
@@ -56,6 +59,10 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
     only), "torch" with reduce.py's tensor code (compiled per `compile`);
     "auto" takes the kernel on the CPU where it builds.
+
+    sample_seed seeds the hash that picks the sampled examples; the intervals of |hook_post| they are drawn
+    from are calibrated on the whole run's first `calibration_batches` batches (rules.interval_bounds), so
+    every shard computes the same bounds.
     """
     lengths = corpus.lengths
     batches = shard_batches(lengths, batch_size, shard)
@@ -64,10 +71,13 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     kind = choose_reducer(model.device, reducer)
     # Compiling costs 20-60 s once; it pays on long runs.
     compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
+    calibration = _batches(lengths, batch_size)[:calibration_batches]
+    if "calibration" not in enabled_distributions():  # the benchmark's measurement without it
+        calibration = []
     tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
     meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
                      shard=shard, k=k, window_before=window_before, window_after=window_after,
-                     refactor_glu=refactor_glu)
+                     refactor_glu=refactor_glu, sample_seed=sample_seed, calibration_batches=len(calibration))
     run = describe_run(meta, reducer=kind, compiled=compiled, device=model.device.type,
                        shard=f"{shard[0]}/{shard[1]}" if shard else None, n_batches=len(batches),
                        weights_fingerprint=weights_fingerprint(model),
@@ -83,8 +93,11 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     t = time.perf_counter()
     related = related_neurons(model, [w.sign for w in weights], progress=progress)
     log.info("related neurons in %.1f s", time.perf_counter() - t)
+    # Recomputed on a resume: the same batches give the same bounds.
+    bounds = _calibrate(model, corpus, calibration, weights, progress)
     setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=w.sign, act_fn=model.act_fn,
-                         text_lengths=lengths) for w in weights]
+                         text_lengths=lengths, layer=layer, seed=sample_seed, bounds=bounds[layer])
+              for layer, w in enumerate(weights)]
     reducers = make_reducers(kind, setups, compiled)
     first = _resume(checkpoint, reducers) if checkpoint else 0
     schedule = CheckpointSchedule(checkpoint_every, sum(int((lengths[b] - 1).sum()) for b in batches[first:]))
@@ -106,6 +119,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     meta["created_at"] = _now()
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         writer.write_metadata(meta)
+        writer.write_histogram_bins()
         writer.write_vocab(tokens_text, tokens_bytes)
         writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
@@ -139,6 +153,17 @@ def _resume(checkpoint: Checkpoint, reducers: list[LayerReducer]) -> int:
     log.info("resuming from %s: %d of %d batches were done", checkpoint.path, checkpoint.next_batch,
              checkpoint.run["n_batches"])
     return checkpoint.next_batch
+
+
+def _calibrate(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], weights: list[LayerWeights],
+               progress: bool) -> list[np.ndarray | None]:
+    """Per layer, the interval bounds [n, 4, 3] from a pass over `batches` (None: the defaults, no batches)."""
+    if not batches:
+        return [None] * len(weights)
+    calibrations = [Calibration(w.sign, model.act_fn) for w in weights]
+    log.info("calibrating the intervals of |hook_post| on %d batches", len(batches))
+    _run(model, corpus, batches, calibrations, progress, desc="calibrating")
+    return [c.bounds() for c in calibrations]
 
 
 def _hooks(reducers: list[LayerReducer], current: dict) -> list[tuple[str, Callable]]:
@@ -189,14 +214,15 @@ def shard_batches(lengths: np.ndarray, batch_size: int, shard: tuple[int, int] |
     return batches[index::count]
 
 
-def _progress(total_tokens: int, enabled: bool, initial: int = 0):
+def _progress(total_tokens: int, enabled: bool, initial: int = 0, desc: str = "recording"):
     from tqdm.auto import tqdm
     return tqdm(total=total_tokens, initial=initial, unit="tok", unit_scale=True, disable=not enabled,
-                smoothing=0.05, desc="recording", dynamic_ncols=True)
+                smoothing=0.05, desc=desc, dynamic_ncols=True)
 
 
 def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
-         progress: bool, first: int = 0, after_batch: Callable[[int, int], None] | None = None) -> None:
+         progress: bool, first: int = 0, after_batch: Callable[[int, int], None] | None = None,
+         desc: str = "recording") -> None:
     """Every text of batches[first:] through the model once, right-padded, each layer's activations to its reducer.
 
     after_batch(batches done, tokens done since `first`) runs between batches, when every reducer holds whole batches.
@@ -208,7 +234,7 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
     counted = [int((lengths[text_ids] - 1).sum()) for text_ids in batches]
     done = 0
     # The bar as a context: an interrupt closes it before the one-line message, which then is the last line.
-    with _progress(sum(counted), progress, initial=sum(counted[:first])) as bar, torch.inference_mode(), \
+    with _progress(sum(counted), progress, initial=sum(counted[:first]), desc=desc) as bar, torch.inference_mode(), \
             model.native_attention():
         for b in range(first, len(batches)):
             text_ids = batches[b]
@@ -252,7 +278,7 @@ def _now() -> dt.datetime:
 
 def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: int, texts: np.ndarray,
               batch_size: int, shard: tuple[int, int] | None, k: int, window_before: int, window_after: int,
-              refactor_glu: bool) -> dict:
+              refactor_glu: bool, sample_seed: int, calibration_batches: int) -> dict:
     lengths = corpus.lengths
     return {
         "schema_version": SCHEMA_VERSION,
@@ -289,9 +315,8 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
             "refactor_glu: w_in and w_out of each neuron multiplied by sign(w_gate . w_in), so cos(w_gate, w_in) >= 0"
             if refactor_glu else "raw weights as published"
         ),
-        # Placeholders until the sampled examples (#11) are recorded; the tables stay empty meanwhile.
-        "sample_seed": 0,
-        "n_random": 8,
-        "n_per_interval": 4,
-        "calibration_batches": 0,
+        "sample_seed": sample_seed,
+        "n_random": rules.N_RANDOM,
+        "n_per_interval": rules.N_PER_INTERVAL,
+        "calibration_batches": calibration_batches,
     }

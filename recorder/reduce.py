@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from gluscope.recorder import rules
 from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
 from gluscope.recorder.rules import (ACT, LIST_SIGNS, N_HOOKS, N_LISTS, N_QUADRANTS, POST, QUADRANT_SIGNS, X_GATE, X_IN,
                                      key_magnitude, list_index, magnitude_key, position_tie, text_tie, tie_position,
@@ -98,6 +99,102 @@ def example_keys(magnitude: torch.Tensor, text_ids: torch.Tensor) -> torch.Tenso
     return torch.where(magnitude != 0, keys, torch.full_like(keys, -1))
 
 
+# The additions of #11, each of which the benchmark can switch off alone (GLUSCOPE_BENCH_SKIP, benchmarks only:
+# a file recorded so lacks those tables' rows).
+DISTRIBUTIONS = ("histograms", "density", "sampling", "calibration")
+
+
+def enabled_distributions() -> frozenset:
+    import os
+    skip = set(os.environ.get("GLUSCOPE_BENCH_SKIP", "").split(","))
+    return frozenset(p for p in DISTRIBUTIONS if p not in skip)
+
+
+INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def quadrant_of(x_gate: torch.Tensor, x_in: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, n] int64 quadrant code of every token; -1: in none (a zero sign, BOS or padding)."""
+    q = torch.full(x_gate.shape, -1, dtype=torch.int64, device=x_gate.device)
+    for code, (gs, us) in enumerate(QUADRANT_SIGNS):
+        inside = ((x_gate > 0) if gs > 0 else (x_gate < 0)) & ((x_in > 0) if us > 0 else (x_in < 0))
+        q = torch.where(inside, code, q)
+    return torch.where(valid.unsqueeze(-1), q, -1)
+
+
+def reduce_distributions(x_gate: torch.Tensor, x_in: torch.Tensor, act: torch.Tensor, valid: torch.Tensor,
+                         bounds: torch.Tensor, hashes: torch.Tensor, parts: frozenset = frozenset(DISTRIBUTIONS)
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One batch's histograms, density and per-text sample candidates.
+
+    x_gate, x_in, act [B, T, n] float32 (x_in after the weight convention); bounds [4, 3, n] float32;
+    hashes [B, T, n] int64 (rules.sample_hash). Returns (hist [n * 4 * 3 * HIST_SLOTS] int64,
+    density [n * 44 * 44] int64, cand [B, 4 + 16, n] int64): cand holds per text the key hash << 32 | position
+    of the token of smallest hash, then lower position, for each quadrant (the random lists) and each
+    (quadrant, interval) (the interval lists); INT64_MAX: none.
+    """
+    B, T, n = x_gate.shape
+    device = x_gate.device
+    q = quadrant_of(x_gate, x_in, valid)
+    inside = q >= 0
+    qc = q.clamp(min=0)
+    neuron = torch.arange(n, device=device)
+    post = act * x_in
+    hist = density = cand = None
+    if "histograms" in parts:
+        n_cells = n * N_QUADRANTS * rules.N_HIST_HOOKS * rules.HIST_SLOTS
+        flats = []
+        for h, (hook, v) in enumerate(zip(rules.HIST_HOOKS, (post, x_in, x_gate))):
+            signs = torch.tensor([LIST_SIGNS[list_index(c, hook)] for c in range(N_QUADRANTS)], device=device)
+            slot = signs[qc] * (rules.value_bin(v) - rules.VALUE_MAG_BINS)
+            flat = ((neuron * N_QUADRANTS + qc) * rules.N_HIST_HOOKS + h) * rules.HIST_SLOTS + slot
+            flats.append(torch.where(inside, flat, n_cells).flatten())
+        hist = torch.bincount(torch.cat(flats), minlength=n_cells + 1)[:n_cells]
+    if "density" in parts:
+        d = rules.DENSITY_BINS
+        flat = (neuron * d + rules.density_bin(x_gate)) * d + rules.density_bin(x_in)
+        density = torch.bincount(torch.where(inside, flat, n * d * d).flatten(), minlength=n * d * d + 1)[:n * d * d]
+    if "sampling" in parts:
+        p = post.abs().view(B * T, n)
+        interval = sum((p >= bounds[:, j, :].gather(0, qc.view(B * T, n))).to(torch.int64) for j in range(3))
+        n_cells = N_QUADRANTS * rules.N_INTERVALS
+        cell = torch.where(inside, qc * rules.N_INTERVALS + interval.view(B, T, n), n_cells)
+        positions = torch.arange(T, device=device).view(1, T, 1)
+        key = (hashes << 32) | positions
+        per_cell = torch.full((B, n_cells + 1, n), INT64_MAX, dtype=torch.int64, device=device)
+        per_cell.scatter_reduce_(1, cell, key.expand(B, T, n), reduce="amin")
+        per_cell = per_cell[:, :n_cells]
+        cand = torch.cat([per_cell.view(B, N_QUADRANTS, rules.N_INTERVALS, n).amin(2), per_cell], 1)
+    return hist, density, cand
+
+
+class Calibration:
+    """Counts of |hook_post| per (neuron, quadrant) on the 'value' magnitude bins, over the calibration batches.
+
+    One implementation for both reducers, so that they share the interval bounds bit for bit.
+    """
+
+    def __init__(self, sign: torch.Tensor, act_fn: Callable) -> None:
+        self.sign = sign
+        self.act_fn = act_fn
+        self.counts = torch.zeros(sign.shape[0] * N_QUADRANTS * rules.VALUE_MAG_BINS, dtype=torch.int64,
+                                  device=sign.device)
+
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
+        x_gate = x_gate.float()
+        x_in = x_in.float() * self.sign
+        n = x_gate.shape[-1]
+        q = quadrant_of(x_gate, x_in, batch.valid)
+        mag = rules.value_magnitude_bin((self.act_fn(x_gate) * x_in).abs())
+        flat = (torch.arange(n, device=x_gate.device) * N_QUADRANTS + q.clamp(min=0)) * rules.VALUE_MAG_BINS + mag
+        size = self.counts.numel()
+        self.counts += torch.bincount(torch.where(q >= 0, flat, size).flatten(), minlength=size + 1)[:size]
+
+    def bounds(self) -> np.ndarray:
+        """[n, 4, 3] float32 (rules.interval_bounds)."""
+        return rules.interval_bounds(self.counts.view(-1, N_QUADRANTS, rules.VALUE_MAG_BINS).cpu().numpy())
+
+
 @cache
 def _compiled_reduce_batch() -> Callable:
     # One fused kernel instead of ~70 passes over [B, T, d_mlp]; dynamic
@@ -106,7 +203,11 @@ def _compiled_reduce_batch() -> Callable:
 
 
 class TensorReducer:
-    """A LayerReducer as tensors on the model's device. Lists are [k, 16, n], slots unordered until finish."""
+    """A LayerReducer as tensors on the model's device. Lists are [k, lists, n], slots unordered until finish.
+
+    A list set is a dict of tensors of one shape [k, L, n, ...] that ranks by an int64 key, largest first, -1
+    for an empty slot: the top-k lists here ([k, 16, n]), the sampled examples in TensorDistributions.
+    """
 
     # The attributes that hold the running state: a checkpoint saves and restores exactly these
     # (state/load_state), so a new statistic's tensor is checkpointed by naming it here.
@@ -115,19 +216,13 @@ class TensorReducer:
     def __init__(self, setup: LayerSetup, compiled: bool = False) -> None:
         self.setup = setup
         self.reduce_fn = _compiled_reduce_batch() if compiled else reduce_batch
-        k, n, window, device = setup.k, setup.n, setup.window, setup.sign.device
-
-        def full(shape, value, dtype):
-            return torch.full(shape, value, dtype=dtype, device=device)
-        self.keys = full((k, N_LISTS, n), -1, torch.int64)     # -1: an empty slot
-        self.magnitude = full((k, N_LISTS, n), 0, torch.float32)
-        self.text = full((k, N_LISTS, n), -1, torch.int32)
-        self.pos = full((k, N_LISTS, n), 0, torch.int32)
-        self.win_gate = full((k, N_LISTS, n, window), 0, torch.float16)
-        self.win_in = full((k, N_LISTS, n, window), 0, torch.float16)
-        self.counts = full((N_QUADRANTS, n), 0, torch.int64)
-        self.near = full((N_LISTS, n), float("inf"), torch.float32)
-        self.total = full((N_LISTS, n), 0, torch.float64)
+        n, device = setup.n, setup.sign.device
+        # The whole state of the layer (a checkpoint saves these tensors, and those of self.distributions).
+        self.top = new_lists(setup, setup.k, N_LISTS, magnitude=torch.float32)
+        self.counts = torch.zeros((N_QUADRANTS, n), dtype=torch.int64, device=device)
+        self.near = torch.full((N_LISTS, n), float("inf"), dtype=torch.float32, device=device)
+        self.total = torch.zeros((N_LISTS, n), dtype=torch.float64, device=device)
+        self.distributions = TensorDistributions(setup)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.STATE}
@@ -145,64 +240,160 @@ class TensorReducer:
         self.counts += counts
         self.total += total.double()
         self.near = torch.minimum(self.near, near)
-        self._merge_examples(x_gate, x_in, batch, magnitude, position)
-
-    def _merge_examples(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, magnitude: torch.Tensor,
-                        position: torch.Tensor) -> None:
-        k = self.keys.shape[0]
-        n_texts, _, n = magnitude.shape
         cand = example_keys(magnitude, batch.text_ids_t)          # [B, 16, n]
-        # Only lists where some candidate beats the current k-th take part;
-        # late in a run that is a small fraction, often none.
-        hot = (cand > self.keys.amin(0)).any(0).flatten().nonzero().squeeze(1)   # [C] flat (list, neuron)
-        if hot.numel() == 0:
-            return
-        old = self.keys.view(k, -1)[:, hot]                       # [k, C]
-        new = cand.view(n_texts, -1)[:, hot]                      # [B, C]
-        top = torch.cat([old, new]).topk(k, dim=0, sorted=False).indices
-        chosen = torch.zeros((k + n_texts, hot.numel()), dtype=torch.bool, device=cand.device)
-        chosen.scatter_(0, top, True)
-        entering = chosen[k:] & (new >= 0)  # an empty candidate may outrank an empty slot, but fills nothing
-        leaving = ~chosen[:k]
-        # Pair the j-th leaving slot of a list with its j-th entering candidate.
-        m = min(k, n_texts)
-        free_slot = torch.sort(leaving.to(torch.int8), dim=0, descending=True, stable=True).indices[:m]
-        new_row = torch.sort(entering.to(torch.int8), dim=0, descending=True, stable=True).indices[:m]
-        pair = torch.arange(m, device=cand.device).unsqueeze(1) < entering.sum(0)   # [m, C]
-        j, c = pair.nonzero(as_tuple=True)
-        slot = free_slot[j, c]
-        row = new_row[j, c]
-        flat = hot[c]
-        lst = flat // n
-        neuron = flat % n
-        at = position[row, lst, neuron]
-
-        self.keys[slot, lst, neuron] = cand[row, lst, neuron]
-        self.magnitude[slot, lst, neuron] = magnitude[row, lst, neuron]
-        self.text[slot, lst, neuron] = batch.text_ids_t[row].to(torch.int32)
-        self.pos[slot, lst, neuron] = at.to(torch.int32)
-
-        start, stop = window_bounds(at, batch.lengths_t[row], self.setup.before, self.setup.after)
-        t = start.unsqueeze(1) + torch.arange(self.setup.window, device=cand.device)    # [E, W]
-        inside = t < stop.unsqueeze(1)
-        t = torch.where(inside, t, torch.zeros_like(t))
-        # One flat index into x_gate and x_in: take() is much cheaper than
-        # indexing with three broadcast index tensors.
-        T = x_gate.shape[1]
-        flat = (row.unsqueeze(1) * T + t) * n + neuron.unsqueeze(1)
-        zero = torch.zeros((), dtype=torch.float16, device=cand.device)
-        for window, values in ((self.win_gate, x_gate), (self.win_in, x_in)):
-            window[slot, lst, neuron] = torch.where(inside, values.reshape(-1).take(flat).to(torch.float16), zero)
+        _merge_lists(self.top, cand, position, batch, x_gate, x_in, self.setup, at_candidate={"magnitude": magnitude})
+        self.distributions.update(x_gate, x_in, None, batch)
 
     def finish(self) -> LayerStatistics:
-        order = self.keys.sort(dim=0, descending=True, stable=True).indices
-
-        def ranked(t: torch.Tensor) -> np.ndarray:  # [k, 16, n, ...] -> [n, 16, k, ...] most extreme first
-            index = order.view(*order.shape, *([1] * (t.dim() - 3))).expand_as(t)
-            return t.gather(0, index).cpu().numpy().swapaxes(0, 2)
-        keys = ranked(self.keys)
+        top = _ranked(self.top)
         return finish_layer(ReducedLayer(
             counts=self.counts.cpu().numpy().T, near=self.near.cpu().numpy().T, total=self.total.cpu().numpy().T,
-            top_mag=ranked(self.magnitude), top_text=np.where(keys >= 0, ranked(self.text), -1),
-            top_pos=ranked(self.pos), win_gate=ranked(self.win_gate), win_in=ranked(self.win_in),
+            top_mag=top["magnitude"], top_text=np.where(top["keys"] >= 0, top["text"], -1),
+            top_pos=top["pos"], win_gate=top["win_gate"], win_in=top["win_in"],
+            **self.distributions.finish(),
         ), self.setup)
+
+
+def new_lists(setup: LayerSetup, k: int, n_lists: int, **extra) -> dict[str, torch.Tensor]:
+    """An empty list set of k slots for n_lists lists of every neuron, with windows and `extra` values."""
+    shape, device = (k, n_lists, setup.n), setup.sign.device
+
+    def full(shape, value, dtype):
+        return torch.full(shape, value, dtype=dtype, device=device)
+    return {"keys": full(shape, -1, torch.int64), "text": full(shape, -1, torch.int32),
+            "pos": full(shape, 0, torch.int32), "win_gate": full((*shape, setup.window), 0, torch.float16),
+            "win_in": full((*shape, setup.window), 0, torch.float16),
+            **{name: full(shape, 0, dtype) for name, dtype in extra.items()}}
+
+
+class TensorDistributions:
+    """Histograms, density and sampled examples of one layer, as tensors on the model's device.
+
+    Sample lists: `random` [N_RANDOM, 4, n] and `interval` [N_PER_INTERVAL, 16, n] (list quadrant * 4 +
+    interval), keyed so that the smallest hash, then the lower text id, ranks first.
+    """
+
+    def __init__(self, setup: LayerSetup) -> None:
+        self.setup = setup
+        self.parts = enabled_distributions()
+        n, device = setup.n, setup.sign.device
+        self.bounds = torch.from_numpy(setup.interval_bounds).to(device).permute(1, 2, 0).contiguous()  # [4, 3, n]
+        self.salt = rules.neuron_salt(setup.seed, setup.layer, n, device)
+        samples = {"gate": torch.float32, "in": torch.float32, "act": torch.float32}
+        # The state:
+        self.random = new_lists(setup, rules.N_RANDOM, N_QUADRANTS, **samples)
+        self.interval = new_lists(setup, rules.N_PER_INTERVAL, N_QUADRANTS * rules.N_INTERVALS, **samples)
+        self.hist = torch.zeros(n * N_QUADRANTS * rules.N_HIST_HOOKS * rules.HIST_SLOTS, dtype=torch.int64,
+                                device=device)
+        self.density = torch.zeros(n * rules.DENSITY_BINS ** 2, dtype=torch.int64, device=device)
+
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, act: torch.Tensor | None, batch: Batch) -> None:
+        """x_gate, x_in [B, T, n] float32, x_in after the weight convention; act = act_fn(x_gate) if known."""
+        if not self.parts - {"calibration"}:
+            return
+        if act is None:
+            act = self.setup.act_fn(x_gate)
+        T = x_gate.shape[1]
+        hashes = rules.sample_hash(rules.token_hash(self.setup.seed, batch.text_ids_t,
+                                                    torch.arange(T, device=x_gate.device)), self.salt)
+        hist, density, per_text = reduce_distributions(x_gate, x_in, act, batch.valid, self.bounds, hashes,
+                                                       self.parts)
+        if hist is not None:
+            self.hist += hist
+        if density is not None:
+            self.density += density
+        if per_text is None:
+            return
+        some = per_text != INT64_MAX
+        keys = torch.where(some, ((0x7FFFFFFF - (per_text >> 32)) << 32) | text_tie(batch.text_ids_t).view(-1, 1, 1),
+                           -1)
+        position = torch.where(some, per_text & 0xFFFFFFFF, 0)
+        at_token = {"gate": x_gate, "in": x_in, "act": act}
+        for lists, part in ((self.random, slice(0, N_QUADRANTS)), (self.interval, slice(N_QUADRANTS, None))):
+            _merge_lists(lists, keys[:, part], position[:, part], batch, x_gate, x_in, self.setup, at_token=at_token)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The distribution fields of ReducedLayer."""
+        n = self.setup.n
+        random, interval = _ranked(self.random), _ranked(self.interval)
+
+        def samples(name: str) -> np.ndarray:  # -> [n, 4, SAMPLE_SLOTS, ...]
+            ivl = interval[name]  # [n, 16, N_PER_INTERVAL, ...]
+            ivl = ivl.reshape(n, N_QUADRANTS, rules.N_INTERVALS * rules.N_PER_INTERVAL, *ivl.shape[3:])
+            return np.concatenate([random[name], ivl], axis=2)
+        keys = samples("keys")
+        return dict(
+            hist=self.hist.view(n, N_QUADRANTS, rules.N_HIST_HOOKS, rules.HIST_SLOTS).cpu().numpy(),
+            density=self.density.view(n, rules.DENSITY_BINS, rules.DENSITY_BINS).cpu().numpy(),
+            samp_hash=np.where(keys >= 0, 0x7FFFFFFF - (keys >> 32), -1),
+            samp_text=np.where(keys >= 0, samples("text"), -1), samp_pos=samples("pos"),
+            samp_gate=samples("gate"), samp_in=samples("in"), samp_act=samples("act"),
+            samp_win_gate=samples("win_gate"), samp_win_in=samples("win_in"))
+
+
+def _ranked(lists: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A list set's tensors [k, L, n, ...] -> NumPy [n, L, k, ...], largest key first."""
+    order = lists["keys"].sort(dim=0, descending=True, stable=True).indices
+
+    def ranked(t: torch.Tensor) -> np.ndarray:
+        index = order.view(*order.shape, *([1] * (t.dim() - 3))).expand_as(t)
+        return t.gather(0, index).cpu().numpy().swapaxes(0, 2)
+    return {name: ranked(t) for name, t in lists.items()}
+
+
+def _merge_lists(lists: dict[str, torch.Tensor], cand: torch.Tensor, position: torch.Tensor, batch: Batch,
+                 x_gate: torch.Tensor, x_in: torch.Tensor, setup: LayerSetup,
+                 at_candidate: dict[str, torch.Tensor] | None = None,
+                 at_token: dict[str, torch.Tensor] | None = None) -> None:
+    """Fold one batch's candidates (keys cand [B, L, n], -1: none; their positions) into a list set.
+
+    Entering candidates bring their text, position and window, and the values of `at_candidate` ([B, L, n],
+    taken at the candidate) and `at_token` ([B, T, n], taken at its token).
+    """
+    keys = lists["keys"]
+    k = keys.shape[0]
+    n_texts, _, n = cand.shape
+    # Only lists where some candidate beats the current k-th take part;
+    # late in a run that is a small fraction, often none.
+    hot = (cand > keys.amin(0)).any(0).flatten().nonzero().squeeze(1)   # [C] flat (list, neuron)
+    if hot.numel() == 0:
+        return
+    old = keys.view(k, -1)[:, hot]                            # [k, C]
+    new = cand.reshape(n_texts, -1)[:, hot]                   # [B, C]
+    top = torch.cat([old, new]).topk(k, dim=0, sorted=False).indices
+    chosen = torch.zeros((k + n_texts, hot.numel()), dtype=torch.bool, device=cand.device)
+    chosen.scatter_(0, top, True)
+    entering = chosen[k:] & (new >= 0)  # an empty candidate may outrank an empty slot, but fills nothing
+    leaving = ~chosen[:k]
+    # Pair the j-th leaving slot of a list with its j-th entering candidate.
+    m = min(k, n_texts)
+    free_slot = torch.sort(leaving.to(torch.int8), dim=0, descending=True, stable=True).indices[:m]
+    new_row = torch.sort(entering.to(torch.int8), dim=0, descending=True, stable=True).indices[:m]
+    pair = torch.arange(m, device=cand.device).unsqueeze(1) < entering.sum(0)   # [m, C]
+    j, c = pair.nonzero(as_tuple=True)
+    slot = free_slot[j, c]
+    row = new_row[j, c]
+    flat = hot[c]
+    lst = flat // n
+    neuron = flat % n
+    at = position[row, lst, neuron]
+
+    keys[slot, lst, neuron] = cand[row, lst, neuron]
+    lists["text"][slot, lst, neuron] = batch.text_ids_t[row].to(torch.int32)
+    lists["pos"][slot, lst, neuron] = at.to(torch.int32)
+    for name, values in (at_candidate or {}).items():
+        lists[name][slot, lst, neuron] = values[row, lst, neuron]
+
+    T = x_gate.shape[1]
+    for name, values in (at_token or {}).items():
+        lists[name][slot, lst, neuron] = values.reshape(-1).take((row * T + at) * n + neuron)
+    start, stop = window_bounds(at, batch.lengths_t[row], setup.before, setup.after)
+    t = start.unsqueeze(1) + torch.arange(setup.window, device=cand.device)    # [E, W]
+    inside = t < stop.unsqueeze(1)
+    t = torch.where(inside, t, torch.zeros_like(t))
+    # One flat index into x_gate and x_in: take() is much cheaper than
+    # indexing with three broadcast index tensors.
+    flat = (row.unsqueeze(1) * T + t) * n + neuron.unsqueeze(1)
+    zero = torch.zeros((), dtype=torch.float16, device=cand.device)
+    for name, values in (("win_gate", x_gate), ("win_in", x_in)):
+        lists[name][slot, lst, neuron] = torch.where(inside, values.reshape(-1).take(flat).to(torch.float16), zero)

@@ -61,7 +61,22 @@ STATE = (
     ("top_slot", ctypes.c_int32, "n L k", 0),     # the window row each entry owns
     ("win_gate", ctypes.c_uint16, "n L k W", 0),  # float16 bits, by slot
     ("win_in", ctypes.c_uint16, "n L k W", 0),
+    # Distributions: H = 3 histogram hooks, S = HIST_SLOTS, D = 44 density bins, R = SAMPLE_SLOTS per quadrant.
+    ("hist", ctypes.c_int64, "n Q H S", 0),
+    ("density", ctypes.c_int64, "n D D", 0),
+    ("samp_hash", ctypes.c_int64, "n Q R", -1),   # sorted within each list, smallest first
+    ("samp_text", ctypes.c_int32, "n Q R", -1),
+    ("samp_pos", ctypes.c_int32, "n Q R", 0),
+    ("samp_slot", ctypes.c_int32, "n Q R", 0),    # the window row each entry owns, within its quadrant
+    ("samp_gate", ctypes.c_float, "n Q R", 0),
+    ("samp_in", ctypes.c_float, "n Q R", 0),
+    ("samp_act", ctypes.c_float, "n Q R", 0),
+    ("samp_win_gate", ctypes.c_uint16, "n Q R W", 0),
+    ("samp_win_in", ctypes.c_uint16, "n Q R W", 0),
 )
+
+# ReduceArgs.parts: which distributions the kernel computes (all but for the benchmark's measurements).
+PARTS = {"histograms": 1, "density": 2, "sampling": 4}
 
 
 class ReduceArgs(ctypes.Structure):
@@ -73,13 +88,15 @@ class ReduceArgs(ctypes.Structure):
     _fields_ = [
         ("x_gate", _f32), ("x_in", _f32), ("act", _f32),   # [B, T, n]; x_in before the weight convention
         ("sign", _f32),                                     # [n] the weight convention
+        ("bounds", _f32),                                   # [n, Q, 3] the interval bounds
         ("lengths", _i64), ("text_ids", _i64),              # [B]
         ("batch", ctypes.c_int64), ("seq_len", ctypes.c_int64), ("n", ctypes.c_int64),
         ("before", ctypes.c_int64), ("after", ctypes.c_int64), ("k", ctypes.c_int64), ("window", ctypes.c_int64),
+        ("seed", ctypes.c_int64), ("layer", ctypes.c_int64), ("parts", ctypes.c_int32),
         *((name, ctypes.POINTER(ctype)) for name, ctype, _, _ in STATE),
         ("n_threads", ctypes.c_int32),
     ]
-    INPUTS = ("x_gate", "x_in", "act", "sign", "lengths", "text_ids")
+    INPUTS = ("x_gate", "x_in", "act", "sign", "bounds", "lengths", "text_ids")
 
     @classmethod
     def of(cls, **values) -> "ReduceArgs":
@@ -224,11 +241,16 @@ class KernelReducer:
         self.setup = setup
         self.buffer = buffer
         self.sign = _contiguous_f32(setup.sign)
-        sizes = {"n": setup.n, "Q": rules.N_QUADRANTS, "L": rules.N_LISTS, "k": setup.k, "W": setup.window}
+        sizes = {"n": setup.n, "Q": rules.N_QUADRANTS, "L": rules.N_LISTS, "k": setup.k, "W": setup.window,
+                 "H": rules.N_HIST_HOOKS, "S": rules.HIST_SLOTS, "D": rules.DENSITY_BINS, "R": rules.SAMPLE_SLOTS}
         self.arrays = {name: np.full([sizes[d] for d in dims.split()], initial, np.dtype(ctype))
-                       for name, ctype, dims, initial in STATE}
+                      for name, ctype, dims, initial in STATE}
         # Entries move as better ones enter, windows never do: each entry carries the row of its window.
         self.arrays["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
+        self.arrays["samp_slot"][:] = np.arange(rules.SAMPLE_SLOTS, dtype=np.int32)
+        self.bounds = setup.interval_bounds
+        from gluscope.recorder.reduce import enabled_distributions
+        self.parts = sum(bit for name, bit in PARTS.items() if name in enabled_distributions())
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self.arrays)
@@ -245,19 +267,21 @@ class KernelReducer:
             x_gate=x_gate, x_in=x_in, act=self.buffer.act(self.setup.act_fn, x_gate), sign=self.sign,
             lengths=batch.lengths, text_ids=batch.text_ids, batch=B, seq_len=T, n=n,
             before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
-            n_threads=torch.get_num_threads(), **self.arrays)
+            bounds=self.bounds, seed=self.setup.seed, layer=self.setup.layer, parts=self.parts, n_threads=torch.get_num_threads(), **self.arrays)
         load_kernel().gluscope_reduce_update(ctypes.byref(args))
 
     def finish(self) -> LayerStatistics:
         state = self.arrays
         # Windows sit in slot order; put them in the order of their entries.
-        n, lists, k, window = state["win_gate"].shape
-        rows = (np.arange(n * lists)[:, None] * k + state["top_slot"].reshape(-1, k)).reshape(-1)
-
-        def by_entry(bits: np.ndarray) -> np.ndarray:
+        def by_entry(bits: np.ndarray, slot: np.ndarray) -> np.ndarray:
+            k, window = bits.shape[-2:]
+            rows = (np.arange(slot.size // k)[:, None] * k + slot.reshape(-1, k)).reshape(-1)
             return bits.reshape(-1, window).take(rows, axis=0).reshape(bits.shape).view(np.float16)
         handed = {f.name: state[f.name] for f in dataclasses.fields(ReducedLayer)}
-        handed.update(win_gate=by_entry(state["win_gate"]), win_in=by_entry(state["win_in"]))
+        handed.update(win_gate=by_entry(state["win_gate"], state["top_slot"]),
+                      win_in=by_entry(state["win_in"], state["top_slot"]),
+                      samp_win_gate=by_entry(state["samp_win_gate"], state["samp_slot"]),
+                      samp_win_in=by_entry(state["samp_win_in"], state["samp_slot"]))
         return finish_layer(ReducedLayer(**handed), self.setup)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gluscope.errors import UserError
+from gluscope.recorder import rules
 from gluscope.recorder.rules import LIST_SIGNS_NP, N_HOOKS, N_QUADRANTS, window_bounds
 from gluscope.recorder.writer import LayerStatistics
 
@@ -38,10 +39,21 @@ class LayerSetup:
     sign: torch.Tensor         # [n] float32 +-1 on the model's device: the weight convention, applied to x_in
     act_fn: Callable[..., torch.Tensor]
     text_lengths: np.ndarray   # [n_texts] int64 tokens per text, BOS included: the windows' bounds
+    layer: int = 0             # with seed, what the sampling hash of this layer's neurons is salted with
+    seed: int = 0
+    # [n, 4, 3] float32 b1 < b2 < b3 of each (neuron, quadrant), from the calibration (rules.interval_bounds);
+    # None: rules.DEFAULT_BOUNDS everywhere.
+    bounds: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return int(self.sign.shape[0])
+
+    @property
+    def interval_bounds(self) -> np.ndarray:
+        if self.bounds is not None:
+            return np.ascontiguousarray(self.bounds, dtype=np.float32)
+        return np.broadcast_to(np.array(rules.DEFAULT_BOUNDS, np.float32), (self.n, N_QUADRANTS, 3)).copy()
 
     @property
     def window(self) -> int:
@@ -83,6 +95,17 @@ class ReducedLayer:
     top_pos: np.ndarray    # [n, L, k] int32
     win_gate: np.ndarray   # [n, L, k, W] float16 x_gate around each example, from its window's start
     win_in: np.ndarray     # [n, L, k, W] float16 x_in (after the weight convention)
+    # Distributions; S = rules.SAMPLE_SLOTS per quadrant: the random list, then each interval's list.
+    hist: np.ndarray       # [n, 4, 3, HIST_SLOTS] int64 by slot (rules.HIST_SLOTS), hooks as rules.HIST_HOOKS
+    density: np.ndarray    # [n, 44, 44] int64 (x_gate bin, x_in bin)
+    samp_hash: np.ndarray  # [n, 4, S] int64, sorted within each list, smallest first
+    samp_text: np.ndarray  # [n, 4, S] int32, -1: an empty slot
+    samp_pos: np.ndarray   # [n, 4, S] int32
+    samp_gate: np.ndarray  # [n, 4, S] float32 the token's x_gate, x_in (after the convention) and act
+    samp_in: np.ndarray
+    samp_act: np.ndarray
+    samp_win_gate: np.ndarray  # [n, 4, S, W] float16
+    samp_win_in: np.ndarray
 
 
 class LayerReducer(Protocol):
@@ -138,6 +161,9 @@ def finish_layer(r: ReducedLayer, setup: LayerSetup) -> LayerStatistics:
 
     lengths = setup.text_lengths[np.where(has, r.top_text, 0)]
     start, stop = window_bounds(r.top_pos.astype(np.int64), lengths, setup.before, setup.after)
+    s_has = r.samp_text >= 0
+    s_start, s_stop = window_bounds(r.samp_pos.astype(np.int64), setup.text_lengths[np.where(s_has, r.samp_text, 0)],
+                                    setup.before, setup.after)
     # astype keeps the memory order (order="K"), so the writer's neuron-major
     # view of neuron-major arrays needs no copy.
     return LayerStatistics(
@@ -152,7 +178,33 @@ def finish_layer(r: ReducedLayer, setup: LayerSetup) -> LayerStatistics:
         window_len=qhn(np.where(has, stop - start, 0).astype(np.int16)),
         window_gate=qhn(r.win_gate),
         window_in=qhn(r.win_in),
+        histograms=histogram_bins_of_slots(r.hist),
+        density=r.density,
+        bounds=setup.interval_bounds,
+        sample_hash=np.where(s_has, r.samp_hash, -1),
+        sample_text=np.where(s_has, r.samp_text, -1).astype(np.int32),
+        sample_pos=np.where(s_has, r.samp_pos, 0).astype(np.int16),
+        sample_gate=np.where(s_has, r.samp_gate, 0).astype(np.float32),
+        sample_in=np.where(s_has, r.samp_in, 0).astype(np.float32),
+        sample_act=np.where(s_has, r.samp_act, 0).astype(np.float32),
+        sample_window_start=np.where(s_has, s_start, 0).astype(np.int16),
+        sample_window_len=np.where(s_has, s_stop - s_start, 0).astype(np.int16),
+        sample_window_gate=r.samp_win_gate,
+        sample_window_in=r.samp_win_in,
     )
+
+
+def histogram_bins_of_slots(hist: np.ndarray) -> np.ndarray:
+    """[n, 4, 3, HIST_SLOTS] counts by slot -> [n, 4, 3, VALUE_BINS] by signed bin (bin = 58 + sign * slot)."""
+    mid = rules.VALUE_MAG_BINS
+    out = np.zeros((*hist.shape[:3], rules.VALUE_BINS), np.int64)
+    for q in range(N_QUADRANTS):
+        for h, hook in enumerate(rules.HIST_HOOKS):
+            if rules.LIST_SIGNS[rules.list_index(q, hook)] > 0:
+                out[:, q, h, mid:] = hist[:, q, h, :mid]  # slot 58 is never reached: v >= 0 has bin >= 58
+            else:
+                out[:, q, h, :mid + 1] = hist[:, q, h, ::-1]
+    return out
 
 
 REDUCERS = ("auto", "kernel", "torch")

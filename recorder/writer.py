@@ -18,6 +18,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from gluscope.recorder import rules
 from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANTS, schema_sql
 
 N_Q, N_H = len(QUADRANTS), len(HOOKS)
@@ -40,6 +41,21 @@ class LayerStatistics:
     window_len: np.ndarray     # [4, 4, n, k] int16
     window_gate: np.ndarray    # [4, 4, n, k, W] float16
     window_in: np.ndarray      # [4, 4, n, k, W] float16
+    # Distributions (neuron-major). S = rules.SAMPLE_SLOTS per quadrant: N_RANDOM random, then N_PER_INTERVAL
+    # per interval, each list ranked from the smallest hash.
+    histograms: np.ndarray     # [n, 4, 3, 116] int64 by 'value' bin; hooks as schema.HISTOGRAM_HOOKS
+    density: np.ndarray        # [n, 44, 44] int64 by 'density' bin of (x_gate, x_in)
+    bounds: np.ndarray         # [n, 4, 3] float32 b1 < b2 < b3 of |hook_post|
+    sample_hash: np.ndarray    # [n, 4, S] int64, -1 with sample_text where a slot is empty
+    sample_text: np.ndarray    # [n, 4, S] int32
+    sample_pos: np.ndarray     # [n, 4, S] int16
+    sample_gate: np.ndarray    # [n, 4, S] float32
+    sample_in: np.ndarray      # [n, 4, S] float32
+    sample_act: np.ndarray     # [n, 4, S] float32
+    sample_window_start: np.ndarray  # [n, 4, S] int16
+    sample_window_len: np.ndarray    # [n, 4, S] int16
+    sample_window_gate: np.ndarray   # [n, 4, S, W] float16
+    sample_window_in: np.ndarray     # [n, 4, S, W] float16
 
 
 @dataclass
@@ -209,23 +225,32 @@ class DatabaseWriter:
             "position": pa.array(ex(r.example_pos)[keep].astype(np.int16)),
         }))
 
-        # Windows: one per distinct (neuron, text, position); the same token is
-        # often the top example of several lists (act and hook_pre always agree for gate+).
-        pos = ex(r.example_pos)[keep].astype(np.int64)
-        ex_neuron = grid[0][keep].astype(np.int64)
-        key = (ex_neuron << 44) | (text[keep].astype(np.int64) << 16) | pos
-        _, first = np.unique(key, return_index=True)  # sorted by key = by (neuron, text, position)
-        lengths = ex(r.window_len)[keep][first].astype(np.int64)
+        self._write_distributions(layer, r)
+
+        # Windows: one per distinct (neuron, text, position), of the top examples and the samples; the same
+        # token is often in several lists (act and hook_pre always agree for gate+).
+        s_text = r.sample_text.reshape(-1)
+        s_keep = s_text >= 0
         w_slots = r.window_gate.shape[-1]
+        s_neuron = np.repeat(neuron, r.sample_text[0].size)[s_keep].astype(np.int64)
+        all_neuron = np.concatenate([grid[0][keep].astype(np.int64), s_neuron])
+        all_text = np.concatenate([text[keep].astype(np.int64), s_text[s_keep].astype(np.int64)])
+        pos = np.concatenate([ex(r.example_pos)[keep].astype(np.int64), r.sample_pos.reshape(-1)[s_keep]])
+        key = (all_neuron << 44) | (all_text << 16) | pos
+        _, first = np.unique(key, return_index=True)  # sorted by key = by (neuron, text, position)
+
+        def both(top: np.ndarray, sample: np.ndarray) -> np.ndarray:
+            return np.concatenate([ex(top)[keep], sample.reshape(-1, *sample.shape[3:])[s_keep]])[first]
+        lengths = both(r.window_len, r.sample_window_len).astype(np.int64)
         slot_ok = np.arange(w_slots)[None, :] < lengths[:, None]
-        gate = ex(r.window_gate)[keep][first]
-        x_in = ex(r.window_in)[keep][first]
+        gate = both(r.window_gate, r.sample_window_gate)
+        x_in = both(r.window_in, r.sample_window_in)
         self._insert("windows", pa.table({
             "layer": pa.array(np.full(len(first), layer, np.int16)),
-            "neuron": pa.array(ex_neuron[first].astype(np.int32)),
-            "text_id": pa.array(text[keep][first].astype(np.int32)),
+            "neuron": pa.array(all_neuron[first].astype(np.int32)),
+            "text_id": pa.array(all_text[first].astype(np.int32)),
             "position": pa.array(pos[first].astype(np.int16)),
-            "window_start": pa.array(ex(r.window_start)[keep][first].astype(np.int16)),
+            "window_start": pa.array(both(r.window_start, r.sample_window_start).astype(np.int16)),
             "x_gate": _list_array(gate.astype(np.float16).view(np.int16)[slot_ok], lengths),
             "x_in": _list_array(x_in.astype(np.float16).view(np.int16)[slot_ok], lengths),
         }))
@@ -239,6 +264,71 @@ class DatabaseWriter:
     def write_example_tokens(self) -> None:
         """example_tokens from the examples, samples and texts already written (the last table: see EXAMPLE_TOKENS)."""
         self.con.execute(EXAMPLE_TOKENS)
+
+    def _write_distributions(self, layer: int, r: LayerStatistics) -> None:
+        """histograms, density, intervals and samples: only non-zero counts and filled slots."""
+        n = r.histograms.shape[0]
+        nz = np.nonzero(r.histograms)  # C order: by (neuron, quadrant, hook, bin)
+        self._insert("histograms", pa.table({
+            "layer": pa.array(np.full(len(nz[0]), layer, np.int16)),
+            "neuron": pa.array(nz[0].astype(np.int32)),
+            "quadrant": pa.array(nz[1].astype(np.int8)),
+            "hook": pa.array(np.array(rules.HIST_HOOKS, np.int8)[nz[2]]),
+            "bin": pa.array(nz[3].astype(np.int16)),
+            "count": pa.array(r.histograms[nz].astype(np.int64)),
+        }))
+        nz = np.nonzero(r.density)
+        self._insert("density", pa.table({
+            "layer": pa.array(np.full(len(nz[0]), layer, np.int16)),
+            "neuron": pa.array(nz[0].astype(np.int32)),
+            "gate_bin": pa.array(nz[1].astype(np.int16)),
+            "in_bin": pa.array(nz[2].astype(np.int16)),
+            "count": pa.array(r.density[nz].astype(np.int64)),
+        }))
+        b = r.bounds.astype(np.float32)
+        lo = np.concatenate([np.zeros((n, N_Q, 1), np.float32), b], -1).reshape(-1)
+        hi = np.concatenate([b, np.full((n, N_Q, 1), np.nan, np.float32)], -1).reshape(-1)
+        grid = np.indices((n, N_Q, rules.N_INTERVALS)).reshape(3, -1)
+        self._insert("intervals", pa.table({
+            "layer": pa.array(np.full(grid.shape[1], layer, np.int16)),
+            "neuron": pa.array(grid[0].astype(np.int32)),
+            "quadrant": pa.array(grid[1].astype(np.int8)),
+            "interval": pa.array(grid[2].astype(np.int8)),
+            "lo": pa.array(lo),
+            "hi": pa.array(hi, from_pandas=True),
+        }))
+        text = r.sample_text.reshape(-1)
+        keep = text >= 0
+        grid = np.indices(r.sample_text.shape).reshape(3, -1)[:, keep]
+        slot = grid[2]
+        is_interval = slot >= rules.N_RANDOM
+        within = slot - rules.N_RANDOM
+        self._insert("samples", pa.table({
+            "layer": pa.array(np.full(int(keep.sum()), layer, np.int16)),
+            "neuron": pa.array(grid[0].astype(np.int32)),
+            "quadrant": pa.array(grid[1].astype(np.int8)),
+            "kind": pa.array(is_interval.astype(np.int8)),
+            "interval": pa.array(np.where(is_interval, within // rules.N_PER_INTERVAL, 0).astype(np.int8)),
+            "rank": pa.array(np.where(is_interval, within % rules.N_PER_INTERVAL, slot).astype(np.int8)),
+            "hash": pa.array(r.sample_hash.reshape(-1)[keep].astype(np.int32)),
+            "text_id": pa.array(text[keep].astype(np.int32)),
+            "position": pa.array(r.sample_pos.reshape(-1)[keep].astype(np.int16)),
+            "x_gate": pa.array(r.sample_gate.reshape(-1)[keep].astype(np.float32)),
+            "x_in": pa.array(r.sample_in.reshape(-1)[keep].astype(np.float32)),
+            "act": pa.array(r.sample_act.reshape(-1)[keep].astype(np.float32)),
+        }))
+
+    def write_histogram_bins(self) -> None:
+        """The fixed bins of `histograms` and `density` (rules.py): the same in every file."""
+        rows = [(axis, i, lo, hi) for axis, edges in (("value", rules.value_magnitude_edges()),
+                                                       ("density", rules.density_magnitude_edges()))
+                for i, (lo, hi) in enumerate(rules.signed_bin_edges(edges))]
+        self._insert("histogram_bins", pa.table({
+            "axis": pa.array([r[0] for r in rows], pa.string()),
+            "bin": pa.array(np.array([r[1] for r in rows], np.int16)),
+            "lo": pa.array([r[2] for r in rows], pa.float64()),
+            "hi": pa.array([r[3] for r in rows], pa.float64()),
+        }))
 
     def finish(self) -> Path:
         self.con.execute("CHECKPOINT")

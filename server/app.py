@@ -28,7 +28,7 @@ from gluscope.server.errors import ParameterError
 from gluscope.server.readers import Readers, freeze_startup_objects
 from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, make_response, response_kind, wants_json
 from gluscope.server.validate import get_model
-from gluscope.server.views import VIEWS, Redirect, run_view
+from gluscope.server.views import VIEWS, Image, Redirect, run_view
 
 log = logging.getLogger("gluscope.server")
 
@@ -52,6 +52,8 @@ def endpoint(name: str, model_in_path: bool, models: list[str]) -> Callable[...,
             result = run_view(registry, name, model, kind, params)
         if isinstance(result, Redirect):
             return RedirectResponse(result.url, status_code=result.status, headers=result.headers)
+        if isinstance(result, Image):
+            return Response(result.body, media_type=result.media_type, headers={"Cache-Control": "max-age=3600"})
         return make_response(request, kind, result)
 
     hints = get_type_hints(v.fn, include_extras=True)  # keep Annotated validators (views.with_bounds)
@@ -82,9 +84,16 @@ ROUTES = [
     Route(["/api/models/{model}", "/models/{model}.json", "/models/{model}"], "model", responses.ModelDetail),
     Route(["/api/models/{model}/layers/{layer}", "/models/{model}/layers/{layer}.json",
            "/models/{model}/layers/{layer}"], "layer", responses.LayerPage),
+    Route(["/api/models/{model}/layers/{layer}/scatter", "/models/{model}/layers/{layer}/scatter.json",
+           "/models/{model}/layers/{layer}/scatter"], "scatter", responses.LayerScatter),
+    Route(["/models/{model}/layers/{layer}/scatter.png"], "scatter_png"),
+    Route(["/models/{model}/layers/{layer}/scatter/click"], "scatter_click"),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}/examples",
            "/models/{model}/neurons/{layer}/{neuron}/examples.json",
            "/models/{model}/neurons/{layer}/{neuron}/examples"], "examples", responses.ExampleListBody),
+    Route(["/api/models/{model}/neurons/{layer}/{neuron}/histograms",
+           "/models/{model}/neurons/{layer}/{neuron}/histograms.json",
+           "/models/{model}/neurons/{layer}/{neuron}/histograms"], "histograms", responses.Histograms),
     Route(["/api/models/{model}/neurons/{layer}/{neuron}/tokens",
            "/models/{model}/neurons/{layer}/{neuron}/tokens.json",
            "/models/{model}/neurons/{layer}/{neuron}/tokens"], "tokens", responses.WeightTokens),

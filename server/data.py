@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from gluscope.schema import GEOMETRY, HOOKS, POST_SIGNS, QUADRANT_SLUGS, QUADRANTS, WEIGHT_KINDS
-from gluscope.server import queries
+from gluscope.schema import (EXAMPLE_KINDS, GEOMETRY, HISTOGRAM_HOOKS, HOOKS, POST_SIGNS, QUADRANT_SLUGS, QUADRANTS,
+                             SAMPLE_KINDS, WEIGHT_KINDS)
+from gluscope.server import plots, queries
 from gluscope.server.db import Database, Vocabulary
 from gluscope.server.errors import ParameterError
 from gluscope.server.validate import (check_choice, check_index, check_neuron, check_page, hook_code,
                                       quadrant_code)
-from gluscope.server.windows import neuron_examples, window_key, window_values
+from gluscope.server.windows import neuron_examples, neuron_samples, window_key, window_values
 
 MODEL_FIELDS = ("model_name", "model_source", "model_revision", "weights_file", "quantization", "architecture", "act_fn", "n_layers", "d_model", "d_mlp",
                 "vocab_size", "dtype", "dataset", "text_column", "max_length", "n_texts", "n_tokens", "k",
@@ -57,10 +58,20 @@ def models_data(registry: dict[str, Database]) -> dict[str, Any]:
 
 
 def model_data(db: Database) -> dict[str, Any]:
+    """The model and its layers' summary. It reads every neuron's row, and the file never changes: computed
+    once per process (at 16 clients it otherwise took 1.5 times an examples list)."""
+    found = db.derived.get("model")
+    if found is None:
+        found = _model_data(db)
+        db.derived.put("model", found)
+    return found
+
+
+def _model_data(db: Database) -> dict[str, Any]:
     rows = db.query(queries.LAYER_SUMMARY, {"n_tokens": max(int(db.meta["n_tokens"]), 1)})
     layers = [{"layer": r[0], "n_neurons": r[1],
                "frequency": {slug: _num(r[2 + q]) for q, slug in enumerate(QUADRANT_SLUGS)},
-               "frac_flipped": _num(r[6])} for r in rows]
+               "frac_flipped": _num(r[6]), "r_gate_pos_cos_in_out": _num(r[7])} for r in rows]
     return {**model_info(db), "layers": layers}
 
 
@@ -114,7 +125,8 @@ def weight_tokens_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
 
 @dataclass
 class ExampleList:
-    """One (quadrant, hook) list of a neuron's examples, most extreme first, as arrays.
+    """One list of a neuron's examples, as arrays: the top-k of a (quadrant, hook), most extreme first, or the
+    quadrant's random or interval samples (schema.sql, samples), each showing the value of `hook`.
 
     The JSON body (`to_json`), the page and the htmx fragment are all made
     from this, so they show the same examples and the same numbers.
@@ -126,7 +138,7 @@ class ExampleList:
     quadrant: int                  # code, QUADRANTS order
     hook: int                      # code, HOOKS order
     rank: np.ndarray               # [E]
-    value: np.ndarray              # [E] the ranked value at the token of interest
+    value: np.ndarray              # [E] the hook's value at the token of interest
     text_id: np.ndarray            # [E]
     source_index: np.ndarray       # [E] row in the source dataset
     source: list[str | None]       # [E] where each text came from, when the dataset says
@@ -134,6 +146,10 @@ class ExampleList:
     window_start: np.ndarray       # [E]
     token_ids: list[np.ndarray]    # E windows of token ids
     values: np.ndarray             # [E, 4, W] float32 in HOOKS order, NaN past each window's end
+    kind: int = 0                  # code, EXAMPLE_KINDS order
+    interval: np.ndarray | None = None  # [E] each example's interval, for kind interval
+    bounds: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # interval -> (lo, hi)
+    selected: int | None = None    # the one interval asked for, if any
 
     def __len__(self) -> int:
         return len(self.rank)
@@ -141,7 +157,9 @@ class ExampleList:
     def describe(self) -> dict[str, Any]:
         """Which list this is, as the JSON body names it."""
         return {"model": self.model, "layer": self.layer, "neuron": self.neuron, "quadrant": QUADRANTS[self.quadrant],
-                "slug": QUADRANT_SLUGS[self.quadrant], "hook": HOOKS[self.hook]}
+                "slug": QUADRANT_SLUGS[self.quadrant], "hook": HOOKS[self.hook], "kind": EXAMPLE_KINDS[self.kind],
+                "interval": self.selected,
+                "intervals": [{"interval": i, "lo": lo, "hi": hi} for i, (lo, hi) in self.bounds.items()]}
 
     def scales(self) -> dict[str, float]:
         """max |value| over every token of every window, per value: one colour scale for the list."""
@@ -150,10 +168,13 @@ class ExampleList:
         return dict(zip(HOOKS, m.tolist()))
 
     def head(self, i: int) -> dict[str, Any]:
-        """Example i without its window: rank, the ranked value, where it is."""
-        return {"rank": int(self.rank[i]), "value": _num(self.value[i]), "text_id": int(self.text_id[i]),
-                "source_index": int(self.source_index[i]), "source": self.source[i],
-                "position": int(self.position[i])}
+        """Example i without its window: rank, the value, where it is (and its interval's bounds)."""
+        out = {"rank": int(self.rank[i]), "value": _num(self.value[i]), "text_id": int(self.text_id[i]),
+               "source_index": int(self.source_index[i]), "source": self.source[i],
+               "position": int(self.position[i])}
+        if self.interval is not None:
+            out["interval"] = list(self.bounds[int(self.interval[i])])
+        return out
 
     def example(self, i: int, vocab: Vocabulary) -> dict[str, Any]:
         """Example i as the API shows it: its window's tokens and all four values per token."""
@@ -168,28 +189,169 @@ class ExampleList:
         return {**self.describe(), "examples": [self.example(i, vocab) for i in range(len(self))]}
 
 
-def example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str) -> ExampleList:
+# Where a sample's value of each hook is (HOOKS order): samples store x_gate, x_in and act; hook_post is
+# computed in SQL as the recorder computes it.
+SAMPLE_VALUE_COLUMNS = ("hook_post", "x_in", "x_gate", "act")
+
+
+def example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str, kind: str = "top",
+                 interval: int | None = None) -> ExampleList:
     check_neuron(db, layer, neuron)
     q, h = quadrant_code(quadrant), hook_code(hook)
-    found = neuron_examples(db, layer, neuron)
-    e, w = found.examples, found.windows
-    rows = np.flatnonzero((e["quadrant"] == q) & (e["hook"] == h))
-    # Each example's window; an example without one (not written by our recorder) is left out.
-    wanted = window_key(e["text_id"][rows], e["position"][rows])
+    check_choice("kind", kind, EXAMPLE_KINDS)
+    if interval is not None and kind != "interval":
+        raise ParameterError(422, "interval", f"interval={interval} picks one interval of kind=interval, "
+                             f"not of kind={kind}", "kind=interval")
+    if kind == "top":
+        found = neuron_examples(db, layer, neuron)
+        e = found.examples
+        rows = np.flatnonzero((e["quadrant"] == q) & (e["hook"] == h))
+        return _with_windows(db, found, layer, neuron, q, h, e["rank"][rows], e["value"][rows],
+                             e["text_id"][rows], e["position"][rows])
+    found = neuron_samples(db, layer, neuron)
+    s, iv = found.samples, found.intervals
+    code = SAMPLE_KINDS.index(kind)
+    mine = iv["quadrant"] == q
+    bounds = {int(i): (_num(lo), _num(hi)) for i, lo, hi in zip(iv["interval"][mine], iv["lo"][mine], iv["hi"][mine])}
+    keep = (s["quadrant"] == q) & (s["kind"] == code)
+    if interval is not None:
+        if interval not in bounds:
+            valid = f"0..{max(bounds)}" if bounds else "none (this quadrant has no intervals)"
+            raise ParameterError(404, "interval", f"interval {interval} does not exist for {QUADRANTS[q]}; "
+                                 f"valid: {valid}", valid)
+        keep &= s["interval"] == interval
+    rows = np.flatnonzero(keep)
+    found_list = _with_windows(db, found, layer, neuron, q, h, s["rank"][rows], s[SAMPLE_VALUE_COLUMNS[h]][rows],
+                               s["text_id"][rows], s["position"][rows],
+                               s["interval"][rows] if kind == "interval" else None)
+    found_list.kind = EXAMPLE_KINDS.index(kind)
+    if kind == "interval":
+        found_list.bounds, found_list.selected = bounds, interval
+        if found_list.interval is not None and not np.isin(found_list.interval, list(bounds)).all():
+            raise ParameterError(503, None, f"{db.path.name}: a sample of {layer}.{neuron} names an interval "
+                                 "the intervals table does not hold; the file is damaged")
+    return found_list
+
+
+def _with_windows(db: Database, found, layer: int, neuron: int, q: int, h: int, rank: np.ndarray,
+                  value: np.ndarray, text_id: np.ndarray, position: np.ndarray,
+                  interval: np.ndarray | None = None) -> ExampleList:
+    """The examples at these tokens, with their windows; one without a window (never from our recorder)
+    is left out."""
+    wanted = window_key(text_id, position)
     at = np.searchsorted(found.window_key, wanted)
     has_window = at < len(found.window_key)
     has_window[has_window] = found.window_key[at[has_window]] == wanted[has_window]
-    rows, at = rows[has_window], at[has_window]
+    at = at[has_window]
+    w = found.windows
     lengths = w["length"][at]
     values = window_values(found.x_gate, found.x_in, w["start"][at], lengths, str(db.meta["act_fn"]))
-    text_id, window_start = e["text_id"][rows].astype(np.int64), w["window_start"][at].astype(np.int64)
+    text_id, window_start = text_id[has_window].astype(np.int64), w["window_start"][at].astype(np.int64)
     token_ids = [db.texts.token_ids(t, s, s + n) for t, s, n in zip(text_id.tolist(), window_start.tolist(),
                                                                      lengths.tolist())]
-    return ExampleList(model=db.id, layer=layer, neuron=neuron, quadrant=q, hook=h, rank=e["rank"][rows],
-                       value=e["value"][rows], text_id=text_id, source_index=db.texts.source_index[text_id],
+    return ExampleList(model=db.id, layer=layer, neuron=neuron, quadrant=q, hook=h, rank=rank[has_window],
+                       value=value[has_window], text_id=text_id, source_index=db.texts.source_index[text_id],
                        source=[db.texts.source[t] for t in text_id.tolist()],
-                       position=e["position"][rows].astype(np.int64), window_start=window_start,
-                       token_ids=token_ids, values=values)
+                       position=position[has_window].astype(np.int64), window_start=window_start,
+                       token_ids=token_ids, values=values,
+                       interval=None if interval is None else interval[has_window])
+
+
+def histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
+    """A neuron's histograms (per value and quadrant), joint density and intervals of |hook_post|.
+
+    Each value's bins are trimmed to the run from the first to the last bin
+    that holds a token in any quadrant (`first_bin` says where it starts in
+    histogram_bins), and the density's axes likewise: edges has one more
+    entry than counts, or both are empty when the neuron counted no token.
+    """
+    check_neuron(db, layer, neuron)
+    cached = db.distributions.get((layer, neuron))
+    if cached is None:
+        cached = _histograms_data(db, layer, neuron)
+        db.distributions.put((layer, neuron), cached)
+    return cached
+
+
+def _histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
+    raw = db.prepared_columns("neuron_distribution", layer, neuron)
+    c = {name: np.ma.getdata(column) for name, column in raw.items()}
+    part = c["part"]
+    edges = db.bin_edges.get("value", [])
+    n_bins = max(len(edges) - 1, 0)
+    hooks = [HOOKS.index(name) for name in HISTOGRAM_HOOKS]
+    hist = np.zeros((len(QUADRANTS), len(HISTOGRAM_HOOKS), n_bins), np.int64)
+    sel = part == 0
+    q, hk, b, n = (c[k][sel].astype(np.int64) for k in ("quadrant", "hook", "a", "count"))
+    ok = (q >= 0) & (q < len(QUADRANTS)) & np.isin(hk, hooks) & (b >= 0) & (b < n_bins)
+    np.add.at(hist, (q[ok], np.searchsorted(hooks, hk[ok]), b[ok]), n[ok])
+
+    values = {}
+    for k, name in enumerate(HISTOGRAM_HOOKS):
+        first, stop = _nonempty(hist[:, k].sum(axis=0))
+        values[name] = {"first_bin": first, "edges": edges[first:stop + 1] if stop > first else [],
+                        "counts": {label: hist[qi, k, first:stop].tolist() for qi, label in enumerate(QUADRANTS)}}
+
+    d_edges = db.bin_edges.get("density", [])
+    nd = max(len(d_edges) - 1, 0)
+    grid = np.zeros((nd, nd), np.int64)
+    sel = part == 1
+    gi, ii, n = (c[k][sel].astype(np.int64) for k in ("a", "b", "count"))
+    ok = (gi >= 0) & (gi < nd) & (ii >= 0) & (ii < nd)
+    np.add.at(grid, (gi[ok], ii[ok]), n[ok])
+    g0, g1 = _nonempty(grid.sum(axis=1))
+    i0, i1 = _nonempty(grid.sum(axis=0))
+    density = {"first_gate_bin": g0, "first_in_bin": i0,
+               "gate_edges": d_edges[g0:g1 + 1] if g1 > g0 else [], "in_edges": d_edges[i0:i1 + 1] if i1 > i0 else [],
+               "counts": grid[g0:g1, i0:i1].tolist()}
+
+    counts = hist[:, 0].sum(axis=1)  # every token of a quadrant is in one hook_post bin
+    n_tokens = int(db.meta["n_tokens"])
+    sel = part == 2
+    hi_null = np.ma.getmaskarray(raw["hi"])[sel]
+    bounds = sorted(zip(c["quadrant"][sel].tolist(), c["a"][sel].tolist(), c["lo"][sel].tolist(),
+                        [None if m else v for m, v in zip(hi_null.tolist(), c["hi"][sel].tolist())]))
+    post = HISTOGRAM_HOOKS.index("hook_post")
+    magnitudes = _bin_magnitudes(edges)
+    quadrants = []
+    for qi, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
+        intervals = [{"interval": i, "lo": _num(lo), "hi": _num(hi), "count": _interval_count(hist[qi, post], magnitudes, lo, hi)}
+                     for qq, i, lo, hi in bounds if qq == qi]
+        quadrants.append({"quadrant": label, "slug": slug, "count": int(counts[qi]),
+                          "frequency": int(counts[qi]) / n_tokens if n_tokens else None, "intervals": intervals})
+    return {"model": db.id, "layer": layer, "neuron": neuron, "n_tokens": n_tokens, "values": values,
+            "density": density, "quadrants": quadrants}
+
+
+def _nonempty(counts: np.ndarray) -> tuple[int, int]:
+    """[first, stop) of the run from the first to the last non-zero entry; (0, 0) when all are zero."""
+    nz = np.flatnonzero(counts)
+    return (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+
+
+def _bin_magnitudes(edges: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each signed bin's range of |value|: (inner, outer), outer inf for an open bin."""
+    e = np.array([np.nan if v is None else v for v in edges], np.float64)
+    a, b = np.abs(e[:-1]), np.abs(e[1:])
+    open_lo, open_hi = np.isnan(e[:-1]), np.isnan(e[1:])
+    inner = np.where(open_lo, b, np.where(open_hi, a, np.minimum(a, b)))
+    outer = np.where(open_lo | open_hi, np.inf, np.maximum(a, b))
+    return inner, outer
+
+
+def _interval_count(counts: np.ndarray, magnitudes: tuple[np.ndarray, np.ndarray], lo: float,
+                    hi: float | None) -> int | None:
+    """Tokens with |hook_post| in [lo, hi), from the histogram: exact, since interval bounds are bin edges
+    (schema.sql); None where a bound falls inside a bin that holds tokens."""
+    if not len(counts):
+        return 0
+    inner, outer = magnitudes
+    top = np.inf if hi is None else hi
+    inside = (inner >= lo) & (outer <= top)
+    straddles = ((inner < lo) & (outer > lo)) | ((inner < top) & (outer > top))
+    if (counts[straddles] > 0).any():
+        return None
+    return int(counts[inside].sum())
 
 
 def text_data(db: Database, text_id: int) -> dict[str, Any]:
@@ -221,6 +383,64 @@ def layer_data(db: Database, layer: int, sort: str = "neuron", order: str = "asc
                 "flipped": bool(r[5]), **dict(zip(GEOMETRY, map(_num, r[6:])))} for r in rows]
     return {"model": db.id, "layer": layer, "n_neurons": db.d_mlp, "sort": sort, "order": order,
             "offset": offset, "limit": limit, "neurons": neurons}
+
+
+@dataclass
+class Scatter:
+    """One layer's neurons as the points of the paper's §5.1 scatter, and where they land on its image."""
+
+    layer: int
+    neuron: np.ndarray         # [N]
+    freq_gate_pos: np.ndarray  # [N] (count_pp + count_pn) / n_tokens
+    cos_in_out: np.ndarray     # [N]
+    r: float | None            # Pearson correlation of the two, by DuckDB's corr()
+    frame: plots.ScatterFrame
+
+    def to_json(self, model: str) -> dict[str, Any]:
+        return {"model": model, "layer": self.layer, "n_neurons": len(self.neuron), "r": self.r,
+                "neuron": self.neuron.tolist(), "freq_gate_pos": _json_floats(self.freq_gate_pos),
+                "cos_in_out": _json_floats(self.cos_in_out)}
+
+    def nearest(self, x: float, y: float) -> int | None:
+        """The neuron whose dot is nearest to pixel (x, y) of the image."""
+        px, py = self.frame.to_pixels(self.freq_gate_pos, self.cos_in_out)
+        i = plots.nearest(px, py, x, y)
+        return None if i < 0 else int(self.neuron[i])
+
+
+# The frequency axis is the same for every layer, so that layers compare at a glance.
+SCATTER_X_RANGE = (-0.02, 1.02)
+
+
+def scatter(db: Database, layer: int) -> Scatter:
+    """A layer's scatter, read once per process and layer (Database.derived)."""
+    check_index("layer", layer, db.n_layers)
+    cached = db.derived.get(("scatter", layer))
+    if cached is None:
+        cached = _scatter(db, layer)
+        db.derived.put(("scatter", layer), cached)
+    return cached
+
+
+def scatter_png(db: Database, layer: int) -> bytes:
+    """The layer's scatter as a PNG (plots.scatter_png), drawn once per process and layer."""
+    found = scatter(db, layer)
+    png = db.derived.get(("png", layer))
+    if png is None:
+        png = plots.scatter_png(found.freq_gate_pos, found.cos_in_out, found.frame)
+        db.derived.put(("png", layer), png)
+    return png
+
+
+def _scatter(db: Database, layer: int) -> Scatter:
+    found = db.con.execute(queries.LAYER_SCATTER, {"layer": layer, "n_tokens": max(int(db.meta["n_tokens"]), 1)}
+                           ).fetchnumpy()
+    x = np.ma.filled(np.ma.asarray(found["freq_gate_pos"], np.float64), np.nan)
+    y = np.ma.filled(np.ma.asarray(found["cos_in_out"], np.float64), np.nan)
+    r = found["r"]
+    return Scatter(layer=layer, neuron=np.asarray(found["neuron"], np.int64), freq_gate_pos=x, cos_in_out=y,
+                   r=_num(r[0]) if len(r) and not np.ma.is_masked(r[0]) else None,
+                   frame=plots.scatter_frame(x, y, x_range=SCATTER_X_RANGE))
 
 
 def random_neuron(db: Database) -> tuple[int, int]:

@@ -125,6 +125,14 @@ class LRUCache:
 EXAMPLE_CACHE_NEURONS = int(os.environ.get("GLUSCOPE_EXAMPLE_CACHE", "256"))
 
 
+# Entries of Database.derived: the model page's layer summary, and per layer its scatter's points and PNG
+# (about 0.4 MB for 11k neurons).
+DERIVED_CACHE = 64
+# Neurons whose distributions (data.histograms_data, about 20 KB each) stay in memory: switching the value
+# a neuron's histograms show asks for them again.
+DISTRIBUTION_CACHE_NEURONS = 64
+
+
 @dataclass(eq=False)  # compared and hashed by identity: render.py keeps what it builds from one per vocabulary
 class Vocabulary:
     """The vocab table: each token's string and the bytes it adds to a text."""
@@ -155,7 +163,12 @@ class Database:
     texts: Texts
     neurons: NeuronTable | None  # None in reader processes: no view they run reads it
     con: duckdb.DuckDBPyConnection
+    bin_edges: dict[str, list[float | None]] = field(default_factory=dict)  # histogram_bins per axis (load_bin_edges)
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
+    # What the model page and a layer's scatter compute from whole tables (data.py): the file never changes,
+    # so each is computed once per process.
+    derived: LRUCache = field(default_factory=lambda: LRUCache(DERIVED_CACHE), repr=False)
+    distributions: LRUCache = field(default_factory=lambda: LRUCache(DISTRIBUTION_CACHE_NEURONS), repr=False)
     _prepared: set[str] = field(default_factory=set, repr=False)
 
     @property
@@ -190,6 +203,20 @@ class Database:
             self._prepared.add(name)
         values = ", ".join(str(operator.index(a)) for a in args)
         return self.con.execute(f"EXECUTE {name}({values})").fetchnumpy()
+
+
+def load_bin_edges(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, list[float | None]]:
+    """The edges of each axis of histogram_bins: bin i holds edges[i] <= v < edges[i+1], None an open end."""
+    rows: dict[str, list[tuple[int, float | None, float | None]]] = {}
+    for axis, b, lo, hi in con.execute(queries.HISTOGRAM_BINS).fetchall():
+        rows.setdefault(axis, []).append((b, lo, hi))
+    edges = {}
+    for axis, bins in rows.items():
+        if [b for b, _, _ in bins] != list(range(len(bins))) or any(
+                bins[i][2] != bins[i + 1][1] for i in range(len(bins) - 1)):
+            raise DatabaseFileError(f"{path}: histogram_bins axis {axis!r} is not one run of adjacent bins 0, 1, ...")
+        edges[axis] = [lo for _, lo, _ in bins] + [bins[-1][2]]
+    return edges
 
 
 def slugify(text: str) -> str:
@@ -259,7 +286,7 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
                   offsets=offsets, ids=ids)
     neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"])) if neuron_table else None
     return Database(path=path, id="", meta=meta, vocab=Vocabulary([t for t, _ in vocab], [bytes(b) for _, b in vocab]),
-                    texts=texts, neurons=neurons, con=con)
+                    texts=texts, neurons=neurons, con=con, bin_edges=load_bin_edges(con, path))
 
 
 def _check_size(con: duckdb.DuckDBPyConnection, path: Path) -> None:

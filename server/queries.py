@@ -53,8 +53,43 @@ FROM windows
 WHERE layer = $1 AND neuron = $2
 """
 
+# A neuron's random and interval examples (samples) and its intervals of |hook_post|, in one statement: samples
+# are part 0, intervals part 1. Their windows are in `windows`, which NEURON_EXAMPLES reads whole. hook_post is
+# act * x_in in float32 (both columns are FLOAT), as the recorder computes it.
+NEURON_SAMPLES = """
+SELECT 0::TINYINT AS part, quadrant, kind, interval, rank, text_id, position,
+       x_gate, x_in, act, (act * x_in)::FLOAT AS hook_post, NULL::FLOAT AS lo, NULL::FLOAT AS hi
+FROM samples
+WHERE layer = $1 AND neuron = $2
+UNION ALL
+SELECT 1::TINYINT, quadrant, NULL, interval, NULL, NULL, NULL, NULL, NULL, NULL, NULL, lo, hi
+FROM intervals
+WHERE layer = $1 AND neuron = $2
+"""
+
+# A neuron's histograms (part 0: quadrant, hook, bin), its joint density (part 1: gate_bin as `a`, in_bin as
+# `b`) and its intervals (part 2: quadrant, interval as `a`, lo, hi): everything its distribution plots
+# show, in one lookup of three tables.
+NEURON_DISTRIBUTION = """
+SELECT 0::TINYINT AS part, quadrant, hook, bin AS a, NULL::SMALLINT AS b, count, NULL::FLOAT AS lo, NULL::FLOAT AS hi
+FROM histograms
+WHERE layer = $1 AND neuron = $2
+UNION ALL
+SELECT 1::TINYINT, NULL, NULL, gate_bin, in_bin, count, NULL, NULL
+FROM density
+WHERE layer = $1 AND neuron = $2
+UNION ALL
+SELECT 2::TINYINT, quadrant, NULL, interval, NULL, NULL, lo, hi
+FROM intervals
+WHERE layer = $1 AND neuron = $2
+"""
+
 # Statements each connection prepares once, by name (Database.prepared_columns).
-PREPARED = {"neuron_examples": NEURON_EXAMPLES}
+PREPARED = {"neuron_examples": NEURON_EXAMPLES, "neuron_samples": NEURON_SAMPLES,
+            "neuron_distribution": NEURON_DISTRIBUTION}
+
+# The fixed bins of histograms and density (a few hundred rows), read once per process.
+HISTOGRAM_BINS = "SELECT axis, bin, lo, hi FROM histogram_bins ORDER BY axis, bin"
 
 WEIGHT_TOKENS = """
 SELECT kind, rank, token_id, score
@@ -63,12 +98,14 @@ WHERE layer = $layer AND neuron = $neuron
 ORDER BY kind, rank
 """
 
-# Mean frequency of each quadrant per layer, for the model page.
+# Mean frequency of each quadrant per layer, for the model page, and the paper's §5.1 analysis: the Pearson
+# correlation, across the layer's neurons, between the frequency of x_gate > 0 and cos(w_in, w_out).
 LAYER_SUMMARY = f"""
 SELECT layer,
        count(*) AS n_neurons,
        {", ".join(f"avg({c} / $n_tokens) AS freq_{s}" for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
-       avg(flipped::INTEGER) AS frac_flipped
+       avg(flipped::INTEGER) AS frac_flipped,
+       corr((count_pp + count_pn) / $n_tokens, cos_in_out) AS r_gate_pos_cos_in_out
 FROM neurons
 GROUP BY layer
 ORDER BY layer
@@ -294,3 +331,13 @@ def related_between(db, neurons: list[tuple[int, int]]) -> list[dict]:
     rows = db.query(related_between_sql(len(unique)), params)
     return [{"layer": r[0], "neuron": r[1], "direction": RELATED_DIRECTIONS[r[2]], "via": RELATED_VIA[r[3]],
              "other_layer": r[4], "other_neuron": r[5], "score": float(r[6])} for r in rows]
+
+
+# One layer's neurons as the points of the §5.1 scatter: frequency of x_gate > 0 against cos(w_in, w_out).
+LAYER_SCATTER = """
+SELECT neuron, (count_pp + count_pn) / $n_tokens AS freq_gate_pos, cos_in_out,
+       corr((count_pp + count_pn) / $n_tokens, cos_in_out) OVER () AS r
+FROM neurons
+WHERE layer = $layer
+ORDER BY neuron
+"""

@@ -25,7 +25,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
 
-from gluscope.schema import HOOKS, QUADRANT_SIGNS, QUADRANT_SLUGS, QUADRANTS
+import numpy as np
+
+from gluscope.schema import HISTOGRAM_HOOKS, HOOKS, POST_SIGNS, QUADRANT_SIGNS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.server import plots
 
 if TYPE_CHECKING:
     from gluscope.server.data import ExampleList
@@ -267,6 +270,52 @@ def examples_context(found: ExampleList, vocab: Vocabulary, colour_by: str, comp
         for ex in rows:
             ex["snippet"] = snippet(ex, found.quadrant, colour_by, scales[colour_by])
     return {"data": found.describe(), "examples": rows, "scales": scales, "colour_by": colour_by}
+
+
+# The sign of each histogram's value in each quadrant (its x axis is |value|).
+VALUE_SIGNS = {"hook_post": POST_SIGNS, "hook_pre_linear": tuple(i for _, i in QUADRANT_SIGNS),
+               "hook_pre": tuple(g for g, _ in QUADRANT_SIGNS)}
+MIN_SLOTS = 10  # a histogram shows at least this many bins (5 octaves), so that a narrow one stays readable
+
+
+def histograms_context(body: dict[str, Any], hook: str, base: str) -> dict[str, Any]:
+    """What _histograms.html reads: per quadrant the SVG histogram of `hook` and the links to its intervals'
+    examples, the density's SVG, and the switch between values."""
+    value = body["values"][hook]
+    edges = value["edges"]
+    quadrants = body["quadrants"]
+    out = []
+    if edges:
+        slot, lows, highs = plots.magnitude_slots(edges)
+        used = np.zeros(len(lows), bool)
+        for counts in value["counts"].values():
+            used[slot[np.flatnonzero(counts)]] = True
+        nz = np.flatnonzero(used)
+        first, stop = int(nz[0]), int(nz[-1]) + 1
+        if stop - first < MIN_SLOTS:
+            stop = min(len(lows), first + MIN_SLOTS)
+            first = max(0, stop - MIN_SLOTS)
+    for q, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
+        info = quadrants[q]
+        intervals = [{**iv, "href": f"{base}/examples?quadrant={slug}&hook=hook_post&kind=interval&interval={iv['interval']}",
+                      "range": f"[{plots.edge_label(iv['lo'])}, {plots.edge_label(iv['hi'])})"}
+                     for iv in info["intervals"]]
+        svg = None
+        if edges and info["count"]:
+            bands = [plots.Band(iv["lo"] or 0.0, iv["hi"], iv["href"],
+                                f"interval {iv['interval']}: |hook_post| in {iv['range']}"
+                                + ("" if iv["count"] is None else f", {iv['count']:,} tokens") + ": show its examples")
+                     for iv in intervals] if hook == "hook_post" else []
+            svg = plots.histogram_svg(value["counts"][label], slot, lows, highs, (first, stop), VALUE_SIGNS[hook][q],
+                                      slug, f"{label}: {info['count']:,} tokens", bands)
+        out.append({"quadrant": label, "slug": slug, "count": info["count"], "frequency": info["frequency"],
+                    "svg": svg, "intervals": intervals})
+    d = body["density"]
+    density = plots.density_svg(d["counts"], d["gate_edges"], d["in_edges"],
+                                {q["slug"]: q["frequency"] for q in quadrants},
+                                dict(zip(QUADRANT_SLUGS, QUADRANTS))) if d["counts"] else None
+    switch = [(h, f"{base}/histograms?hook={h}", h == hook) for h in HISTOGRAM_HOOKS]
+    return {"data": body, "hook": hook, "plots": out, "density": density, "switch": switch, "base": base}
 
 
 def _env() -> jinja2.Environment:

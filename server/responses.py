@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from gluscope.server.queries import FILTER_FIELDS
-from gluscope.schema import (EXAMPLE_KINDS, EXAMPLE_ROLES, GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS, RELATED_VIA,
-                             WEIGHT_KINDS)
+from gluscope.schema import (EXAMPLE_KINDS, EXAMPLE_ROLES, GEOMETRY, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS,
+                             RELATED_VIA, WEIGHT_KINDS)
 
 QuadrantLabel = Literal[QUADRANTS]  # type: ignore[valid-type]
 QuadrantSlug = Literal[QUADRANT_SLUGS]  # type: ignore[valid-type]
@@ -76,6 +76,21 @@ class LayerSummary(Body):
     n_neurons: int
     frequency: Frequencies = Field(description="mean frequency of each quadrant over the layer's neurons")
     frac_flipped: float | None
+    r_gate_pos_cos_in_out: float | None = Field(
+        description="§5.1 of the paper: Pearson correlation across the layer's neurons between the frequency of "
+                    "x_gate > 0, (count_pp + count_pn) / n_tokens, and cos(w_in, w_out); null if either is constant")
+
+
+class LayerScatter(Body):
+    """The §5.1 scatter of one layer: per neuron (in neuron order) its frequency of x_gate > 0 and cos(w_in, w_out)."""
+
+    model: str
+    layer: int
+    n_neurons: int
+    r: float | None = Field(description="Pearson correlation of freq_gate_pos and cos_in_out over the layer")
+    neuron: list[int]
+    freq_gate_pos: list[float | None] = Field(description="(count_pp + count_pn) / n_tokens")
+    cos_in_out: list[float | None]
 
 
 class ModelDetail(ModelInfo):
@@ -143,6 +158,14 @@ class Example(Body):
     token_ids: list[int]
     tokens: list[str]
     activations: Activations = Field(description="each value at every token of the window")
+    interval: list[float | None] | None = Field(None, min_length=2, max_length=2, description=(
+        "kind=interval only: [lo, hi], the bounds of |hook_post| of this example's interval (null: unbounded)"))
+
+
+class IntervalBounds(Body):
+    interval: int = Field(description="0 = typical, the last = extreme")
+    lo: float | None = Field(description="|hook_post| >= lo")
+    hi: float | None = Field(description="|hook_post| < hi; null: unbounded")
 
 
 class ExampleListBody(Body):
@@ -151,7 +174,12 @@ class ExampleListBody(Body):
     neuron: int
     quadrant: QuadrantLabel
     slug: QuadrantSlug
-    hook: Hook
+    hook: Hook = Field(description="kind=top: the value the list is ranked by; else the value `value` holds")
+    kind: ExampleKind = Field(description="top: top-k by |hook|, rank 0 the most extreme; random: drawn uniformly "
+                              "from the quadrant's tokens, one per text at most; interval: drawn likewise from each "
+                              "interval of |hook_post|, ordered by interval, then rank")
+    interval: int | None = Field(description="the one interval asked for (interval=), else null")
+    intervals: list[IntervalBounds] = Field(description="kind=interval: the quadrant's intervals; else empty")
     examples: list[Example]
 
 
@@ -309,6 +337,50 @@ class Related(Body):
     neuron: int
     downstream: list[RelatedNeuron] = Field(description="later neurons reading what this one writes, by |score|")
     upstream: list[RelatedNeuron] = Field(description="earlier neurons whose output this one reads, by |score|")
+
+
+class HistogramValue(Body):
+    first_bin: int = Field(description="histogram_bins.bin (axis 'value') of the first bin shown: the bins are "
+                           "those from the first to the last that holds a token in any quadrant")
+    edges: list[float | None] = Field(description="signed bin edges, one more than the counts (both empty when "
+                                      "no token was counted): bin i holds edges[i] <= v < edges[i+1]; null: open end")
+    counts: dict[QuadrantLabel, list[int]] = Field(description="per quadrant, tokens in each bin; they sum to the "
+                                                   "quadrant's count")
+
+
+HistogramValues = create_model("HistogramValues", __base__=Body,
+                               **{h: (HistogramValue, ...) for h in HISTOGRAM_HOOKS})  # type: ignore[call-overload]
+
+
+class Density(Body):
+    first_gate_bin: int = Field(description="histogram_bins.bin (axis 'density') of gate_edges[0]")
+    first_in_bin: int = Field(description="histogram_bins.bin (axis 'density') of in_edges[0]")
+    gate_edges: list[float | None] = Field(description="x_gate bin edges, trimmed like a value's; null: open end")
+    in_edges: list[float | None] = Field(description="x_in bin edges (after the weight convention)")
+    counts: list[list[int]] = Field(description="counts[i][j]: tokens with x_gate in bin i and x_in in bin j")
+
+
+class IntervalCount(IntervalBounds):
+    count: int | None = Field(description="the quadrant's tokens in the interval, from the hook_post histogram "
+                              "(interval bounds are bin edges); null if a bound falls inside a non-empty bin")
+
+
+class QuadrantDistribution(Body):
+    quadrant: QuadrantLabel
+    slug: QuadrantSlug
+    count: int = Field(description="tokens of the quadrant: the sum of each of its histograms")
+    frequency: float | None
+    intervals: list[IntervalCount] = Field(description="the intervals of |hook_post| that kind=interval draws from")
+
+
+class Histograms(Body):
+    model: str
+    layer: int
+    neuron: int
+    n_tokens: int
+    values: HistogramValues = Field(description="per value (hook), its bins and each quadrant's counts")
+    density: Density = Field(description="the joint distribution of (x_gate, x_in) over the counted tokens")
+    quadrants: list[QuadrantDistribution]
 
 
 class ErrorDetail(Body):

@@ -20,12 +20,12 @@ import duckdb
 from fastapi import Path, Query
 from pydantic import BeforeValidator
 
-from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_ROLES, HOOKS, QUADRANT_SLUGS, WEIGHT_KINDS
+from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_ROLES, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, WEIGHT_KINDS
 from gluscope.server import data, finding, queries, render, search
 from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
-from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, LAYER_PAGE_MAX, check_index,
-                                      get_model, hook_code, parse_neuron_ref)
+from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, LAYER_PAGE_MAX, check_choice,
+                                      check_index, get_model, hook_code, parse_neuron_ref)
 
 # Ranges and choices are documented (json_schema_extra) but checked by
 # validate.py, which knows each file's sizes and answers in the one error shape.
@@ -35,7 +35,13 @@ Neuron = Path(description="zero-based neuron index within the layer", json_schem
 TextId = Path(description="zero-based text id, 0 .. n_texts-1", json_schema_extra=INDEX)
 QuadrantQ = Query(description="quadrant slug: pp (gate+_in+), pn (gate+_in-), np (gate-_in+), nn (gate-_in-)",
                   json_schema_extra={"enum": list(QUADRANT_SLUGS)})
-HookQ = Query(description="which value the list is ranked by", json_schema_extra={"enum": list(HOOKS)})
+HookQ = Query(description="which value the list is ranked by (kind=top) or shows (random, interval)",
+              json_schema_extra={"enum": list(HOOKS)})
+KindQ = Query("top", description="top: the top-k by |value|; random: tokens drawn uniformly from the quadrant; "
+              "interval: a few drawn from each interval of |hook_post|, typical to extreme",
+              json_schema_extra={"enum": list(EXAMPLE_KINDS)})
+IntervalQ = Query(None, description="kind=interval only: just this interval's examples (0 = typical)",
+                  json_schema_extra=INDEX)
 
 
 @dataclass
@@ -53,9 +59,15 @@ class Redirect:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class Image:
+    body: bytes
+    media_type: str = "image/png"
+
+
 @dataclass(frozen=True)
 class View:
-    fn: Callable[..., Page | Redirect]
+    fn: Callable[..., Page | Redirect | Image]
     page: str | None        # the full page's template
     fragment: str | None    # the partial an htmx request gets, if the page has one
     reads_file: bool        # queries DuckDB: runs in a reader process
@@ -74,7 +86,7 @@ def view(page: str | None = None, fragment: str | None = None, reads_file: bool 
 
 
 def run_view(registry: dict[str, Database], name: str, model: str | None, kind: str,
-             params: dict[str, Any]) -> bytes | Redirect:
+             params: dict[str, Any]) -> bytes | Redirect | Image:
     """VIEWS[name] on these arguments, as the body of a response of this kind (render.py)."""
     v = VIEWS[name]
     if v.per_model:
@@ -86,7 +98,7 @@ def run_view(registry: dict[str, Database], name: str, model: str | None, kind: 
                                  f"damaged ({str(e).splitlines()[0][:160]})") from None
     else:
         shown = v.fn(registry, **params)
-    if isinstance(shown, Redirect):
+    if isinstance(shown, (Redirect, Image)):
         return shown
     context = shown.context
     if v.per_model:  # every page of a model shows its name and shape
@@ -102,9 +114,39 @@ def index(registry: dict[str, Database]) -> Page:
 
 
 @view(page="model.html", reads_file=True)
-def model(db: Database) -> Page:
-    """A model's metadata and its layers, with the mean frequency of each quadrant per layer."""
-    return Page(data.model_data(db))
+def model(db: Database, scatter: int | None = Query(None, description="page only: the layer whose §5.1 scatter "
+                                                    "is shown (default: the middle one)", json_schema_extra=INDEX)
+          ) -> Page:
+    """A model's metadata and its layers: the mean frequency of each quadrant per layer, and the paper's §5.1
+    analysis, the correlation across each layer's neurons between the frequency of x_gate > 0 and cos(w_in, w_out)."""
+    if scatter is not None:
+        check_index("scatter", scatter, db.n_layers)
+    shown = db.n_layers // 2 if scatter is None else scatter
+    return Page(data.model_data(db), lambda fragment: {"scatter": data.scatter(db, shown) if db.n_layers else None})
+
+
+@view(page="scatter.html", reads_file=True)
+def scatter(db: Database, layer: int = Layer) -> Page:
+    """The §5.1 scatter of one layer: per neuron, the frequency of x_gate > 0 and cos(w_in, w_out), and their
+    Pearson correlation r."""
+    found = data.scatter(db, layer)
+    return Page(lambda: found.to_json(db.id), lambda fragment: {"data": {"layer": layer}, "scatter": found})
+
+
+@view(reads_file=True)
+def scatter_png(db: Database, layer: int = Layer) -> Image:
+    """The §5.1 scatter of one layer as a PNG image."""
+    return Image(data.scatter_png(db, layer))
+
+
+@view(reads_file=True)
+def scatter_click(db: Database, layer: int = Layer, x: int = Query(..., description="pixel column of the click"),
+                  y: int = Query(..., description="pixel row of the click")) -> Redirect:
+    """A click on the scatter's image (an <input type="image"> sends its pixel): the nearest neuron's page."""
+    nearest = data.scatter(db, layer).nearest(x, y)
+    if nearest is None:
+        raise ParameterError(404, "layer", f"layer {layer} has no neuron to show", None)
+    return Redirect(_neuron_url(db, layer, nearest), 303)
 
 
 @view(page="layer.html", reads_file=True)
@@ -127,12 +169,27 @@ def neuron(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
 
 @view(page="examples.html", fragment="_examples.html", reads_file=True)
 def examples(db: Database, layer: int = Layer, neuron: int = Neuron, quadrant: str = QuadrantQ, hook: str = HookQ,
+             kind: str = KindQ, interval: int | None = IntervalQ,
              colour: str | None = Query(None, description="page only: the value that colours the tokens")) -> Page:
-    """The top-k examples of one (quadrant, value) list, most extreme first, with all four values per window token."""
-    found = data.example_list(db, layer, neuron, quadrant, hook)
+    """One list of examples with all four values per window token: the top-k of a (quadrant, value), most
+    extreme first (kind=top), or the quadrant's random examples or examples across the range of |hook_post|
+    (kind=random, interval; each interval example says its interval's bounds)."""
+    found = data.example_list(db, layer, neuron, quadrant, hook, kind, interval)
     colour_by = HOOKS[found.hook if colour is None else hook_code(colour, "colour")]
     return Page(lambda: found.to_json(db.vocab),
                 lambda fragment: render.examples_context(found, db.vocab, colour_by, compact=fragment))
+
+
+@view(page="histograms.html", fragment="_histograms.html", reads_file=True)
+def histograms(db: Database, layer: int = Layer, neuron: int = Neuron,
+               hook: str = Query("hook_post", description="page only: the value whose histograms are drawn",
+                                 json_schema_extra={"enum": list(HISTOGRAM_HOOKS)})) -> Page:
+    """How a neuron's values are spread: per value and quadrant a histogram on fixed log-spaced bins, the joint
+    density of (x_gate, x_in), and per quadrant the intervals of |hook_post| its examples across the range
+    come from."""
+    check_choice("hook", hook, HISTOGRAM_HOOKS)
+    body = data.histograms_data(db, layer, neuron)
+    return Page(body, lambda fragment: render.histograms_context(body, hook, _neuron_url(db, layer, neuron)))
 
 
 @view(page="tokens.html", fragment="_tokens.html", reads_file=True)

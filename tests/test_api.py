@@ -294,7 +294,8 @@ def test_a_neurons_examples_are_read_once_for_all_its_sections(client, model_id)
 
     def examples_body(registry, kind, model, layer, neuron, quadrant, hook, colour):
         return run_view(registry, "examples", model, kind,
-                        {"layer": layer, "neuron": neuron, "quadrant": quadrant, "hook": hook, "colour": colour})
+                        {"layer": layer, "neuron": neuron, "quadrant": quadrant, "hook": hook, "kind": "top",
+                        "interval": None, "colour": colour})
 
     registry = client.app.state.registry
     db = registry[model_id]

@@ -269,3 +269,65 @@ def test_filter_form_then_compare_in_chromium(live_server, driver):
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     _no_alert(d)
+
+
+def test_histograms_switch_values_and_show_an_intervals_examples(live_server, driver):
+    """The lazy distributions section: switch the histograms between values, click an interval of a hook_post
+    histogram and read its examples (loaded in place), then open that list's random tab."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d, wait = driver, WebDriverWait(driver, 15)
+    model = httpx.get(f"{live_server}/api/models").json()["models"][0]["id"]
+    layer, neuron = 1, 42
+    api = f"{live_server}/api/models/{model}/neurons/{layer}/{neuron}"
+    page = f"{live_server}/models/{model}/neurons/{layer}/{neuron}"
+    d.get(page)
+    def switched_on() -> list[str]:  # read in one script: htmx replaces the elements under our feet
+        return d.execute_script("return [...document.querySelectorAll('.dist-switch a.on')].map(a => a.textContent)")
+
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#hist-pp svg a.interval"))
+    assert switched_on() == ["hook_post"]
+    assert len(d.find_elements(By.CSS_SELECTOR, ".dist svg.hist")) == 4
+    assert len(d.find_elements(By.CSS_SELECTOR, ".dist svg.density")) == 1
+
+    # Switch to x_gate: the histograms are redrawn for hook_pre, without the intervals of |hook_post|.
+    d.find_element(By.LINK_TEXT, "hook_pre").click()
+    wait.until(lambda _: switched_on() == ["hook_pre"])
+    assert not d.find_elements(By.CSS_SELECTOR, ".dist svg a.interval") and d.current_url == page
+    d.find_element(By.LINK_TEXT, "hook_post").click()
+    wait.until(lambda _: switched_on() == ["hook_post"] and d.find_elements(By.CSS_SELECTOR, "#hist-pp svg a.interval"))
+
+    # Click the first interval of gate+_in+ that holds examples: they load under the plots.
+    for slug in ("pp", "pn", "np", "nn"):
+        lists = {i: httpx.get(f"{api}/examples", params={"quadrant": slug, "hook": "hook_post", "kind": "interval",
+                                                         "interval": i}).json()
+                 for i in range(4)}
+        chosen = next((i for i, body in lists.items() if body["examples"]), None)
+        if chosen is not None:
+            break
+    assert chosen is not None
+    expected = lists[chosen]["examples"]
+    hit = d.find_element(By.CSS_SELECTOR, f'#hist-{slug} svg a.interval[data-interval="{chosen}"] rect.band-key')
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", hit)
+    hit.click()
+    box = "#dist-examples .examples[data-kind='interval']"
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, f"{box} li.ex")) == len(expected))
+    assert d.current_url == page  # loaded in place, no navigation
+    shown = d.find_elements(By.CSS_SELECTOR, f"{box} li.ex .snippet")
+    for snippet, ex in zip(shown, expected):
+        focus = snippet.find_element(By.CSS_SELECTOR, ".t.focus")
+        assert focus.get_attribute("data-head").startswith(f"position {ex['position']} ")
+    group = d.find_element(By.CSS_SELECTOR, f"{box} li.ex-group").text
+    lo, hi = expected[0]["interval"]
+    assert group.startswith("|hook_post| in [") and ("∞" in group) == (hi is None)
+
+    # The list's tabs: random examples of the same quadrant replace it.
+    d.find_element(By.CSS_SELECTOR, f"{box} .ex-tabs a.tab:nth-of-type(2)").click()
+    randoms = httpx.get(f"{api}/examples", params={"quadrant": slug, "hook": "hook_post", "kind": "random"}).json()
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#dist-examples .examples[data-kind='random'] li.ex"))
+               == len(randoms["examples"]))
+    _no_alert(d)
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors

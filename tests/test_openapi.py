@@ -82,7 +82,8 @@ def test_every_response_conforms_to_the_schema(api_schema, path, mode):
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.body is not None], ids=lambda r: r.view)
 def test_bodies_validate_against_their_models(client, model_id, route):
     """Many real bodies of each endpoint, against its pydantic model with no unknown field allowed."""
-    lists = [{"quadrant": q, "hook": h} for q in QUADRANT_SLUGS for h in HOOKS]
+    lists = [{"quadrant": q, "hook": h, "kind": k} for q in QUADRANT_SLUGS for h in HOOKS
+             for k in ("top", "random", "interval")]
     urls = [route.paths[0].format(model=model_id, layer=layer, neuron=neuron, text_id=neuron)
             for layer in (0, 1) for neuron in (0, 41)]
     searches = [{"token_id": t, "side": side, "kind": kind} for t in (3, 100)
@@ -103,7 +104,7 @@ def test_bodies_validate_against_their_models(client, model_id, route):
 def test_every_api_endpoint_documents_its_body(client):
     paths = client.get("/openapi.json").json()["paths"]
     api = [p for p in paths if p.startswith("/api/")]
-    assert len(api) == 12
+    assert len(api) == 14
     for path in api:
         ok = paths[path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert "$ref" in ok, path

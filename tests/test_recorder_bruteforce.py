@@ -192,6 +192,7 @@ def test_database_matches_brute_force(arch_model, distinct_corpus, tmp_path, ref
     assert n_tokens == sum(len(t) - 1 for t in texts)
 
     stats, tops, cands, acts, n_layers = brute_force(model_dir, texts, refactor, k)
+    _check_distributions(con, model_dir, texts, acts, n_layers)
     for layer in range(n_layers):
         for neuron in NEURONS:
             counts = con.execute("SELECT count_pp, count_pn, count_np, count_nn FROM neurons WHERE layer=? AND neuron=?",
@@ -255,3 +256,165 @@ def _check_weight_tokens(con, model_dir: Path, refactor: bool) -> None:
                     want = scores.topk(len(got), largest=largest)
                     assert [t for t, _ in got] == want.indices.tolist(), (layer, neuron, kind + offset)
                     np.testing.assert_allclose([sc for _, sc in got], want.values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---- Distributions (#11), from the same hooked activations, one text at a time. ----
+
+def _value_edges() -> list[float]:
+    """Inner edges of the 'value' magnitude bins as schema.sql states them: 2^e and 1.5 * 2^e, 2^-16 .. 2^12."""
+    edges = []
+    for e in range(-16, 13):
+        edges += [2.0 ** e, 1.5 * 2.0 ** e]
+    return edges[:-1]
+
+
+def _density_edges() -> list[float]:
+    return [2.0 ** e for e in range(-12, 9)]
+
+
+def _signed_edges(magnitude: list[float]) -> list[float]:
+    """All finite edges of the signed bins, increasing: bin i holds edges[i-1] <= v < edges[i]."""
+    return [-m for m in reversed(magnitude)] + [0.0] + magnitude
+
+
+def _bin(v: float, edges: list[float]) -> int:
+    return sum(1 for e in edges if v >= e)
+
+
+def _near_edge(v: float, edges: list[float]) -> bool:
+    """Values this close to an edge may fall on either side in a batched pass (see _assert_same_top)."""
+    return any(abs(v - e) <= TIE * max(abs(e), 1e-30) for e in edges if e != 0)
+
+
+def _fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _hash(seed: int, layer: int, neuron: int, text_id: int, position: int) -> int:
+    token = _fmix32(_fmix32(seed ^ text_id) ^ position)
+    salt = _fmix32(_fmix32(seed ^ layer) ^ neuron)
+    return (((token ^ salt) * 0x9E3779B1) & 0xFFFFFFFF) >> 1
+
+
+def _bounds(mags: list[float], default: tuple[float, float, float]) -> tuple[float, float, float]:
+    """b1 < b2 < b3 as schema.sql and rules.py define them, by counting."""
+    edges = _value_edges()
+    if not mags:
+        return default
+    index = []
+    for percent in (50, 90, 99):
+        first = next((i for i, e in enumerate(edges) if sum(m < e for m in mags) * 100 >= percent * len(mags)),
+                     len(edges) - 1)
+        index.append(first if not index else max(first, index[-1] + 1))
+    for i in (2, 1, 0):
+        index[i] = min(index[i], len(edges) - 1 - (2 - i))
+    return tuple(edges[i] for i in index)
+
+
+def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: dict, n_layers: int) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    act_name = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
+    act = _gelu_tanh if "tanh" in act_name else _silu
+    seed, n_random, n_per, calib, batch_size = con.execute(
+        "SELECT sample_seed, n_random, n_per_interval, calibration_batches, batch_size FROM metadata").fetchone()
+    assert (n_random, n_per, calib) == (8, 4, 4)
+
+    value_edges, density_edges = _signed_edges(_value_edges()), _signed_edges(_density_edges())
+    for axis, edges in (("value", value_edges), ("density", density_edges)):
+        rows = con.execute("SELECT bin, lo, hi FROM histogram_bins WHERE axis = ? ORDER BY bin", [axis]).fetchall()
+        assert rows == [(i, lo, hi) for i, (lo, hi) in enumerate(zip([None, *edges], [*edges, None]))]
+
+    # The calibration: the run's first batches, longest texts first (record._batches).
+    lengths = np.array([len(t) for t in texts])
+    calibration = set(np.argsort(-lengths, kind="stable")[:calib * batch_size].tolist())
+    for layer in range(n_layers):
+        for neuron in NEURONS:
+            tokens = []  # (q, text_id, pos, x_gate, x_in, act, post)
+            for text_id in range(len(texts)):
+                g, u = acts[(layer, text_id)]
+                for pos in range(1, len(texts[text_id])):
+                    x_g, x_i = g[pos, neuron], u[pos, neuron]
+                    if x_g == 0 or x_i == 0:
+                        continue
+                    q = (0 if x_i > 0 else 1) if x_g > 0 else (2 if x_i > 0 else 3)
+                    a = np.float32(act(float(x_g)))
+                    tokens.append((q, text_id, pos, float(x_g), float(x_i), float(a), float(np.float32(a * x_i))))
+            where = (layer, neuron)
+
+            # Histograms: exact, but for values within TIE of an edge, which may sit in the neighbouring bin.
+            got = {(q, h, b): c for q, h, b, c in con.execute(
+                "SELECT quadrant, hook, bin, count FROM histograms WHERE layer = ? AND neuron = ?", where).fetchall()}
+            assert all(c > 0 for c in got.values())
+            for q in range(4):
+                for h, column in ((0, 6), (1, 4), (2, 3)):  # hook_post, hook_pre_linear, hook_pre
+                    values = [t[column] for t in tokens if t[0] == q]
+                    _assert_counts({b: got.get((q, h, b), 0) for b in range(116)}, values, value_edges, where + (q, h))
+            got_d = {(gb, ib): c for gb, ib, c in con.execute(
+                "SELECT gate_bin, in_bin, count FROM density WHERE layer = ? AND neuron = ?", where).fetchall()}
+            want_d: dict = {}
+            for t in tokens:
+                cell = (_bin(t[3], density_edges), _bin(t[4], density_edges))
+                want_d[cell] = want_d.get(cell, 0) + 1
+            if got_d != want_d:
+                assert sum(got_d.values()) == sum(want_d.values()) and any(
+                    _near_edge(t[3], density_edges) or _near_edge(t[4], density_edges) for t in tokens), where
+
+            # Intervals from the calibration texts.
+            got_b = con.execute("SELECT quadrant, interval, lo, hi FROM intervals WHERE layer = ? AND neuron = ? "
+                                "ORDER BY quadrant, interval", where).fetchall()
+            assert len(got_b) == 16
+            everything = [abs(t[6]) for t in tokens if t[1] in calibration]
+            bounds = {}
+            for q in range(4):
+                mags = [abs(t[6]) for t in tokens if t[0] == q and t[1] in calibration]
+                bounds[q] = _bounds(mags or everything, (2.0 ** -4, 2.0 ** -2, 1.0))
+                assert [(lo, hi) for qq, _, lo, hi in got_b if qq == q] == list(
+                    zip((0.0, *bounds[q]), (*bounds[q], None))), where + (q,)
+
+            # Samples: per text the token of smallest hash, across texts the smallest, ties to lower ids.
+            got_s = con.execute(
+                "SELECT quadrant, kind, interval, rank, hash, text_id, position, x_gate, x_in, act FROM samples "
+                "WHERE layer = ? AND neuron = ? ORDER BY quadrant, kind, interval, rank", where).fetchall()
+            want_s = []
+            for q in range(4):
+                lo_hi = list(zip((0.0, *bounds[q]), (*bounds[q], math.inf)))
+                for kind, interval, size, keep in [(0, 0, n_random, lambda t: True)] + [
+                        (1, i, n_per, lambda t, lo=lo, hi=hi: lo <= abs(t[6]) < hi) for i, (lo, hi) in enumerate(lo_hi)]:
+                    best: dict = {}
+                    for t in tokens:
+                        if t[0] == q and keep(t):
+                            key = (_hash(seed, layer, neuron, t[1], t[2]), t[2])
+                            if t[1] not in best or key < best[t[1]][0]:
+                                best[t[1]] = (key, t)
+                    chosen = sorted(((key[0], text_id, t) for text_id, (key, t) in best.items()),
+                                    key=lambda c: (c[0], c[1]))[:size]
+                    want_s += [(q, kind, interval, rank, h, t[1], t[2], t[3], t[4], t[5])
+                               for rank, (h, _, t) in enumerate(chosen)]
+            assert [r[:7] for r in got_s] == [w[:7] for w in want_s], where
+            np.testing.assert_allclose([r[7:] for r in got_s], [w[7:] for w in want_s], rtol=1e-5, atol=1e-5)
+            assert len(want_s) > 0
+            # Every sample has its window.
+            missing = con.execute("SELECT count(*) FROM samples s ANTI JOIN windows w "
+                                  "USING (layer, neuron, text_id, position) WHERE s.layer = ? AND s.neuron = ?",
+                                  where).fetchone()[0]
+            assert missing == 0
+
+
+def _assert_counts(got: dict[int, int], values: list[float], edges: list[float], where) -> None:
+    """Counts per bin equal the reference's; a value within TIE of an edge may count in either neighbour."""
+    sure: dict[int, int] = {}
+    loose: dict[int, int] = {}
+    for v in values:
+        b = _bin(v, edges)
+        if _near_edge(v, edges):
+            for nb in (b - 1, b, b + 1):
+                loose[nb] = loose.get(nb, 0) + 1
+        else:
+            sure[b] = sure.get(b, 0) + 1
+    assert sum(got.values()) == len(values), where
+    for b, c in got.items():
+        assert sure.get(b, 0) <= c <= sure.get(b, 0) + loose.get(b, 0), (where, b)

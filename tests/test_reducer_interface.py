@@ -66,6 +66,10 @@ def _tied_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     # Neuron 19 is always in gate+_in+, where its hook_post act(x_gate) * x_in underflows to 0.
     x_gate[:, :, 19] = 1e-30
     x_in[:, :, 19] = 1e-30
+    # Neuron 17 is always in gate-_in+ (its sign is +1), where act(x_gate) underflows to -0: hook_post 0 in a
+    # quadrant whose hook_post is otherwise negative.
+    x_gate[:, :, 17] = -200.0
+    x_in[:, :, 17] = 1.0
     return x_gate, x_in, np.array([9, 8, 9, 8, 7])
 
 
@@ -93,6 +97,15 @@ def test_both_reducers_finish_the_same_statistics_and_break_ties_as_the_rules_sa
     assert kernel.counts[pp, 19] == (lengths - 1).sum()
     assert kernel.value_min[pp, post, 19] == kernel.value_max[pp, post, 19] == 0
     assert (kernel.example_text[pp, post, 19] == -1).all()
+
+    # Distributions: counts per quadrant add up; the underflowed hook_post sits in the bin [0, 2^-16).
+    np_, n_tokens = 2, (lengths - 1).sum()
+    assert (kernel.histograms.sum(-1) == kernel.counts.T[:, :, None]).all()
+    assert kernel.histograms[17, np_, 0, rules.VALUE_MAG_BINS] == n_tokens
+    assert kernel.density.sum((1, 2)).tolist() == kernel.counts.sum(0).tolist()
+    # 5 texts for 8 random slots: every text once, then empty slots.
+    assert sorted(kernel.sample_text[17, np_, :5].tolist()) == list(range(5))
+    assert (kernel.sample_text[17, np_, 5:rules.N_RANDOM] == -1).all()
 
     text, pos = kernel.example_text, kernel.example_pos
     assert (text >= 0).sum() > 100

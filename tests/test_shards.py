@@ -25,6 +25,11 @@ TABLES = {
     "token_neurons": "token_id, kind, rank",
     "related": "layer, neuron, direction, via, rank",
     "example_tokens": "token_id, role, layer, neuron, quadrant, hook, kind",
+    "histogram_bins": "axis, bin",
+    "histograms": "layer, neuron, quadrant, hook, bin",
+    "density": "layer, neuron, gate_bin, in_bin",
+    "intervals": "layer, neuron, quadrant, interval",
+    "samples": "layer, neuron, quadrant, kind, interval, rank",
 }
 OPTIONS = ("--max-length", "40", "--batch-size", "3", "--k", "4", "--device", "cpu", "--compile", "off")
 

@@ -139,6 +139,17 @@
       if (box) recolour(box, e.target.value);
     }
   });
+  // An interval of a histogram is an SVG link, which works without JavaScript. htmx does not take over SVG
+  // links, so load that interval's examples into the distributions' example box here.
+  document.addEventListener("click", function (e) {
+    var a = e.target.closest ? e.target.closest("svg a.interval") : null;
+    var box = document.getElementById("dist-examples");
+    if (!a || !box || !window.htmx || e.ctrlKey || e.metaKey || e.shiftKey || e.button !== 0) return;
+    e.preventDefault();
+    a.closest(".dist").querySelectorAll("svg a.interval.on").forEach(function (o) { o.classList.remove("on"); });
+    a.classList.add("on");
+    window.htmx.ajax("GET", a.getAttribute("href"), {target: box, swap: "innerHTML"});
+  });
   window.GLUScope = {fmt: fmt};  // for the browser tests
   document.addEventListener("htmx:load", function (e) { init(e.target); });
   document.addEventListener("DOMContentLoaded", function () { init(document); });

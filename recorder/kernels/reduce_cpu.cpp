@@ -72,6 +72,88 @@ inline uint16_t to_half(float v) {
 #endif
 }
 
+// rules.value_bin / density_bin: signed histogram bins read off a float's bits.
+template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS>
+inline int32_t mag_bin(uint32_t u) {
+  const int32_t b = int32_t(u >> OCTAVE_SHIFT) - SHIFT;
+  return std::min(std::max(b, 0), MAG_BINS - 1);
+}
+
+template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS>
+inline int32_t signed_bin(float v) {
+  const uint32_t u = bits(v) & 0x7fffffffu;
+  const uint32_t pred = u - (u != 0);  // the predecessor float of |v|, used where v < 0 (so u >= 1)
+  // Both computed, then one chosen: a select, not a branch, so the loops over a block vectorise.
+  const int32_t pos = MAG_BINS + mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(u);
+  const int32_t neg = MAG_BINS - 1 - mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(pred);
+  return v >= 0 ? pos : neg;
+}
+
+inline int32_t value_bin(float v) { return signed_bin<VALUE_SHIFT, 22, VALUE_MAG_BINS>(v); }
+inline int32_t density_bin(float v) { return signed_bin<DENSITY_SHIFT, 23, DENSITY_MAG_BINS>(v); }
+
+// rules.fmix32: MurmurHash3's finalizer.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= FMIX_C1;
+  h ^= h >> 13;
+  h *= FMIX_C2;
+  return h ^ (h >> 16);
+}
+
+struct Samples {  // one neuron's sample lists, [N_QUADRANTS, SAMPLE_SLOTS]; windows by slot, as in Lists
+  int64_t* hash;
+  int32_t* text;
+  int32_t* pos;
+  int32_t* slot;
+  float* gate;
+  float* in;
+  float* act;
+  uint16_t* win_gate;
+  uint16_t* win_in;
+  int64_t W;
+};
+
+// Does (h, tid) rank above entry i (smaller hash, then lower text id)? Empty entries rank last.
+inline bool sample_beats(const Samples& s, int64_t i, int64_t h, int32_t tid) {
+  return s.text[i] < 0 || h < s.hash[i] || (h == s.hash[i] && tid < s.text[i]);
+}
+
+// Offer a text's candidate to the sample list of `size` entries from `base`, as offer() does for top-k lists.
+void offer_sample(const Samples& s, int64_t base, int64_t size, int64_t h, int32_t tid, int32_t pos, const float* lg,
+                  const float* li, const float* la, int64_t stride, int64_t length, int64_t before, int64_t after) {
+  const int64_t last = base + size - 1, W = s.W;
+  if (!sample_beats(s, last, h, tid)) return;
+  const int32_t slot = s.slot[last];
+  int64_t i = last;
+  for (; i > base && sample_beats(s, i - 1, h, tid); --i) {
+    s.hash[i] = s.hash[i - 1];
+    s.text[i] = s.text[i - 1];
+    s.pos[i] = s.pos[i - 1];
+    s.slot[i] = s.slot[i - 1];
+    s.gate[i] = s.gate[i - 1];
+    s.in[i] = s.in[i - 1];
+    s.act[i] = s.act[i - 1];
+  }
+  s.hash[i] = h;
+  s.text[i] = tid;
+  s.pos[i] = pos;
+  s.slot[i] = slot;
+  s.gate[i] = lg[pos * stride];
+  s.in[i] = li[pos * stride];
+  s.act[i] = la[pos * stride];
+  const int64_t start = std::max<int64_t>(pos - before, 0);
+  const int64_t end = std::min<int64_t>(pos + after + 1, length);
+  const int64_t row = (base - base % SAMPLE_SLOTS) + slot;  // slots count within the quadrant
+  uint16_t* wg = s.win_gate + row * W;
+  uint16_t* wi = s.win_in + row * W;
+  for (int64_t o = 0; o < W; ++o) {
+    const int64_t t = start + o;
+    wg[o] = t < end ? to_half(lg[t * stride]) : 0;
+    wi[o] = t < end ? to_half(li[t * stride]) : 0;
+  }
+}
+
 struct Lists {  // one neuron's N_LISTS top-k lists, [N_LISTS, k]; windows [N_LISTS, k, W] indexed by slot
   float* mag;
   int32_t* text;
@@ -130,6 +212,119 @@ void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, cons
   }
 }
 
+constexpr int PART_HIST = 1, PART_DENSITY = 2, PART_SAMPLING = 4;  // ReduceArgs.parts (reduce_cpu.PARTS)
+
+constexpr int hist_at(int hook) {
+  for (int h = 0; h < N_HIST_HOOKS; ++h)
+    if (HIST_HOOK[h] == hook) return h;
+  return -1;
+}
+constexpr int HIST_POST_AT = hist_at(HOOK_POST), HIST_IN_AT = hist_at(HOOK_X_IN), HIST_GATE_AT = hist_at(HOOK_X_GATE);
+
+// distributions() computes quadrant codes and list signs by formula; these are the rules it assumes.
+constexpr bool formulas_hold() {
+  for (int q = 0; q < N_QUADRANTS; ++q) {
+    const int gneg = QUADRANT_GATE_SIGN[q] < 0, ineg = QUADRANT_IN_SIGN[q] < 0;
+    if (q != 2 * gneg + ineg) return false;
+    if (LIST_SIGN[q * N_HOOKS + HOOK_POST] != 1 - 2 * (gneg ^ ineg)) return false;
+    if (LIST_SIGN[q * N_HOOKS + HOOK_X_IN] != 1 - 2 * ineg) return false;
+    if (LIST_SIGN[q * N_HOOKS + HOOK_X_GATE] != 1 - 2 * gneg) return false;
+  }
+  return HIST_POST_AT >= 0 && HIST_IN_AT >= 0 && HIST_GATE_AT >= 0;
+}
+static_assert(formulas_hold(), "rules.py's quadrant codes or list signs changed: update distributions()");
+
+// One text's histograms, density and sample candidates for a block of w neurons from j0, from the block's
+// x_gate, x_in (after the weight convention) and act, which the main loop left in lg, li and la ([t, BLOCK]).
+void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t length,
+                   const float (&bnd)[N_QUADRANTS][3][BLOCK], const uint32_t (&salt)[BLOCK], const float* lg,
+                   const float* li, const float* la) {
+  constexpr int NQ = N_QUADRANTS, NC = N_QUADRANTS * N_INTERVALS;
+  constexpr int HIST_PER_NEURON = NQ * N_HIST_HOOKS * HIST_SLOTS, D = 2 * DENSITY_MAG_BINS;
+  const int32_t parts = args->parts;
+  const int32_t tid = int32_t(args->text_ids[b]);
+  const uint32_t text_hash = fmix32(uint32_t(args->seed) ^ uint32_t(tid));
+  int64_t* __restrict__ hist = args->hist + j0 * HIST_PER_NEURON;
+  int64_t* __restrict__ density = args->density + j0 * D * D;
+  // Per text, (quadrant, interval) cell and neuron of the block: the smallest hash and its position.
+  alignas(64) uint32_t best_hash[NC * BLOCK];
+  alignas(64) int32_t best_pos[NC * BLOCK];
+  std::fill(best_hash, best_hash + NC * BLOCK, HASH_EMPTY);
+  std::fill(best_pos, best_pos + NC * BLOCK, 0);
+  // One row of the block at a time: its codes vectorised over the block, then the counts (scattered, so
+  // scalar); consecutive increments go to different neurons, so they never wait on each other.
+  alignas(64) int32_t c_row[BLOCK], h_row[N_HIST_HOOKS * BLOCK], d_row[BLOCK];
+  alignas(64) uint32_t s_row[BLOCK];
+  for (int64_t t = 1; t < length; ++t) {
+    const float* __restrict__ g_row = lg + t * BLOCK;
+    const float* __restrict__ i_row = li + t * BLOCK;
+    const float* __restrict__ a_row = la + t * BLOCK;
+    const uint32_t th = fmix32(text_hash ^ uint32_t(t));
+#pragma omp simd
+    for (int jj = 0; jj < BLOCK; ++jj) {
+      const float g = g_row[jj], x_in = i_row[jj], post = a_row[jj] * x_in;
+      // The quadrant code is 2 * (x_gate < 0) + (x_in < 0), and each list's sign the product of the signs
+      // it depends on (formulas_hold() checks both against the header's tables).
+      const int32_t gneg = g < 0, ineg = x_in < 0;
+      const int32_t member = int32_t(g != 0) & int32_t(x_in != 0);  // int, not bool: bools stop GCC vectorising
+      const int32_t q = 2 * gneg + ineg;
+      const float p = std::fabs(post);
+      int32_t interval = 0;
+      for (int i = 0; i < 3; ++i) {  // unconditional loads, then selects
+        const float pp = bnd[0][i][jj], pn = bnd[1][i][jj], np_ = bnd[2][i][jj], nn = bnd[3][i][jj];
+        const float gate_pos = ineg ? pn : pp, gate_neg = ineg ? nn : np_;
+        interval += int32_t(p >= (gneg ? gate_neg : gate_pos));
+      }
+      c_row[jj] = ((q * N_INTERVALS + interval) * BLOCK + jj + 1) * member - 1;  // -1: in no quadrant
+      const int32_t s_post = 1 - 2 * (gneg ^ ineg), s_in = 1 - 2 * ineg, s_gate = 1 - 2 * gneg;
+      const int32_t base = jj * HIST_PER_NEURON + q * N_HIST_HOOKS * HIST_SLOTS;
+      h_row[jj] = base + HIST_POST_AT * HIST_SLOTS + s_post * (value_bin(post) - VALUE_MAG_BINS);
+      h_row[BLOCK + jj] = base + HIST_IN_AT * HIST_SLOTS + s_in * (value_bin(x_in) - VALUE_MAG_BINS);
+      h_row[2 * BLOCK + jj] = base + HIST_GATE_AT * HIST_SLOTS + s_gate * (value_bin(g) - VALUE_MAG_BINS);
+      d_row[jj] = (jj * D + density_bin(g)) * D + density_bin(x_in);
+      s_row[jj] = ((th ^ salt[jj]) * GOLDEN) >> 1;
+    }
+    for (int jj = 0; jj < w; ++jj) {
+      const int32_t c = c_row[jj];
+      if (c < 0) continue;
+      if (parts & PART_HIST) {
+        ++hist[h_row[jj]];
+        ++hist[h_row[BLOCK + jj]];
+        ++hist[h_row[2 * BLOCK + jj]];
+      }
+      if (parts & PART_DENSITY) ++density[d_row[jj]];
+      if (s_row[jj] < best_hash[c]) {  // strict: the lower position wins a tie
+        best_hash[c] = s_row[jj];
+        best_pos[c] = int32_t(t);
+      }
+    }
+  }
+  if (!(parts & PART_SAMPLING)) return;
+  for (int jj = 0; jj < w; ++jj) {
+    const int64_t at = (j0 + jj) * NQ * SAMPLE_SLOTS;
+    const Samples s{args->samp_hash + at, args->samp_text + at, args->samp_pos + at, args->samp_slot + at,
+                    args->samp_gate + at, args->samp_in + at, args->samp_act + at,
+                    args->samp_win_gate + at * args->window, args->samp_win_in + at * args->window, args->window};
+    for (int q = 0; q < NQ; ++q) {
+      uint32_t rh = HASH_EMPTY;
+      int32_t rp = 0;
+      for (int i = 0; i < N_INTERVALS; ++i) {
+        const int c = (q * N_INTERVALS + i) * BLOCK + jj;
+        if (best_hash[c] == HASH_EMPTY) continue;
+        if (best_hash[c] < rh || (best_hash[c] == rh && best_pos[c] < rp)) {
+          rh = best_hash[c];
+          rp = best_pos[c];
+        }
+        offer_sample(s, q * SAMPLE_SLOTS + N_RANDOM + i * N_PER_INTERVAL, N_PER_INTERVAL, best_hash[c], tid,
+                     best_pos[c], lg + jj, li + jj, la + jj, BLOCK, length, args->before, args->after);
+      }
+      if (rh != HASH_EMPTY)
+        offer_sample(s, q * SAMPLE_SLOTS, N_RANDOM, rh, tid, rp, lg + jj, li + jj, la + jj, BLOCK, length,
+                     args->before, args->after);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
@@ -144,6 +339,8 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
   int64_t* counts = args->counts;
   double* total = args->total;
   float* near = args->near;
+  const float* bounds = args->bounds;
+  const int32_t parts = args->parts;
   float* top_mag = args->top_mag;
   int32_t* top_text = args->top_text;
   int32_t* top_pos = args->top_pos;
@@ -158,7 +355,8 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
 #pragma omp parallel num_threads(args->n_threads)
   {
   // This text's x_gate and x_in of the block, contiguous, for the windows of entering examples.
-  std::vector<float> local_g(max_length * BLOCK), local_in(max_length * BLOCK);
+  // act too, for the distributions.
+  std::vector<float> local_g(max_length * BLOCK), local_in(max_length * BLOCK), local_a(max_length * BLOCK);
 #pragma omp for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * BLOCK;
@@ -171,6 +369,14 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
     alignas(64) float sg[BLOCK];
     for (int l = 0; l < NL; ++l) std::fill(nr[l], nr[l] + BLOCK, inf);
     for (int jj = 0; jj < BLOCK; ++jj) sg[jj] = jj < w ? sign[j0 + jj] : 1.0f;
+    alignas(64) float bnd[NQ][3][BLOCK];
+    alignas(64) uint32_t salt[BLOCK];
+    const uint32_t layer_salt = fmix32(uint32_t(args->seed) ^ uint32_t(args->layer));
+    for (int jj = 0; jj < BLOCK; ++jj) {
+      salt[jj] = fmix32(layer_salt ^ uint32_t(j0 + jj));
+      for (int q = 0; q < NQ; ++q)
+        for (int i = 0; i < 3; ++i) bnd[q][i][jj] = jj < w ? bounds[((j0 + jj) * NQ + q) * 3 + i] : 0.0f;
+    }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t length = lengths[b];
       std::memset(sm, 0, sizeof sm);
@@ -202,11 +408,12 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
 #define GLUSCOPE_MEMBER(q) (has_sign<QUADRANT_GATE_SIGN[q]>(g) & has_sign<QUADRANT_IN_SIGN[q]>(x_in))
 // One row of the block: its values, quadrant and the 16 lists (written out per
 // list: loops over quadrant and hook here stop GCC vectorising over jj).
-#define GLUSCOPE_ROW(gr, ir, ar, lg, li, tpos)                                                           \
+#define GLUSCOPE_ROW(gr, ir, ar, lg, li, la_, tpos)                                                           \
   {                                                                                                      \
     const float g = (gr)[jj], x_in = (ir)[jj] * sg[jj], a = (ar)[jj];                                    \
     (lg)[jj] = g;                                                                                        \
     (li)[jj] = x_in;                                                                                     \
+    (la_)[jj] = a;                                                                                       \
     const float abs_post = std::fabs(a * x_in), abs_in = std::fabs(x_in);                                \
     const float abs_gate = std::fabs(g), abs_act = std::fabs(a);                                         \
     const bool q0 = GLUSCOPE_MEMBER(0), q1 = GLUSCOPE_MEMBER(1);                                         \
@@ -233,6 +440,8 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
         float* __restrict__ li0 = local_in.data() + t * BLOCK;
         float* __restrict__ lg1 = lg0 + BLOCK;
         float* __restrict__ li1 = li0 + BLOCK;
+        float* __restrict__ la0 = local_a.data() + t * BLOCK;
+        float* __restrict__ la1 = la0 + BLOCK;
         const int32_t t0 = int32_t(t), t1 = int32_t(t + 1);
         if (t + PREFETCH + 1 < length) {
           __builtin_prefetch(gate_row0 + PREFETCH * n);
@@ -244,17 +453,18 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
         }
 #pragma omp simd
         for (int jj = 0; jj < w; ++jj) {
-          GLUSCOPE_ROW(gate_row0, in_row0, act_row0, lg0, li0, t0)
-          GLUSCOPE_ROW(gate_row1, in_row1, act_row1, lg1, li1, t1)
+          GLUSCOPE_ROW(gate_row0, in_row0, act_row0, lg0, li0, la0, t0)
+          GLUSCOPE_ROW(gate_row1, in_row1, act_row1, lg1, li1, la1, t1)
         }
       }
       for (; t < length; ++t) {  // the odd last row
         const int64_t row = (b * T + t) * n + j0;
         float* __restrict__ lg0 = local_g.data() + t * BLOCK;
         float* __restrict__ li0 = local_in.data() + t * BLOCK;
+        float* __restrict__ la0 = local_a.data() + t * BLOCK;
         const int32_t t0 = int32_t(t);
 #pragma omp simd
-        for (int jj = 0; jj < w; ++jj) GLUSCOPE_ROW(G + row, X_IN + row, A + row, lg0, li0, t0)
+        for (int jj = 0; jj < w; ++jj) GLUSCOPE_ROW(G + row, X_IN + row, A + row, lg0, li0, la0, t0)
       }
 #undef GLUSCOPE_ROW
 #undef GLUSCOPE_MEMBER
@@ -273,6 +483,7 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
                   before, after);
         }
       }
+      if (parts) distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data());
     }
     for (int jj = 0; jj < w; ++jj) {
       const int64_t j = j0 + jj;
