@@ -210,8 +210,10 @@ class TensorReducer:
     """
 
     # The attributes that hold the running state: a checkpoint saves and restores exactly these
-    # (state/load_state), so a new statistic's tensor is checkpointed by naming it here.
-    STATE = ("keys", "magnitude", "text", "pos", "win_gate", "win_in", "counts", "near", "total")
+    # (state/load_state), so a new statistic's tensor is checkpointed by naming it here. An attribute is a
+    # tensor, a list set (dict of tensors) or an object with a STATE of its own.
+    STATE = ("top", "counts", "near", "total", "distributions")
+    DERIVED: tuple[str, ...] = ()  # tensors made from the setup alone, which no batch changes
 
     def __init__(self, setup: LayerSetup, compiled: bool = False) -> None:
         self.setup = setup
@@ -225,12 +227,11 @@ class TensorReducer:
         self.distributions = TensorDistributions(setup)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.STATE}
+        return state_tensors(self)
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
-        for name in self.STATE:
-            like = getattr(self, name)
-            setattr(self, name, torch.from_numpy(checked_state(state, name, like)).to(like.device))
+        for name, like in state_tensors(self).items():
+            like.copy_(torch.from_numpy(checked_state(state, name, like)))  # in place: the flat view is the state
 
     def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
         x_gate = x_gate.float()
@@ -254,6 +255,19 @@ class TensorReducer:
         ), self.setup)
 
 
+def state_tensors(obj) -> dict[str, torch.Tensor]:
+    """The tensors of obj.STATE by flat name ("top.keys", "distributions.hist" ...), for checkpoints."""
+    out: dict[str, torch.Tensor] = {}
+    for name in obj.STATE:
+        value = getattr(obj, name)
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        else:
+            inner = value if isinstance(value, dict) else state_tensors(value)
+            out.update({f"{name}.{key}": tensor for key, tensor in inner.items()})
+    return out
+
+
 def new_lists(setup: LayerSetup, k: int, n_lists: int, **extra) -> dict[str, torch.Tensor]:
     """An empty list set of k slots for n_lists lists of every neuron, with windows and `extra` values."""
     shape, device = (k, n_lists, setup.n), setup.sign.device
@@ -272,6 +286,9 @@ class TensorDistributions:
     Sample lists: `random` [N_RANDOM, 4, n] and `interval` [N_PER_INTERVAL, 16, n] (list quadrant * 4 +
     interval), keyed so that the smallest hash, then the lower text id, ranks first.
     """
+
+    STATE = ("random", "interval", "hist", "density")  # as TensorReducer.STATE
+    DERIVED = ("bounds", "salt")
 
     def __init__(self, setup: LayerSetup) -> None:
         self.setup = setup

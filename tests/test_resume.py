@@ -93,11 +93,14 @@ def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kin
         whole.update(x_gate, x_in, batch)
     first.update(*batches[0])
     declared = TensorReducer.STATE if kind == "torch" else tuple(row[0] for row in reduce_cpu.STATE)
-    assert tuple(first.state()) == declared
+    assert tuple(dict.fromkeys(name.split(".")[0] for name in first.state())) == declared
     if kind == "torch":
-        tensors = {name for name, value in vars(first).items() if isinstance(value, torch.Tensor)}
-        assert tensors <= set(declared), (f"TensorReducer's {sorted(tensors - set(declared))} are not in its STATE: "
-                                          "a checkpoint would lose them (name them there if batches change them)")
+        for obj in (first, first.distributions):
+            tensors = {name for name, value in vars(obj).items() if isinstance(value, (torch.Tensor, dict))
+                       and name != "__dict__"}
+            undeclared = tensors - set(obj.STATE) - set(obj.DERIVED)
+            assert not undeclared, (f"{type(obj).__name__}'s {sorted(undeclared)} are not in its STATE: a checkpoint "
+                                    "would lose them (name them there if batches change them, else in DERIVED)")
     path = tmp_path / "layer.checkpoint"
     save_checkpoint(path, {"test": kind}, 1, [first])
     checkpoint = load_checkpoint(path)
@@ -111,7 +114,7 @@ def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kin
     # A state of another shape is refused, naming the field.
     other = LayerSetup(k=4, before=2, after=1, sign=setup.sign, act_fn=setup.act_fn, text_lengths=lengths)
     (wrong,) = make_reducers(kind, [other])
-    with pytest.raises(ValueError, match=r"the saved \w+ is .*, this reducer.s is "):
+    with pytest.raises(ValueError, match=r"the saved [\w.]+ is .*, this reducer.s is "):
         wrong.load_state(checkpoint.layer_state(0))
     checkpoint.close()
 
