@@ -292,8 +292,10 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
 def _check_size(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     """A file shorter than the blocks its own header counts was cut short (a copy or download that stopped)."""
     (row,) = con.execute("PRAGMA database_size").fetchall()
-    block_size, total_blocks = int(row[2]), int(row[3])
-    needed = HEADER_BYTES + block_size * total_blocks
+    # Used blocks, not total: DuckDB may truncate free blocks at the end of a file it wrote itself, so a
+    # complete file can be shorter than total_blocks; it is never shorter than the blocks in use.
+    block_size, used_blocks = int(row[2]), int(row[4])
+    needed = HEADER_BYTES + block_size * used_blocks
     size = path.stat().st_size
     if size < needed:
         raise DatabaseFileError(f"{path}: cut short: {size:,} bytes where its header says {needed:,}")
