@@ -66,40 +66,84 @@ class TokenNeurons:
     """For every token and weight kind, the `top` neurons of the whole model with the most extreme score.
 
     The transpose of weight_tokens: fed the same [rows, V] products
-    (top_tokens' on_product), it reduces them along the neuron axis and
-    merges each block's top into a running top per token, so the result is
-    exact whatever the order of layers and blocks. Neurons are numbered
-    globally (layer * d_mlp + neuron) while running.
+    (top_tokens' on_product), it reduces them along the neuron axis into a
+    running top per token, so the result is exact whatever the order of
+    layers and blocks. Neurons are numbered globally (layer * d_mlp + neuron)
+    while running. Once the running tops are full, only entries beating a
+    token's current `top`-th score can enter, and after the first layer
+    those are about top/seen of a block (2% at 1,536 neurons seen): they are
+    picked with one comparison against the thresholds and merged through a
+    small [V, candidates] topk, instead of a topk over the whole block.
+    Measured on this CPU, a [1024, 49152] block of random scores: 1.65 CPU-s
+    for both sides by topk, about 0.7 once the tops hold 5,000 neurons; the
+    product itself costs 0.85.
     """
+
+    DENSE = 16  # more candidates per token than this, on average or for one token: the block is reduced by topk
 
     def __init__(self, vocab: int, top: int = TOKEN_NEURONS, device: torch.device | str = "cpu") -> None:
         self.top = top
-        # kinds 0, 2, 4 keep the largest scores, 1, 3, 5 the smallest (schema.sql, weight_kinds).
-        self.largest = torch.tensor([True, False] * 3)
-        fill = torch.where(self.largest, -torch.inf, torch.inf)
-        self.scores = fill[:, None, None].expand(6, vocab, top).clone().to(device)
+        # kinds 0, 2, 4 keep the largest scores, 1, 3, 5 the smallest (schema.sql, weight_kinds); scores are
+        # kept multiplied by `sign` so that larger is better on both sides.
+        self.sign = torch.tensor([1.0, -1.0] * 3)
+        self.scores = torch.full((6, vocab, top), -torch.inf, device=device)
         self.ids = torch.full((6, vocab, top), -1, dtype=torch.int64, device=device)
+        self.seen = [0] * 6  # neurons merged so far, per kind
 
     def reducer(self, kind: int, first_id: int) -> Callable[[int, torch.Tensor], None]:
         """An on_product for top_tokens over one layer's weight of kinds (kind, kind + 1), numbered from first_id."""
         def update(lo: int, product: torch.Tensor) -> None:
-            # Per token, along contiguous memory: on the CPU a transposed copy and topk along its rows
-            # cost 1.65 s for both sides of a [1024, 49152] block, topk down the columns 2.5 s.
-            per_token = product.T.contiguous()                      # [V, rows]
-            k = min(self.top, per_token.shape[1])
             for side in (kind, kind + 1):
-                largest = bool(self.largest[side])
-                best = per_token.topk(k, dim=1, largest=largest)    # [V, k]: this block's best neurons per token
-                scores = torch.cat([self.scores[side], best.values.to(self.scores.dtype)], dim=1)
-                ids = torch.cat([self.ids[side], best.indices + (first_id + lo)], dim=1)
-                keep = scores.topk(self.top, dim=1, largest=largest)
-                self.scores[side] = keep.values
-                self.ids[side] = ids.gather(1, keep.indices)
+                self._merge(side, product.to(self.scores.dtype), first_id + lo)
         return update
+
+    def _merge(self, side: int, block: torch.Tensor, first: int) -> None:
+        """Merge a [rows, V] block of raw scores into the running top of kind `side`."""
+        scores, ids = self.scores[side], self.ids[side]
+        V, rows = scores.shape[0], block.shape[0]
+        positive = bool(self.sign[side] > 0)
+        seen, self.seen[side] = self.seen[side], self.seen[side] + rows
+        if self.top * rows > 6 * (seen + rows):  # expect over 6 candidates per token: the comparison would not pay
+            self._dense(side, block, first, positive)
+            return
+        threshold = scores[:, -1] if positive else -scores[:, -1]
+        beats = block > threshold[None, :] if positive else block < threshold[None, :]  # can enter its token's top
+        row, token = beats.nonzero(as_tuple=True)
+        if len(row) == 0:
+            return
+        per_token = torch.bincount(token, minlength=V)
+        if len(row) > self.DENSE * V or int(per_token.max()) > 4 * self.DENSE:
+            self._dense(side, block, first, positive)
+            return
+        # A few candidates per token: lay them out [V, most per token], padded with -inf.
+        order = torch.sort(token, stable=True).indices
+        row, token = row[order], token[order]
+        slot = torch.arange(len(token), device=block.device) - (torch.cumsum(per_token, 0) - per_token)[token]
+        width = int(per_token.max())
+        new_scores = torch.full((V, width), -torch.inf, dtype=scores.dtype, device=block.device)
+        new_ids = torch.full((V, width), -1, dtype=torch.int64, device=block.device)
+        found = block[row, token]
+        new_scores[token, slot] = found if positive else -found
+        new_ids[token, slot] = row + first
+        self._keep(side, new_scores, new_ids)
+
+    def _dense(self, side: int, block: torch.Tensor, first: int, positive: bool) -> None:
+        # Per token, along contiguous memory: a transposed copy and topk along its rows cost about
+        # two thirds of a topk down the columns on this CPU.
+        best = block.T.contiguous().topk(min(self.top, block.shape[0]), dim=1, largest=positive)
+        self._keep(side, best.values if positive else -best.values, best.indices + first)
+
+    def _keep(self, side: int, new_scores: torch.Tensor, new_ids: torch.Tensor) -> None:
+        """The running top of kind `side` merged with [V, c] candidates (scores signed: larger is better)."""
+        scores, ids = self.scores[side], self.ids[side]
+        keep = torch.cat([scores, new_scores], dim=1).topk(self.top, dim=1)
+        ids.copy_(torch.cat([ids, new_ids], dim=1).gather(1, keep.indices))
+        scores.copy_(keep.values)
 
     def result(self, d_mlp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(layer [6, V, top] int16, neuron int32, score float32), most extreme first; -1 where fewer neurons exist."""
         ids = self.ids.cpu().numpy()
         layer = np.where(ids >= 0, ids // d_mlp, -1).astype(np.int16)
         neuron = np.where(ids >= 0, ids % d_mlp, -1).astype(np.int32)
-        return layer, neuron, self.scores.float().cpu().numpy()
+        scores = (self.scores * self.sign.to(self.scores.device)[:, None, None]).float().cpu().numpy()
+        return layer, neuron, scores
