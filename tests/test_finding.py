@@ -438,13 +438,13 @@ def test_bad_suggest_and_related_input(api, url, status, parameter):
 
 
 def test_token_neurons_running_top_equals_one_topk_over_all_blocks():
-    """Many blocks, so that the running tops fill and the sparse merge takes over (the tiny model's three
-    layers stay on the dense path): the result equals one topk over every neuron at once."""
+    """Many blocks merged into the running tops (the tiny model has three per kind): the result equals one
+    topk over every neuron at once."""
     from gluscope.recorder.weight_tokens import TokenNeurons
 
     generator = torch.Generator().manual_seed(3)
     blocks = [torch.randn(64, 300, generator=generator, dtype=torch.float64).float() for _ in range(40)]
-    blocks[30][:, 7] += 100.0  # one token whose every neuron of a late block enters its top: the dense fallback
+    blocks[30][:, 7] += 100.0  # one token whose every neuron of a late block enters its top
     tn = TokenNeurons(300)
     update = tn.reducer(2, 0)
     for i, block in enumerate(blocks):
