@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--d-mlp", type=int, default=11008)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--full-layers", type=int, default=None, help="extrapolate to this many layers")
+    ap.add_argument("--first-layers", type=int, default=None,
+                    help="with --model: time only its first N layers (then --full-layers extrapolates)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -83,6 +85,9 @@ def main() -> None:
     else:
         from gluscope.recorder.model import load_model
         model = load_model(args.model, device="cpu")
+        if args.first_layers:
+            import dataclasses
+            model = dataclasses.replace(model, n_layers=min(args.first_layers, model.n_layers))
         name = f"{args.model} ({model.n_layers} x {model.d_mlp} neurons, vocab {model.token_count()})"
     L, n, d, V = model.n_layers, model.d_mlp, model.d_model, model.token_count()
     print(f"{name}, {torch.get_num_threads()} threads")

@@ -76,6 +76,8 @@ def _list_array(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
 
 BLOCK_SIZE = 65536
 
+EXAMPLE_TOKENS_MEMORY = os.environ.get("GLUSCOPE_WRITE_MEMORY", "4GB")
+
 # The activation-side token index (schema.sql, example_tokens), in SQL over
 # what is already in the file, so a recording and a merge build it alike.
 # DuckDB lists are 1-based: the token at position p is token_ids[p + 1], the
@@ -263,6 +265,9 @@ class DatabaseWriter:
 
     def write_example_tokens(self) -> None:
         """example_tokens from the examples, samples and texts already written (the last table: see EXAMPLE_TOKENS)."""
+        # Its join, aggregate and sort spill to disk past the memory limit. DuckDB's default (80% of RAM) took
+        # 14 GB for the 7B shape's 88M examples here, and the kernel killed it beside other processes.
+        self.con.execute(f"SET memory_limit = '{EXAMPLE_TOKENS_MEMORY}'")
         self.con.execute(EXAMPLE_TOKENS)
 
     def _write_distributions(self, layer: int, r: LayerStatistics) -> None:

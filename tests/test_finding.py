@@ -435,3 +435,26 @@ def test_bad_search_input_gets_the_one_error_shape(api, params, status, paramete
 def test_bad_suggest_and_related_input(api, url, status, parameter):
     r = api.get(f"/api/models/{api.model_id}{url}")
     assert r.status_code == status and r.json()["error"]["parameter"] == parameter, r.text
+
+
+def test_token_neurons_running_top_equals_one_topk_over_all_blocks():
+    """Many blocks merged into the running tops (the tiny model has three per kind): the result equals one
+    topk over every neuron at once."""
+    from gluscope.recorder.weight_tokens import TokenNeurons
+
+    generator = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(64, 300, generator=generator, dtype=torch.float64).float() for _ in range(40)]
+    blocks[30][:, 7] += 100.0  # one token whose every neuron of a late block enters its top
+    tn = TokenNeurons(300)
+    update = tn.reducer(2, 0)
+    for i, block in enumerate(blocks):
+        update(i * 64, block)
+    everything = torch.cat(blocks)
+    for side, largest in ((2, True), (3, False)):
+        want = everything.topk(32, dim=0, largest=largest)
+        layer, neuron, score = tn.result(d_mlp=64 * 40)
+        np.testing.assert_array_equal(score[side], want.values.T.numpy())
+        # Each kept neuron holds its score (exact ties, which this sample has, may come in either order).
+        held = everything.numpy()[neuron[side], np.arange(300)[:, None]]
+        np.testing.assert_array_equal(held, score[side])
+        assert (neuron[side] == want.indices.T.numpy()).mean() > 0.99
