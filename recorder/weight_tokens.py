@@ -83,15 +83,45 @@ class TokenNeurons:
     def reducer(self, kind: int, first_id: int) -> Callable[[int, torch.Tensor], None]:
         """An on_product for top_tokens over one layer's weight of kinds (kind, kind + 1), numbered from first_id."""
         def update(lo: int, product: torch.Tensor) -> None:
-            # Per token, along contiguous memory: a transposed copy and topk along its rows cost about two
-            # thirds of a topk down the columns on this CPU. (Merging only the entries that beat each token's
-            # current threshold was tried: on SmolLM2-135M's first 8 layers it cost 79 CPU-s against 62.)
-            per_token = product.T.contiguous().to(self.scores.dtype)     # [V, rows]
             for side in (kind, kind + 1):
                 positive = bool(self.sign[side] > 0)
+                worst = self.scores[side][:, -1]  # the running tops are sorted: the entry a newcomer must beat
+                if bool(torch.isfinite(worst).all()):
+                    self._keep_beating(side, product, positive, worst, first_id + lo)
+                    continue
+                # Per token, along contiguous memory: a transposed copy and topk along its rows cost about two
+                # thirds of a topk down the columns on this CPU.
+                per_token = product.T.contiguous().to(self.scores.dtype)     # [V, rows]
                 best = per_token.topk(min(self.top, per_token.shape[1]), dim=1, largest=positive)
                 self._keep(side, best.values if positive else -best.values, best.indices + first_id + lo)
         return update
+
+    def _keep_beating(self, side: int, product: torch.Tensor, positive: bool, worst: torch.Tensor,
+                      first_id: int) -> None:
+        """Merge only the entries of product [rows, V] that beat their token's running worst.
+
+        Once every token's top is full, few entries of a layer beat it (about top * rows / neurons seen so
+        far per token), so one comparison and a nonzero replace the transposed copy and its topk, which cost
+        several times as much; the result is the same, as any other entry would be dropped by the merge.
+        """
+        mask = product > worst[None, :] if positive else product < -worst[None, :]
+        row, token = mask.nonzero(as_tuple=True)
+        if row.numel() == 0:
+            return
+        order = torch.argsort(token, stable=True)
+        row, token = row[order], token[order]
+        tokens, counts = torch.unique_consecutive(token, return_counts=True)
+        group = torch.repeat_interleave(torch.arange(tokens.numel(), device=token.device), counts)
+        rank = torch.arange(token.numel(), device=token.device) - (torch.cumsum(counts, 0) - counts)[group]
+        width = int(counts.max())
+        scores = torch.full((tokens.numel(), width), -torch.inf, dtype=self.scores.dtype, device=token.device)
+        ids = torch.full((tokens.numel(), width), -1, dtype=torch.int64, device=token.device)
+        value = product[row, token].to(self.scores.dtype)
+        scores[group, rank] = value if positive else -value
+        ids[group, rank] = row + first_id
+        keep = torch.cat([self.scores[side][tokens], scores], dim=1).topk(self.top, dim=1)
+        self.ids[side][tokens] = torch.cat([self.ids[side][tokens], ids], dim=1).gather(1, keep.indices)
+        self.scores[side][tokens] = keep.values
 
     def _keep(self, side: int, new_scores: torch.Tensor, new_ids: torch.Tensor) -> None:
         """The running top of kind `side` merged with [V, c] candidates (scores signed: larger is better)."""
@@ -102,6 +132,10 @@ class TokenNeurons:
 
     def result(self, d_mlp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(layer [6, V, top] int16, neuron int32, score float32), most extreme first; -1 where fewer neurons exist."""
+        # Equal scores in the order of their neurons, however the blocks arrived.
+        order = torch.sort(self.ids, dim=2, stable=True).indices
+        order = order.gather(2, torch.sort(self.scores.gather(2, order), dim=2, descending=True, stable=True).indices)
+        self.ids, self.scores = self.ids.gather(2, order), self.scores.gather(2, order)
         ids = self.ids.cpu().numpy()
         layer = np.where(ids >= 0, ids // d_mlp, -1).astype(np.int16)
         neuron = np.where(ids >= 0, ids % d_mlp, -1).astype(np.int32)
