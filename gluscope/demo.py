@@ -34,6 +34,9 @@ DEMO_NAME = "SmolLM2-135M-Instruct"
 DEMO_TOKENS = 16_000
 DEMO_MAX_LENGTH = 96
 DEMO_BATCH = 16
+# One batch (about 1,500 tokens) fixes the intervals of |hook_post|: the default four would be a third of
+# the demo's corpus, run twice.
+DEMO_CALIBRATION_BATCHES = 1
 CORPUS_VERSION = "demo corpus 1"
 DATASET = (f"{CORPUS_VERSION}: passages of the Python Language Reference and of the standard library's code "
            "(gluscope/demo_corpus.py)")
@@ -88,7 +91,8 @@ def record_demo(model_file: Path, out: Path, name: str = DEMO_NAME, max_tokens: 
                       seed=0, source_column="source")
     say(f"recording {model.n_layers} layers x {model.d_mlp} neurons over {corpus.n_texts} texts "
         f"({int(corpus.lengths.sum()):,} tokens) ...")
-    record(model, corpus, out, dataset=DATASET, batch_size=DEMO_BATCH, overwrite=True)
+    record(model, corpus, out, dataset=DATASET, batch_size=DEMO_BATCH, overwrite=True,
+           calibration_batches=DEMO_CALIBRATION_BATCHES)
 
 
 def reusable(out: Path, model_file: Path) -> bool:
