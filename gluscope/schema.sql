@@ -157,8 +157,11 @@ CREATE TABLE examples (
     position SMALLINT NOT NULL
 );
 
--- x_gate and x_in of one neuron around each distinct example token, stored
--- once per (layer, neuron, text_id, position) however many lists it is in.
+-- x_gate and x_in of one neuron around each distinct example token (of
+-- `examples` and of `samples`), stored once per (layer, neuron, text_id,
+-- position) however many lists it is in. A token only in `samples` has a
+-- shorter window: at most 8 tokens before it and 2 after (within
+-- window_before and window_after), to keep the file small.
 -- Values are IEEE float16 bit patterns (decode with f16 below, or in NumPy
 -- with np.asarray(x, np.int16).view(np.float16)); act and hook_post follow
 -- from them. The window covers window_start .. window_start+len(x_gate)-1.

@@ -23,7 +23,8 @@ result equal a single run's:
   same calibration batches in every shard (checked equal) and are taken from
   the first; sampled examples are re-selected by the recorder's own order
   (hash, then text_id, then position) with `QUALIFY`, as a shard's list
-  holds every one of its texts that can be in the single run's list.
+  holds every one of its texts that can be in the single run's list; a
+  token that stays only a sample gets a sample's shorter window.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import duckdb
 
 from gluscope.errors import UserError
+from gluscope.recorder import rules
 from gluscope.recorder.writer import DatabaseWriter
 from gluscope.schema import COUNT_COLUMNS
 
@@ -166,11 +168,21 @@ def _statements(n: int, k: int, n_random: int, n_per_interval: int) -> list[str]
             WINDOW w AS (PARTITION BY layer, neuron, quadrant, kind, interval ORDER BY hash, text_id, position)
             QUALIFY row_number() OVER w <= CASE kind WHEN 0 THEN {n_random} ELSE {n_per_interval} END
             ORDER BY layer, neuron, quadrant, kind, interval, rank""",
+        # A shard's window of a token that is a sample but no longer a top example is a top example's full
+        # window there: cut it as the writer cuts a sample's (rules.SAMPLE_WINDOW_BEFORE / _AFTER).
         f"""INSERT INTO windows
-            SELECT w.* FROM ({union('windows')}) w
-            SEMI JOIN (SELECT layer, neuron, text_id, position FROM examples
-                       UNION SELECT layer, neuron, text_id, position FROM samples) e
-                 USING (layer, neuron, text_id, position)
+            SELECT layer, neuron, text_id, position,
+                   CASE WHEN top THEN window_start ELSE cut_start END AS window_start,
+                   CASE WHEN top THEN x_gate ELSE x_gate[cut_start - window_start + 1 : cut_stop - window_start] END,
+                   CASE WHEN top THEN x_in ELSE x_in[cut_start - window_start + 1 : cut_stop - window_start] END
+            FROM (SELECT w.*, e.top,
+                         greatest(w.window_start, w.position - {rules.SAMPLE_WINDOW_BEFORE}) AS cut_start,
+                         least(w.window_start + len(w.x_gate), w.position + {rules.SAMPLE_WINDOW_AFTER + 1}) AS cut_stop
+                  FROM ({union('windows')}) w
+                  JOIN (SELECT layer, neuron, text_id, position, bool_or(top) AS top
+                        FROM (SELECT layer, neuron, text_id, position, true AS top FROM examples
+                              UNION ALL SELECT layer, neuron, text_id, position, false FROM samples)
+                        GROUP BY ALL) e USING (layer, neuron, text_id, position))
             ORDER BY layer, neuron, text_id, position""",
         "INSERT INTO histogram_bins SELECT * FROM shard0.histogram_bins ORDER BY axis DESC, bin",
         f"""INSERT INTO histograms

@@ -5,6 +5,12 @@ means the largest |value|, and one masked tensor yields two lists at once: its
 positive part belongs to the quadrant where the value is positive, its
 negative part to the one where it is negative. That halves the masking work
 of the naive 16 masks.
+
+The distributions (#11) are TensorDistributions: histograms and density as
+one bincount each over flat (neuron, quadrant, hook, bin) indices, and per
+text the token of smallest sample hash in each (quadrant, interval) as one
+scatter_reduce, merged into sample lists like the top-k lists. Calibration
+(the interval bounds) is shared by both reducers, so it lives here alone.
 """
 
 from __future__ import annotations

@@ -162,6 +162,10 @@ N_PER_INTERVAL = 4    # examples per interval
 # Sample slots of one quadrant: the random list, then the interval lists, each ranked from smallest hash.
 SAMPLE_SLOTS = N_RANDOM + N_INTERVALS * N_PER_INTERVAL
 HASH_EMPTY = 0x7FFFFFFF + 1  # above every 31-bit hash
+# A sampled example's stored window is shorter than a top example's (at most this many tokens before and after
+# it, within window_before and window_after): the 96 samples per neuron would otherwise grow the 7B-shaped file
+# by about 3.5 GB (benchmarks/make_synthetic_db.py).
+SAMPLE_WINDOW_BEFORE, SAMPLE_WINDOW_AFTER = 8, 2
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:

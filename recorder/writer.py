@@ -74,6 +74,24 @@ def _list_array(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
+def _sample_windows(r: LayerStatistics) -> tuple[np.ndarray, ...]:
+    """The samples' windows cut to rules.SAMPLE_WINDOW_BEFORE / _AFTER around each token: (start, len, x_gate, x_in),
+    the values shifted to the front of their slots. A token that is also a top example keeps its full window."""
+    start = r.sample_window_start.astype(np.int64)
+    stop = start + r.sample_window_len
+    pos = r.sample_pos.astype(np.int64)
+    new_start = np.maximum(start, pos - rules.SAMPLE_WINDOW_BEFORE)
+    new_stop = np.minimum(stop, pos + rules.SAMPLE_WINDOW_AFTER + 1)
+    w_slots = r.sample_window_gate.shape[-1]
+    slot = (new_start - start)[..., None] + np.arange(w_slots)
+    inside = np.arange(w_slots) < (new_stop - new_start)[..., None]
+    slot = np.where(inside, slot, 0)
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return np.where(inside, np.take_along_axis(a, slot, -1), 0).astype(a.dtype)
+    return new_start, np.maximum(new_stop - new_start, 0), cut(r.sample_window_gate), cut(r.sample_window_in)
+
+
 BLOCK_SIZE = 65536
 
 EXAMPLE_TOKENS_MEMORY = os.environ.get("GLUSCOPE_WRITE_MEMORY", "4GB")
@@ -243,16 +261,17 @@ class DatabaseWriter:
 
         def both(top: np.ndarray, sample: np.ndarray) -> np.ndarray:
             return np.concatenate([ex(top)[keep], sample.reshape(-1, *sample.shape[3:])[s_keep]])[first]
-        lengths = both(r.window_len, r.sample_window_len).astype(np.int64)
+        s_start, s_len, s_gate, s_in = _sample_windows(r)
+        lengths = both(r.window_len, s_len).astype(np.int64)
         slot_ok = np.arange(w_slots)[None, :] < lengths[:, None]
-        gate = both(r.window_gate, r.sample_window_gate)
-        x_in = both(r.window_in, r.sample_window_in)
+        gate = both(r.window_gate, s_gate)
+        x_in = both(r.window_in, s_in)
         self._insert("windows", pa.table({
             "layer": pa.array(np.full(len(first), layer, np.int16)),
             "neuron": pa.array(all_neuron[first].astype(np.int32)),
             "text_id": pa.array(all_text[first].astype(np.int32)),
             "position": pa.array(pos[first].astype(np.int16)),
-            "window_start": pa.array(both(r.window_start, r.sample_window_start).astype(np.int16)),
+            "window_start": pa.array(both(r.window_start, s_start).astype(np.int16)),
             "x_gate": _list_array(gate.astype(np.float16).view(np.int16)[slot_ok], lengths),
             "x_in": _list_array(x_in.astype(np.float16).view(np.int16)[slot_ok], lengths),
         }))

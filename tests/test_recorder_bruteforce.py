@@ -397,11 +397,20 @@ def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: di
             assert [r[:7] for r in got_s] == [w[:7] for w in want_s], where
             np.testing.assert_allclose([r[7:] for r in got_s], [w[7:] for w in want_s], rtol=1e-5, atol=1e-5)
             assert len(want_s) > 0
-            # Every sample has its window.
-            missing = con.execute("SELECT count(*) FROM samples s ANTI JOIN windows w "
-                                  "USING (layer, neuron, text_id, position) WHERE s.layer = ? AND s.neuron = ?",
-                                  where).fetchone()[0]
-            assert missing == 0
+            # Every sample has its window, of at most 8 tokens before and 2 after unless it is a top example too.
+            windows = con.execute(
+                "SELECT s.text_id, s.position, w.window_start, w.x_gate, w.x_in, "
+                "       EXISTS (SELECT 1 FROM examples e WHERE e.layer = s.layer AND e.neuron = s.neuron "
+                "               AND e.text_id = s.text_id AND e.position = s.position) "
+                "FROM samples s JOIN windows w USING (layer, neuron, text_id, position) "
+                "WHERE s.layer = ? AND s.neuron = ?", where).fetchall()
+            assert len(windows) == len(got_s)
+            for text_id, pos, start, wg, wi, is_top in windows:
+                g, u = acts[(layer, text_id)]
+                if not is_top:
+                    assert start == max(0, pos - 8) and start + len(wg) == min(pos + 3, len(texts[text_id]))
+                np.testing.assert_allclose(_f16(wg), g[start:start + len(wg), neuron], rtol=2e-3, atol=2e-3)
+                np.testing.assert_allclose(_f16(wi), u[start:start + len(wi), neuron], rtol=2e-3, atol=2e-3)
 
 
 def _assert_counts(got: dict[int, int], values: list[float], edges: list[float], where) -> None:

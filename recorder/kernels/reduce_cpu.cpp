@@ -1,6 +1,8 @@
 // The recorder's per-batch reduction on the CPU, for one layer: quadrant
 // counts, sums, the near-zero end of every list, and each text's most extreme
-// token per list merged into sorted top-k lists with its activation window.
+// token per list merged into sorted top-k lists with its activation window;
+// then (distributions(), issue #11) the histograms, the density and the
+// sampled examples, by the bins and hash of rules.py.
 //
 // Built on first use by recorder/reduce_cpu.py (g++ -O3 -march=native
 // -fopenmp) and called through ctypes, so it needs no Python headers. It is
