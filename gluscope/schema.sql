@@ -307,7 +307,7 @@ CREATE TABLE example_tokens (
     kind       TINYINT  NOT NULL,  -- 0 top (examples), 1 random, 2 interval (samples.kind + 1)
     matches    SMALLINT NOT NULL,  -- examples of the list with this token in this role
     best_rank  TINYINT  NOT NULL,  -- the smallest rank among them
-    best_value FLOAT    NOT NULL   -- the value of that example (samples: its hook_post)
+    best_value FLOAT    NOT NULL   -- the value of that example (samples: its hook_post; of equal ranks, the largest |value|)
 );
 
 -- float16 bit pattern (as SMALLINT) -> FLOAT, for reading windows in SQL.

@@ -116,7 +116,7 @@ WITH listed AS (
     SELECT next, 1, * EXCLUDE (focus, next) FROM tokens WHERE next IS NOT NULL
 )
 SELECT token_id, role, layer, neuron, quadrant, hook, kind, count(*) AS matches, min(rank) AS best_rank,
-       arg_min(value, rank) AS best_value
+       arg_min(value, (rank, -abs(value))) AS best_value  -- interval lists repeat ranks: the larger |value| wins
 FROM roles
 GROUP BY token_id, role, layer, neuron, quadrant, hook, kind
 ORDER BY token_id, role, layer, neuron, quadrant, hook, kind

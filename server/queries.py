@@ -286,7 +286,7 @@ WHERE token_id = $t0 AND role = $role AND {filters}
     return f"""
 SELECT * FROM (
     SELECT layer, neuron, quadrant, hook, kind, sum(matches)::INTEGER AS matches, min(best_rank) AS best_rank,
-           arg_min(best_value, best_rank) AS best_value
+           arg_min(best_value, (best_rank, -abs(best_value))) AS best_value
     FROM ({branches})
     WHERE {filters}
     GROUP BY layer, neuron, quadrant, hook, kind

@@ -227,7 +227,16 @@ def brute_example_search(con, token_ids: set[int], role: int) -> dict[tuple, tup
         at = position + role
         if at < len(ids) and ids[at] in token_ids:
             lists[(layer, neuron, q, h, 0)].append((rank, value))
-    return {key: (len(found), min(found)[0], min(found)[1]) for key, found in lists.items()}
+    # The sampled examples (kinds random, interval) are indexed under hook_post, with their hook_post value.
+    for layer, neuron, q, kind, rank, act, x_in, text_id, position in con.execute(
+            "SELECT layer, neuron, quadrant, kind, rank, act, x_in, text_id, position FROM samples").fetchall():
+        ids = texts[text_id]
+        at = position + role
+        if at < len(ids) and ids[at] in token_ids:
+            lists[(layer, neuron, q, 0, 1 + kind)].append((rank, float(np.float32(act) * np.float32(x_in))))
+    # The best is the lowest rank; interval lists repeat ranks (one list per interval), and then the larger |value|.
+    best = {key: min(found, key=lambda e: (e[0], -abs(e[1]))) for key, found in lists.items()}
+    return {key: (len(found), *best[key]) for key, found in lists.items()}
 
 
 def _ranked(found: dict, limit: int) -> list[tuple]:
@@ -297,7 +306,7 @@ def test_examples_search_equals_brute_force(api, con):
             body = api.get(f"/api/models/{m}/search/tokens",
                            params={"token_id": token, "side": "examples", "role": name, "quadrant": "nn",
                                    "hook": "hook_post", "layers": "1-2", "kind": "top", "limit": 5}).json()
-            filtered = {k: v for k, v in found.items() if k[2] == 3 and k[3] == 0 and 1 <= k[0] <= 2}
+            filtered = {k: v for k, v in found.items() if k[2] == 3 and k[3] == 0 and k[4] == 0 and 1 <= k[0] <= 2}
             assert [(r["layer"], r["neuron"], r["matches"]) for r in body["results"]] == \
                    [(x[0], x[1], x[5]) for x in _ranked(filtered, 5)], (token, name)
 
