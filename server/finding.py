@@ -140,18 +140,16 @@ def histogram_overlay(db: Database, refs: list[tuple[int, int]], q: int, hook: s
         return None
     params = {f"{part}_{i}": value for i, ref in enumerate(refs) for part, value in zip(("layer", "neuron"), ref)}
     rows = db.query(queries.neurons_histogram(len(refs)), {**params, "quadrant": q, "hook": HOOKS.index(hook)})
-    bins = _once(db, queries.VALUE_BINS)
-    at = {b: k for k, (b, _, _) in enumerate(bins)}
-    counts = [[0] * len(bins) for _ in refs]
+    edges = db.bin_edges.get("value", [])  # bins 0 .. len(edges) - 2, checked when the file was opened
+    counts = [[0] * max(len(edges) - 1, 0) for _ in refs]
     for i, b, n in rows:
-        if b in at:
-            counts[i][at[b]] += int(n)
-    filled = [k for k in range(len(bins)) if any(c[k] for c in counts)]
+        if 0 <= b < len(edges) - 1:
+            counts[i][b] += int(n)
+    filled = [k for k in range(len(edges) - 1) if any(c[k] for c in counts)]
     if not filled:
         return None
     lo, hi = filled[0], filled[-1] + 1
-    return {"quadrant": QUADRANTS[q], "hook": hook,
-            "edges": [_num(bins[k][1]) for k in range(lo, hi)] + [_num(bins[hi - 1][2])],
+    return {"quadrant": QUADRANTS[q], "hook": hook, "edges": [_num(e) for e in edges[lo:hi + 1]],
             "counts": [c[lo:hi] for c in counts]}
 
 

@@ -230,8 +230,6 @@ def neuron_value_stats(n: int) -> str:
                                  f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
 
 
-# The fixed 'value' bins of `histograms` (schema.sql, histogram_bins), a few hundred rows.
-VALUE_BINS = "SELECT bin, lo, hi FROM histogram_bins WHERE axis = 'value' ORDER BY bin"
 
 
 def neurons_histogram(n: int) -> str:
