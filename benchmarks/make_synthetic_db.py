@@ -262,13 +262,32 @@ def make_distributions(counts: np.ndarray, lengths: np.ndarray, window_before: i
     hashes = np.sort(rng.integers(0, 2 ** 31, (n, 4, S)), -1)  # each list sorted: close enough for size
     xg = (SIGNS[None, :, 0, None] * rng.exponential(1.0, (n, 4, S))).astype(np.float32)
     xi = (SIGNS[None, :, 1, None] * rng.exponential(1.0, (n, 4, S))).astype(np.float32)
+    win_g = rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16)
+    win_i = rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16)
+    # Both kinds keep the tokens of smallest hash, so an interval's list starts with the random examples that
+    # fall in it (rules.py): about 7 of the 16 interval examples are random ones, whose windows the writer
+    # stores once. Each random example lies in interval i with the calibration's share of tokens.
+    share = np.array([0.5, 0.4, 0.09, 0.01])
+    R, P = rules.N_RANDOM, rules.N_PER_INTERVAL
+    label = rng.choice(len(share), (n, 4, R), p=share)
+    for i in range(len(share)):
+        inside = label == i
+        order = np.cumsum(inside, -1) * inside  # 1, 2, ... for the random examples in interval i
+        for j in range(P):
+            has = order == j + 1                   # [n, 4, R]: the (j+1)-th such example, if any
+            nq, qq, rr = np.nonzero(has)
+            slot = R + i * P + j
+            for a in (text, pos, hashes, xg, xi, win_g, win_i):
+                a[nq, qq, slot] = a[nq, qq, rr]
+    L = lengths[np.maximum(text, 0)]
+    start = np.maximum(pos - window_before, 0)
+    stop = np.minimum(pos + window_after + 1, L)
     return dict(
         histograms=hist, density=density, bounds=bounds,
         sample_hash=np.where(text >= 0, hashes, -1), sample_text=text, sample_pos=pos.astype(np.int16),
         sample_gate=xg, sample_in=xi, sample_act=activation("silu")(xg).astype(np.float32),
         sample_window_start=start.astype(np.int16), sample_window_len=(stop - start).astype(np.int16),
-        sample_window_gate=rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16),
-        sample_window_in=rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16),
+        sample_window_gate=win_g, sample_window_in=win_i,
     )
 
 

@@ -289,3 +289,42 @@ def _contiguous_f32(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         raise ValueError("the CPU kernel takes CPU tensors")
     return t.detach().to(torch.float32).contiguous()
+
+
+
+def beaters(product: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Flat indices (row-major) of the entries of a CPU float32 [R, C] product above hi[c], and of those below lo[c].
+
+    One pass of the kernel's gluscope_beaters; None where the kernel is unavailable or the entries are not few
+    (over a 32nd of the product), so the caller uses torch's own compare and nonzero.
+    """
+    return _beaters("gluscope_beaters", product, hi, lo)
+
+
+def beaters_abs(product: torch.Tensor, row_thr: torch.Tensor,
+                col_thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """As beaters, for |product| above each row's threshold and above each column's (gluscope_beaters_abs)."""
+    return _beaters("gluscope_beaters_abs", product, row_thr, col_thr)
+
+
+def _beaters(name: str, product: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if product.device.type != "cpu" or product.dtype != torch.float32 or product.stride(1) != 1:
+        return None
+    try:
+        fn = getattr(load_kernel(), name)
+    except (KernelUnavailable, OSError):
+        return None
+    R, C = product.shape
+    threads = max(1, min(torch.get_num_threads(), R))
+    cap = 1024 + R * C // (32 * threads)
+    out = torch.empty(2, threads, cap, dtype=torch.int64)
+    counts = torch.empty(2, threads, dtype=torch.int64)
+    a, b = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+    ptr = ctypes.c_void_p
+    fn.restype = None
+    fn(ptr(product.data_ptr()), ctypes.c_int64(R), ctypes.c_int64(C), ctypes.c_int64(product.stride(0)),
+       ptr(a.data_ptr()), ptr(b.data_ptr()), ptr(out[0].data_ptr()), ptr(out[1].data_ptr()), ctypes.c_int64(cap),
+       ptr(counts[0].data_ptr()), ptr(counts[1].data_ptr()), ctypes.c_int32(threads))
+    if bool((counts < 0).any()):
+        return None
+    return tuple(torch.cat([out[i, t, :int(counts[i, t])] for t in range(threads)]) for i in range(2))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gluscope.recorder.reduce_cpu import beaters_abs
 from gluscope.schema import RELATED_DIRECTIONS, RELATED_VIA
 
 RELATED_TOP = 16
@@ -46,6 +47,23 @@ def _merge(scores: torch.Tensor, ids: torch.Tensor, new_scores: torch.Tensor, ne
     all_ids = torch.cat([ids, new_ids], dim=1)
     keep = all_scores.abs().nan_to_num(-1.0).topk(top, dim=1).indices
     return all_scores.gather(1, keep), all_ids.gather(1, keep)
+
+
+def _merge_hits(scores: torch.Tensor, ids: torch.Tensor, at: torch.Tensor, values: torch.Tensor,
+                new_ids: torch.Tensor, top: int) -> None:
+    """Merge sparse candidates into running tops in place: row at[i] of scores / ids is offered (values[i], new_ids[i])."""
+    if at.numel() == 0:
+        return
+    order = torch.argsort(at, stable=True)
+    at, values, new_ids = at[order], values[order], new_ids[order]
+    rows, counts = torch.unique_consecutive(at, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(rows.numel(), device=at.device), counts)
+    rank = torch.arange(at.numel(), device=at.device) - (torch.cumsum(counts, 0) - counts)[group]
+    width = int(counts.max())
+    padded = torch.full((rows.numel(), width), float("nan"), dtype=scores.dtype, device=at.device)
+    padded_ids = torch.full((rows.numel(), width), -1, dtype=torch.int64, device=at.device)
+    padded[group, rank], padded_ids[group, rank] = values, new_ids
+    scores[rows], ids[rows] = _merge(scores[rows], ids[rows], padded, padded_ids, top)
 
 
 def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, progress: bool = False) -> RelatedNeurons:
@@ -84,17 +102,28 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
                 for lo in range(0, n, rows):
                     hi = min(n, lo + rows)
                     scores = a[lo:hi] @ b.T                       # [rows, n]: cos(A_lo.., B)
+                    down = best[la, 0, via], ids[la, 0, via]       # downstream of A (rows): B's of layer lb
+                    up = best[lb, 1, via], ids[lb, 1, via]         # upstream of B (columns): A's of layer la
+                    # Once both tops are full, only entries above their worst |score| can enter them.
+                    found = None
+                    row_worst, col_worst = down[0][lo:hi, -1].abs(), up[0][:, -1].abs()
+                    if not (row_worst.isnan().any() or col_worst.isnan().any()):
+                        found = beaters_abs(scores, row_worst, col_worst)
+                    if found is not None:
+                        down_hits, up_hits = found
+                        r, c = down_hits // n, down_hits % n
+                        _merge_hits(*down, r + lo, scores[r, c], c + lb * n, top)
+                        r, c = up_hits // n, up_hits % n
+                        _merge_hits(*up, c, scores[r, c], r + lo + la * n, top)
+                        continue
                     magnitude = scores.abs()
                     k = min(top, n)
-                    # Downstream of A (rows): B's of layer lb.
                     pick = magnitude.topk(k, dim=1).indices
-                    best[la, 0, via, lo:hi], ids[la, 0, via, lo:hi] = _merge(
-                        best[la, 0, via, lo:hi], ids[la, 0, via, lo:hi], scores.gather(1, pick), pick + lb * n, top)
-                    # Upstream of B (columns): A's lo..hi of layer la.
+                    down[0][lo:hi], down[1][lo:hi] = _merge(
+                        down[0][lo:hi], down[1][lo:hi], scores.gather(1, pick), pick + lb * n, top)
                     k = min(top, hi - lo)
                     pick = magnitude.topk(k, dim=0).indices       # [k, n]
-                    best[lb, 1, via], ids[lb, 1, via] = _merge(
-                        best[lb, 1, via], ids[lb, 1, via], scores.gather(0, pick).T, (pick + la * n + lo).T, top)
+                    up[0][:], up[1][:] = _merge(up[0], up[1], scores.gather(0, pick).T, (pick + la * n + lo).T, top)
             bar.update(1)
     bar.close()
     ids_np = ids.cpu().numpy()

@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gluscope.recorder.reduce_cpu import beaters
+
 BLOCK = 64   # tokens per block of a row
 ROWS = 1024  # neurons per product: bounds the [ROWS, V] product in memory
 
@@ -83,11 +85,22 @@ class TokenNeurons:
     def reducer(self, kind: int, first_id: int) -> Callable[[int, torch.Tensor], None]:
         """An on_product for top_tokens over one layer's weight of kinds (kind, kind + 1), numbered from first_id."""
         def update(lo: int, product: torch.Tensor) -> None:
-            for side in (kind, kind + 1):
+            sides = (kind, kind + 1)
+            worst = [self.scores[side][:, -1] for side in sides]  # sorted tops: the entry a newcomer must beat
+            if all(bool(torch.isfinite(w).all()) for w in worst):
+                # Kind + 1 keeps the smallest scores, stored negated: beating it is product < -worst.
+                found = beaters(product, worst[0], -worst[1])
+                if found is not None:
+                    for side, flat in zip(sides, found):
+                        self._merge_beating(side, product, flat // product.shape[1], flat % product.shape[1],
+                                            first_id + lo)
+                    return
+            for side, w in zip(sides, worst):
                 positive = bool(self.sign[side] > 0)
-                worst = self.scores[side][:, -1]  # the running tops are sorted: the entry a newcomer must beat
-                if bool(torch.isfinite(worst).all()):
-                    self._keep_beating(side, product, positive, worst, first_id + lo)
+                if bool(torch.isfinite(w).all()):
+                    mask = product > w[None, :] if positive else product < -w[None, :]
+                    row, token = mask.nonzero(as_tuple=True)
+                    self._merge_beating(side, product, row, token, first_id + lo)
                     continue
                 # Per token, along contiguous memory: a transposed copy and topk along its rows cost about two
                 # thirds of a topk down the columns on this CPU.
@@ -96,18 +109,18 @@ class TokenNeurons:
                 self._keep(side, best.values if positive else -best.values, best.indices + first_id + lo)
         return update
 
-    def _keep_beating(self, side: int, product: torch.Tensor, positive: bool, worst: torch.Tensor,
-                      first_id: int) -> None:
-        """Merge only the entries of product [rows, V] that beat their token's running worst.
+    def _merge_beating(self, side: int, product: torch.Tensor, row: torch.Tensor, token: torch.Tensor,
+                       first_id: int) -> None:
+        """Merge the entries (row, token) of product [rows, V] that beat their token's running worst.
 
         Once every token's top is full, few entries of a layer beat it (about top * rows / neurons seen so
-        far per token), so one comparison and a nonzero replace the transposed copy and its topk, which cost
-        several times as much; the result is the same, as any other entry would be dropped by the merge.
+        far per token), so finding those (one pass of reduce_cpu.beaters, or a compare and a nonzero) and
+        merging them replaces the transposed copy and its topk, which cost several times as much; the result
+        is the same, as any other entry would be dropped by the merge. row, token: row-major order.
         """
-        mask = product > worst[None, :] if positive else product < -worst[None, :]
-        row, token = mask.nonzero(as_tuple=True)
         if row.numel() == 0:
             return
+        positive = bool(self.sign[side] > 0)
         order = torch.argsort(token, stable=True)
         row, token = row[order], token[order]
         tokens, counts = torch.unique_consecutive(token, return_counts=True)

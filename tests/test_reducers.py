@@ -122,3 +122,29 @@ def test_a_broken_compile_leaves_no_file(monkeypatch, tmp_path):
     finally:
         reduce_cpu.load_kernel.cache_clear()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("shape", [(37, 101), (300, 1000), (1, 16)])
+def test_beaters_find_exactly_what_torch_compare_and_nonzero_find(shape):
+    """The weight stage's one-pass search for entries beating a running top (signed and |x|), against torch."""
+    require_kernel()
+    torch.manual_seed(0)
+    R, C = shape
+    padded = torch.randn(R, C + 5)
+    product = padded[:, :C]  # a strided view, as top_tokens hands on
+    hi, lo = torch.randn(C) + 3.5, torch.randn(C) - 3.5  # few entries beat them, as in the weight stage
+    flat = torch.arange(R * C).view(R, C)
+    got = reduce_cpu.beaters(product, hi, lo)
+    assert got is not None
+    assert torch.equal(got[0], flat[product > hi]) and torch.equal(got[1], flat[product < lo])
+    row_thr, col_thr = torch.rand(R) + 2.5, torch.rand(C) + 2.5
+    got = reduce_cpu.beaters_abs(product, row_thr, col_thr)
+    assert got is not None
+    assert torch.equal(got[0], flat[product.abs() > row_thr[:, None]])
+    assert torch.equal(got[1], flat[product.abs() > col_thr[None, :]])
+    # More entries than the kernel makes room for (over a 32nd, past its floor): None, so the caller takes torch's path.
+    everything = reduce_cpu.beaters(product, torch.full((C,), -10.0), lo)
+    if everything is not None:
+        assert torch.equal(everything[0], flat.view(-1))
+    if R * C >= 300 * 1000:
+        assert everything is None

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <omp.h>
 #include <vector>
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -495,3 +496,60 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
   }
   }  // omp parallel
 }
+
+// The entries of a row-major [R, C] float matrix P (rows ld floats apart)
+// that beat a threshold, as flat indices r * C + c in row-major order, into
+// two lists. For the weight stage's running tops, where once each top is
+// full only a few entries per row or column beat it: one pass instead of
+// torch's compare, bool mask and nonzero, each a pass of its own.
+//   ABS = false (weight_tokens.TokenNeurons): list 0 P > a[c], list 1 P < b[c].
+//   ABS = true (related.related_neurons):     list 0 |P| > a[r], list 1 |P| > b[c].
+// Rows are split among threads; thread t writes from t * cap and sets
+// counts[t] (-1: more than cap, and the caller falls back).
+template <bool ABS>
+void beaters(const float* P, int64_t R, int64_t C, int64_t ld, const float* a, const float* b, int64_t* out0,
+             int64_t* out1, int64_t cap, int64_t* counts0, int64_t* counts1, int32_t n_threads) {
+  constexpr int64_t LANES = 16;
+#pragma omp parallel num_threads(n_threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
+    int64_t* o0 = out0 + t * cap;
+    int64_t* o1 = out1 + t * cap;
+    int64_t n0 = 0, n1 = 0;
+    bool over = false;
+    for (int64_t r = r0; r < r1 && !over; ++r) {
+      const float* __restrict__ row = P + r * ld;
+      const float ar = ABS ? a[r] : 0.0f;
+      auto beat0 = [&](int64_t j) { return ABS ? std::fabs(row[j]) > ar : row[j] > a[j]; };
+      auto beat1 = [&](int64_t j) { return ABS ? std::fabs(row[j]) > b[j] : row[j] < b[j]; };
+      auto keep = [&](int64_t j) {  // counts run on past cap, so that overflow shows
+        if (beat0(j) && n0++ < cap) o0[n0 - 1] = r * C + j;
+        if (beat1(j) && n1++ < cap) o1[n1 - 1] = r * C + j;
+      };
+      int64_t c = 0;
+      for (; c + LANES <= C; c += LANES) {
+        int any = 0;
+#pragma omp simd reduction(| : any)
+        for (int64_t j = c; j < c + LANES; ++j) any |= int(beat0(j)) | int(beat1(j));
+        if (!any) continue;
+        for (int64_t j = c; j < c + LANES; ++j) keep(j);
+        over = n0 > cap || n1 > cap;
+      }
+      for (; c < C; ++c) keep(c);
+      over = over || n0 > cap || n1 > cap;
+    }
+    counts0[t] = over ? -1 : n0;
+    counts1[t] = over ? -1 : n1;
+  }
+}
+
+#define GLUSCOPE_BEATERS(name, abs)                                                                         \
+  extern "C" void name(const float* P, int64_t R, int64_t C, int64_t ld, const float* a, const float* b,     \
+                       int64_t* out0, int64_t* out1, int64_t cap, int64_t* counts0, int64_t* counts1,       \
+                       int32_t n_threads) {                                                                 \
+    beaters<abs>(P, R, C, ld, a, b, out0, out1, cap, counts0, counts1, n_threads);                          \
+  }
+GLUSCOPE_BEATERS(gluscope_beaters, false)
+GLUSCOPE_BEATERS(gluscope_beaters_abs, true)
+#undef GLUSCOPE_BEATERS
