@@ -32,7 +32,7 @@ import duckdb
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import free_port, memory_kb, percentile, read_through, run, start_server  # noqa: E402
+from bench_server import free_port, percentile, read_through, report_memory, run, start_server, stop  # noqa: E402
 
 from gluscope.schema import HOOKS, QUADRANT_SLUGS  # noqa: E402
 from gluscope.server import queries  # noqa: E402
@@ -229,13 +229,9 @@ def main(argv: list[str] | None = None) -> None:
                 baseline.setdefault(clients, p99)
                 print(f"{name:<22}{clients:>8}{len(lat):>10}{1000 * percentile(lat, 50):>9.1f}{1000 * p99:>9.1f}"
                       f"{1000 * lat[-1]:>9.1f}{len(lat) / wall:>8.0f}{p99 / baseline[clients]:>14.2f}")
-        if proc:
-            mem = memory_kb(proc.pid)
-            print(f"\nserver memory: resident {mem['VmRSS'] / 1024:.0f} MB, peak {mem['VmHWM'] / 1024:.0f} MB")
+        report_memory(proc, args.db)
     finally:
-        if proc:
-            proc.terminate()
-            proc.wait(10)
+        stop(proc)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,20 @@ def finding_scenarios(m: str, n_layers: int, d_mlp: int, vocab_size: int, rng: r
     }
 
 
+def report_memory(proc, db: Path | None) -> None:
+    """The server's resident and peak memory, if this script started it."""
+    if proc:
+        mem = memory_kb(proc.pid)
+        print(f"\nserver memory: resident {mem['VmRSS'] / 1024:.0f} MB, peak {mem['VmHWM'] / 1024:.0f} MB "
+              f"(file {db.stat().st_size / 1e9:.2f} GB)")
+
+
+def stop(proc) -> None:
+    if proc:
+        proc.terminate()
+        proc.wait(10)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group(required=True)
@@ -283,14 +297,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name:<22}{clients:>8}{len(lat):>10}{1000 * percentile(lat, 50):>9.1f}"
                       f"{1000 * percentile(lat, 99):>9.1f}{1000 * lat[-1]:>9.1f}{len(lat) / wall:>8.0f}"
                       f"{1000 * client_cpu / len(lat):>14.2f}")
-        if proc:
-            mem = memory_kb(proc.pid)
-            print(f"\nserver memory: resident {mem['VmRSS'] / 1024:.0f} MB, peak {mem['VmHWM'] / 1024:.0f} MB "
-                  f"(file {args.db.stat().st_size / 1e9:.2f} GB)")
+        report_memory(proc, args.db)
     finally:
-        if proc:
-            proc.terminate()
-            proc.wait(10)
+        stop(proc)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=6, help="rounds per server and scenario (default: 6)")
     p.add_argument("--requests", type=int, default=80, help="requests per round (default: 80)")
     p.add_argument("--clients", default="1,16")
+    p.add_argument("--only", default=None, help="run only the scenarios whose name contains this, e.g. list")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="gluscope-baseline-") as tmp:
@@ -82,7 +83,14 @@ def main(argv: list[str] | None = None) -> None:
                 "examples fragment": ("/models/{m}/neurons/{l}/{n}/examples?quadrant={q}&hook={h}",
                                       {"HX-Request": "true"}),
                 "examples JSON": ("/api/models/{m}/neurons/{l}/{n}/examples?quadrant={q}&hook={h}", {}),
+                # Issue #11: a neuron's distributions and its sampled lists.
+                "histograms fragment": ("/models/{m}/neurons/{l}/{n}/histograms", {"HX-Request": "true"}),
+                "histograms JSON": ("/api/models/{m}/neurons/{l}/{n}/histograms", {}),
+                "random list": ("/models/{m}/neurons/{l}/{n}/examples?quadrant={q}&hook=hook_post&kind=random", {"HX-Request": "true"}),
+                "interval list": ("/models/{m}/neurons/{l}/{n}/examples?quadrant={q}&hook=hook_post&kind=interval",
+                                  {"HX-Request": "true"}),
             }
+            paths = {name: path for name, path in paths.items() if args.only is None or args.only in name}
 
             def sessions(template: str, seed: int, count: int) -> list[list[str]]:
                 rng = random.Random(seed)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{args.workers} this; "
                   f"{args.rounds} alternating rounds of {args.requests} requests; ratio = this / baseline "
                   f"({args.baseline})")
-            print(f"{'scenario':<19}{'clients':>8}{'p50 base':>10}{'this':>7}{'ratio':>7}"
+            print(f"{'scenario':<21}{'clients':>8}{'p50 base':>10}{'this':>7}{'ratio':>7}"
                   f"{'p99 base':>10}{'this':>7}{'ratio':>7}{'req/s base':>12}{'this':>7}")
             for name, (template, headers) in paths.items():
                 for clients in (int(c) for c in args.clients.split(",")):
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                     (b50, b99, brate), (t50, t99, trate) = (
                         (1000 * percentile(sorted(latencies[s]), 50), 1000 * percentile(sorted(latencies[s]), 99),
                          len(latencies[s]) / walls[s]) for s in servers)
-                    print(f"{name:<19}{clients:>8}{b50:>10.1f}{t50:>7.1f}{t50 / b50:>7.2f}{b99:>10.1f}{t99:>7.1f}"
+                    print(f"{name:<21}{clients:>8}{b50:>10.1f}{t50:>7.1f}{t50 / b50:>7.2f}{b99:>10.1f}{t99:>7.1f}"
                           f"{t99 / b99:>7.2f}{brate:>12.0f}{trate:>7.0f}", flush=True)
         finally:
             for proc, _ in servers.values():

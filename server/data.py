@@ -307,10 +307,9 @@ def _histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
 
     counts = hist[:, 0].sum(axis=1)  # every token of a quadrant is in one hook_post bin
     n_tokens = int(db.meta["n_tokens"])
-    sel = part == 2
-    hi_null = np.ma.getmaskarray(raw["hi"])[sel]
-    bounds = sorted(zip(c["quadrant"][sel].tolist(), c["a"][sel].tolist(), c["lo"][sel].tolist(),
-                        [None if m else v for m, v in zip(hi_null.tolist(), c["hi"][sel].tolist())]))
+    iv = db.neuron_intervals(layer, neuron)
+    bounds = [(q, i, lo, None if np.isnan(hi) else hi) for q, i, lo, hi in
+              zip(iv["quadrant"].tolist(), iv["interval"].tolist(), iv["lo"].tolist(), iv["hi"].tolist())]
     post = HISTOGRAM_HOOKS.index("hook_post")
     magnitudes = _bin_magnitudes(edges)
     quadrants = []

@@ -53,36 +53,29 @@ FROM windows
 WHERE layer = $1 AND neuron = $2
 """
 
-# A neuron's random and interval examples (samples) and its intervals of |hook_post|, in one statement: samples
-# are part 0, intervals part 1. Their windows are in `windows`, which NEURON_EXAMPLES reads whole. hook_post is
-# act * x_in in float32 (both columns are FLOAT), as the recorder computes it.
+# A neuron's random and interval examples (samples). Their windows are in `windows`, which NEURON_EXAMPLES reads
+# whole, and the intervals their lists draw from are in memory (Database.neuron_intervals, from INTERVALS).
+# hook_post is act * x_in in float32 (both columns are FLOAT), as the recorder computes it.
 NEURON_SAMPLES = """
-SELECT 0::TINYINT AS part, quadrant, kind, interval, rank, text_id, position,
-       x_gate, x_in, act, (act * x_in)::FLOAT AS hook_post, NULL::FLOAT AS lo, NULL::FLOAT AS hi
+SELECT quadrant, kind, interval, rank, text_id, position, x_gate, x_in, act, (act * x_in)::FLOAT AS hook_post
 FROM samples
-WHERE layer = $1 AND neuron = $2
-UNION ALL
-SELECT 1::TINYINT, quadrant, NULL, interval, NULL, NULL, NULL, NULL, NULL, NULL, NULL, lo, hi
-FROM intervals
 WHERE layer = $1 AND neuron = $2
 """
 
-# A neuron's histograms (part 0: quadrant, hook, bin), its joint density (part 1: gate_bin as `a`, in_bin as
-# `b`) and its intervals (part 2: quadrant, interval as `a`, lo, hi): everything its distribution plots
-# show, in one lookup of three tables.
+# A neuron's histograms (part 0: quadrant, hook, bin) and its joint density (part 1: gate_bin as `a`, in_bin as
+# `b`): what its distribution plots show besides the intervals (in memory), in one lookup of two tables.
 NEURON_DISTRIBUTION = """
-SELECT 0::TINYINT AS part, quadrant, hook, bin AS a, NULL::SMALLINT AS b, count, NULL::FLOAT AS lo, NULL::FLOAT AS hi
+SELECT 0::TINYINT AS part, quadrant, hook, bin AS a, NULL::SMALLINT AS b, count
 FROM histograms
 WHERE layer = $1 AND neuron = $2
 UNION ALL
-SELECT 1::TINYINT, NULL, NULL, gate_bin, in_bin, count, NULL, NULL
+SELECT 1::TINYINT, NULL, NULL, gate_bin, in_bin, count
 FROM density
 WHERE layer = $1 AND neuron = $2
-UNION ALL
-SELECT 2::TINYINT, quadrant, NULL, interval, NULL, NULL, lo, hi
-FROM intervals
-WHERE layer = $1 AND neuron = $2
 """
+
+# Every neuron's intervals of |hook_post|, read once per process (Database.neuron_intervals).
+INTERVALS = "SELECT layer, neuron, quadrant, interval, lo, hi FROM intervals"
 
 # Statements each connection prepares once, by name (Database.prepared_columns).
 PREPARED = {"neuron_examples": NEURON_EXAMPLES, "neuron_samples": NEURON_SAMPLES,

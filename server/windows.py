@@ -17,7 +17,6 @@ from gluscope.server.db import Database
 EXAMPLE_COLUMNS = ("quadrant", "hook", "rank", "value", "text_id", "position")
 WINDOW_COLUMNS = ("text_id", "position", "window_start")
 SAMPLE_COLUMNS = ("quadrant", "kind", "interval", "rank", "text_id", "position", "x_gate", "x_in", "act", "hook_post")
-INTERVAL_COLUMNS = ("quadrant", "interval", "lo", "hi")
 
 
 @dataclass
@@ -31,7 +30,7 @@ class NeuronExamples:
     x_in: np.ndarray
     window_key: np.ndarray           # window_key(text_id, position) per window, ascending
     samples: dict[str, np.ndarray] | None = None    # SAMPLE_COLUMNS, read on the first random or interval list
-    intervals: dict[str, np.ndarray] | None = None  # INTERVAL_COLUMNS (hi NaN: unbounded), read with the samples
+    intervals: dict[str, np.ndarray] | None = None  # Database.neuron_intervals, taken with the samples
 
 
 def window_key(text_id: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -97,17 +96,11 @@ def window_values(x_gate_bits: np.ndarray, x_in_bits: np.ndarray, starts: np.nda
 
 
 def neuron_samples(db: Database, layer: int, neuron: int) -> NeuronExamples:
-    """The neuron's examples (neuron_examples) with its samples and intervals read too, once per cached neuron."""
+    """The neuron's examples (neuron_examples) with its samples read too (once per cached neuron) and its intervals."""
     found = neuron_examples(db, layer, neuron)
     if found.samples is None:
         raw = db.prepared_columns("neuron_samples", layer, neuron)
-        columns = {name: np.ma.getdata(column) for name, column in raw.items()}
-        is_sample = columns["part"] == 0
-        s = {name: columns[name][is_sample] for name in SAMPLE_COLUMNS}
+        s = {name: np.ma.getdata(raw[name]) for name in SAMPLE_COLUMNS}
         found.samples = _take(s, np.lexsort((s["rank"], s["interval"], s["kind"], s["quadrant"])))
-        hi = np.ma.filled(raw["hi"].astype(np.float64), np.nan) if np.ma.isMaskedArray(raw["hi"]) \
-            else raw["hi"].astype(np.float64)
-        i = {"quadrant": columns["quadrant"][~is_sample], "interval": columns["interval"][~is_sample],
-             "lo": columns["lo"][~is_sample].astype(np.float64), "hi": hi[~is_sample]}
-        found.intervals = _take(i, np.lexsort((i["interval"], i["quadrant"])))
+        found.intervals = db.neuron_intervals(layer, neuron)
     return found

@@ -100,6 +100,15 @@ def recorded_db(tmp_path_factory, tiny_llama, corpus_file) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def con(recorded_db):
+    """A read-only connection to recorded_db, for the tables a test checks the server against (a module may
+    define its own `con` over another file)."""
+    c = duckdb.connect(str(recorded_db), read_only=True)
+    yield c
+    c.close()
+
+
 @pytest.fixture(scope="session")
 def planted_script_text_id(recorded_db) -> int:
     """text_id of the corpus text holding the planted `<script>` token."""

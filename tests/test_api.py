@@ -23,13 +23,6 @@ from .conftest import corpus_texts
 
 
 @pytest.fixture(scope="module")
-def con(recorded_db):
-    c = duckdb.connect(str(recorded_db), read_only=True)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def meta(con):
     cur = con.execute("SELECT * FROM metadata")
     return dict(zip([d[0] for d in cur.description], cur.fetchone()))

@@ -9,7 +9,6 @@ import struct
 import xml.etree.ElementTree as ET
 import zlib
 
-import duckdb
 import numpy as np
 import pytest
 
@@ -20,13 +19,6 @@ from .conftest import PLANTED_SCRIPT
 HX = {"HX-Request": "true"}
 NEURONS = [(0, 0), (0, 17), (1, 42), (1, 95)]
 SVG = re.compile(r"<svg\b.*?</svg>", re.S)
-
-
-@pytest.fixture(scope="module")
-def con(recorded_db):
-    c = duckdb.connect(str(recorded_db), read_only=True)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
