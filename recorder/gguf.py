@@ -15,9 +15,10 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from gluscope.cache import cache_dir
 from gluscope.errors import UserError
@@ -96,22 +97,57 @@ def convert(path: str | Path, progress: Callable[[str], None] = print) -> Path:
     folder = cache_dir("gguf") / sha[:32]
     if (folder / SOURCE_FILE).is_file():
         return folder
-    quantization, architecture = _describe(path)
-    progress(f"converting {path.name} ({quantization}, {architecture}) to a Hugging Face folder in {folder} ...")
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _convert_into(path, tmp)
-        (tmp / SOURCE_FILE).write_text(json.dumps(
-            GGUFSource(path.name, sha, quantization, architecture).__dict__, indent=2) + "\n")
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / SOURCE_FILE).is_file():  # not a concurrent conversion that won the race
-                raise
-    finally:
+    with _memoized_gguf():
+        quantization, architecture = _describe(path)
+        progress(f"converting {path.name} ({quantization}, {architecture}) to a Hugging Face folder in {folder} ...")
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _convert_into(path, tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps(
+                GGUFSource(path.name, sha, quantization, architecture).__dict__, indent=2) + "\n")
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if not (folder / SOURCE_FILE).is_file():  # not a concurrent conversion that won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+@contextmanager
+def _memoized_gguf() -> Iterator[None]:
+    """While converting, gguf's file reader and tensor-name map are built once per distinct argument.
+
+    transformers' GGUF loader parses the whole file's metadata (the
+    tokenizer's vocabulary and merges among it) on each of its calls: the
+    header check here, the config, the weights and the tokenizer. It also
+    builds gguf's tensor-name map once per submodule of the model, hundreds of
+    times. Both are pure functions of their arguments and the file, which does
+    not change during a conversion, so most of the conversion's time was
+    spent redoing them.
+    """
+    import gguf
+
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
+    memo: dict[tuple, object] = {}
+
+    def memoized(name: str):
+        def build(*args, **kwargs):
+            key = (name, tuple(str(a) for a in args), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+            if key not in memo:
+                memo[key] = originals[name](*args, **kwargs)
+            return memo[key]
+        return build
+
+    try:
+        for name in originals:
+            setattr(gguf, name, memoized(name))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf, name, original)
 
 
 def _convert_into(path: Path, out: Path) -> None:

@@ -86,6 +86,26 @@ def test_the_conversion_is_cached_by_content(tiny_gguf, gguf_cache, tmp_path):
     assert not [p for p in first.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_the_memoized_conversion_writes_what_the_plain_one_does(tiny_gguf, gguf_cache, tmp_path, monkeypatch):
+    """convert() caches gguf's reader and name map while it runs: the same folder, byte for byte, and gguf's own
+    functions back in place afterwards."""
+    import contextlib
+
+    import gguf
+
+    from gluscope.recorder import gguf as converter
+
+    originals = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    monkeypatch.setenv("GLUSCOPE_CACHE", str(tmp_path / "memoized"))
+    memoized = converter.convert(tiny_gguf, progress=lambda _: None)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == originals
+    monkeypatch.setenv("GLUSCOPE_CACHE", str(tmp_path / "plain"))
+    monkeypatch.setattr(converter, "_memoized_gguf", contextlib.nullcontext)
+    plain = converter.convert(tiny_gguf, progress=lambda _: None)
+    assert memoized != plain
+    assert {p.name: p.read_bytes() for p in memoized.iterdir()} == {p.name: p.read_bytes() for p in plain.iterdir()}
+
+
 def test_a_quantized_gguf_records_and_says_its_quantization(tiny_llama, gguf_cache, corpus_file, tmp_path):
     q8 = write_llama_gguf(tiny_llama, tmp_path / "tiny.Q8_0.gguf", "Q8_0")
     out = tmp_path / "q8.duckdb"
