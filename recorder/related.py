@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gluscope.recorder.reduce_cpu import beaters_abs
+from gluscope.recorder.weight_tokens import rows_of_hits
 from gluscope.schema import RELATED_DIRECTIONS, RELATED_VIA
 
 RELATED_TOP = 16
@@ -54,15 +55,7 @@ def _merge_hits(scores: torch.Tensor, ids: torch.Tensor, at: torch.Tensor, value
     """Merge sparse candidates into running tops in place: row at[i] of scores / ids is offered (values[i], new_ids[i])."""
     if at.numel() == 0:
         return
-    order = torch.argsort(at, stable=True)
-    at, values, new_ids = at[order], values[order], new_ids[order]
-    rows, counts = torch.unique_consecutive(at, return_counts=True)
-    group = torch.repeat_interleave(torch.arange(rows.numel(), device=at.device), counts)
-    rank = torch.arange(at.numel(), device=at.device) - (torch.cumsum(counts, 0) - counts)[group]
-    width = int(counts.max())
-    padded = torch.full((rows.numel(), width), float("nan"), dtype=scores.dtype, device=at.device)
-    padded_ids = torch.full((rows.numel(), width), -1, dtype=torch.int64, device=at.device)
-    padded[group, rank], padded_ids[group, rank] = values, new_ids
+    rows, padded, padded_ids = rows_of_hits(at, values, new_ids, float("nan"))
     scores[rows], ids[rows] = _merge(scores[rows], ids[rows], padded, padded_ids, top)
 
 

@@ -61,6 +61,26 @@ def top_tokens(weight: torch.Tensor, matrix: torch.Tensor, top: int,
     return ids, scores
 
 
+def rows_of_hits(at: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
+                 fill: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse candidates for running tops, one row per top they are offered to: candidate i goes to top at[i].
+
+    Returns (tops, values [len(tops), width], ids [len(tops), width]): the distinct tops in increasing order
+    and their candidates in the order given, padded with `fill` (ids -1), ready to be merged by a topk along
+    rows. Shared by TokenNeurons and related.related_neurons.
+    """
+    order = torch.argsort(at, stable=True)
+    at, values, ids = at[order], values[order], ids[order]
+    tops, counts = torch.unique_consecutive(at, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(tops.numel(), device=at.device), counts)
+    rank = torch.arange(at.numel(), device=at.device) - (torch.cumsum(counts, 0) - counts)[group]
+    width = int(counts.max())
+    padded = torch.full((tops.numel(), width), fill, dtype=values.dtype, device=at.device)
+    padded_ids = torch.full((tops.numel(), width), -1, dtype=torch.int64, device=at.device)
+    padded[group, rank], padded_ids[group, rank] = values, ids
+    return tops, padded, padded_ids
+
+
 TOKEN_NEURONS = 32  # neurons kept per token and kind (schema.sql, token_neurons)
 
 
@@ -121,17 +141,8 @@ class TokenNeurons:
         if row.numel() == 0:
             return
         positive = bool(self.sign[side] > 0)
-        order = torch.argsort(token, stable=True)
-        row, token = row[order], token[order]
-        tokens, counts = torch.unique_consecutive(token, return_counts=True)
-        group = torch.repeat_interleave(torch.arange(tokens.numel(), device=token.device), counts)
-        rank = torch.arange(token.numel(), device=token.device) - (torch.cumsum(counts, 0) - counts)[group]
-        width = int(counts.max())
-        scores = torch.full((tokens.numel(), width), -torch.inf, dtype=self.scores.dtype, device=token.device)
-        ids = torch.full((tokens.numel(), width), -1, dtype=torch.int64, device=token.device)
         value = product[row, token].to(self.scores.dtype)
-        scores[group, rank] = value if positive else -value
-        ids[group, rank] = row + first_id
+        tokens, scores, ids = rows_of_hits(token, value if positive else -value, row + first_id, -torch.inf)
         keep = torch.cat([self.scores[side][tokens], scores], dim=1).topk(self.top, dim=1)
         self.ids[side][tokens] = torch.cat([self.ids[side][tokens], ids], dim=1).gather(1, keep.indices)
         self.scores[side][tokens] = keep.values
