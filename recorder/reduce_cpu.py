@@ -291,7 +291,6 @@ def _contiguous_f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-
 def beaters(product: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Flat indices (row-major) of the entries of a CPU float32 [R, C] product above hi[c], and of those below lo[c].
 

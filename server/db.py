@@ -193,15 +193,19 @@ class Database:
             self.con.execute(queries.TEMP_TABLES[name])
             self._prepared.add(name)
 
+    def load_intervals(self) -> None:
+        """Read the intervals table for neuron_intervals, once per process (readers do it as they start)."""
+        if self._intervals is None:
+            self._intervals = _load_intervals(self.con, self.n_layers, self.d_mlp)
+
     def neuron_intervals(self, layer: int, neuron: int) -> dict[str, np.ndarray]:
         """The neuron's rows of `intervals`: quadrant, interval, lo, hi (float64, NaN where unbounded), by (quadrant, interval).
 
-        The whole table is read on a process's first call and kept as two [layers, neurons, quadrants,
+        The whole table is read once per process (load_intervals) and kept as two [layers, neurons, quadrants,
         intervals] float32 arrays (45 MB for OLMo-7B), so that a neuron's histograms and its sampled lists
         each need one lookup of the file fewer: a point lookup costs about as much as the rows it finds.
         """
-        if self._intervals is None:
-            self._intervals = _load_intervals(self.con, self.n_layers, self.d_mlp)
+        self.load_intervals()
         lo, hi = (a[layer, neuron] for a in self._intervals)
         q, i = np.nonzero(~np.isnan(lo))
         return {"quadrant": q.astype(np.int8), "interval": i.astype(np.int8),

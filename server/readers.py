@@ -33,6 +33,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
+import duckdb
+
 from gluscope.server.db import Database, open_databases
 from gluscope.server.errors import ParameterError
 from gluscope.server.render import token_spans
@@ -67,6 +69,10 @@ def _open(paths: list[str]) -> None:
     for db in _registry.values():
         token_spans(db.vocab)  # built once here, not on a user's first fragment
         db.temp_table("neuron_facts")  # and the filter's table (queries.NEURON_FACTS), not on its first request
+        try:
+            db.load_intervals()  # and every neuron's interval bounds (Database.neuron_intervals)
+        except duckdb.Error:
+            pass  # a damaged table: the views that need it answer 503 (views.run_view), as for any other table
     freeze_startup_objects()
 
 
