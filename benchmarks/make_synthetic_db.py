@@ -215,7 +215,7 @@ def make_distributions(counts: np.ndarray, lengths: np.ndarray, window_before: i
     """Histograms, density, interval bounds and samples shaped like a real recording's (rules.py's bins).
 
     Per (neuron, quadrant, hook) the values span about 14 octaves around a random centre, as hooked
-    activations over millions of tokens do, so about 29 'value' bins and 15 x 15 'density' cells per quadrant
+    activations over millions of tokens do, so about 29 'value' bins and 9 x 9 'density' cells per quadrant
     hold a count; every filled quadrant has all 24 samples.
     """
     n = counts.shape[1]
@@ -231,12 +231,15 @@ def make_distributions(counts: np.ndarray, lengths: np.ndarray, window_before: i
     idx = np.indices(signed.shape)
     np.add.at(hist, (idx[0], idx[1], idx[2], signed), spread)
 
+    # The same spread in octaves as the histograms (about 15 around a centre), on the density's wider bins.
     density = np.zeros((n, 2 * mid_d, 2 * mid_d), np.int64)
-    off_d = np.arange(-7, 8)
-    gate_c, in_c = rng.integers(6, 16, (n, 4)), rng.integers(6, 16, (n, 4))
-    g_w = _bump((n, 4), off_d, 2.5, per_q)                                     # [n, 4, 15]
-    cells = np.floor(g_w[..., :, None] * _bump((n, 4), off_d, 2.5, np.full((n, 4), 10 ** 6))[..., None, :]
-                     / 10 ** 6).astype(np.int64)                               # [n, 4, 15, 15]
+    per_bin = rules.DENSITY_OCTAVES_PER_BIN
+    reach = -(-7 // per_bin)  # ceil(7 / per_bin) bins each side of the centre
+    off_d = np.arange(-reach, reach + 1)
+    gate_c, in_c = rng.integers(6 // per_bin, 16 // per_bin, (n, 4)), rng.integers(6 // per_bin, 16 // per_bin, (n, 4))
+    g_w = _bump((n, 4), off_d, 2.5 / per_bin, per_q)                            # [n, 4, cells per axis]
+    cells = np.floor(g_w[..., :, None] * _bump((n, 4), off_d, 2.5 / per_bin, np.full((n, 4), 10 ** 6))[..., None, :]
+                     / 10 ** 6).astype(np.int64)                               # [n, 4, per axis, per axis]
     g_sign, i_sign = SIGNS[:, 0], SIGNS[:, 1]
     gm = np.clip(gate_c[..., None] + off_d, 0, mid_d - 1)
     im = np.clip(in_c[..., None] + off_d, 0, mid_d - 1)

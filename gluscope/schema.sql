@@ -180,9 +180,10 @@ CREATE TABLE windows (
 -- corpus's shards add up. Within a quadrant every value has one sign, so the
 -- bins are log-spaced in |value|, mirrored around 0. 'value': two per octave
 -- (edges 2^e and 1.5 * 2^e, read off a float32's exponent and top mantissa
--- bit) from 2^-16 to 2^12; 'density': one per octave from 2^-12 to 2^8. The
--- bins next to 0 are [-2^-16, 0) and [0, 2^-16) (resp. 2^-12); the outermost
--- are open. Bin `bin` holds lo <= v < hi; NULL is an unbounded end.
+-- bit) from 2^-16 to 2^12; 'density': one per two octaves, edges 2^-12,
+-- 2^-10, ... 2^8. The bins next to 0 are [-2^-16, 0) and [0, 2^-16) (resp.
+-- 2^-12); the outermost are open. Bin `bin` holds lo <= v < hi; NULL is an
+-- unbounded end.
 CREATE TABLE histogram_bins (
     axis VARCHAR  NOT NULL,  -- 'value' or 'density'
     bin  SMALLINT NOT NULL,  -- 0 .. in increasing order of value
@@ -191,29 +192,34 @@ CREATE TABLE histogram_bins (
 );
 
 -- Per neuron, quadrant and hook (hook_post, hook_pre_linear, hook_pre; no
--- `act`): how many of the quadrant's tokens fall in each 'value' bin. Only
--- bins with a count are stored; a quadrant's counts sum to its count in
--- `neurons`. Within a quadrant every value has the quadrant's sign, except
--- that a hook_post which underflowed to 0 (act(x_gate) = 0 far below zero,
--- as GELU gives) counts in the bin [0, 2^-16) whatever the quadrant.
+-- `act`): how many of the quadrant's tokens fall in each 'value' bin, as one
+-- list: counts[i] (1-based) is the count of bin first_bin + i - 1, from the
+-- first bin with a count to the last (zeros between them are kept); a list
+-- that would be empty is not stored. Rows of (bin, count):
+--   SELECT first_bin + generate_subscripts(counts, 1) - 1 AS bin, unnest(counts) AS count
+-- A quadrant's counts sum to its count in `neurons`. Within a quadrant every
+-- value has the quadrant's sign, except that a hook_post which underflowed to
+-- 0 (act(x_gate) = 0 far below zero, as GELU gives) counts in the bin
+-- [0, 2^-16) whatever the quadrant.
 CREATE TABLE histograms (
-    layer    SMALLINT NOT NULL,
-    neuron   INTEGER  NOT NULL,
-    quadrant TINYINT  NOT NULL,
-    hook     TINYINT  NOT NULL,
-    bin      SMALLINT NOT NULL,
-    count    BIGINT   NOT NULL  -- > 0
+    layer     SMALLINT NOT NULL,
+    neuron    INTEGER  NOT NULL,
+    quadrant  TINYINT  NOT NULL,
+    hook      TINYINT  NOT NULL,
+    first_bin SMALLINT NOT NULL,
+    counts    BIGINT[] NOT NULL  -- first and last > 0
 );
 
 -- The joint distribution of (x_gate, x_in) per neuron over the counted
 -- tokens (those in a quadrant), on the 'density' bins of each axis; x_in
--- after the weight convention. Only non-empty cells are stored.
+-- after the weight convention. One row per gate_bin with a count: counts[i]
+-- is the cell (gate_bin, first_in_bin + i - 1), as in `histograms`.
 CREATE TABLE density (
-    layer    SMALLINT NOT NULL,
-    neuron   INTEGER  NOT NULL,
-    gate_bin SMALLINT NOT NULL,
-    in_bin   SMALLINT NOT NULL,
-    count    BIGINT   NOT NULL  -- > 0
+    layer        SMALLINT NOT NULL,
+    neuron       INTEGER  NOT NULL,
+    gate_bin     SMALLINT NOT NULL,
+    first_in_bin SMALLINT NOT NULL,
+    counts       BIGINT[] NOT NULL  -- first and last > 0
 );
 
 -- Per neuron and quadrant, intervals of |hook_post| from typical to extreme:
@@ -237,7 +243,7 @@ CREATE TABLE intervals (
 
 -- Examples drawn at random, per neuron and quadrant (not per hook). Every
 -- (neuron, token) has a 31-bit hash of (sample_seed, layer, neuron,
--- text_id, position) (recorder/rules.py):
+-- text_id, position) (recorder/rules.py; not stored: it follows from the key):
 --   token_hash = fmix32(fmix32(seed ^ text_id) ^ position)
 --   salt       = fmix32(fmix32(seed ^ layer) ^ neuron)
 --   hash       = (((token_hash ^ salt) * 0x9E3779B1) mod 2^32) >> 1
@@ -255,7 +261,6 @@ CREATE TABLE samples (
     kind     TINYINT  NOT NULL,  -- 0 random, 1 interval
     interval TINYINT  NOT NULL,  -- kind 1: the interval; kind 0: 0
     rank     TINYINT  NOT NULL,  -- 0 = smallest hash
-    hash     INTEGER  NOT NULL,
     text_id  INTEGER  NOT NULL,
     position SMALLINT NOT NULL,
     x_gate   FLOAT    NOT NULL,  -- the token's values; hook_post = act * x_in

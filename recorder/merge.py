@@ -22,7 +22,8 @@ result equal a single run's:
 - histograms and density counts add up; the interval bounds come from the
   same calibration batches in every shard (checked equal) and are taken from
   the first; sampled examples are re-selected by the recorder's own order
-  (hash, then text_id, then position) with `QUALIFY`, as a shard's list
+  (hash, recomputed by rules.hash_of as the file stores none, then text_id,
+  then position) with `QUALIFY`, as a shard's list
   holds every one of its texts that can be in the single run's list; a
   token that stays only a sample gets a sample's shorter window.
 """
@@ -34,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
 
 from gluscope.errors import UserError
 from gluscope.recorder import rules
@@ -112,6 +116,7 @@ def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
             con.execute(f"ATTACH '{_quote(path)}' AS shard{i} (READ_ONLY)")
         writer.write_metadata(meta)
         _check_intervals(con, paths)
+        _register_sample_hash(con, int(meta["sample_seed"]))
         for statement in _statements(len(paths), int(meta["k"]), int(meta["n_random"]), int(meta["n_per_interval"])):
             con.execute(statement)
         writer.write_example_tokens()  # last: it reads the merged examples, samples and texts
@@ -120,11 +125,37 @@ def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _sum_runs(table: str, keys: str, first: str, shards: str) -> str:
+    """The shards' count lists (schema.sql's histograms, density) added bin by bin, as dense lists again: one
+    shard's range may end before another's starts, so the bins between get zeros."""
+    return f"""INSERT INTO {table}
+        WITH cells AS (
+            SELECT {keys}, bin, sum(count) AS count
+            FROM (SELECT {keys}, {first} + generate_subscripts(counts, 1) - 1 AS bin, unnest(counts) AS count
+                  FROM ({shards}))
+            GROUP BY ALL),
+        spans AS (SELECT {keys}, lo, unnest(range(lo, hi + 1)) AS bin
+                  FROM (SELECT {keys}, min(bin) AS lo, max(bin) AS hi FROM cells GROUP BY ALL))
+        SELECT {keys}, lo::SMALLINT, list(coalesce(c.count, 0) ORDER BY s.bin)
+        FROM spans s LEFT JOIN cells c USING ({keys}, bin)
+        GROUP BY ALL ORDER BY {keys}"""
+
+
+def _register_sample_hash(con: duckdb.DuckDBPyConnection, seed: int) -> None:
+    """sample_hash(layer, neuron, text_id, position) in SQL: rules.hash_of, the hash the shards ranked by."""
+    def sample_hash(layer: pa.Array, neuron: pa.Array, text_id: pa.Array, position: pa.Array) -> pa.Array:
+        as_tensor = lambda c: torch.from_numpy(c.to_numpy(zero_copy_only=False).astype(np.int64))  # noqa: E731
+        return pa.array(rules.hash_of(seed, *map(as_tensor, (layer, neuron, text_id, position))).numpy())
+
+    bigint = duckdb.sqltype("BIGINT")
+    con.create_function("sample_hash", sample_hash, [bigint] * 4, bigint, type="arrow")
+
+
 def _check_intervals(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> None:
     for i in range(1, len(paths)):
         differ = con.execute(f"""SELECT count(*) FROM (
             (SELECT * FROM shard0.intervals EXCEPT ALL SELECT * FROM shard{i}.intervals)
-            UNION ALL (SELECT * FROM shard{i}.intervals EXCEPT ALL SELECT * FROM shard0.intervals))""").fetchone()[0]
+            UNION ALL (SELECT * FROM shard{i}.intervals EXCEPT ALL SELECT * FROM shard0.intervals))""").fetchall()[0][0]
         if differ:
             raise UserError(f"{paths[i]} and {paths[0]} are not shards of one run: {differ} rows of their "
                             f"interval bounds differ")
@@ -162,10 +193,11 @@ def _statements(n: int, k: int, n_random: int, n_per_interval: int) -> list[str]
             QUALIFY row_number() OVER w <= {k}
             ORDER BY layer, neuron, quadrant, hook, rank""",
         f"""INSERT INTO samples
-            SELECT layer, neuron, quadrant, kind, interval, (row_number() OVER w - 1) AS rank, hash, text_id,
+            SELECT layer, neuron, quadrant, kind, interval, (row_number() OVER w - 1) AS rank, text_id,
                    position, x_gate, x_in, act
             FROM ({union('samples')})
-            WINDOW w AS (PARTITION BY layer, neuron, quadrant, kind, interval ORDER BY hash, text_id, position)
+            WINDOW w AS (PARTITION BY layer, neuron, quadrant, kind, interval
+                         ORDER BY sample_hash(layer, neuron, text_id, position), text_id, position)
             QUALIFY row_number() OVER w <= CASE kind WHEN 0 THEN {n_random} ELSE {n_per_interval} END
             ORDER BY layer, neuron, quadrant, kind, interval, rank""",
         # A shard's window of a token that is a sample but no longer a top example is a top example's full
@@ -185,12 +217,8 @@ def _statements(n: int, k: int, n_random: int, n_per_interval: int) -> list[str]
                         GROUP BY ALL) e USING (layer, neuron, text_id, position))
             ORDER BY layer, neuron, text_id, position""",
         "INSERT INTO histogram_bins SELECT * FROM shard0.histogram_bins ORDER BY axis DESC, bin",
-        f"""INSERT INTO histograms
-            SELECT layer, neuron, quadrant, hook, bin, sum(count) FROM ({union('histograms')})
-            GROUP BY ALL ORDER BY layer, neuron, quadrant, hook, bin""",
-        f"""INSERT INTO density
-            SELECT layer, neuron, gate_bin, in_bin, sum(count) FROM ({union('density')})
-            GROUP BY ALL ORDER BY layer, neuron, gate_bin, in_bin""",
+        _sum_runs("histograms", "layer, neuron, quadrant, hook", "first_bin", union("histograms")),
+        _sum_runs("density", "layer, neuron, gate_bin", "first_in_bin", union("density")),
         "INSERT INTO intervals SELECT * FROM shard0.intervals ORDER BY layer, neuron, quadrant, interval",
         "INSERT INTO weight_tokens SELECT * FROM shard0.weight_tokens ORDER BY layer, neuron, kind, rank",
         "INSERT INTO token_neurons SELECT * FROM shard0.token_neurons ORDER BY token_id, kind, rank",

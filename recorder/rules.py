@@ -84,15 +84,20 @@ def window_bounds(position, length, before: int, after: int):
 # Histogram bins of schema.sql's `histogram_bins`, read off a float32's bits u (sign bit clear). 'value': two per
 # octave, edges 2^e and 1.5 * 2^e: (u >> 22) is 2 * exponent + the top mantissa bit, so magnitude bin
 # clamp((u >> 22) - VALUE_SHIFT, 0, VALUE_MAG_BINS - 1) holds [0, 2^-16), [2^-16, 1.5 * 2^-16), ... [2^12, inf).
-# 'density': one per octave, clamp((u >> 23) - DENSITY_SHIFT, 0, DENSITY_MAG_BINS - 1): [0, 2^-12) ... [2^8, inf).
+# 'density': one per two octaves, edges 2^-12, 2^-10, ... 2^8: clamp(((u >> 23) - DENSITY_SHIFT) >> 1, 0,
+# DENSITY_MAG_BINS - 1) holds [0, 2^-12), [2^-12, 2^-10), ... [2^8, inf). Two octaves, not one: a 7B-shaped
+# neuron's values span about 15 octaves on each axis, so per-octave cells were a quarter of the whole file
+# (benchmarks/make_synthetic_db.py); the 1-D histograms keep two bins per octave for the detail.
 # A signed bin (the stored `bin`, increasing in v): v >= 0 (also -0.0) is MAG_BINS + magbin(bits(v)); v < 0 is
 # MAG_BINS - 1 - magbin(bits(-v) - 1), the predecessor float, so that bin i holds lo <= v < hi for negative v too.
 VALUE_LOW_EXP, VALUE_HIGH_EXP = -16, 12
 DENSITY_LOW_EXP, DENSITY_HIGH_EXP = -12, 8
 VALUE_MAG_BINS = 2 * (VALUE_HIGH_EXP - VALUE_LOW_EXP) + 2      # 58
-DENSITY_MAG_BINS = (DENSITY_HIGH_EXP - DENSITY_LOW_EXP) + 2    # 22
+DENSITY_OCTAVES_PER_BIN = 2
+DENSITY_MAG_BINS = (DENSITY_HIGH_EXP - DENSITY_LOW_EXP) // DENSITY_OCTAVES_PER_BIN + 2   # 12
 VALUE_SHIFT = 2 * (127 + VALUE_LOW_EXP) - 1                    # 221
-DENSITY_SHIFT = (127 + DENSITY_LOW_EXP) - 1                    # 114
+DENSITY_SHIFT = (127 + DENSITY_LOW_EXP) - DENSITY_OCTAVES_PER_BIN  # 113
+DENSITY_GROUP_SHIFT = DENSITY_OCTAVES_PER_BIN.bit_length() - 1  # log2: the kernel's shift
 VALUE_BINS, DENSITY_BINS = 2 * VALUE_MAG_BINS, 2 * DENSITY_MAG_BINS
 # Hooks with a histogram, in schema.HISTOGRAM_HOOKS order (the codes of `hooks`).
 HIST_HOOKS: tuple[int, ...] = tuple(HOOKS.index(name) for name in HISTOGRAM_HOOKS)
@@ -109,7 +114,7 @@ def value_magnitude_edges() -> np.ndarray:
 
 
 def density_magnitude_edges() -> np.ndarray:
-    return np.ldexp(1.0, np.arange(DENSITY_LOW_EXP, DENSITY_HIGH_EXP + 1))
+    return np.ldexp(1.0, np.arange(DENSITY_LOW_EXP, DENSITY_HIGH_EXP + 1, DENSITY_OCTAVES_PER_BIN))
 
 
 def signed_bin_edges(magnitude_edges: np.ndarray) -> list[tuple[float | None, float | None]]:
@@ -123,11 +128,11 @@ def _bits(v: torch.Tensor) -> torch.Tensor:
     return v.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
 
 
-def _signed_bin(v: torch.Tensor, shift: int, octave_shift: int, mag_bins: int) -> torch.Tensor:
+def _signed_bin(v: torch.Tensor, shift: int, octave_shift: int, mag_bins: int, group_shift: int = 0) -> torch.Tensor:
     u = _bits(v)
     pred = (u - 1).clamp(min=0)  # only used where v < 0, where u >= 1
-    mag = ((u >> octave_shift) - shift).clamp(0, mag_bins - 1)
-    mag_pred = ((pred >> octave_shift) - shift).clamp(0, mag_bins - 1)
+    mag = (((u >> octave_shift) - shift) >> group_shift).clamp(0, mag_bins - 1)
+    mag_pred = (((pred >> octave_shift) - shift) >> group_shift).clamp(0, mag_bins - 1)
     return torch.where(v >= 0, mag_bins + mag, mag_bins - 1 - mag_pred)
 
 
@@ -137,8 +142,8 @@ def value_bin(v: torch.Tensor) -> torch.Tensor:
 
 
 def density_bin(v: torch.Tensor) -> torch.Tensor:
-    """Signed 'density' bin (0 .. 43) of float32 values, as int64."""
-    return _signed_bin(v, DENSITY_SHIFT, 23, DENSITY_MAG_BINS)
+    """Signed 'density' bin (0 .. 23) of float32 values, as int64."""
+    return _signed_bin(v, DENSITY_SHIFT, 23, DENSITY_MAG_BINS, DENSITY_GROUP_SHIFT)
 
 
 def value_magnitude_bin(m: torch.Tensor) -> torch.Tensor:
@@ -198,6 +203,15 @@ def sample_hash(token_hash_: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
     return _mul32(token_hash_.unsqueeze(-1) ^ salt, GOLDEN) >> 1
 
 
+def hash_of(seed: int, layer: torch.Tensor, neuron: torch.Tensor, text_id: torch.Tensor,
+            position: torch.Tensor) -> torch.Tensor:
+    """The same 31-bit hashes, one per row of equal-shaped int64 tensors: what merge ranks samples by
+    (`samples` stores no hash; this recomputes it)."""
+    token = fmix32(fmix32((text_id & MASK32) ^ (seed & MASK32)) ^ position)
+    salt = fmix32(fmix32(((layer & MASK32) ^ (seed & MASK32))) ^ neuron)
+    return _mul32(token ^ salt, GOLDEN) >> 1
+
+
 # Intervals of |hook_post| per (neuron, quadrant): [0, b1), [b1, b2), [b2, b3), [b3, inf). The calibration
 # histograms |hook_post| of the run's first CALIBRATION_BATCHES batches per (neuron, quadrant) on the 'value'
 # magnitude bins; b_i is the smallest inner edge E (value_magnitude_edges) with (count of tokens with |post| < E)
@@ -250,6 +264,7 @@ def c_header() -> str:
         f"constexpr int VALUE_SHIFT = {VALUE_SHIFT};",
         f"constexpr int DENSITY_MAG_BINS = {DENSITY_MAG_BINS};",
         f"constexpr int DENSITY_SHIFT = {DENSITY_SHIFT};",
+        f"constexpr int DENSITY_GROUP_SHIFT = {DENSITY_GROUP_SHIFT};",
         f"constexpr int N_HIST_HOOKS = {N_HIST_HOOKS};",
         f"constexpr int HIST_HOOK[N_HIST_HOOKS] = {{{', '.join(map(str, HIST_HOOKS))}}};",
         f"constexpr int HIST_SLOTS = {HIST_SLOTS};",

@@ -44,7 +44,7 @@ class LayerStatistics:
     # Distributions (neuron-major). S = rules.SAMPLE_SLOTS per quadrant: N_RANDOM random, then N_PER_INTERVAL
     # per interval, each list ranked from the smallest hash.
     histograms: np.ndarray     # [n, 4, 3, 116] int64 by 'value' bin; hooks as schema.HISTOGRAM_HOOKS
-    density: np.ndarray        # [n, 44, 44] int64 by 'density' bin of (x_gate, x_in)
+    density: np.ndarray        # [n, 24, 24] int64 by 'density' bin of (x_gate, x_in)
     bounds: np.ndarray         # [n, 4, 3] float32 b1 < b2 < b3 of |hook_post|
     sample_hash: np.ndarray    # [n, 4, S] int64, -1 with sample_text where a slot is empty
     sample_text: np.ndarray    # [n, 4, S] int32
@@ -90,6 +90,22 @@ def _sample_windows(r: LayerStatistics) -> tuple[np.ndarray, ...]:
     def cut(a: np.ndarray) -> np.ndarray:
         return np.where(inside, np.take_along_axis(a, slot, -1), 0).astype(a.dtype)
     return new_start, np.maximum(new_stop - new_start, 0), cut(r.sample_window_gate), cut(r.sample_window_in)
+
+
+def dense_runs(counts: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray, pa.ListArray]:
+    """Each row of counts' last axis that has a count, as (index of the row, first non-zero bin, the counts from
+    there to the last non-zero bin, zeros inside kept): how schema.sql's histograms and density store them."""
+    rows = counts.reshape(-1, counts.shape[-1])
+    nonzero = rows != 0
+    has = np.flatnonzero(nonzero.any(1))
+    nonzero = nonzero[has]
+    width = rows.shape[1]
+    first = nonzero.argmax(1)
+    stop = width - nonzero[:, ::-1].argmax(1)
+    inside = (np.arange(width) >= first[:, None]) & (np.arange(width) < stop[:, None])
+    offsets = np.concatenate([[0], np.cumsum(stop - first)]).astype(np.int32)
+    values = pa.array(rows[has][inside].astype(np.int64))
+    return np.unravel_index(has, counts.shape[:-1]), first, pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 BLOCK_SIZE = 65536
@@ -292,22 +308,22 @@ class DatabaseWriter:
     def _write_distributions(self, layer: int, r: LayerStatistics) -> None:
         """histograms, density, intervals and samples: only non-zero counts and filled slots."""
         n = r.histograms.shape[0]
-        nz = np.nonzero(r.histograms)  # C order: by (neuron, quadrant, hook, bin)
+        keys, first, counts = dense_runs(r.histograms)  # keys: (neuron, quadrant, hook index)
         self._insert("histograms", pa.table({
-            "layer": pa.array(np.full(len(nz[0]), layer, np.int16)),
-            "neuron": pa.array(nz[0].astype(np.int32)),
-            "quadrant": pa.array(nz[1].astype(np.int8)),
-            "hook": pa.array(np.array(rules.HIST_HOOKS, np.int8)[nz[2]]),
-            "bin": pa.array(nz[3].astype(np.int16)),
-            "count": pa.array(r.histograms[nz].astype(np.int64)),
+            "layer": pa.array(np.full(len(first), layer, np.int16)),
+            "neuron": pa.array(keys[0].astype(np.int32)),
+            "quadrant": pa.array(keys[1].astype(np.int8)),
+            "hook": pa.array(np.array(rules.HIST_HOOKS, np.int8)[keys[2]]),
+            "first_bin": pa.array(first.astype(np.int16)),
+            "counts": counts,
         }))
-        nz = np.nonzero(r.density)
+        keys, first, counts = dense_runs(r.density)  # keys: (neuron, gate_bin)
         self._insert("density", pa.table({
-            "layer": pa.array(np.full(len(nz[0]), layer, np.int16)),
-            "neuron": pa.array(nz[0].astype(np.int32)),
-            "gate_bin": pa.array(nz[1].astype(np.int16)),
-            "in_bin": pa.array(nz[2].astype(np.int16)),
-            "count": pa.array(r.density[nz].astype(np.int64)),
+            "layer": pa.array(np.full(len(first), layer, np.int16)),
+            "neuron": pa.array(keys[0].astype(np.int32)),
+            "gate_bin": pa.array(keys[1].astype(np.int16)),
+            "first_in_bin": pa.array(first.astype(np.int16)),
+            "counts": counts,
         }))
         b = r.bounds.astype(np.float32)
         lo = np.concatenate([np.zeros((n, N_Q, 1), np.float32), b], -1).reshape(-1)
@@ -334,7 +350,6 @@ class DatabaseWriter:
             "kind": pa.array(is_interval.astype(np.int8)),
             "interval": pa.array(np.where(is_interval, within // rules.N_PER_INTERVAL, 0).astype(np.int8)),
             "rank": pa.array(np.where(is_interval, within % rules.N_PER_INTERVAL, slot).astype(np.int8)),
-            "hash": pa.array(r.sample_hash.reshape(-1)[keep].astype(np.int32)),
             "text_id": pa.array(text[keep].astype(np.int32)),
             "position": pa.array(r.sample_pos.reshape(-1)[keep].astype(np.int16)),
             "x_gate": pa.array(r.sample_gate.reshape(-1)[keep].astype(np.float32)),

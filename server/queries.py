@@ -63,13 +63,16 @@ WHERE layer = $1 AND neuron = $2
 """
 
 # A neuron's histograms (part 0: quadrant, hook, bin) and its joint density (part 1: gate_bin as `a`, in_bin as
-# `b`): what its distribution plots show besides the intervals (in memory), in one lookup of two tables.
+# `b`), one row per bin of the stored count lists (zeros too): what its distribution plots show besides the
+# intervals (in memory), in one lookup of two tables.
 NEURON_DISTRIBUTION = """
-SELECT 0::TINYINT AS part, quadrant, hook, bin AS a, NULL::SMALLINT AS b, count
+SELECT 0::TINYINT AS part, quadrant, hook, (first_bin + generate_subscripts(counts, 1) - 1)::SMALLINT AS a,
+       NULL::SMALLINT AS b, unnest(counts) AS count
 FROM histograms
 WHERE layer = $1 AND neuron = $2
 UNION ALL
-SELECT 1::TINYINT, NULL, NULL, gate_bin, in_bin, count
+SELECT 1::TINYINT, NULL, NULL, gate_bin, (first_in_bin + generate_subscripts(counts, 1) - 1)::SMALLINT,
+       unnest(counts)
 FROM density
 WHERE layer = $1 AND neuron = $2
 """
@@ -228,7 +231,8 @@ def neuron_value_stats(n: int) -> str:
 def neurons_histogram(n: int) -> str:
     """One (quadrant $quadrant, hook $hook) histogram of each of n neurons ($layer_0, $neuron_0 ..), as
     (i, bin, count) rows, one lookup per neuron."""
-    return "\nUNION ALL\n".join(f"SELECT {i} AS i, bin, count FROM histograms WHERE layer = $layer_{i} AND "
+    return "\nUNION ALL\n".join(f"SELECT {i} AS i, first_bin + generate_subscripts(counts, 1) - 1 AS bin, "
+                                 f"unnest(counts) AS count FROM histograms WHERE layer = $layer_{i} AND "
                                  f"neuron = $neuron_{i} AND quadrant = $quadrant AND hook = $hook"
                                  for i in range(n))
 

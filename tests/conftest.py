@@ -18,6 +18,12 @@ from gluscope.schema import HOOKS, QUADRANT_SLUGS
 
 PLANTED_SCRIPT = "<script>alert(1)</script>"
 
+# schema.sql's count lists as rows of (bin, count), the way its comment reads them; zeros between counts kept.
+HISTOGRAM_CELLS = ("(SELECT layer, neuron, quadrant, hook, first_bin + generate_subscripts(counts, 1) - 1 AS bin, "
+                   "unnest(counts) AS count FROM histograms)")
+DENSITY_CELLS = ("(SELECT layer, neuron, gate_bin, first_in_bin + generate_subscripts(counts, 1) - 1 AS in_bin, "
+                 "unnest(counts) AS count FROM density)")
+
 PROSE = [
     "The quick brown fox jumps over the lazy dog, and then it jumps over the dog again.",
     "Once again the committee met on Monday; once again nothing was decided.",

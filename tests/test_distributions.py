@@ -14,7 +14,7 @@ import pytest
 
 from gluscope.schema import HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS
 
-from .conftest import PLANTED_SCRIPT
+from .conftest import DENSITY_CELLS, HISTOGRAM_CELLS, PLANTED_SCRIPT
 
 HX = {"HX-Request": "true"}
 NEURONS = [(0, 0), (0, 17), (1, 42), (1, 95)]
@@ -33,11 +33,21 @@ def edges_of(con, axis: str) -> list[float | None]:
 
 
 def test_the_bins_are_the_documented_ones(con):
-    """schema.sql: 116 'value' bins, two per octave of |v| from 2^-16 to 2^12, and 44 'density' bins, one per
-    octave from 2^-12 to 2^8, mirrored around 0, open at both ends."""
-    for axis, (lo, hi, per) in {"value": (-16, 12, 2), "density": (-12, 8, 1)}.items():
-        positive = [0.0] + [m * 2.0 ** e for e in range(lo, hi) for m in (1.0, 1.5)[:per]] + [2.0 ** hi]
+    """schema.sql: 116 'value' bins, two per octave of |v| from 2^-16 to 2^12, and 24 'density' bins, one per
+    two octaves from 2^-12 to 2^8, mirrored around 0, open at both ends."""
+    value = [m * 2.0 ** e for e in range(-16, 12) for m in (1.0, 1.5)] + [2.0 ** 12]
+    density = [2.0 ** e for e in range(-12, 9, 2)]
+    for axis, magnitudes in {"value": value, "density": density}.items():
+        positive = [0.0] + magnitudes
         assert edges_of(con, axis) == [None, *(-v for v in reversed(positive[1:])), *positive, None]
+
+
+def test_the_count_lists_run_from_a_count_to_a_count(con):
+    """schema.sql: a list of histograms or density starts and ends with a count > 0; none is empty."""
+    for table in ("histograms", "density"):
+        n, bad = con.execute(f"SELECT count(*), count(*) FILTER (WHERE len(counts) = 0 OR counts[1] <= 0 "
+                             f"OR counts[-1] <= 0 OR list_min(counts) < 0) FROM {table}").fetchall()[0]
+        assert n > 0 and bad == 0, table
 
 
 @pytest.mark.parametrize("layer,neuron", NEURONS)
@@ -51,7 +61,7 @@ def test_histograms_equal_the_tables(client, con, model_id, n_tokens, layer, neu
     assert list(body["values"]) == list(HISTOGRAM_HOOKS)
     for name, value in body["values"].items():
         dense = np.zeros((4, len(edges) - 1), np.int64)
-        for q, b, c in con.execute("SELECT quadrant, bin, count FROM histograms WHERE layer = ? AND neuron = ? "
+        for q, b, c in con.execute(f"SELECT quadrant, bin, count FROM {HISTOGRAM_CELLS} WHERE layer = ? AND neuron = ? "
                                    "AND hook = ?", [layer, neuron, HOOKS.index(name)]).fetchall():
             dense[q, b] += c
         nonzero = np.flatnonzero(dense.sum(0))
@@ -67,7 +77,7 @@ def test_histograms_equal_the_tables(client, con, model_id, n_tokens, layer, neu
     d = body["density"]
     d_edges = edges_of(con, "density")
     grid = np.zeros((len(d_edges) - 1,) * 2, np.int64)
-    for g, i, c in con.execute("SELECT gate_bin, in_bin, count FROM density WHERE layer = ? AND neuron = ?",
+    for g, i, c in con.execute(f"SELECT gate_bin, in_bin, count FROM {DENSITY_CELLS} WHERE layer = ? AND neuron = ?",
                                [layer, neuron]).fetchall():
         grid[g, i] += c
     g0, i0 = d["first_gate_bin"], d["first_in_bin"]
@@ -93,8 +103,8 @@ def test_intervals_and_their_counts(client, con, model_id, layer, neuron):
         assert [(i["interval"], i["lo"], i["hi"]) for i in quadrant["intervals"]] == stored
         if quadrant["count"]:
             assert len(stored) >= 4
-        bins = dict(con.execute("SELECT bin, count FROM histograms WHERE layer = ? AND neuron = ? AND quadrant = ? "
-                                "AND hook = 0", [layer, neuron, q]).fetchall())
+        bins = dict(con.execute(f"SELECT bin, count FROM {HISTOGRAM_CELLS} WHERE layer = ? AND neuron = ? "
+                                "AND quadrant = ? AND hook = 0 AND count > 0", [layer, neuron, q]).fetchall())
         for iv in quadrant["intervals"]:
             assert iv["lo"] in {abs(e) for e in edges if e is not None}
             top = float("inf") if iv["hi"] is None else iv["hi"]

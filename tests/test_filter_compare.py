@@ -356,8 +356,9 @@ def test_compare_overlays_the_histograms_the_file_holds(recorded_db, tmp_path):
     b = [row[0] for row in bins]
     con.execute("DELETE FROM histograms")
     # gate-_in- hook_post of 0.3 in bins b[3], b[5]; of 1.5 in b[4]; other lists and neurons must not show.
-    con.execute("INSERT INTO histograms VALUES (0, 3, 3, 0, ?, 7), (0, 3, 3, 0, ?, 2), (1, 5, 3, 0, ?, 4), "
-                "(1, 5, 0, 0, ?, 9), (1, 5, 3, 1, ?, 9), (1, 6, 3, 0, ?, 9)", [b[3], b[5], b[4], b[9], b[9], b[9]])
+    assert b[3:6] == [b[3], b[3] + 1, b[3] + 2]
+    con.execute("INSERT INTO histograms VALUES (0, 3, 3, 0, ?, [7, 0, 2]), (1, 5, 3, 0, ?, [4]), "
+                "(1, 5, 0, 0, ?, [9]), (1, 5, 3, 1, ?, [9]), (1, 6, 3, 0, ?, [9])", [b[3], b[4], b[9], b[9], b[9]])
     con.close()
     with served(path) as (c, model):
         url = f"/api/models/{model}/compare"

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gluscope.cli import main as gluscope_main
 from gluscope.schema import HOOKS, QUADRANTS
 
-from .conftest import corpus_texts, require_kernel
+from .conftest import DENSITY_CELLS, HISTOGRAM_CELLS, corpus_texts, require_kernel
 
 MAX_LENGTH = 40
 NEURONS = (0, 7, 50, 95)
@@ -269,7 +269,8 @@ def _value_edges() -> list[float]:
 
 
 def _density_edges() -> list[float]:
-    return [2.0 ** e for e in range(-12, 9)]
+    """The 'density' magnitude edges: 2^-12, 2^-10, ... 2^8."""
+    return [2.0 ** e for e in range(-12, 9, 2)]
 
 
 def _signed_edges(magnitude: list[float]) -> list[float]:
@@ -347,14 +348,15 @@ def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: di
 
             # Histograms: exact, but for values within TIE of an edge, which may sit in the neighbouring bin.
             got = {(q, h, b): c for q, h, b, c in con.execute(
-                "SELECT quadrant, hook, bin, count FROM histograms WHERE layer = ? AND neuron = ?", where).fetchall()}
-            assert all(c > 0 for c in got.values())
+                f"SELECT quadrant, hook, bin, count FROM {HISTOGRAM_CELLS} WHERE layer = ? AND neuron = ? "
+                "AND count > 0", where).fetchall()}
             for q in range(4):
                 for h, column in ((0, 6), (1, 4), (2, 3)):  # hook_post, hook_pre_linear, hook_pre
                     values = [t[column] for t in tokens if t[0] == q]
                     _assert_counts({b: got.get((q, h, b), 0) for b in range(116)}, values, value_edges, where + (q, h))
             got_d = {(gb, ib): c for gb, ib, c in con.execute(
-                "SELECT gate_bin, in_bin, count FROM density WHERE layer = ? AND neuron = ?", where).fetchall()}
+                f"SELECT gate_bin, in_bin, count FROM {DENSITY_CELLS} WHERE layer = ? AND neuron = ? AND count > 0",
+                where).fetchall()}
             want_d: dict = {}
             for t in tokens:
                 cell = (_bin(t[3], density_edges), _bin(t[4], density_edges))
@@ -377,7 +379,7 @@ def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: di
 
             # Samples: per text the token of smallest hash, across texts the smallest, ties to lower ids.
             got_s = con.execute(
-                "SELECT quadrant, kind, interval, rank, hash, text_id, position, x_gate, x_in, act FROM samples "
+                "SELECT quadrant, kind, interval, rank, text_id, position, x_gate, x_in, act FROM samples "
                 "WHERE layer = ? AND neuron = ? ORDER BY quadrant, kind, interval, rank", where).fetchall()
             want_s = []
             for q in range(4):
@@ -392,10 +394,10 @@ def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: di
                                 best[t[1]] = (key, t)
                     chosen = sorted(((key[0], text_id, t) for text_id, (key, t) in best.items()),
                                     key=lambda c: (c[0], c[1]))[:size]
-                    want_s += [(q, kind, interval, rank, h, t[1], t[2], t[3], t[4], t[5])
-                               for rank, (h, _, t) in enumerate(chosen)]
-            assert [r[:7] for r in got_s] == [w[:7] for w in want_s], where
-            np.testing.assert_allclose([r[7:] for r in got_s], [w[7:] for w in want_s], rtol=1e-5, atol=1e-5)
+                    want_s += [(q, kind, interval, rank, t[1], t[2], t[3], t[4], t[5])
+                               for rank, (_, _, t) in enumerate(chosen)]
+            assert [r[:6] for r in got_s] == [w[:6] for w in want_s], where
+            np.testing.assert_allclose([r[6:] for r in got_s], [w[6:] for w in want_s], rtol=1e-5, atol=1e-5)
             assert len(want_s) > 0
             # Every sample has its window, of at most 8 tokens before and 2 after unless it is a top example too.
             windows = con.execute(

@@ -29,8 +29,8 @@ TABLES = {  # table -> (key columns, float columns compared with a tolerance)
     "value_stats": ("layer, neuron, quadrant, hook", ("mean",)),
     "examples": ("layer, neuron, quadrant, hook, rank", ()),
     "windows": ("layer, neuron, text_id, position", ()),
-    "histograms": ("layer, neuron, quadrant, hook, bin", ()),
-    "density": ("layer, neuron, gate_bin, in_bin", ()),
+    "histograms": ("layer, neuron, quadrant, hook", ()),
+    "density": ("layer, neuron, gate_bin", ()),
     "intervals": ("layer, neuron, quadrant, interval", ()),
     "samples": ("layer, neuron, quadrant, kind, interval, rank", ()),
 }

@@ -159,9 +159,11 @@ def test_resume_under_torchrun_is_refused_in_one_line(tiny_llama, corpus_file, t
 
 @pytest.fixture(scope="module")
 def long_corpus(corpus_file, tmp_path_factory) -> Path:
-    """The test corpus twice over: 84 texts, one batch each, so a run's loop lasts a few seconds."""
+    """The test corpus four times over: 168 texts, one batch each, so that a run resumed after two interrupts in
+    its loop still has more than two checkpoints ahead (the kernel records the whole corpus in a fraction of a
+    second: with twice over, a loaded machine once left a resumed run too little loop to reach its second)."""
     path = tmp_path_factory.mktemp("resume-corpus") / "corpus.jsonl"
-    path.write_text(corpus_file.read_text() * 2)
+    path.write_text(corpus_file.read_text() * 4)
     return path
 
 

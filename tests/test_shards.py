@@ -10,6 +10,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import torch
+
+from gluscope.recorder import rules
 
 from .test_recorder_cli import assert_user_error, run_cli
 
@@ -26,8 +29,8 @@ TABLES = {
     "related": "layer, neuron, direction, via, rank",
     "example_tokens": "token_id, role, layer, neuron, quadrant, hook, kind",
     "histogram_bins": "axis, bin",
-    "histograms": "layer, neuron, quadrant, hook, bin",
-    "density": "layer, neuron, gate_bin, in_bin",
+    "histograms": "layer, neuron, quadrant, hook",
+    "density": "layer, neuron, gate_bin",
     "intervals": "layer, neuron, quadrant, interval",
     "samples": "layer, neuron, quadrant, kind, interval, rank",
 }
@@ -142,3 +145,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_merge_recomputes_the_documented_sample_hash():
+    """merge ranks samples by rules.hash_of (the file stores no hash): schema.sql's formula, row by row."""
+    from .test_recorder_bruteforce import _hash
+    rng = np.random.default_rng(3)
+    seed = 1234567
+    cols = [torch.from_numpy(rng.integers(0, hi, 500)) for hi in (40, 70000, 2 ** 20, 4096)]
+    got = rules.hash_of(seed, *cols).tolist()
+    assert got == [_hash(seed, *(int(c[i]) for c in cols)) for i in range(500)]

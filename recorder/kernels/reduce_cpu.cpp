@@ -76,24 +76,24 @@ inline uint16_t to_half(float v) {
 }
 
 // rules.value_bin / density_bin: signed histogram bins read off a float's bits.
-template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS>
+template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS, int GROUP_SHIFT>
 inline int32_t mag_bin(uint32_t u) {
-  const int32_t b = int32_t(u >> OCTAVE_SHIFT) - SHIFT;
+  const int32_t b = (int32_t(u >> OCTAVE_SHIFT) - SHIFT) >> GROUP_SHIFT;  // arithmetic: below 0 stays below
   return std::min(std::max(b, 0), MAG_BINS - 1);
 }
 
-template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS>
+template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS, int GROUP_SHIFT = 0>
 inline int32_t signed_bin(float v) {
   const uint32_t u = bits(v) & 0x7fffffffu;
   const uint32_t pred = u - (u != 0);  // the predecessor float of |v|, used where v < 0 (so u >= 1)
   // Both computed, then one chosen: a select, not a branch, so the loops over a block vectorise.
-  const int32_t pos = MAG_BINS + mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(u);
-  const int32_t neg = MAG_BINS - 1 - mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS>(pred);
+  const int32_t pos = MAG_BINS + mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS, GROUP_SHIFT>(u);
+  const int32_t neg = MAG_BINS - 1 - mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS, GROUP_SHIFT>(pred);
   return v >= 0 ? pos : neg;
 }
 
 inline int32_t value_bin(float v) { return signed_bin<VALUE_SHIFT, 22, VALUE_MAG_BINS>(v); }
-inline int32_t density_bin(float v) { return signed_bin<DENSITY_SHIFT, 23, DENSITY_MAG_BINS>(v); }
+inline int32_t density_bin(float v) { return signed_bin<DENSITY_SHIFT, 23, DENSITY_MAG_BINS, DENSITY_GROUP_SHIFT>(v); }
 
 // rules.fmix32: MurmurHash3's finalizer.
 inline uint32_t fmix32(uint32_t h) {
