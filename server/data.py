@@ -21,7 +21,7 @@ from gluscope.server.db import Database, Vocabulary
 from gluscope.server.errors import ParameterError
 from gluscope.server.validate import (check_choice, check_index, check_neuron, check_page, hook_code,
                                       quadrant_code)
-from gluscope.server.windows import neuron_examples, neuron_samples, window_key, window_values
+from gluscope.server.windows import neuron_examples, window_key, window_values
 
 MODEL_FIELDS = ("model_name", "model_source", "model_revision", "weights_file", "quantization", "architecture", "act_fn", "n_layers", "d_model", "d_mlp",
                 "vocab_size", "dtype", "dataset", "text_column", "max_length", "n_texts", "n_tokens", "k",
@@ -190,7 +190,7 @@ class ExampleList:
 
 
 # Where a sample's value of each hook is (HOOKS order): samples store x_gate, x_in and act; hook_post is
-# computed in SQL as the recorder computes it.
+# act * x_in in float32, as the recorder computes it (windows.neuron_examples).
 SAMPLE_VALUE_COLUMNS = ("hook_post", "x_in", "x_gate", "act")
 
 
@@ -208,8 +208,8 @@ def example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str
         rows = np.flatnonzero((e["quadrant"] == q) & (e["hook"] == h))
         return _with_windows(db, found, layer, neuron, q, h, e["rank"][rows], e["value"][rows],
                              e["text_id"][rows], e["position"][rows])
-    found = neuron_samples(db, layer, neuron)
-    s, iv = found.samples, found.intervals
+    found = neuron_examples(db, layer, neuron)
+    s, iv = found.samples, db.neuron_intervals(layer, neuron)
     code = SAMPLE_KINDS.index(kind)
     mine = iv["quadrant"] == q
     bounds = {int(i): (_num(lo), _num(hi)) for i, lo, hi in zip(iv["interval"][mine], iv["lo"][mine], iv["hi"][mine])}

@@ -1,8 +1,8 @@
 """A neuron's examples and windows as read from the file, decoded from float16 bits, and kept per neuron.
 
-One lookup (queries.NEURON_EXAMPLES) brings all 16 lists of a neuron and the
-windows they point at; the neuron's other lists then come from memory
-(Database.examples, an LRU of GLUSCOPE_EXAMPLE_CACHE neurons).
+One lookup (queries.NEURON_EXAMPLES) brings all 16 lists of a neuron, its
+samples and the windows they point at; the neuron's other lists then come
+from memory (Database.examples, an LRU of GLUSCOPE_EXAMPLE_CACHE neurons).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ class NeuronExamples:
     x_gate: np.ndarray               # every window's float16 bits, one window after another (start, length)
     x_in: np.ndarray
     window_key: np.ndarray           # window_key(text_id, position) per window, ascending
-    samples: dict[str, np.ndarray] | None = None    # SAMPLE_COLUMNS, read on the first random or interval list
-    intervals: dict[str, np.ndarray] | None = None  # Database.neuron_intervals, taken with the samples
+    samples: dict[str, np.ndarray]   # SAMPLE_COLUMNS, ordered by (quadrant, kind, interval, rank)
 
 
 def window_key(text_id: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -48,11 +47,20 @@ def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
         return cached
     found = {name: np.ma.getdata(column) for name, column in
              db.prepared_columns("neuron_examples", layer, neuron).items()}
-    is_example = found["part"] == 0
+    part = found["part"]
+    is_example = part == 0
     e = {name: found[name][is_example] for name in EXAMPLE_COLUMNS}
     examples = _take(e, np.lexsort((e["rank"], e["hook"], e["quadrant"])))
+    is_sample = part == 2
+    act, x_in = found["value"][is_sample].astype(np.float32), found["s_in"][is_sample].astype(np.float32)
+    s = {"quadrant": found["quadrant"][is_sample], "kind": found["hook"][is_sample],
+         "interval": found["window_start"][is_sample], "rank": found["rank"][is_sample],
+         "text_id": found["text_id"][is_sample], "position": found["position"][is_sample],
+         "x_gate": found["s_gate"][is_sample].astype(np.float32), "x_in": x_in, "act": act,
+         "hook_post": act * x_in}  # float32, as the recorder computes it
+    samples = _take(s, np.lexsort((s["rank"], s["interval"], s["kind"], s["quadrant"])))
     # Window rows come one per token, each window's tokens together and in order (unnest).
-    is_token = ~is_example
+    is_token = part == 1
     token_key = window_key(found["text_id"][is_token], found["position"][is_token])
     first = np.flatnonzero(np.r_[True, token_key[1:] != token_key[:-1]]) if len(token_key) else np.zeros(0, np.int64)
     key = token_key[first]
@@ -63,7 +71,7 @@ def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
     w["start"], w["length"] = first, np.diff(np.r_[first, len(token_key)])
     result = NeuronExamples(examples=examples, windows=_take(w, order), window_key=key[order],
                             x_gate=found["x_gate"][is_token].astype(np.int16),
-                            x_in=found["x_in"][is_token].astype(np.int16))
+                            x_in=found["x_in"][is_token].astype(np.int16), samples=samples)
     db.examples.put((layer, neuron), result)
     return result
 
@@ -93,14 +101,3 @@ def window_values(x_gate_bits: np.ndarray, x_in_bits: np.ndarray, starts: np.nda
     values = np.stack([post, x_in.astype(np.float32), x_gate.astype(np.float32), act], axis=1)
     values[~np.broadcast_to(inside[:, None, :], values.shape)] = np.nan
     return values
-
-
-def neuron_samples(db: Database, layer: int, neuron: int) -> NeuronExamples:
-    """The neuron's examples (neuron_examples) with its samples read too (once per cached neuron) and its intervals."""
-    found = neuron_examples(db, layer, neuron)
-    if found.samples is None:
-        raw = db.prepared_columns("neuron_samples", layer, neuron)
-        s = {name: np.ma.getdata(raw[name]) for name in SAMPLE_COLUMNS}
-        found.samples = _take(s, np.lexsort((s["rank"], s["interval"], s["kind"], s["quadrant"])))
-        found.intervals = db.neuron_intervals(layer, neuron)
-    return found

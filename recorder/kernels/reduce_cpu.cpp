@@ -75,25 +75,17 @@ inline uint16_t to_half(float v) {
 #endif
 }
 
-// rules.value_bin / density_bin: signed histogram bins read off a float's bits.
-template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS, int GROUP_SHIFT>
-inline int32_t mag_bin(uint32_t u) {
-  const int32_t b = (int32_t(u >> OCTAVE_SHIFT) - SHIFT) >> GROUP_SHIFT;  // arithmetic: below 0 stays below
-  return std::min(std::max(b, 0), MAG_BINS - 1);
+// rules.value_bin / density_bin, read off a float's bits. A bin holds lo <= v < hi, so for v < 0 the magnitude
+// bin is read off |v|'s predecessor float (u - 1). One magnitude bin m either way: the signed bin is MAG + m for
+// v >= 0 (-0.0 too) and MAG - 1 - m = MAG + ~m otherwise (NaN too, as rules.py's torch.where(v >= 0, ...)).
+inline int32_t below_zero(float v) { return int32_t(!(v >= 0)); }
+inline uint32_t bin_bits(float v, int32_t neg) { return (bits(v) & 0x7fffffffu) - uint32_t(neg); }
+inline int32_t clamp_bin(int32_t b, int32_t n) { return std::min(std::max(b, 0), n - 1); }
+inline int32_t value_mag(uint32_t u) { return clamp_bin(int32_t(u >> 22) - VALUE_SHIFT, VALUE_MAG_BINS); }
+inline int32_t density_mag(uint32_t u) {
+  return clamp_bin((int32_t(u >> 23) - DENSITY_SHIFT) >> DENSITY_GROUP_SHIFT, DENSITY_MAG_BINS);  // >>: floor
 }
-
-template <int SHIFT, int OCTAVE_SHIFT, int MAG_BINS, int GROUP_SHIFT = 0>
-inline int32_t signed_bin(float v) {
-  const uint32_t u = bits(v) & 0x7fffffffu;
-  const uint32_t pred = u - (u != 0);  // the predecessor float of |v|, used where v < 0 (so u >= 1)
-  // Both computed, then one chosen: a select, not a branch, so the loops over a block vectorise.
-  const int32_t pos = MAG_BINS + mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS, GROUP_SHIFT>(u);
-  const int32_t neg = MAG_BINS - 1 - mag_bin<SHIFT, OCTAVE_SHIFT, MAG_BINS, GROUP_SHIFT>(pred);
-  return v >= 0 ? pos : neg;
-}
-
-inline int32_t value_bin(float v) { return signed_bin<VALUE_SHIFT, 22, VALUE_MAG_BINS>(v); }
-inline int32_t density_bin(float v) { return signed_bin<DENSITY_SHIFT, 23, DENSITY_MAG_BINS, DENSITY_GROUP_SHIFT>(v); }
+inline int32_t signed_offset(int32_t m, int32_t neg) { return m ^ -neg; }  // the signed bin minus MAG
 
 // rules.fmix32: MurmurHash3's finalizer.
 inline uint32_t fmix32(uint32_t h) {
@@ -281,10 +273,14 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
       c_row[jj] = ((q * N_INTERVALS + interval) * BLOCK + jj + 1) * member - 1;  // -1: in no quadrant
       const int32_t s_post = 1 - 2 * (gneg ^ ineg), s_in = 1 - 2 * ineg, s_gate = 1 - 2 * gneg;
       const int32_t base = jj * HIST_PER_NEURON + q * N_HIST_HOOKS * HIST_SLOTS;
-      h_row[jj] = base + HIST_POST_AT * HIST_SLOTS + s_post * (value_bin(post) - VALUE_MAG_BINS);
-      h_row[BLOCK + jj] = base + HIST_IN_AT * HIST_SLOTS + s_in * (value_bin(x_in) - VALUE_MAG_BINS);
-      h_row[2 * BLOCK + jj] = base + HIST_GATE_AT * HIST_SLOTS + s_gate * (value_bin(g) - VALUE_MAG_BINS);
-      d_row[jj] = (jj * D + density_bin(g)) * D + density_bin(x_in);
+      // Each value's bits once, for both its histogram slot and its density bin.
+      const int32_t n_post = below_zero(post), n_in = below_zero(x_in), n_gate = below_zero(g);
+      const uint32_t u_post = bin_bits(post, n_post), u_in = bin_bits(x_in, n_in), u_gate = bin_bits(g, n_gate);
+      h_row[jj] = base + HIST_POST_AT * HIST_SLOTS + s_post * signed_offset(value_mag(u_post), n_post);
+      h_row[BLOCK + jj] = base + HIST_IN_AT * HIST_SLOTS + s_in * signed_offset(value_mag(u_in), n_in);
+      h_row[2 * BLOCK + jj] = base + HIST_GATE_AT * HIST_SLOTS + s_gate * signed_offset(value_mag(u_gate), n_gate);
+      d_row[jj] = (jj * D + DENSITY_MAG_BINS + signed_offset(density_mag(u_gate), n_gate)) * D + DENSITY_MAG_BINS +
+                  signed_offset(density_mag(u_in), n_in);
       s_row[jj] = ((th ^ salt[jj]) * GOLDEN) >> 1;
     }
     for (int jj = 0; jj < w; ++jj) {
