@@ -208,7 +208,7 @@ def example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str
         rows = np.flatnonzero((e["quadrant"] == q) & (e["hook"] == h))
         return _with_windows(db, found, layer, neuron, q, h, e["rank"][rows], e["value"][rows],
                              e["text_id"][rows], e["position"][rows])
-    found = neuron_examples(db, layer, neuron)
+    found = neuron_examples(db, layer, neuron, with_samples=True)
     s, iv = found.samples, db.neuron_intervals(layer, neuron)
     code = SAMPLE_KINDS.index(kind)
     mine = iv["quadrant"] == q

@@ -33,19 +33,16 @@ NEURONS = f"SELECT layer, neuron, {NEURON_COLUMNS} FROM neurons"
 
 VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_stats"
 
-# A neuron's examples, all 16 lists, its windows (stored once per text and
-# position) and its samples, in one statement: the examples are the rows
-# with part 0, each window's tokens follow as rows of part 1 (unnest),
-# matched in NumPy, and the samples are the rows of part 2 (kind in `hook`,
-# interval in `window_start`, act in `value`, x_gate and x_in in s_gate and
-# s_in). The server reads a whole neuron at once and keeps it for the
-# neuron's other lists. Why this shape (the README's Performance section has
-# the numbers): one statement instead of two saves a round trip through
-# DuckDB's Python API (a sampled list of a neuron not in memory took two);
+# A neuron's examples, all 16 lists, and its windows (stored once per text and
+# position), in one statement: the examples are the rows with part 0, and
+# each window's tokens follow as rows of part 1 (unnest), matched in NumPy.
+# The server reads a whole neuron at once and keeps it for the neuron's other
+# lists. Why this shape (the README's Performance section has the numbers):
+# one statement instead of two saves a round trip through DuckDB's Python API;
 # a join or an ORDER BY in SQL costs more than sorting in NumPy (windows.py);
-# one row per token is cheaper than a list per window, for which NumPy
-# builds an array object; and the statement is prepared once per connection.
-NEURON_EXAMPLES = """
+# one row per token is cheaper than a list per window, for which NumPy builds
+# an array object; and the statement is prepared once per connection.
+_EXAMPLES_PART = """
 SELECT 0::TINYINT AS part, quadrant, hook, rank, value, text_id, position,
        NULL::INTEGER AS window_start, NULL::SMALLINT AS x_gate, NULL::SMALLINT AS x_in,
        NULL::FLOAT AS s_gate, NULL::FLOAT AS s_in
@@ -55,11 +52,22 @@ UNION ALL
 SELECT 1::TINYINT, NULL, NULL, NULL, NULL, text_id, position, window_start, unnest(x_gate), unnest(x_in), NULL, NULL
 FROM windows
 WHERE layer = $1 AND neuron = $2
-UNION ALL
-SELECT 2::TINYINT, quadrant, kind, rank, act, text_id, position, interval, NULL, NULL, x_gate, x_in
+"""
+# A neuron's random and interval examples (samples), as rows of part 2 in the columns above: kind in `hook`,
+# interval in `window_start`, act in `value`, x_gate and x_in in s_gate and s_in. Their windows are among the
+# neuron's windows; the intervals their lists draw from are in memory (Database.neuron_intervals).
+_SAMPLES_PART = """
+SELECT 2::TINYINT AS part, quadrant, kind AS hook, rank, act AS value, text_id, position,
+       interval::INTEGER AS window_start, NULL::SMALLINT AS x_gate, NULL::SMALLINT AS x_in,
+       x_gate AS s_gate, x_in AS s_in
 FROM samples
 WHERE layer = $1 AND neuron = $2
 """
+NEURON_EXAMPLES = _EXAMPLES_PART
+# A sampled list of a neuron not in memory reads both in one statement (one round trip, not two); one in memory
+# without its samples (its top lists came first) reads the samples alone.
+NEURON_EXAMPLES_AND_SAMPLES = _EXAMPLES_PART + "UNION ALL" + _SAMPLES_PART
+NEURON_SAMPLES = _SAMPLES_PART
 
 # A neuron's histograms (part 0: quadrant, hook, bin) and its joint density (part 1: gate_bin as `a`, in_bin as
 # `b`), one row per bin of the stored count lists (zeros too): what its distribution plots show besides the
@@ -80,7 +88,8 @@ WHERE layer = $1 AND neuron = $2
 INTERVALS = "SELECT layer, neuron, quadrant, interval, lo, hi FROM intervals"
 
 # Statements each connection prepares once, by name (Database.prepared_columns).
-PREPARED = {"neuron_examples": NEURON_EXAMPLES, "neuron_distribution": NEURON_DISTRIBUTION}
+PREPARED = {"neuron_examples": NEURON_EXAMPLES, "neuron_examples_and_samples": NEURON_EXAMPLES_AND_SAMPLES,
+            "neuron_samples": NEURON_SAMPLES, "neuron_distribution": NEURON_DISTRIBUTION}
 
 # The fixed bins of histograms and density (a few hundred rows), read once per process.
 HISTOGRAM_BINS = "SELECT axis, bin, lo, hi FROM histogram_bins ORDER BY axis, bin"

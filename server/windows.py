@@ -1,8 +1,9 @@
 """A neuron's examples and windows as read from the file, decoded from float16 bits, and kept per neuron.
 
-One lookup (queries.NEURON_EXAMPLES) brings all 16 lists of a neuron, its
-samples and the windows they point at; the neuron's other lists then come
-from memory (Database.examples, an LRU of GLUSCOPE_EXAMPLE_CACHE neurons).
+One lookup (queries.NEURON_EXAMPLES) brings all 16 lists of a neuron and the
+windows they point at, with its samples too when a sampled list asks first;
+the neuron's other lists then come from memory (Database.examples, an LRU of
+GLUSCOPE_EXAMPLE_CACHE neurons).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class NeuronExamples:
     x_gate: np.ndarray               # every window's float16 bits, one window after another (start, length)
     x_in: np.ndarray
     window_key: np.ndarray           # window_key(text_id, position) per window, ascending
-    samples: dict[str, np.ndarray]   # SAMPLE_COLUMNS, ordered by (quadrant, kind, interval, rank)
+    samples: dict[str, np.ndarray] | None = None  # SAMPLE_COLUMNS by (quadrant, kind, interval, rank), once read
 
 
 def window_key(text_id: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -40,25 +41,20 @@ def _take(columns: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.nda
     return {name: column[order] for name, column in columns.items()}
 
 
-def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
-    """All examples of a neuron, from the cache or from one lookup (sorted here, not by DuckDB)."""
+def neuron_examples(db: Database, layer: int, neuron: int, with_samples: bool = False) -> NeuronExamples:
+    """All examples of a neuron (and its samples, with_samples), from the cache or from one lookup (sorted here,
+    not by DuckDB)."""
     cached = db.examples.get((layer, neuron))
     if cached is not None:
+        if with_samples and cached.samples is None:
+            cached.samples = _samples(db.prepared_columns("neuron_samples", layer, neuron))
         return cached
-    found = {name: np.ma.getdata(column) for name, column in
-             db.prepared_columns("neuron_examples", layer, neuron).items()}
+    statement = "neuron_examples_and_samples" if with_samples else "neuron_examples"
+    found = {name: np.ma.getdata(column) for name, column in db.prepared_columns(statement, layer, neuron).items()}
     part = found["part"]
     is_example = part == 0
     e = {name: found[name][is_example] for name in EXAMPLE_COLUMNS}
     examples = _take(e, np.lexsort((e["rank"], e["hook"], e["quadrant"])))
-    is_sample = part == 2
-    act, x_in = found["value"][is_sample].astype(np.float32), found["s_in"][is_sample].astype(np.float32)
-    s = {"quadrant": found["quadrant"][is_sample], "kind": found["hook"][is_sample],
-         "interval": found["window_start"][is_sample], "rank": found["rank"][is_sample],
-         "text_id": found["text_id"][is_sample], "position": found["position"][is_sample],
-         "x_gate": found["s_gate"][is_sample].astype(np.float32), "x_in": x_in, "act": act,
-         "hook_post": act * x_in}  # float32, as the recorder computes it
-    samples = _take(s, np.lexsort((s["rank"], s["interval"], s["kind"], s["quadrant"])))
     # Window rows come one per token, each window's tokens together and in order (unnest).
     is_token = part == 1
     token_key = window_key(found["text_id"][is_token], found["position"][is_token])
@@ -71,9 +67,21 @@ def neuron_examples(db: Database, layer: int, neuron: int) -> NeuronExamples:
     w["start"], w["length"] = first, np.diff(np.r_[first, len(token_key)])
     result = NeuronExamples(examples=examples, windows=_take(w, order), window_key=key[order],
                             x_gate=found["x_gate"][is_token].astype(np.int16),
-                            x_in=found["x_in"][is_token].astype(np.int16), samples=samples)
+                            x_in=found["x_in"][is_token].astype(np.int16),
+                            samples=_samples({name: column[part == 2] for name, column in found.items()})
+                            if with_samples else None)
     db.examples.put((layer, neuron), result)
     return result
+
+
+def _samples(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """SAMPLE_COLUMNS from rows of queries._SAMPLES_PART."""
+    r = {name: np.ma.getdata(column) for name, column in rows.items()}
+    act, x_in = r["value"].astype(np.float32), r["s_in"].astype(np.float32)
+    s = {"quadrant": r["quadrant"], "kind": r["hook"], "interval": r["window_start"], "rank": r["rank"],
+         "text_id": r["text_id"], "position": r["position"], "x_gate": r["s_gate"].astype(np.float32),
+         "x_in": x_in, "act": act, "hook_post": act * x_in}  # float32, as the recorder computes it
+    return _take(s, np.lexsort((s["rank"], s["interval"], s["kind"], s["quadrant"])))
 
 
 def window_values(x_gate_bits: np.ndarray, x_in_bits: np.ndarray, starts: np.ndarray, lengths: np.ndarray,

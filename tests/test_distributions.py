@@ -169,6 +169,23 @@ def test_sampled_examples_equal_the_samples_table(client, con, model_id, kind, l
     assert seen > 0
 
 
+def test_a_sampled_list_is_the_same_whether_the_neuron_was_read_before_or_not(recorded_db, model_id):
+    """A neuron not in memory reads its samples with its examples (one statement); one whose top list came first
+    reads them alone: both give the same lists, and the top lists stay the same."""
+    from starlette.testclient import TestClient
+
+    from gluscope.server.app import create_app
+    base = f"/api/models/{model_id}/neurons/1/3/examples"
+    asks = [{"quadrant": q, "hook": h, "kind": k} for q in QUADRANT_SLUGS for h, k in
+            (("hook_post", "top"), ("hook_post", "random"), ("x_in", "random"), ("act", "interval"))]
+    answers = []
+    for order in (asks, asks[1:] + asks[:1], asks[::-1]):
+        with TestClient(create_app([recorded_db])) as c:
+            answers.append({str(a): c.get(base, params=a).json() for a in order})
+    assert answers[0] == answers[1] == answers[2]
+    assert any(body["examples"] for key, body in answers[0].items() if "random" in key)
+
+
 def test_one_interval_alone(client, con, model_id):
     layer, neuron = 1, 42
     for q, slug in enumerate(QUADRANT_SLUGS):
