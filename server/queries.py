@@ -42,17 +42,23 @@ VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_s
 # a join or an ORDER BY in SQL costs more than sorting in NumPy (windows.py);
 # one row per token is cheaper than a list per window, for which NumPy builds
 # an array object; and the statement is prepared once per connection.
-_EXAMPLES_PART = """
+def _examples_part(sample_columns: bool) -> str:
+    # With the samples (NEURON_EXAMPLES_AND_SAMPLES) every row has their two FLOAT columns; without, the top
+    # lists' statement stays as narrow as before (with the two columns always there, the examples fragment's
+    # p50 was 1.07 of before in benchmarks/bench_server_ab.py).
+    extra, nulls = (", NULL::FLOAT AS s_gate, NULL::FLOAT AS s_in", ", NULL, NULL") if sample_columns else ("", "")
+    return f"""
 SELECT 0::TINYINT AS part, quadrant, hook, rank, value, text_id, position,
-       NULL::INTEGER AS window_start, NULL::SMALLINT AS x_gate, NULL::SMALLINT AS x_in,
-       NULL::FLOAT AS s_gate, NULL::FLOAT AS s_in
+       NULL::INTEGER AS window_start, NULL::SMALLINT AS x_gate, NULL::SMALLINT AS x_in{extra}
 FROM examples
 WHERE layer = $1 AND neuron = $2
 UNION ALL
-SELECT 1::TINYINT, NULL, NULL, NULL, NULL, text_id, position, window_start, unnest(x_gate), unnest(x_in), NULL, NULL
+SELECT 1::TINYINT, NULL, NULL, NULL, NULL, text_id, position, window_start, unnest(x_gate), unnest(x_in){nulls}
 FROM windows
 WHERE layer = $1 AND neuron = $2
 """
+
+
 # A neuron's random and interval examples (samples), as rows of part 2 in the columns above: kind in `hook`,
 # interval in `window_start`, act in `value`, x_gate and x_in in s_gate and s_in. Their windows are among the
 # neuron's windows; the intervals their lists draw from are in memory (Database.neuron_intervals).
@@ -63,10 +69,10 @@ SELECT 2::TINYINT AS part, quadrant, kind AS hook, rank, act AS value, text_id, 
 FROM samples
 WHERE layer = $1 AND neuron = $2
 """
-NEURON_EXAMPLES = _EXAMPLES_PART
+NEURON_EXAMPLES = _examples_part(sample_columns=False)
 # A sampled list of a neuron not in memory reads both in one statement (one round trip, not two); one in memory
 # without its samples (its top lists came first) reads the samples alone.
-NEURON_EXAMPLES_AND_SAMPLES = _EXAMPLES_PART + "UNION ALL" + _SAMPLES_PART
+NEURON_EXAMPLES_AND_SAMPLES = _examples_part(sample_columns=True) + "UNION ALL" + _SAMPLES_PART
 NEURON_SAMPLES = _SAMPLES_PART
 
 # A neuron's histograms (part 0: quadrant, hook, bin) and its joint density (part 1: gate_bin as `a`, in_bin as
