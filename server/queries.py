@@ -44,8 +44,7 @@ VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_s
 # an array object; and the statement is prepared once per connection.
 def _examples_part(sample_columns: bool) -> str:
     # With the samples (NEURON_EXAMPLES_AND_SAMPLES) every row has their two FLOAT columns; without, the top
-    # lists' statement stays as narrow as before (with the two columns always there, the examples fragment's
-    # p50 was 1.07 of before in benchmarks/bench_server_ab.py).
+    # lists' statement reads and converts no more than before.
     extra, nulls = (", NULL::FLOAT AS s_gate, NULL::FLOAT AS s_in", ", NULL, NULL") if sample_columns else ("", "")
     return f"""
 SELECT 0::TINYINT AS part, quadrant, hook, rank, value, text_id, position,
