@@ -86,7 +86,7 @@ def window_bounds(position, length, before: int, after: int):
 # clamp((u >> 22) - VALUE_SHIFT, 0, VALUE_MAG_BINS - 1) holds [0, 2^-16), [2^-16, 1.5 * 2^-16), ... [2^12, inf).
 # 'density': one per two octaves, edges 2^-12, 2^-10, ... 2^8: clamp(((u >> 23) - DENSITY_SHIFT) >> 1, 0,
 # DENSITY_MAG_BINS - 1) holds [0, 2^-12), [2^-12, 2^-10), ... [2^8, inf). Two octaves, not one: a 7B-shaped
-# neuron's values span about 15 octaves on each axis, so per-octave cells were a quarter of the whole file
+# neuron's values span about 15 octaves on each axis, so per-octave cells were about a tenth of the whole file
 # (benchmarks/make_synthetic_db.py); the 1-D histograms keep two bins per octave for the detail.
 # A signed bin (the stored `bin`, increasing in v): v >= 0 (also -0.0) is MAG_BINS + magbin(bits(v)); v < 0 is
 # MAG_BINS - 1 - magbin(bits(-v) - 1), the predecessor float, so that bin i holds lo <= v < hi for negative v too.
