@@ -190,7 +190,7 @@ class ExampleList:
 
 
 # Where a sample's value of each hook is (HOOKS order): samples store x_gate, x_in and act; hook_post is
-# act * x_in in float32, as the recorder computes it (windows.neuron_examples).
+# act * x_in in float32, as the recorder computes it (windows._samples).
 SAMPLE_VALUE_COLUMNS = ("hook_post", "x_in", "x_gate", "act")
 
 

@@ -81,7 +81,8 @@ def _samples(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     s = {"quadrant": r["quadrant"], "kind": r["hook"], "interval": r["window_start"], "rank": r["rank"],
          "text_id": r["text_id"], "position": r["position"], "x_gate": r["s_gate"].astype(np.float32),
          "x_in": x_in, "act": act, "hook_post": act * x_in}  # float32, as the recorder computes it
-    return _take(s, np.lexsort((s["rank"], s["interval"], s["kind"], s["quadrant"])))
+    return _take({name: s[name] for name in SAMPLE_COLUMNS}, np.lexsort((s["rank"], s["interval"], s["kind"],
+                                                                       s["quadrant"])))
 
 
 def window_values(x_gate_bits: np.ndarray, x_in_bits: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
