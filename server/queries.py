@@ -77,14 +77,18 @@ NEURON_SAMPLES = _SAMPLES_PART
 # A neuron's histograms (part 0: quadrant, hook, bin) and its joint density (part 1: gate_bin as `a`, in_bin as
 # `b`), one row per bin of the stored count lists (zeros too): what its distribution plots show besides the
 # intervals (in memory), in one lookup of two tables.
-NEURON_DISTRIBUTION = """
-SELECT 0::TINYINT AS part, quadrant, hook, (first_bin + generate_subscripts(counts, 1) - 1)::SMALLINT AS a,
+def _bin_of_count(first: str) -> str:
+    """The bin of each element of a row's count list (schema.sql's histograms and density), beside unnest(counts)."""
+    return f"({first} + generate_subscripts(counts, 1) - 1)::SMALLINT"
+
+
+NEURON_DISTRIBUTION = f"""
+SELECT 0::TINYINT AS part, quadrant, hook, {_bin_of_count("first_bin")} AS a,
        NULL::SMALLINT AS b, unnest(counts) AS count
 FROM histograms
 WHERE layer = $1 AND neuron = $2
 UNION ALL
-SELECT 1::TINYINT, NULL, NULL, gate_bin, (first_in_bin + generate_subscripts(counts, 1) - 1)::SMALLINT,
-       unnest(counts)
+SELECT 1::TINYINT, NULL, NULL, gate_bin, {_bin_of_count("first_in_bin")}, unnest(counts)
 FROM density
 WHERE layer = $1 AND neuron = $2
 """
@@ -243,7 +247,7 @@ def neuron_value_stats(n: int) -> str:
 def neurons_histogram(n: int) -> str:
     """One (quadrant $quadrant, hook $hook) histogram of each of n neurons ($layer_0, $neuron_0 ..), as
     (i, bin, count) rows, one lookup per neuron."""
-    return "\nUNION ALL\n".join(f"SELECT {i} AS i, first_bin + generate_subscripts(counts, 1) - 1 AS bin, "
+    return "\nUNION ALL\n".join(f"SELECT {i} AS i, {_bin_of_count('first_bin')} AS bin, "
                                  f"unnest(counts) AS count FROM histograms WHERE layer = $layer_{i} AND "
                                  f"neuron = $neuron_{i} AND quadrant = $quadrant AND hook = $hook"
                                  for i in range(n))
