@@ -154,7 +154,8 @@ CREATE TABLE examples (
     rank     TINYINT  NOT NULL,
     value    FLOAT    NOT NULL,
     text_id  INTEGER  NOT NULL,
-    position SMALLINT NOT NULL
+    position SMALLINT NOT NULL,
+    entry    BIGINT   NOT NULL   -- example_entry(layer, neuron, quadrant, hook, rank, d_mlp, k): one number per row, ascending
 );
 
 -- x_gate and x_in of one neuron around each distinct example token (of
@@ -265,7 +266,8 @@ CREATE TABLE samples (
     position SMALLINT NOT NULL,
     x_gate   FLOAT    NOT NULL,  -- the token's values; hook_post = act * x_in
     x_in     FLOAT    NOT NULL,  -- (after the weight convention)
-    act      FLOAT    NOT NULL
+    act      FLOAT    NOT NULL,
+    entry    BIGINT   NOT NULL   -- sample_entry(layer, neuron, quadrant, kind, interval * n_per_interval + rank, d_mlp, n_random, n_per_interval)
 );
 
 -- For each token and weight kind, the 32 neurons of the whole model with
@@ -296,24 +298,55 @@ CREATE TABLE related (
 );
 
 -- The activation-side token index: for each token, the lists whose examples
--- (kind 0, `examples`) or samples (kinds 1 random and 2 interval, `samples`;
--- indexed with hook 0, their value hook_post) have it as the token of
--- interest (role 0, focus) or right after it (role 1, next: what the model
--- was about to predict). One row per (token, role, list); built from
--- examples, samples and texts when the file is written (and merged), and
--- sorted by token_id, so that a token's rows are one range of the file.
+-- (`examples`, the top lists) or samples (`samples`: random and interval,
+-- indexed under hook_post) have it as the token of interest (role 0, focus)
+-- or right after it (role 1, next: what the model was about to predict). One
+-- row per (token, role, list); built from examples, samples and texts when
+-- the file is written (and merged).
+--
+-- A list is one integer, example_list(layer, neuron, quadrant, source, d_mlp),
+-- its source being the hook (0 .. 3) of a top list and 4 + samples.kind of a
+-- sampled one. A row's token, role and list are one integer too,
+-- example_token_key, and the table is sorted by it: a token's rows (and
+-- within them a range of layers) are one range of keys, and the file stores
+-- the differences between keys, a few bits each, rather than each column in
+-- full. The values of the examples are not repeated here: best_rank and the
+-- list give the `entry` of the first matching example in examples or samples
+-- (best_entry in the view example_token_lists, which decodes the keys).
 CREATE TABLE example_tokens (
-    token_id   INTEGER  NOT NULL,
-    role       TINYINT  NOT NULL,  -- 0 focus: the token at the example's position; 1 next: the one after it
-    layer      SMALLINT NOT NULL,
-    neuron     INTEGER  NOT NULL,
-    quadrant   TINYINT  NOT NULL,
-    hook       TINYINT  NOT NULL,  -- the list's hook (examples); 0 for samples
-    kind       TINYINT  NOT NULL,  -- 0 top (examples), 1 random, 2 interval (samples.kind + 1)
-    matches    SMALLINT NOT NULL,  -- examples of the list with this token in this role
-    best_rank  TINYINT  NOT NULL,  -- the smallest rank among them
-    best_value FLOAT    NOT NULL   -- the value of that example (samples: its hook_post; of equal ranks, the largest |value|)
+    key       BIGINT   NOT NULL,  -- example_token_key(token_id, role, list, n_layers, d_mlp)
+    matches   SMALLINT NOT NULL,  -- examples of the list with this token in this role
+    best_rank TINYINT  NOT NULL   -- the first of them: its place in the list, the rank (top, random) or interval * n_per_interval + rank (interval)
 );
+
+CREATE MACRO example_list(layer, neuron, quadrant, source, d_mlp) AS
+    ((layer::BIGINT * d_mlp + neuron) * 4 + quadrant) * 6 + source;
+CREATE MACRO example_token_key(token_id, role, list, n_layers, d_mlp) AS
+    (token_id::BIGINT * 2 + role) * (n_layers * d_mlp * 24) + list;
+-- The entries of examples and samples count their rows in table order, gaps
+-- only where a list is short, so that they cost the file almost nothing.
+CREATE MACRO example_entry(layer, neuron, quadrant, hook, rank, d_mlp, k) AS
+    (((layer::BIGINT * d_mlp + neuron) * 4 + quadrant) * 4 + hook) * k + rank;
+CREATE MACRO sample_entry(layer, neuron, quadrant, kind, place, d_mlp, n_random, n_per_interval) AS
+    ((layer::BIGINT * d_mlp + neuron) * 4 + quadrant) * (n_random + 4 * n_per_interval) + kind * n_random + place;
+
+CREATE VIEW example_token_lists AS
+SELECT token_id, role, layer, neuron, quadrant,
+       (CASE WHEN source < 4 THEN source ELSE 0 END)::TINYINT AS hook,      -- the list's hook; 0 for samples
+       (CASE WHEN source < 4 THEN 0 ELSE source - 3 END)::TINYINT AS kind,  -- 0 top, 1 random, 2 interval
+       matches, best_rank,
+       CASE WHEN source < 4 THEN example_entry(layer, neuron, quadrant, source, best_rank, d_mlp, k)
+            ELSE sample_entry(layer, neuron, quadrant, source - 4, best_rank, d_mlp, n_random, n_per_interval)
+       END AS best_entry,  -- in examples (kind 0) or samples
+       key
+FROM (SELECT t.*, m.*,
+             (key // (n_layers * d_mlp * 24) // 2)::INTEGER AS token_id,
+             (key // (n_layers * d_mlp * 24) % 2)::TINYINT AS role,
+             (key % (n_layers * d_mlp * 24) // (d_mlp * 24))::SMALLINT AS layer,
+             (key // 24 % d_mlp)::INTEGER AS neuron,
+             (key // 6 % 4)::TINYINT AS quadrant,
+             (key % 6)::TINYINT AS source
+      FROM example_tokens t, (SELECT n_layers, d_mlp, k, n_random, n_per_interval FROM metadata) m);
 
 -- float16 bit pattern (as SMALLINT) -> FLOAT, for reading windows in SQL.
 CREATE MACRO f16(h) AS (

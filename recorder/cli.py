@@ -171,6 +171,8 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
     for name, value in (("--batch-size", args.batch_size), ("--k", args.k)):
         if value < 1:
             raise UserError(f"{name} must be at least 1")
+    if args.k > 128:  # ranks are TINYINT (schema.sql)
+        raise UserError("--k must be at most 128")
     if args.window_before < 0 or args.window_after < 0:
         raise UserError("--window-before and --window-after must not be negative")
     if args.calibration_batches < 0:

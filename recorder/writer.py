@@ -112,17 +112,27 @@ BLOCK_SIZE = 65536
 
 EXAMPLE_TOKENS_MEMORY = os.environ.get("GLUSCOPE_WRITE_MEMORY", "4GB")
 
+# The `entry` of examples and samples (schema.sql), as SQL over their other columns and the file's metadata,
+# which is written first.
+EXAMPLE_ENTRY = ("example_entry(layer, neuron, quadrant, hook, rank, (SELECT d_mlp FROM metadata), "
+                 "(SELECT k FROM metadata)) AS entry")
+SAMPLE_ENTRY = ("sample_entry(layer, neuron, quadrant, kind, interval * (SELECT n_per_interval FROM metadata) + rank, "
+                "(SELECT d_mlp FROM metadata), (SELECT n_random FROM metadata), (SELECT n_per_interval FROM metadata)) "
+                "AS entry")
+
 # The activation-side token index (schema.sql, example_tokens), in SQL over
 # what is already in the file, so a recording and a merge build it alike.
 # DuckDB lists are 1-based: the token at position p is token_ids[p + 1], the
 # next one token_ids[p + 2] (NULL past the text's end). Samples list one
 # value per quadrant, not per hook: they are indexed as hook_post.
-EXAMPLE_TOKENS = """
+EXAMPLE_TOKENS = f"""
 INSERT INTO example_tokens
 WITH listed AS (
-    SELECT layer, neuron, quadrant, hook, 0 AS kind, rank, value, text_id, position FROM examples
+    SELECT layer, neuron, quadrant, hook AS source, rank AS place, text_id, position FROM examples
     UNION ALL
-    SELECT layer, neuron, quadrant, 0, 1 + kind, rank, act * x_in, text_id, position FROM samples
+    SELECT layer, neuron, quadrant, {N_H} + kind, interval * (SELECT n_per_interval FROM metadata) + rank,
+           text_id, position
+    FROM samples
 ), tokens AS (
     SELECT l.*, t.token_ids[l.position + 1] AS focus, t.token_ids[l.position + 2] AS next
     FROM listed l JOIN texts t USING (text_id)
@@ -131,11 +141,12 @@ WITH listed AS (
     UNION ALL
     SELECT next, 1, * EXCLUDE (focus, next) FROM tokens WHERE next IS NOT NULL
 )
-SELECT token_id, role, layer, neuron, quadrant, hook, kind, count(*) AS matches, min(rank) AS best_rank,
-       arg_min(value, (rank, -abs(value))) AS best_value  -- interval lists repeat ranks: the larger |value| wins
-FROM roles
-GROUP BY token_id, role, layer, neuron, quadrant, hook, kind
-ORDER BY token_id, role, layer, neuron, quadrant, hook, kind
+SELECT example_token_key(token_id, role, example_list(layer, neuron, quadrant, source, m.d_mlp), m.n_layers, m.d_mlp)
+           AS key,
+       count(*) AS matches, min(place) AS best_rank
+FROM roles, (SELECT n_layers, d_mlp FROM metadata) m
+GROUP BY key
+ORDER BY key
 """
 
 
@@ -170,8 +181,8 @@ class DatabaseWriter:
         else:
             self.abort()
 
-    def _insert(self, table: str, data: pa.Table) -> None:
-        insert(self.con, table, data)
+    def _insert(self, table: str, data: pa.Table, computed: str = "") -> None:
+        insert(self.con, table, data, computed)
 
     def write_metadata(self, meta: dict[str, Any]) -> None:
         columns = [row[0] for row in self.con.execute("DESCRIBE metadata").fetchall()]
@@ -259,7 +270,7 @@ class DatabaseWriter:
             "value": pa.array(ex(r.example_value)[keep].astype(np.float32)),
             "text_id": pa.array(text[keep].astype(np.int32)),
             "position": pa.array(ex(r.example_pos)[keep].astype(np.int16)),
-        }))
+        }), EXAMPLE_ENTRY)
 
         self._write_distributions(layer, r)
 
@@ -355,7 +366,7 @@ class DatabaseWriter:
             "x_gate": pa.array(r.sample_gate.reshape(-1)[keep].astype(np.float32)),
             "x_in": pa.array(r.sample_in.reshape(-1)[keep].astype(np.float32)),
             "act": pa.array(r.sample_act.reshape(-1)[keep].astype(np.float32)),
-        }))
+        }), SAMPLE_ENTRY)
 
     def write_histogram_bins(self) -> None:
         """The fixed bins of `histograms` and `density` (rules.py): the same in every file."""
@@ -384,11 +395,11 @@ class DatabaseWriter:
             Path(str(self.tmp_path) + ".wal").unlink(missing_ok=True)
 
 
-def insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
-    """One bulk INSERT of an Arrow table, its columns matched by name."""
+def insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, computed: str = "") -> None:
+    """One bulk INSERT of an Arrow table, its columns matched by name; `computed`: more columns, as SQL over them."""
     con.register("_batch", data)
     try:
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT *{', ' if computed else ''}{computed} FROM _batch")
     finally:
         con.unregister("_batch")
 

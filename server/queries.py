@@ -271,38 +271,52 @@ ORDER BY rank
 def example_tokens_search(n: int) -> str:
     """The lists whose examples hold any of n tokens ($t0 ...) in one role, filtered, best first.
 
-    example_tokens is sorted by token_id, so each token is one range that the
-    zonemaps find; a UNION ALL of one lookup per token keeps that pruning
-    (an IN list may not). An example holds one token per role, so summing
-    over the tokens counts the list's examples that hold any of them. One
-    token needs no sum: its rows are the answer, and a top-N over them costs
-    a third of a hash aggregate (the demo's ' the' as the next token: 167k
-    rows, 450 ms aggregated on one thread of this loaded machine).
-    Optional filters are NULL when not given.
+    Ranked by matches, then by how early in its list the first match sits
+    (best_rank), then in list order (the top lists by hook, then random,
+    then interval); best_entry is that first match's `entry` in examples
+    (kind 0) or samples (EXAMPLE_VALUES). Each token's rows
+    in the layer range are one range of example_tokens' sorted keys, which
+    the zonemaps find; a UNION ALL of one range per token keeps that pruning.
+    An example holds one token per role, so summing over the tokens counts the
+    list's examples that hold any of them; one token needs no sum, and a top-N
+    over its rows costs a third of a hash aggregate. Optional filters are
+    NULL when not given.
     """
-    filters = """layer BETWEEN $lo AND $hi
-      AND ($quadrant IS NULL OR quadrant = $quadrant)
+    def rows(i: int) -> str:
+        def key(layer: str) -> str:
+            return f"example_token_key($t{i}, $role, example_list({layer}, 0, 0, 0, $d_mlp), $n_layers, $d_mlp)"
+        return f"SELECT * FROM example_token_lists WHERE key >= {key('$lo')} AND key < {key('$hi + 1')}"
+
+    filters = """($quadrant IS NULL OR quadrant = $quadrant)
       AND ($hook IS NULL OR hook = $hook)
       AND ($kind IS NULL OR kind = $kind)"""
-    order = "ORDER BY matches DESC, abs(best_value) DESC, layer, neuron, quadrant, hook, kind\nLIMIT $limit"
+    order = "ORDER BY matches DESC, best_rank, layer, neuron, quadrant, kind, hook\nLIMIT $limit"
     if n == 1:
         return f"""
-SELECT layer, neuron, quadrant, hook, kind, matches::INTEGER AS matches, best_rank, best_value
-FROM example_tokens
-WHERE token_id = $t0 AND role = $role AND {filters}
+SELECT layer, neuron, quadrant, hook, kind, matches::INTEGER AS matches, best_rank, best_entry
+FROM ({rows(0)})
+WHERE {filters}
 {order}
 """
-    branches = " UNION ALL ".join(
-        f"SELECT * FROM example_tokens WHERE token_id = $t{i} AND role = $role" for i in range(n))
     return f"""
 SELECT * FROM (
     SELECT layer, neuron, quadrant, hook, kind, sum(matches)::INTEGER AS matches, min(best_rank) AS best_rank,
-           arg_min(best_value, (best_rank, -abs(best_value))) AS best_value
-    FROM ({branches})
+           min(best_entry) AS best_entry
+    FROM ({" UNION ALL ".join(rows(i) for i in range(n))})
     WHERE {filters}
     GROUP BY layer, neuron, quadrant, hook, kind
 )
 {order}
+"""
+
+
+# The values of the search's shown examples by entry (schema.sql, example_token_lists.best_entry): $top from
+# examples, $sampled (hook_post) from samples. Both tables are sorted by entry, so the zonemaps find each one's
+# row group.
+EXAMPLE_VALUES = """
+SELECT entry, value FROM examples WHERE entry IN (SELECT unnest($top::BIGINT[]))
+UNION ALL
+SELECT entry, act * x_in FROM samples WHERE entry IN (SELECT unnest($sampled::BIGINT[]))
 """
 
 

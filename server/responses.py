@@ -297,8 +297,8 @@ class ExampleHit(Body):
     hook: Hook = Field(description="the list's value; samples (kinds random, interval) are listed as hook_post")
     kind: ExampleKind
     matches: int = Field(description="examples of the list holding the token in the searched role")
-    best_rank: int = Field(description="the smallest rank among them (0 = most extreme)")
-    best_value: float | None = Field(description="that example's value")
+    best_rank: int = Field(description="the place of the first of them in its list: the rank (0 = most extreme, or first drawn), for interval lists interval × n_per_interval + rank")
+    best_value: float | None = Field(description="that example's value (samples: hook_post)")
 
 
 class TokenSearch(Body):

@@ -181,13 +181,16 @@ def _example_hits(db: Database, ids: list[int], role: int, quadrant: int | None,
     if not ids:
         return []
     params: dict[str, Any] = {"role": role, "lo": lo, "hi": hi, "quadrant": quadrant, "hook": hook, "kind": kind,
-                              "limit": limit}
+                              "limit": limit, "n_layers": db.n_layers, "d_mlp": db.d_mlp}
     params.update({f"t{i}": t for i, t in enumerate(ids)})
     rows = db.query(queries.example_tokens_search(len(ids)), params)
+    # Only the shown examples' values are read: the index holds none (schema.sql, example_tokens).
+    entries = {"top": [r[7] for r in rows if r[4] == 0], "sampled": [r[7] for r in rows if r[4] != 0]}
+    values = dict(db.query(queries.EXAMPLE_VALUES, entries)) if rows else {}
     return [{"layer": layer, "neuron": neuron, "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q],
              "hook": HOOKS[h], "kind": EXAMPLE_KINDS[k], "matches": matches, "best_rank": best_rank,
-             "best_value": _num(best_value)}
-            for layer, neuron, q, h, k, matches, best_rank, best_value in rows]
+             "best_value": _num(values.get(entry))}
+            for layer, neuron, q, h, k, matches, best_rank, entry in rows]
 
 
 def suggestions_data(db: Database, q: str, limit: int = 12) -> dict[str, Any]:

@@ -220,6 +220,7 @@ def test_related_equal_brute_force(arch, llama, corpus, tmp_path_factory):
 def brute_example_search(con, token_ids: set[int], role: int) -> dict[tuple, tuple[int, int, float]]:
     """(layer, neuron, quadrant, hook, kind) -> (matches, best rank, its value), from examples and texts alone."""
     texts = dict(con.execute("SELECT text_id, token_ids FROM texts").fetchall())
+    (n_per_interval,), = con.execute("SELECT n_per_interval FROM metadata").fetchall()
     lists: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
     for layer, neuron, q, h, rank, value, text_id, position in con.execute(
             "SELECT layer, neuron, quadrant, hook, rank, value, text_id, position FROM examples").fetchall():
@@ -227,20 +228,22 @@ def brute_example_search(con, token_ids: set[int], role: int) -> dict[tuple, tup
         at = position + role
         if at < len(ids) and ids[at] in token_ids:
             lists[(layer, neuron, q, h, 0)].append((rank, value))
-    # The sampled examples (kinds random, interval) are indexed under hook_post, with their hook_post value.
-    for layer, neuron, q, kind, rank, act, x_in, text_id, position in con.execute(
-            "SELECT layer, neuron, quadrant, kind, rank, act, x_in, text_id, position FROM samples").fetchall():
+    # The sampled examples (kinds random, interval) are indexed under hook_post, with their hook_post value; an
+    # interval list's place of an example counts the intervals before it as full.
+    for layer, neuron, q, kind, interval, rank, act, x_in, text_id, position in con.execute(
+            "SELECT layer, neuron, quadrant, kind, interval, rank, act, x_in, text_id, position FROM samples").fetchall():
         ids = texts[text_id]
         at = position + role
         if at < len(ids) and ids[at] in token_ids:
-            lists[(layer, neuron, q, 0, 1 + kind)].append((rank, float(np.float32(act) * np.float32(x_in))))
-    # The best is the lowest rank; interval lists repeat ranks (one list per interval), and then the larger |value|.
-    best = {key: min(found, key=lambda e: (e[0], -abs(e[1]))) for key, found in lists.items()}
-    return {key: (len(found), *best[key]) for key, found in lists.items()}
+            lists[(layer, neuron, q, 0, 1 + kind)].append((interval * n_per_interval + rank,
+                                                           float(np.float32(act) * np.float32(x_in))))
+    return {key: (len(found), *min(found)) for key, found in lists.items()}
 
 
 def _ranked(found: dict, limit: int) -> list[tuple]:
-    rows = sorted(found.items(), key=lambda kv: (-kv[1][0], -abs(kv[1][2]), kv[0]))
+    """Most matches first, then the earliest first match, then in list order: layer, neuron, quadrant, the top
+    lists by hook, then random, then interval."""
+    rows = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[0][:3], kv[0][4], kv[0][3]))
     return [(*key, *value) for key, value in rows[:limit]]
 
 
@@ -257,11 +260,37 @@ def test_example_tokens_index_equals_brute_force(con):
         for token in _frequent_tokens(con, role, 3):
             want = brute_example_search(con, {token}, role)
             got = {(l, n, q, h, k): (m, r, v) for l, n, q, h, k, m, r, v in con.execute(
-                "SELECT layer, neuron, quadrant, hook, kind, matches, best_rank, best_value FROM example_tokens "
-                "WHERE token_id = ? AND role = ?", [token, role]).fetchall()}
+                "SELECT i.layer, i.neuron, i.quadrant, i.hook, i.kind, i.matches, i.best_rank, "
+                "       coalesce(e.value, s.act * s.x_in) "
+                "FROM example_token_lists i LEFT JOIN examples e ON i.kind = 0 AND e.entry = i.best_entry "
+                "LEFT JOIN samples s ON i.kind > 0 AND s.entry = i.best_entry "
+                "WHERE i.token_id = ? AND i.role = ?", [token, role]).fetchall()}
             assert got.keys() == want.keys() and want, (token, role)
             for key, (matches, best_rank, value) in want.items():
                 assert got[key][:2] == (matches, best_rank) and got[key][2] == pytest.approx(value), (token, key)
+
+
+def test_entries_and_keys_follow_the_documented_formulas(con):
+    """examples.entry, samples.entry and example_tokens.key against schema.sql's formulas, written out here."""
+    (n_layers, d_mlp, k, n_random, n_per), = con.execute(
+        "SELECT n_layers, d_mlp, k, n_random, n_per_interval FROM metadata").fetchall()
+    for table, formula in (
+            ("examples", lambda l, n, q, h, r, i: (((l * d_mlp + n) * 4 + q) * 4 + h) * k + r),
+            ("samples", lambda l, n, q, kind, r, i: ((l * d_mlp + n) * 4 + q) * (n_random + 4 * n_per)
+                                                     + kind * n_random + i * n_per + r)):
+        second, third = ("hook", "0") if table == "examples" else ("kind", "interval")
+        rows = con.execute(f"SELECT layer, neuron, quadrant, {second}, rank, {third}, entry FROM {table}").fetchall()
+        assert rows and all(e == formula(*r) for *r, e in rows), table
+        entries = [r[-1] for r in rows]
+        assert entries == sorted(entries) and len(set(entries)) == len(entries), table
+    keys = [key for (key,) in con.execute("SELECT key FROM example_tokens").fetchall()]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    lists = n_layers * d_mlp * 24
+    decoded = con.execute("SELECT key, token_id, role, layer, neuron, quadrant, hook, kind FROM example_token_lists "
+                          "USING SAMPLE 500 ROWS (reservoir, 1)").fetchall()
+    for key, token_id, role, layer, neuron, quadrant, hook, kind in decoded:
+        source = hook if kind == 0 else 3 + kind
+        assert key == (token_id * 2 + role) * lists + ((layer * d_mlp + neuron) * 4 + quadrant) * 6 + source
 
 
 # --- the API -----------------------------------------------------------------

@@ -27,7 +27,7 @@ TABLES = {
     "weight_tokens": "layer, neuron, kind, rank",
     "token_neurons": "token_id, kind, rank",
     "related": "layer, neuron, direction, via, rank",
-    "example_tokens": "token_id, role, layer, neuron, quadrant, hook, kind",
+    "example_tokens": "key",
     "histogram_bins": "axis, bin",
     "histograms": "layer, neuron, quadrant, hook",
     "density": "layer, neuron, gate_bin",
