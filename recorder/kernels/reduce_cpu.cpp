@@ -25,8 +25,15 @@
 #include <limits>
 #include <omp.h>
 #include <vector>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+// Where the CPU has AVX-512, distributions() makes each of a row's counts one gather and one scatter over the
+// block instead of 16 scalar increments.
+#if defined(__AVX512F__)
+#define GLUSCOPE_SCATTER 1
+#else
+#define GLUSCOPE_SCATTER 0
 #endif
 
 namespace {
@@ -229,27 +236,53 @@ constexpr bool formulas_hold() {
 }
 static_assert(formulas_hold(), "rules.py's quadrant codes or list signs changed: update distributions()");
 
+constexpr int HIST_PER_NEURON = N_QUADRANTS * N_HIST_HOOKS * HIST_SLOTS, D = 2 * DENSITY_MAG_BINS;
+
+// A block's histograms and density, counted in 32 bits (what 32-bit gathers and scatters take, and half the
+// size of int64) and added to the layer's int64 counts at the end of the block, or before they could
+// overflow. Laid out as the layer's, from neuron j0.
+struct BlockCounts {
+  using Count = uint32_t;
+  // A count grows by at most one per row, so none overflows within this many rows.
+  static constexpr int64_t ROWS = std::numeric_limits<Count>::max();
+  std::vector<Count> hist = std::vector<Count>(BLOCK * HIST_PER_NEURON);
+  std::vector<Count> density = std::vector<Count>(BLOCK * D * D);
+  int64_t rows = 0;  // since the last flush
+
+  void flush(const ReduceArgs* args, int64_t j0, int w) {
+    add(args->hist + j0 * HIST_PER_NEURON, hist.data(), w * HIST_PER_NEURON);
+    add(args->density + j0 * D * D, density.data(), w * D * D);
+    rows = 0;
+  }
+  static void add(int64_t* __restrict__ layer, Count* __restrict__ block, int64_t size) {
+    for (int64_t i = 0; i < size; ++i) layer[i] += block[i];
+    std::fill(block, block + size, Count(0));
+  }
+};
+
 // One text's histograms, density and sample candidates for a block of w neurons from j0, from the block's
 // x_gate, x_in (after the weight convention) and act, which the main loop left in lg, li and la ([t, BLOCK]).
 void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t length,
                    const float (&bnd)[N_QUADRANTS][3][BLOCK], const uint32_t (&salt)[BLOCK], const float* lg,
-                   const float* li, const float* la) {
+                   const float* li, const float* la, BlockCounts& counts) {
   constexpr int NQ = N_QUADRANTS, NC = N_QUADRANTS * N_INTERVALS;
-  constexpr int HIST_PER_NEURON = NQ * N_HIST_HOOKS * HIST_SLOTS, D = 2 * DENSITY_MAG_BINS;
   const int32_t parts = args->parts;
+  BlockCounts::Count* __restrict__ hist = counts.hist.data();
+  BlockCounts::Count* __restrict__ density = counts.density.data();
   const int32_t tid = int32_t(args->text_ids[b]);
   const uint32_t text_hash = fmix32(uint32_t(args->seed) ^ uint32_t(tid));
-  int64_t* __restrict__ hist = args->hist + j0 * HIST_PER_NEURON;
-  int64_t* __restrict__ density = args->density + j0 * D * D;
   // Per text, (quadrant, interval) cell and neuron of the block: the smallest hash and its position.
   alignas(64) uint32_t best_hash[NC * BLOCK];
   alignas(64) int32_t best_pos[NC * BLOCK];
   std::fill(best_hash, best_hash + NC * BLOCK, HASH_EMPTY);
   std::fill(best_pos, best_pos + NC * BLOCK, 0);
-  // One row of the block at a time: its codes vectorised over the block, then the counts (scattered, so
-  // scalar); consecutive increments go to different neurons, so they never wait on each other.
+  // One row of the block at a time: its codes vectorised over the block, then the counts, scattered.
   alignas(64) int32_t c_row[BLOCK], h_row[N_HIST_HOOKS * BLOCK], d_row[BLOCK];
   alignas(64) uint32_t s_row[BLOCK];
+#if GLUSCOPE_SCATTER
+  static_assert(BLOCK == 16, "a row of the block is one __m512i of int32");
+  const __mmask16 lanes = __mmask16((1u << w) - 1);
+#endif
   for (int64_t t = 1; t < length; ++t) {
     const float* __restrict__ g_row = lg + t * BLOCK;
     const float* __restrict__ i_row = li + t * BLOCK;
@@ -283,6 +316,30 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
                   signed_offset(density_mag(u_in), n_in);
       s_row[jj] = ((th ^ salt[jj]) * GOLDEN) >> 1;
     }
+    if (counts.rows == BlockCounts::ROWS) counts.flush(args, j0, w);
+    ++counts.rows;
+#if GLUSCOPE_SCATTER
+    // Every lane's count and cell is its own neuron's, so no two lanes of a scatter share an address.
+    const __m512i cv = _mm512_load_si512(c_row), one = _mm512_set1_epi32(1);
+    const __mmask16 in = _mm512_mask_cmpge_epi32_mask(lanes, cv, _mm512_setzero_si512());  // c < 0: in no quadrant
+    auto increment = [&](BlockCounts::Count* table, const int32_t* row) {
+      const __m512i at = _mm512_load_si512(row);
+      const __m512i v = _mm512_mask_i32gather_epi32(one, in, at, table, sizeof(BlockCounts::Count));
+      _mm512_mask_i32scatter_epi32(table, in, at, _mm512_add_epi32(v, one), sizeof(BlockCounts::Count));
+    };
+    if (parts & PART_HIST) {
+      increment(hist, h_row);
+      increment(hist, h_row + BLOCK);
+      increment(hist, h_row + 2 * BLOCK);
+    }
+    if (parts & PART_DENSITY) increment(density, d_row);
+    const __m512i sv = _mm512_load_si512(s_row);
+    const __m512i bh = _mm512_mask_i32gather_epi32(sv, in, cv, best_hash, 4);
+    const __mmask16 enters = _mm512_mask_cmplt_epu32_mask(in, sv, bh);  // strict: the lower position wins a tie
+    _mm512_mask_i32scatter_epi32(best_hash, enters, cv, sv, 4);
+    _mm512_mask_i32scatter_epi32(best_pos, enters, cv, _mm512_set1_epi32(int32_t(t)), 4);
+#else
+    // Consecutive increments go to different neurons, so they never wait on each other.
     for (int jj = 0; jj < w; ++jj) {
       const int32_t c = c_row[jj];
       if (c < 0) continue;
@@ -297,6 +354,7 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
         best_pos[c] = int32_t(t);
       }
     }
+#endif
   }
   if (!(parts & PART_SAMPLING)) return;
   for (int jj = 0; jj < w; ++jj) {
@@ -356,6 +414,7 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
   // This text's x_gate and x_in of the block, contiguous, for the windows of entering examples.
   // act too, for the distributions.
   std::vector<float> local_g(max_length * BLOCK), local_in(max_length * BLOCK), local_a(max_length * BLOCK);
+  BlockCounts block_counts;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * BLOCK;
@@ -482,8 +541,11 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
                   before, after);
         }
       }
-      if (parts) distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data());
+      if (parts)
+        distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data(),
+                      block_counts);
     }
+    if (parts & (PART_HIST | PART_DENSITY)) block_counts.flush(args, j0, w);
     for (int jj = 0; jj < w; ++jj) {
       const int64_t j = j0 + jj;
       for (int q = 0; q < NQ; ++q) counts[j * NQ + q] += cnt[q][jj];
