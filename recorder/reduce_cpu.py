@@ -66,7 +66,7 @@ STATE = (
     ("top_slot", ctypes.c_int32, "n L k", 0),     # the window row each entry owns
     ("win_gate", ctypes.c_uint16, "n L k W", 0),  # float16 bits, by slot
     ("win_in", ctypes.c_uint16, "n L k W", 0),
-    # Distributions: H = 3 histogram hooks, S = HIST_SLOTS, D = 44 density bins, R = SAMPLE_SLOTS per quadrant.
+    # Distributions: H = 3 histogram hooks, S = HIST_SLOTS, D = 2 * DENSITY_MAG_BINS signed density bins, R = SAMPLE_SLOTS per quadrant.
     ("hist", ctypes.c_int64, "n Q H S", 0),
     ("density", ctypes.c_int64, "n D D", 0),
     ("samp_hash", ctypes.c_int64, "n Q R", -1),   # sorted within each list, smallest first
