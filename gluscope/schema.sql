@@ -154,8 +154,7 @@ CREATE TABLE examples (
     rank     TINYINT  NOT NULL,
     value    FLOAT    NOT NULL,
     text_id  INTEGER  NOT NULL,
-    position SMALLINT NOT NULL,
-    entry    BIGINT   NOT NULL   -- example_entry(layer, neuron, quadrant, hook, rank, d_mlp, k): one number per row, ascending
+    position SMALLINT NOT NULL
 );
 
 -- x_gate and x_in of one neuron around each distinct example token (of
@@ -266,8 +265,7 @@ CREATE TABLE samples (
     position SMALLINT NOT NULL,
     x_gate   FLOAT    NOT NULL,  -- the token's values; hook_post = act * x_in
     x_in     FLOAT    NOT NULL,  -- (after the weight convention)
-    act      FLOAT    NOT NULL,
-    entry    BIGINT   NOT NULL   -- sample_entry(layer, neuron, quadrant, kind, interval * n_per_interval + rank, d_mlp, n_random, n_per_interval)
+    act      FLOAT    NOT NULL
 );
 
 -- For each token and weight kind, the 32 neurons of the whole model with
@@ -310,9 +308,9 @@ CREATE TABLE related (
 -- example_token_key, and the table is sorted by it: a token's rows (and
 -- within them a range of layers) are one range of keys, and the file stores
 -- the differences between keys, a few bits each, rather than each column in
--- full. The values of the examples are not repeated here: best_rank and the
--- list give the `entry` of the first matching example in examples or samples
--- (best_entry in the view example_token_lists, which decodes the keys).
+-- full. The examples' values are not repeated here: best_rank says which
+-- example of the list to read. example_token_rows and the view
+-- example_token_lists decode the keys.
 CREATE TABLE example_tokens (
     key       BIGINT   NOT NULL,  -- example_token_key(token_id, role, list, n_layers, d_mlp)
     matches   SMALLINT NOT NULL,  -- examples of the list with this token in this role
@@ -323,30 +321,26 @@ CREATE MACRO example_list(layer, neuron, quadrant, source, d_mlp) AS
     ((layer::BIGINT * d_mlp + neuron) * 4 + quadrant) * 6 + source;
 CREATE MACRO example_token_key(token_id, role, list, n_layers, d_mlp) AS
     (token_id::BIGINT * 2 + role) * (n_layers * d_mlp * 24) + list;
--- The entries of examples and samples count their rows in table order, gaps
--- only where a list is short, so that they cost the file almost nothing.
-CREATE MACRO example_entry(layer, neuron, quadrant, hook, rank, d_mlp, k) AS
-    (((layer::BIGINT * d_mlp + neuron) * 4 + quadrant) * 4 + hook) * k + rank;
-CREATE MACRO sample_entry(layer, neuron, quadrant, kind, place, d_mlp, n_random, n_per_interval) AS
-    ((layer::BIGINT * d_mlp + neuron) * 4 + quadrant) * (n_random + 4 * n_per_interval) + kind * n_random + place;
 
+-- example_tokens' rows with keys in lo .. hi - 1, decoded, given the file's
+-- n_layers and d_mlp; a token's rows in layers a .. b are the keys from
+-- example_token_key(token_id, role, example_list(a, 0, 0, 0, d_mlp), ...) up
+-- to that of layer b + 1.
+CREATE MACRO example_token_rows(lo, hi, n_layers, d_mlp) AS TABLE
+SELECT (key // (n_layers * d_mlp * 24) // 2)::INTEGER AS token_id,
+       (key // (n_layers * d_mlp * 24) % 2)::TINYINT AS role,
+       (key % (n_layers * d_mlp * 24) // (d_mlp * 24))::SMALLINT AS layer,
+       (key // 24 % d_mlp)::INTEGER AS neuron,
+       (key // 6 % 4)::TINYINT AS quadrant,
+       (CASE WHEN key % 6 < 4 THEN key % 6 ELSE 0 END)::TINYINT AS hook,      -- the list's hook; 0 for samples
+       (CASE WHEN key % 6 < 4 THEN 0 ELSE key % 6 - 3 END)::TINYINT AS kind,  -- 0 top, 1 random, 2 interval
+       matches, best_rank, key
+FROM example_tokens
+WHERE key >= lo AND key < hi;
+
+-- Every row of example_tokens, decoded.
 CREATE VIEW example_token_lists AS
-SELECT token_id, role, layer, neuron, quadrant,
-       (CASE WHEN source < 4 THEN source ELSE 0 END)::TINYINT AS hook,      -- the list's hook; 0 for samples
-       (CASE WHEN source < 4 THEN 0 ELSE source - 3 END)::TINYINT AS kind,  -- 0 top, 1 random, 2 interval
-       matches, best_rank,
-       CASE WHEN source < 4 THEN example_entry(layer, neuron, quadrant, source, best_rank, d_mlp, k)
-            ELSE sample_entry(layer, neuron, quadrant, source - 4, best_rank, d_mlp, n_random, n_per_interval)
-       END AS best_entry,  -- in examples (kind 0) or samples
-       key
-FROM (SELECT t.*, m.*,
-             (key // (n_layers * d_mlp * 24) // 2)::INTEGER AS token_id,
-             (key // (n_layers * d_mlp * 24) % 2)::TINYINT AS role,
-             (key % (n_layers * d_mlp * 24) // (d_mlp * 24))::SMALLINT AS layer,
-             (key // 24 % d_mlp)::INTEGER AS neuron,
-             (key // 6 % 4)::TINYINT AS quadrant,
-             (key % 6)::TINYINT AS source
-      FROM example_tokens t, (SELECT n_layers, d_mlp, k, n_random, n_per_interval FROM metadata) m);
+SELECT * FROM example_token_rows(0, 9223372036854775807, (SELECT n_layers FROM metadata), (SELECT d_mlp FROM metadata));
 
 -- float16 bit pattern (as SMALLINT) -> FLOAT, for reading windows in SQL.
 CREATE MACRO f16(h) AS (

@@ -41,7 +41,7 @@ import torch
 
 from gluscope.errors import UserError
 from gluscope.recorder import rules
-from gluscope.recorder.writer import EXAMPLE_ENTRY, SAMPLE_ENTRY, DatabaseWriter
+from gluscope.recorder.writer import DatabaseWriter
 from gluscope.schema import COUNT_COLUMNS
 
 # Metadata columns in which the shards of one run differ; every other column must agree.
@@ -186,21 +186,19 @@ def _statements(n: int, k: int, n_random: int, n_per_interval: int) -> list[str]
             SELECT layer, neuron, quadrant, hook, min(min), max(max),
                    sum(mean * n_quadrant) FILTER (WHERE n_quadrant > 0) / nullif(sum(n_quadrant), 0)
             FROM ({per_shard_stats}) GROUP BY ALL ORDER BY layer, neuron, quadrant, hook""",
-        f"""INSERT INTO examples BY NAME
-            SELECT *, {EXAMPLE_ENTRY} FROM (
-                SELECT layer, neuron, quadrant, hook, (row_number() OVER w - 1) AS rank, value, text_id, position
-                FROM ({union('examples')})
-                WINDOW w AS (PARTITION BY layer, neuron, quadrant, hook ORDER BY abs(value) DESC, text_id, position)
-                QUALIFY row_number() OVER w <= {k})
+        f"""INSERT INTO examples
+            SELECT layer, neuron, quadrant, hook, (row_number() OVER w - 1) AS rank, value, text_id, position
+            FROM ({union('examples')})
+            WINDOW w AS (PARTITION BY layer, neuron, quadrant, hook ORDER BY abs(value) DESC, text_id, position)
+            QUALIFY row_number() OVER w <= {k}
             ORDER BY layer, neuron, quadrant, hook, rank""",
-        f"""INSERT INTO samples BY NAME
-            SELECT *, {SAMPLE_ENTRY} FROM (
-                SELECT layer, neuron, quadrant, kind, interval, (row_number() OVER w - 1) AS rank, text_id,
-                       position, x_gate, x_in, act
-                FROM ({union('samples')})
-                WINDOW w AS (PARTITION BY layer, neuron, quadrant, kind, interval
-                             ORDER BY sample_hash(layer, neuron, text_id, position), text_id, position)
-                QUALIFY row_number() OVER w <= CASE kind WHEN 0 THEN {n_random} ELSE {n_per_interval} END)
+        f"""INSERT INTO samples
+            SELECT layer, neuron, quadrant, kind, interval, (row_number() OVER w - 1) AS rank, text_id,
+                   position, x_gate, x_in, act
+            FROM ({union('samples')})
+            WINDOW w AS (PARTITION BY layer, neuron, quadrant, kind, interval
+                         ORDER BY sample_hash(layer, neuron, text_id, position), text_id, position)
+            QUALIFY row_number() OVER w <= CASE kind WHEN 0 THEN {n_random} ELSE {n_per_interval} END
             ORDER BY layer, neuron, quadrant, kind, interval, rank""",
         # A shard's window of a token that is a sample but no longer a top example is a top example's full
         # window there: cut it as the writer cuts a sample's (rules.SAMPLE_WINDOW_BEFORE / _AFTER).

@@ -112,14 +112,6 @@ BLOCK_SIZE = 65536
 
 EXAMPLE_TOKENS_MEMORY = os.environ.get("GLUSCOPE_WRITE_MEMORY", "4GB")
 
-# The `entry` of examples and samples (schema.sql), as SQL over their other columns and the file's metadata,
-# which is written first.
-EXAMPLE_ENTRY = ("example_entry(layer, neuron, quadrant, hook, rank, (SELECT d_mlp FROM metadata), "
-                 "(SELECT k FROM metadata)) AS entry")
-SAMPLE_ENTRY = ("sample_entry(layer, neuron, quadrant, kind, interval * (SELECT n_per_interval FROM metadata) + rank, "
-                "(SELECT d_mlp FROM metadata), (SELECT n_random FROM metadata), (SELECT n_per_interval FROM metadata)) "
-                "AS entry")
-
 # The activation-side token index (schema.sql, example_tokens), in SQL over
 # what is already in the file, so a recording and a merge build it alike.
 # DuckDB lists are 1-based: the token at position p is token_ids[p + 1], the
@@ -181,8 +173,8 @@ class DatabaseWriter:
         else:
             self.abort()
 
-    def _insert(self, table: str, data: pa.Table, computed: str = "") -> None:
-        insert(self.con, table, data, computed)
+    def _insert(self, table: str, data: pa.Table) -> None:
+        insert(self.con, table, data)
 
     def write_metadata(self, meta: dict[str, Any]) -> None:
         columns = [row[0] for row in self.con.execute("DESCRIBE metadata").fetchall()]
@@ -270,7 +262,7 @@ class DatabaseWriter:
             "value": pa.array(ex(r.example_value)[keep].astype(np.float32)),
             "text_id": pa.array(text[keep].astype(np.int32)),
             "position": pa.array(ex(r.example_pos)[keep].astype(np.int16)),
-        }), EXAMPLE_ENTRY)
+        }))
 
         self._write_distributions(layer, r)
 
@@ -366,7 +358,7 @@ class DatabaseWriter:
             "x_gate": pa.array(r.sample_gate.reshape(-1)[keep].astype(np.float32)),
             "x_in": pa.array(r.sample_in.reshape(-1)[keep].astype(np.float32)),
             "act": pa.array(r.sample_act.reshape(-1)[keep].astype(np.float32)),
-        }), SAMPLE_ENTRY)
+        }))
 
     def write_histogram_bins(self) -> None:
         """The fixed bins of `histograms` and `density` (rules.py): the same in every file."""
@@ -395,11 +387,11 @@ class DatabaseWriter:
             Path(str(self.tmp_path) + ".wal").unlink(missing_ok=True)
 
 
-def insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, computed: str = "") -> None:
-    """One bulk INSERT of an Arrow table, its columns matched by name; `computed`: more columns, as SQL over them."""
+def insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+    """One bulk INSERT of an Arrow table, its columns matched by name."""
     con.register("_batch", data)
     try:
-        con.execute(f"INSERT INTO {table} BY NAME SELECT *{', ' if computed else ''}{computed} FROM _batch")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
     finally:
         con.unregister("_batch")
 

@@ -171,6 +171,7 @@ class Database:
     distributions: LRUCache = field(default_factory=lambda: LRUCache(DISTRIBUTION_CACHE_NEURONS), repr=False)
     _prepared: set[str] = field(default_factory=set, repr=False)
     _intervals: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _extremes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -210,6 +211,26 @@ class Database:
         q, i = np.nonzero(~np.isnan(lo))
         return {"quadrant": q.astype(np.int8), "interval": i.astype(np.int8),
                 "lo": lo[q, i].astype(np.float64), "hi": hi[q, i].astype(np.float64)}
+
+    def load_extremes(self) -> None:
+        """Read each list's most extreme value for top_example_value, once per process (readers do it as they start)."""
+        if self._extremes is None:
+            t = self.con.execute(queries.LIST_EXTREMES).fetchnumpy()
+            at = tuple(np.asarray(np.ma.getdata(t[c]), np.int64) for c in ("layer", "neuron", "quadrant", "hook"))
+            ok = np.all([(a >= 0) & (a < n) for a, n in zip(at, (self.n_layers, self.d_mlp, 4, 4))], axis=0)
+            extremes = np.full((self.n_layers, self.d_mlp, 4, 4), np.nan, np.float32)
+            extremes[tuple(a[ok] for a in at)] = np.ma.filled(np.ma.asarray(t["extreme"]).astype(np.float32), np.nan)[ok]
+            self._extremes = extremes
+
+    def top_example_value(self, layer: int, neuron: int, quadrant: int, hook: int) -> float:
+        """The value of the first example (rank 0) of a top list: the list's most extreme value, in value_stats.
+
+        Kept in memory as one [layers, neurons, quadrants, hooks] float32 array (23 MB for OLMo-7B), so that the
+        token search's usual answers, the lists whose strongest example holds the token, need no lookup of the
+        examples table: each costs about as much as reading a whole neuron.
+        """
+        self.load_extremes()
+        return float(self._extremes[layer, neuron, quadrant, hook])
 
     def prepared_columns(self, name: str, *args: int) -> dict[str, np.ndarray]:
         """queries.PREPARED[name] run on these integers, as one NumPy array per column (no object per value).

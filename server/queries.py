@@ -32,6 +32,12 @@ TEXT_TOKENS = "SELECT unnest(token_ids) AS token_id FROM texts"
 NEURONS = f"SELECT layer, neuron, {NEURON_COLUMNS} FROM neurons"
 
 VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_stats"
+# The value of each top list's first example: within a quadrant every value of a hook has one sign, so the
+# extreme is max or min, whichever is larger in magnitude (as rank 0 is the largest |value|).
+LIST_EXTREMES = """
+SELECT layer, neuron, quadrant, hook, CASE WHEN abs(max) >= abs(min) THEN max ELSE min END AS extreme
+FROM value_stats
+"""
 
 # A neuron's examples, all 16 lists, and its windows (stored once per text and
 # position), in one statement: the examples are the rows with part 0, and
@@ -272,36 +278,35 @@ def example_tokens_search(n: int) -> str:
     """The lists whose examples hold any of n tokens ($t0 ...) in one role, filtered, best first.
 
     Ranked by matches, then by how early in its list the first match sits
-    (best_rank), then in list order (the top lists by hook, then random,
-    then interval); best_entry is that first match's `entry` in examples
-    (kind 0) or samples (EXAMPLE_VALUES). Each token's rows
-    in the layer range are one range of example_tokens' sorted keys, which
-    the zonemaps find; a UNION ALL of one range per token keeps that pruning.
-    An example holds one token per role, so summing over the tokens counts the
-    list's examples that hold any of them; one token needs no sum, and a top-N
-    over its rows costs a third of a hash aggregate. Optional filters are
-    NULL when not given.
+    (best_rank), then the top lists before the random and interval ones
+    (the first example of a top list is the neuron's most extreme: the value
+    shown needs no lookup, Database.top_example_value), then by layer,
+    neuron, quadrant and hook. Each token's rows in the layer range
+    are one range of example_tokens' sorted keys, which the zonemaps find;
+    a UNION ALL of one range per token keeps that pruning. An example holds
+    one token per role, so summing over the tokens counts the list's examples
+    that hold any of them; one token needs no sum, and a top-N over its rows
+    costs a third of a hash aggregate. Optional filters are NULL when not given.
     """
     def rows(i: int) -> str:
         def key(layer: str) -> str:
             return f"example_token_key($t{i}, $role, example_list({layer}, 0, 0, 0, $d_mlp), $n_layers, $d_mlp)"
-        return f"SELECT * FROM example_token_lists WHERE key >= {key('$lo')} AND key < {key('$hi + 1')}"
+        return f"SELECT * FROM example_token_rows({key('$lo')}, {key('$hi + 1')}, $n_layers, $d_mlp)"
 
     filters = """($quadrant IS NULL OR quadrant = $quadrant)
       AND ($hook IS NULL OR hook = $hook)
       AND ($kind IS NULL OR kind = $kind)"""
-    order = "ORDER BY matches DESC, best_rank, layer, neuron, quadrant, kind, hook\nLIMIT $limit"
+    order = "ORDER BY matches DESC, best_rank, kind, layer, neuron, quadrant, hook\nLIMIT $limit"
     if n == 1:
         return f"""
-SELECT layer, neuron, quadrant, hook, kind, matches::INTEGER AS matches, best_rank, best_entry
+SELECT layer, neuron, quadrant, hook, kind, matches::INTEGER AS matches, best_rank
 FROM ({rows(0)})
 WHERE {filters}
 {order}
 """
     return f"""
 SELECT * FROM (
-    SELECT layer, neuron, quadrant, hook, kind, sum(matches)::INTEGER AS matches, min(best_rank) AS best_rank,
-           min(best_entry) AS best_entry
+    SELECT layer, neuron, quadrant, hook, kind, sum(matches)::INTEGER AS matches, min(best_rank) AS best_rank
     FROM ({" UNION ALL ".join(rows(i) for i in range(n))})
     WHERE {filters}
     GROUP BY layer, neuron, quadrant, hook, kind
@@ -310,14 +315,19 @@ SELECT * FROM (
 """
 
 
-# The values of the search's shown examples by entry (schema.sql, example_token_lists.best_entry): $top from
-# examples, $sampled (hook_post) from samples. Both tables are sorted by entry, so the zonemaps find each one's
-# row group.
-EXAMPLE_VALUES = """
-SELECT entry, value FROM examples WHERE entry IN (SELECT unnest($top::BIGINT[]))
-UNION ALL
-SELECT entry, act * x_in FROM samples WHERE entry IN (SELECT unnest($sampled::BIGINT[]))
-"""
+def example_values_sql(kinds: list[int]) -> str:
+    """The values of examples (kind 0) and samples (1 random, 2 interval: hook_post), one per kind given, as
+    (i, value): example i is at layer $l{i}, neuron $n{i}, quadrant $q{i}, hook $h{i} (examples) and place $r{i}
+    in its list (schema.sql, example_tokens.best_rank). One lookup each, joined by UNION ALL: each is pruned
+    to its neuron's row group by the zonemaps."""
+    def one(i: int, kind: int) -> str:
+        at = f"layer = $l{i} AND neuron = $n{i} AND quadrant = $q{i}"
+        if kind == 0:
+            return f"SELECT {i} AS i, value FROM examples WHERE {at} AND hook = $h{i} AND rank = $r{i}"
+        place = f"kind = {kind - 1} AND interval * $n_per_interval + rank = $r{i}" if kind == 2 else \
+            f"kind = {kind - 1} AND rank = $r{i}"
+        return f"SELECT {i}, act * x_in FROM samples WHERE {at} AND {place}"
+    return " UNION ALL ".join(one(i, kind) for i, kind in enumerate(kinds))
 
 
 # A neuron's related neurons (schema.sql, related), both directions and both vias.

@@ -71,6 +71,7 @@ def _open(paths: list[str]) -> None:
         db.temp_table("neuron_facts")  # and the filter's table (queries.NEURON_FACTS), not on its first request
         try:
             db.load_intervals()  # and every neuron's interval bounds (Database.neuron_intervals)
+            db.load_extremes()  # and every list's first value (Database.top_example_value)
         except duckdb.Error:
             pass  # a damaged table: the views that need it answer 503 (views.run_view), as for any other table
     freeze_startup_objects()

@@ -184,13 +184,36 @@ def _example_hits(db: Database, ids: list[int], role: int, quadrant: int | None,
                               "limit": limit, "n_layers": db.n_layers, "d_mlp": db.d_mlp}
     params.update({f"t{i}": t for i, t in enumerate(ids)})
     rows = db.query(queries.example_tokens_search(len(ids)), params)
-    # Only the shown examples' values are read: the index holds none (schema.sql, example_tokens).
-    entries = {"top": [r[7] for r in rows if r[4] == 0], "sampled": [r[7] for r in rows if r[4] != 0]}
-    values = dict(db.query(queries.EXAMPLE_VALUES, entries)) if rows else {}
     return [{"layer": layer, "neuron": neuron, "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q],
              "hook": HOOKS[h], "kind": EXAMPLE_KINDS[k], "matches": matches, "best_rank": best_rank,
-             "best_value": _num(values.get(entry))}
-            for layer, neuron, q, h, k, matches, best_rank, entry in rows]
+             "best_value": _num(value)}
+            for (layer, neuron, q, h, k, matches, best_rank), value in zip(rows, _best_values(db, rows))]
+
+
+def _best_values(db: Database, rows: list[tuple]) -> list[float | None]:
+    """The value of each hit's first matching example: the index holds none (schema.sql, example_tokens).
+
+    A top list's first example is its extreme, which the server keeps in memory; any other is read from
+    examples or samples, one lookup each.
+    """
+    values: list[float | None] = [None] * len(rows)
+    read: list[tuple[int, int]] = []
+    params: dict[str, Any] = {}
+    for i, (layer, neuron, q, h, k, _matches, best_rank) in enumerate(rows):
+        if k == 0 and best_rank == 0:
+            values[i] = db.top_example_value(layer, neuron, q, h)
+        else:
+            j = len(read)
+            read.append((i, k))
+            params.update({f"l{j}": layer, f"n{j}": neuron, f"q{j}": q, f"r{j}": best_rank})
+            if k == 0:
+                params[f"h{j}"] = h
+            if k == 2:  # DuckDB refuses a parameter the statement does not use
+                params["n_per_interval"] = int(db.meta["n_per_interval"])
+    if read:
+        for j, value in db.query(queries.example_values_sql([k for _, k in read]), params):
+            values[read[j][0]] = value
+    return values
 
 
 def suggestions_data(db: Database, q: str, limit: int = 12) -> dict[str, Any]:

@@ -241,9 +241,9 @@ def brute_example_search(con, token_ids: set[int], role: int) -> dict[tuple, tup
 
 
 def _ranked(found: dict, limit: int) -> list[tuple]:
-    """Most matches first, then the earliest first match, then in list order: layer, neuron, quadrant, the top
-    lists by hook, then random, then interval."""
-    rows = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[0][:3], kv[0][4], kv[0][3]))
+    """Most matches first, then the earliest first match, then top, random, interval, then by layer, neuron,
+    quadrant and hook."""
+    rows = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[0][4], kv[0][:4]))
     return [(*key, *value) for key, value in rows[:limit]]
 
 
@@ -259,38 +259,30 @@ def test_example_tokens_index_equals_brute_force(con):
     for role in (0, 1):
         for token in _frequent_tokens(con, role, 3):
             want = brute_example_search(con, {token}, role)
-            got = {(l, n, q, h, k): (m, r, v) for l, n, q, h, k, m, r, v in con.execute(
-                "SELECT i.layer, i.neuron, i.quadrant, i.hook, i.kind, i.matches, i.best_rank, "
-                "       coalesce(e.value, s.act * s.x_in) "
-                "FROM example_token_lists i LEFT JOIN examples e ON i.kind = 0 AND e.entry = i.best_entry "
-                "LEFT JOIN samples s ON i.kind > 0 AND s.entry = i.best_entry "
-                "WHERE i.token_id = ? AND i.role = ?", [token, role]).fetchall()}
-            assert got.keys() == want.keys() and want, (token, role)
-            for key, (matches, best_rank, value) in want.items():
-                assert got[key][:2] == (matches, best_rank) and got[key][2] == pytest.approx(value), (token, key)
+            got = {(l, n, q, h, k): (m, r) for l, n, q, h, k, m, r in con.execute(
+                "SELECT layer, neuron, quadrant, hook, kind, matches, best_rank FROM example_token_lists "
+                "WHERE token_id = ? AND role = ?", [token, role]).fetchall()}
+            assert got == {key: found[:2] for key, found in want.items()} and want, (token, role)
 
 
-def test_entries_and_keys_follow_the_documented_formulas(con):
-    """examples.entry, samples.entry and example_tokens.key against schema.sql's formulas, written out here."""
-    (n_layers, d_mlp, k, n_random, n_per), = con.execute(
-        "SELECT n_layers, d_mlp, k, n_random, n_per_interval FROM metadata").fetchall()
-    for table, formula in (
-            ("examples", lambda l, n, q, h, r, i: (((l * d_mlp + n) * 4 + q) * 4 + h) * k + r),
-            ("samples", lambda l, n, q, kind, r, i: ((l * d_mlp + n) * 4 + q) * (n_random + 4 * n_per)
-                                                     + kind * n_random + i * n_per + r)):
-        second, third = ("hook", "0") if table == "examples" else ("kind", "interval")
-        rows = con.execute(f"SELECT layer, neuron, quadrant, {second}, rank, {third}, entry FROM {table}").fetchall()
-        assert rows and all(e == formula(*r) for *r, e in rows), table
-        entries = [r[-1] for r in rows]
-        assert entries == sorted(entries) and len(set(entries)) == len(entries), table
+def test_example_token_keys_follow_the_documented_formula(con):
+    """example_tokens.key against schema.sql's formula, written out here, and the view's decoding of it."""
+    (n_layers, d_mlp), = con.execute("SELECT n_layers, d_mlp FROM metadata").fetchall()
     keys = [key for (key,) in con.execute("SELECT key FROM example_tokens").fetchall()]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
-    lists = n_layers * d_mlp * 24
     decoded = con.execute("SELECT key, token_id, role, layer, neuron, quadrant, hook, kind FROM example_token_lists "
                           "USING SAMPLE 500 ROWS (reservoir, 1)").fetchall()
+    assert len(decoded) == 500
     for key, token_id, role, layer, neuron, quadrant, hook, kind in decoded:
         source = hook if kind == 0 else 3 + kind
-        assert key == (token_id * 2 + role) * lists + ((layer * d_mlp + neuron) * 4 + quadrant) * 6 + source
+        assert key == (((token_id * 2 + role) * n_layers + layer) * d_mlp + neuron) * 24 + quadrant * 6 + source
+
+
+def test_each_top_lists_first_example_holds_its_extreme(con):
+    """What the search's values rely on (server/db.py, top_example_value): rank 0's value is value_stats' extreme."""
+    rows = con.execute("SELECT e.value, s.min, s.max FROM examples e JOIN value_stats s "
+                       "USING (layer, neuron, quadrant, hook) WHERE e.rank = 0").fetchall()
+    assert rows and all(value == (hi if abs(hi) >= abs(lo) else lo) for value, lo, hi in rows)
 
 
 # --- the API -----------------------------------------------------------------
@@ -330,6 +322,9 @@ def test_examples_search_equals_brute_force(api, con):
             want = _ranked(found, 100)
             assert [g[:7] for g in got] == [x[:7] for x in want], (token, name)
             np.testing.assert_allclose([g[7] for g in got], [x[7] for x in want], rtol=1e-6)
+            # Both ways to a value: a top list's first example (from memory), and any other (from the file).
+            first = [g[4] == 0 and g[6] == 0 for g in got]
+            assert any(first) and not all(first), (token, name)
             assert all(r["slug"] == QUADRANT_SLUGS[QUADRANTS.index(r["quadrant"])] for r in body["results"])
             # Filters: a quadrant, a value and a layer range.
             body = api.get(f"/api/models/{m}/search/tokens",
