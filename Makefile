@@ -17,6 +17,7 @@ install: $(VENV)/.installed assets
 # uv installs the same packages as pip (the same resolution, from the same
 # index) in a fraction of the time, which is most of a fresh clone's demo time
 # (README, Demo); where uv cannot be had, pip does the work.
+comma := ,
 INSTALL = if $(PY) -m uv --version >/dev/null 2>&1; then $(PY) -m uv pip install -q --python $(PY) $(1); \
 	else $(PY) -m pip install -q $(1); fi
 
@@ -27,7 +28,7 @@ $(VENV)/.installed-record: pyproject.toml
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-record
-	$(call INSTALL,$(TORCH_PIN) -e '.[record,test]')
+	$(call INSTALL,$(TORCH_PIN) -e '.[record$(comma)test]')
 	touch $@
 
 assets: $(HTMX)
