@@ -98,6 +98,14 @@ def test_unknown_model_path(corpus_file, tmp_path):
     assert_user_error(r, "no such folder")
 
 
+@pytest.mark.parametrize("k, words", [("0", "--k must be at least 1"), ("129", "--k must be at most 128")])
+def test_a_list_length_out_of_range_is_refused(tiny_llama, corpus_file, tmp_path, k, words):
+    out = tmp_path / "x.duckdb"
+    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out), "--k", k)
+    assert_user_error(r, words)
+    assert not out.exists()
+
+
 def test_folder_that_is_not_a_model(corpus_file, tmp_path):
     r = run_cli("record", "--model", str(tmp_path), "--dataset", str(corpus_file), "--out", str(tmp_path / "x.duckdb"))
     assert_user_error(r, "config.json")
