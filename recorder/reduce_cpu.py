@@ -296,39 +296,54 @@ def _contiguous_f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def beaters(product: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Flat indices (row-major) of the entries of a CPU float32 [R, C] product above hi[c], and of those below lo[c].
-
-    One pass of the kernel's gluscope_beaters; None where the kernel is unavailable or the entries are not few
-    (over a 32nd of the product), so the caller uses torch's own compare and nonzero.
-    """
-    return _beaters("gluscope_beaters", product, hi, lo)
-
-
-def beaters_abs(product: torch.Tensor, row_thr: torch.Tensor,
-                col_thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """As beaters, for |product| above each row's threshold and above each column's (gluscope_beaters_abs)."""
-    return _beaters("gluscope_beaters_abs", product, row_thr, col_thr)
-
-
-def _beaters(name: str, product: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if product.device.type != "cpu" or product.dtype != torch.float32 or product.stride(1) != 1:
+def _tops_kernel(name: str, product: torch.Tensor, floats: tuple[torch.Tensor, ...], ids: tuple[torch.Tensor, ...]):
+    """The kernel's function `name` for a CPU float32 product with unit column stride and contiguous float32 and
+    int64 tops; None where the kernel is unavailable or the tensors do not suit it."""
+    def fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+        return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+    if (not fits(product[:1], torch.float32) or product.stride(1) != 1
+            or not all(fits(t, torch.float32) for t in floats) or not all(fits(t, torch.int64) for t in ids)):
         return None
     try:
         fn = getattr(load_kernel(), name)
     except (KernelUnavailable, OSError):
         return None
-    R, C = product.shape
-    threads = max(1, min(torch.get_num_threads(), R))
-    cap = 1024 + R * C // (32 * threads)
-    out = torch.empty(2, threads, cap, dtype=torch.int64)
-    counts = torch.empty(2, threads, dtype=torch.int64)
-    a, b = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
-    ptr = ctypes.c_void_p
     fn.restype = None
-    fn(ptr(product.data_ptr()), ctypes.c_int64(R), ctypes.c_int64(C), ctypes.c_int64(product.stride(0)),
-       ptr(a.data_ptr()), ptr(b.data_ptr()), ptr(out[0].data_ptr()), ptr(out[1].data_ptr()), ctypes.c_int64(cap),
-       ptr(counts[0].data_ptr()), ptr(counts[1].data_ptr()), ctypes.c_int32(threads))
-    if bool((counts < 0).any()):
-        return None
-    return tuple(torch.cat([out[i, t, :int(counts[i, t])] for t in range(threads)]) for i in range(2))
+    return fn
+
+
+def column_tops(product: torch.Tensor, key0: torch.Tensor, id0: torch.Tensor, key1: torch.Tensor, id1: torch.Tensor,
+                first_id: int) -> bool:
+    """Merge a CPU float32 [R, C] product into running tops per column, in place (gluscope_column_tops).
+
+    key0 [C, top]: the largest entries, decreasing; key1: the smallest, negated; ids first_id + row. -inf marks
+    an empty place. False (nothing done) where the kernel is unavailable or the tensors do not suit it.
+    """
+    fn = _tops_kernel("gluscope_column_tops", product, (key0, key1), (id0, id1))
+    if fn is None:
+        return False
+    R, C = product.shape
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn(ptr(product.data_ptr()), i64(R), i64(C), i64(product.stride(0)), i64(first_id), ptr(key0.data_ptr()),
+       ptr(id0.data_ptr()), ptr(key1.data_ptr()), ptr(id1.data_ptr()), i64(key0.shape[1]),
+       ctypes.c_int32(max(1, min(torch.get_num_threads(), C))))
+    return True
+
+
+def abs_tops(product: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], row_first: int,
+             cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor], col_first: int) -> bool:
+    """Merge a CPU float32 [R, C] product into running tops by |value| per row and per column, in place.
+
+    rows, cols: (key [R or C, top] = |value| decreasing, -inf empty; id; signed value); a row's entries get
+    ids row_first + column, a column's col_first + row (gluscope_abs_tops). False where the kernel cannot.
+    """
+    fn = _tops_kernel("gluscope_abs_tops", product, (rows[0], rows[2], cols[0], cols[2]), (rows[1], cols[1]))
+    if fn is None:
+        return False
+    R, C = product.shape
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn(ptr(product.data_ptr()), i64(R), i64(C), i64(product.stride(0)), ptr(rows[0].data_ptr()),
+       ptr(rows[1].data_ptr()), ptr(rows[2].data_ptr()), i64(row_first), ptr(cols[0].data_ptr()),
+       ptr(cols[1].data_ptr()), ptr(cols[2].data_ptr()), i64(col_first), i64(rows[0].shape[1]),
+       ctypes.c_int32(max(1, min(torch.get_num_threads(), R, C))))
+    return True

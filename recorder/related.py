@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gluscope.recorder.reduce_cpu import beaters_abs
-from gluscope.recorder.weight_tokens import rows_of_hits
+from gluscope.recorder.reduce_cpu import abs_tops
 from gluscope.schema import RELATED_DIRECTIONS, RELATED_VIA
 
 RELATED_TOP = 16
@@ -50,15 +49,6 @@ def _merge(scores: torch.Tensor, ids: torch.Tensor, new_scores: torch.Tensor, ne
     return all_scores.gather(1, keep), all_ids.gather(1, keep)
 
 
-def _merge_hits(scores: torch.Tensor, ids: torch.Tensor, at: torch.Tensor, values: torch.Tensor,
-                new_ids: torch.Tensor, top: int) -> None:
-    """Merge sparse candidates into running tops in place: row at[i] of scores / ids is offered (values[i], new_ids[i])."""
-    if at.numel() == 0:
-        return
-    rows, padded, padded_ids = rows_of_hits(at, values, new_ids, float("nan"))
-    scores[rows], ids[rows] = _merge(scores[rows], ids[rows], padded, padded_ids, top)
-
-
 def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, progress: bool = False) -> RelatedNeurons:
     """Every neuron's `top` related neurons of a GatedModel, downstream and upstream, via gate and in.
 
@@ -85,6 +75,8 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
         gain = model.mlp_input_gain(layer).to(device)[None, :]
         return _unit(w_gate.to(device) * gain), _unit(w_in.to(device) * signs[layer].to(device)[:, None] * gain)
 
+    # The compiled merge (reduce_cpu.abs_tops) keeps |score| beside each top, sorted; torch's path finds it anew.
+    key = torch.full((L, 2, 2, n, top), -torch.inf, device=device) if device.type == "cpu" else None
     bar = tqdm(total=L * (L - 1) // 2, desc="related neurons", unit="pair", disable=not progress, dynamic_ncols=True)
     written = [writes(layer) for layer in range(L)] if L * n * model.d_model <= BLOCK_ELEMENTS * 8 else None
     for lb in range(1, L):
@@ -95,20 +87,14 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
                 for lo in range(0, n, rows):
                     hi = min(n, lo + rows)
                     scores = a[lo:hi] @ b.T                       # [rows, n]: cos(A_lo.., B)
-                    down = best[la, 0, via], ids[la, 0, via]       # downstream of A (rows): B's of layer lb
-                    up = best[lb, 1, via], ids[lb, 1, via]         # upstream of B (columns): A's of layer la
-                    # Once both tops are full, only entries above their worst |score| can enter them.
-                    found = None
-                    row_worst, col_worst = down[0][lo:hi, -1].abs(), up[0][:, -1].abs()
-                    if not (row_worst.isnan().any() or col_worst.isnan().any()):
-                        found = beaters_abs(scores, row_worst, col_worst)
-                    if found is not None:
-                        down_hits, up_hits = found
-                        r, c = down_hits // n, down_hits % n
-                        _merge_hits(*down, r + lo, scores[r, c], c + lb * n, top)
-                        r, c = up_hits // n, up_hits % n
-                        _merge_hits(*up, c, scores[r, c], r + lo + la * n, top)
+                    # Rows: downstream of A (B's of layer lb); columns: upstream of B (A's of layer la).
+                    if key is not None and abs_tops(
+                            scores, (key[la, 0, via, lo:hi], ids[la, 0, via, lo:hi], best[la, 0, via, lo:hi]), lb * n,
+                            (key[lb, 1, via], ids[lb, 1, via], best[lb, 1, via]), la * n + lo):
                         continue
+                    key = None  # the kernel is unavailable: torch's path from here on
+                    down = best[la, 0, via], ids[la, 0, via]
+                    up = best[lb, 1, via], ids[lb, 1, via]
                     magnitude = scores.abs()
                     k = min(top, n)
                     pick = magnitude.topk(k, dim=1).indices

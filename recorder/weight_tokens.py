@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gluscope.recorder.reduce_cpu import beaters
+from gluscope.recorder.reduce_cpu import column_tops
 
 BLOCK = 64   # tokens per block of a row
 ROWS = 1024  # neurons per product: bounds the [ROWS, V] product in memory
@@ -61,26 +61,6 @@ def top_tokens(weight: torch.Tensor, matrix: torch.Tensor, top: int,
     return ids, scores
 
 
-def rows_of_hits(at: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
-                 fill: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse candidates for running tops, one row per top they are offered to: candidate i goes to top at[i].
-
-    Returns (tops, values [len(tops), width], ids [len(tops), width]): the distinct tops in increasing order
-    and their candidates in the order given, padded with `fill` (ids -1), ready to be merged by a topk along
-    rows. Shared by TokenNeurons and related.related_neurons.
-    """
-    order = torch.argsort(at, stable=True)
-    at, values, ids = at[order], values[order], ids[order]
-    tops, counts = torch.unique_consecutive(at, return_counts=True)
-    group = torch.repeat_interleave(torch.arange(tops.numel(), device=at.device), counts)
-    rank = torch.arange(at.numel(), device=at.device) - (torch.cumsum(counts, 0) - counts)[group]
-    width = int(counts.max())
-    padded = torch.full((tops.numel(), width), fill, dtype=values.dtype, device=at.device)
-    padded_ids = torch.full((tops.numel(), width), -1, dtype=torch.int64, device=at.device)
-    padded[group, rank], padded_ids[group, rank] = values, ids
-    return tops, padded, padded_ids
-
-
 TOKEN_NEURONS = 32  # neurons kept per token and kind (schema.sql, token_neurons)
 
 
@@ -105,47 +85,19 @@ class TokenNeurons:
     def reducer(self, kind: int, first_id: int) -> Callable[[int, torch.Tensor], None]:
         """An on_product for top_tokens over one layer's weight of kinds (kind, kind + 1), numbered from first_id."""
         def update(lo: int, product: torch.Tensor) -> None:
-            sides = (kind, kind + 1)
-            worst = [self.scores[side][:, -1] for side in sides]  # sorted tops: the entry a newcomer must beat
-            if all(bool(torch.isfinite(w).all()) for w in worst):
-                # Kind + 1 keeps the smallest scores, stored negated: beating it is product < -worst.
-                found = beaters(product, worst[0], -worst[1])
-                if found is not None:
-                    for side, flat in zip(sides, found):
-                        self._merge_beating(side, product, flat // product.shape[1], flat % product.shape[1],
-                                            first_id + lo)
-                    return
-            for side, w in zip(sides, worst):
+            # One compiled pass merges the product into both tops (reduce_cpu.column_tops); torch's path below
+            # (on a GPU, or without the kernel) takes a topk per token and merges it.
+            if column_tops(product, self.scores[kind], self.ids[kind], self.scores[kind + 1], self.ids[kind + 1],
+                           first_id + lo):
+                return
+            for side in (kind, kind + 1):
                 positive = bool(self.sign[side] > 0)
-                if bool(torch.isfinite(w).all()):
-                    mask = product > w[None, :] if positive else product < -w[None, :]
-                    row, token = mask.nonzero(as_tuple=True)
-                    self._merge_beating(side, product, row, token, first_id + lo)
-                    continue
                 # Per token, along contiguous memory: a transposed copy and topk along its rows cost about two
                 # thirds of a topk down the columns on this CPU.
                 per_token = product.T.contiguous().to(self.scores.dtype)     # [V, rows]
                 best = per_token.topk(min(self.top, per_token.shape[1]), dim=1, largest=positive)
                 self._keep(side, best.values if positive else -best.values, best.indices + first_id + lo)
         return update
-
-    def _merge_beating(self, side: int, product: torch.Tensor, row: torch.Tensor, token: torch.Tensor,
-                       first_id: int) -> None:
-        """Merge the entries (row, token) of product [rows, V] that beat their token's running worst.
-
-        Once every token's top is full, few entries of a layer beat it (about top * rows / neurons seen so
-        far per token), so finding those (one pass of reduce_cpu.beaters, or a compare and a nonzero) and
-        merging them replaces the transposed copy and its topk, which cost several times as much; the result
-        is the same, as any other entry would be dropped by the merge. row, token: row-major order.
-        """
-        if row.numel() == 0:
-            return
-        positive = bool(self.sign[side] > 0)
-        value = product[row, token].to(self.scores.dtype)
-        tokens, scores, ids = rows_of_hits(token, value if positive else -value, row + first_id, -torch.inf)
-        keep = torch.cat([self.scores[side][tokens], scores], dim=1).topk(self.top, dim=1)
-        self.ids[side][tokens] = torch.cat([self.ids[side][tokens], ids], dim=1).gather(1, keep.indices)
-        self.scores[side][tokens] = keep.values
 
     def _keep(self, side: int, new_scores: torch.Tensor, new_ids: torch.Tensor) -> None:
         """The running top of kind `side` merged with [V, c] candidates (scores signed: larger is better)."""

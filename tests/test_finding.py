@@ -491,3 +491,31 @@ def test_token_neurons_running_top_equals_one_topk_over_all_blocks():
         held = everything.numpy()[neuron[side], np.arange(300)[:, None]]
         np.testing.assert_array_equal(held, score[side])
         assert (neuron[side] == want.indices.T.numpy()).mean() > 0.99
+
+
+def test_weight_stage_without_the_kernel_keeps_the_same_tops(llama, monkeypatch):
+    """torch's path (a GPU's, or a CPU's without a compiler) keeps what the compiled running tops keep."""
+    from gluscope.recorder import related as related_module
+    from gluscope.recorder import weight_tokens
+    from gluscope.recorder.model import load_model
+    from gluscope.recorder.related import related_neurons
+    from gluscope.recorder.weight_tokens import TokenNeurons
+    from gluscope.recorder.weights import layer_weights
+
+    model = load_model(str(llama[0]), device="cpu", dtype="float32")
+
+    def tops():
+        token_neurons = TokenNeurons(model.token_count())
+        weights = layer_weights(model, True, token_neurons=token_neurons)
+        return token_neurons.result(model.d_mlp), related_neurons(model, [w.sign for w in weights])
+
+    (layer, neuron, score), related = tops()
+    monkeypatch.setattr(weight_tokens, "column_tops", lambda *args: False)
+    monkeypatch.setattr(related_module, "abs_tops", lambda *args: False)
+    (t_layer, t_neuron, t_score), t_related = tops()
+    # Equal scores may be kept in another order or, at the last place, by another neuron (the padding token's
+    # zero embedding ties every neuron); the scores themselves are the same.
+    np.testing.assert_array_equal(score, t_score)
+    assert ((layer == t_layer) & (neuron == t_neuron)).mean() > 0.9
+    np.testing.assert_array_equal(np.abs(related.score), np.abs(t_related.score))
+    assert ((related.other_layer == t_related.other_layer) & (related.other_neuron == t_related.other_neuron)).mean() > 0.99

@@ -124,27 +124,45 @@ def test_a_broken_compile_leaves_no_file(monkeypatch, tmp_path):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("shape", [(37, 101), (300, 1000), (1, 16)])
-def test_beaters_find_exactly_what_torch_compare_and_nonzero_find(shape):
-    """The weight stage's one-pass search for entries beating a running top (signed and |x|), against torch."""
+def _stable_top(keys: torch.Tensor, ids: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [S, m] candidates (ids increasing along the row): the `top` largest keys, of equal keys the
+    lower id first, padded with -inf and id -1: what the kernel's running tops must hold."""
+    order = torch.sort(-keys, dim=1, stable=True).indices[:, :top]
+    k, i = keys.gather(1, order), ids.gather(1, order)
+    pad = top - k.shape[1]
+    if pad > 0:
+        k = torch.cat([k, torch.full((k.shape[0], pad), -torch.inf)], 1)
+        i = torch.cat([i, torch.full((i.shape[0], pad), -1)], 1)
+    return k, i
+
+
+@pytest.mark.parametrize("R, C, top, blocks", [(37, 101, 8, 4), (300, 1000, 32, 3), (1, 16, 8, 3), (2, 5, 8, 2)])
+def test_column_tops_and_abs_tops_equal_a_stable_sort_of_every_block(R, C, top, blocks):
+    """The weight stage's compiled running tops (reduce_cpu.column_tops, abs_tops), merged block after block
+    from strided views with many exact ties, hold what one stable sort of every entry gives."""
     require_kernel()
-    torch.manual_seed(0)
-    R, C = shape
-    padded = torch.randn(R, C + 5)
-    product = padded[:, :C]  # a strided view, as top_tokens hands on
-    hi, lo = torch.randn(C) + 3.5, torch.randn(C) - 3.5  # few entries beat them, as in the weight stage
-    flat = torch.arange(R * C).view(R, C)
-    got = reduce_cpu.beaters(product, hi, lo)
-    assert got is not None
-    assert torch.equal(got[0], flat[product > hi]) and torch.equal(got[1], flat[product < lo])
-    row_thr, col_thr = torch.rand(R) + 2.5, torch.rand(C) + 2.5
-    got = reduce_cpu.beaters_abs(product, row_thr, col_thr)
-    assert got is not None
-    assert torch.equal(got[0], flat[product.abs() > row_thr[:, None]])
-    assert torch.equal(got[1], flat[product.abs() > col_thr[None, :]])
-    # More entries than the kernel makes room for (over a 32nd, past its floor): None, so the caller takes torch's path.
-    everything = reduce_cpu.beaters(product, torch.full((C,), -10.0), lo)
-    if everything is not None:
-        assert torch.equal(everything[0], flat.view(-1))
-    if R * C >= 300 * 1000:
-        assert everything is None
+    generator = torch.Generator().manual_seed(R * C)
+    # Multiples of 1/8 with a heavy tail: exact ties everywhere, and later blocks still enter the tops.
+    products = [(torch.randn(R, C + 3, generator=generator) * 8 * (1 + b)).round()[:, :C] / 8 for b in range(blocks)]
+
+    key0, key1 = torch.full((C, top), -torch.inf), torch.full((C, top), -torch.inf)
+    id0, id1 = torch.full((C, top), -1), torch.full((C, top), -1)
+    for b, p in enumerate(products):
+        assert reduce_cpu.column_tops(p, key0, id0, key1, id1, first_id=100 + b * R)
+    values = torch.cat(products).T                                   # [C, blocks * R], ids increasing
+    ids = (100 + torch.arange(blocks * R)).expand(C, -1)
+    for got_key, got_id, keys in ((key0, id0, values), (key1, id1, -values)):
+        want_key, want_id = _stable_top(keys, ids, top)
+        assert torch.equal(got_key, want_key) and torch.equal(got_id, want_id)
+
+    rows = (torch.full((R, top), -torch.inf), torch.full((R, top), -1), torch.full((R, top), torch.nan))
+    cols = (torch.full((C, top), -torch.inf), torch.full((C, top), -1), torch.full((C, top), torch.nan))
+    for b, p in enumerate(products):
+        assert reduce_cpu.abs_tops(p, rows, b * C, cols, 7 + b * R)
+    for (key, idx, val), values, ids in (
+            (rows, torch.cat(products, 1), torch.arange(blocks * C).expand(R, -1)),
+            (cols, torch.cat(products).T, (7 + torch.arange(blocks * R)).expand(C, -1))):
+        want_key, want_id = _stable_top(values.abs(), ids, top)
+        assert torch.equal(key, want_key) and torch.equal(idx, want_id)
+        held = values.gather(1, torch.sort(-values.abs(), dim=1, stable=True).indices[:, :top])
+        assert torch.equal(val[:, :held.shape[1]], held) and bool(val[:, held.shape[1]:].isnan().all())

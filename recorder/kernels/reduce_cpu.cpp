@@ -555,59 +555,126 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
   }  // omp parallel
 }
 
-// The entries of a row-major [R, C] float matrix P (rows ld floats apart)
-// that beat a threshold, as flat indices r * C + c in row-major order, into
-// two lists. For the weight stage's running tops, where once each top is
-// full only a few entries per row or column beat it: one pass instead of
-// torch's compare, bool mask and nonzero, each a pass of its own.
-//   ABS = false (weight_tokens.TokenNeurons): list 0 P > a[c], list 1 P < b[c].
-//   ABS = true (related.related_neurons):     list 0 |P| > a[r], list 1 |P| > b[c].
-// Rows are split among threads; thread t writes from t * cap and sets
-// counts[t] (-1: more than cap, and the caller falls back).
-template <bool ABS>
-void beaters(const float* P, int64_t R, int64_t C, int64_t ld, const float* a, const float* b, int64_t* out0,
-             int64_t* out1, int64_t cap, int64_t* counts0, int64_t* counts1, int32_t n_threads) {
+// Running tops merged straight from a weight-stage product: once a top is
+// full few entries beat its last key, so one vectorised compare per 16
+// entries finds them and each enters by insertion. (Finding them first and
+// merging with torch's sort, scatter and topk cost several times the scan.) A top is `top` keys sorted in decreasing
+// order, with an id (and, for related, a signed value) per key; an entry
+// enters when its key beats the last one strictly, so of equal keys the one
+// offered first stays first. Ids grow along rows and columns and across
+// calls, so that is the lower id. Empty places hold -inf.
+namespace {
+
+struct Top {
+  float* key;
+  int64_t* id;
+  float* val;  // nullptr: the key is the value
+};
+
+inline void enter(const Top& t, int64_t top, int64_t slot, float key, int64_t id, float val) {
+  float* k = t.key + slot * top;
+  int64_t* ids = t.id + slot * top;
+  float* v = t.val ? t.val + slot * top : nullptr;
+  int64_t j = top - 1;
+  for (; j > 0 && key > k[j - 1]; --j) {
+    k[j] = k[j - 1];
+    ids[j] = ids[j - 1];
+    if (v) v[j] = v[j - 1];
+  }
+  k[j] = key;
+  ids[j] = id;
+  if (v) v[j] = val;
+}
+
+// keep(j) for each j in [c0, c1), skipping runs of 16 where beats(j) holds for none: the test vectorises, and
+// keep tests again before it enters anything.
+template <class Beats, class Keep>
+inline void scan(int64_t c0, int64_t c1, Beats beats, Keep keep) {
   constexpr int64_t LANES = 16;
+  int64_t c = c0;
+  for (; c + LANES <= c1; c += LANES) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = c; j < c + LANES; ++j) any |= int(beats(j));
+    if (!any) continue;
+    for (int64_t j = c; j < c + LANES; ++j) keep(j);
+  }
+  for (; c < c1; ++c) keep(c);
+}
+
+}  // namespace
+
+// weight_tokens.TokenNeurons: column c's top of the largest entries (top0,
+// ids first_id + r) and of the smallest (top1, keyed by -P). Each thread owns
+// a stripe of columns, so no two threads touch one top; the last key of each
+// top is mirrored into a contiguous array so that the test vectorises.
+extern "C" void gluscope_column_tops(const float* P, int64_t R, int64_t C, int64_t ld, int64_t first_id,
+                                     float* key0, int64_t* id0, float* key1, int64_t* id1, int64_t top,
+                                     int32_t n_threads) {
+  const Top t0{key0, id0, nullptr}, t1{key1, id1, nullptr};
 #pragma omp parallel num_threads(n_threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
-    int64_t* o0 = out0 + t * cap;
-    int64_t* o1 = out1 + t * cap;
-    int64_t n0 = 0, n1 = 0;
-    bool over = false;
-    for (int64_t r = r0; r < r1 && !over; ++r) {
-      const float* __restrict__ row = P + r * ld;
-      const float ar = ABS ? a[r] : 0.0f;
-      auto beat0 = [&](int64_t j) { return ABS ? std::fabs(row[j]) > ar : row[j] > a[j]; };
-      auto beat1 = [&](int64_t j) { return ABS ? std::fabs(row[j]) > b[j] : row[j] < b[j]; };
-      auto keep = [&](int64_t j) {  // counts run on past cap, so that overflow shows
-        if (beat0(j) && n0++ < cap) o0[n0 - 1] = r * C + j;
-        if (beat1(j) && n1++ < cap) o1[n1 - 1] = r * C + j;
-      };
-      int64_t c = 0;
-      for (; c + LANES <= C; c += LANES) {
-        int any = 0;
-#pragma omp simd reduction(| : any)
-        for (int64_t j = c; j < c + LANES; ++j) any |= int(beat0(j)) | int(beat1(j));
-        if (!any) continue;
-        for (int64_t j = c; j < c + LANES; ++j) keep(j);
-        over = n0 > cap || n1 > cap;
-      }
-      for (; c < C; ++c) keep(c);
-      over = over || n0 > cap || n1 > cap;
+    const int64_t c0 = C * t / nt, c1 = C * (t + 1) / nt;
+    std::vector<float> hi(c1 - c0), lo(c1 - c0);  // enter top0 above hi, top1 below lo
+    for (int64_t c = c0; c < c1; ++c) {
+      hi[c - c0] = key0[c * top + top - 1];
+      lo[c - c0] = -key1[c * top + top - 1];
     }
-    counts0[t] = over ? -1 : n0;
-    counts1[t] = over ? -1 : n1;
+    const float* h = hi.data() - c0;  // not restrict: entering a top writes through hi and lo
+    const float* l = lo.data() - c0;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* __restrict__ row = P + r * ld;
+      scan(c0, c1, [&](int64_t c) { return (row[c] > h[c]) | (row[c] < l[c]); }, [&](int64_t c) {
+        if (row[c] > h[c]) {
+          enter(t0, top, c, row[c], first_id + r, 0.0f);
+          hi[c - c0] = key0[c * top + top - 1];
+        }
+        if (row[c] < l[c]) {
+          enter(t1, top, c, -row[c], first_id + r, 0.0f);
+          lo[c - c0] = -key1[c * top + top - 1];
+        }
+      });
+    }
   }
 }
 
-#define GLUSCOPE_BEATERS(name, abs)                                                                         \
-  extern "C" void name(const float* P, int64_t R, int64_t C, int64_t ld, const float* a, const float* b,     \
-                       int64_t* out0, int64_t* out1, int64_t cap, int64_t* counts0, int64_t* counts1,       \
-                       int32_t n_threads) {                                                                 \
-    beaters<abs>(P, R, C, ld, a, b, out0, out1, cap, counts0, counts1, n_threads);                          \
+// related.related_neurons: from one [R, C] block of cosines, by |P|, each row
+// r's top (rows: ids row_first + c) and each column c's top (cols: ids
+// col_first + r), signed values kept beside the keys. Two passes, so that each
+// thread owns its tops: columns split among threads, then rows.
+extern "C" void gluscope_abs_tops(const float* P, int64_t R, int64_t C, int64_t ld, float* row_key,
+                                  int64_t* row_id, float* row_val, int64_t row_first, float* col_key,
+                                  int64_t* col_id, float* col_val, int64_t col_first, int64_t top,
+                                  int32_t n_threads) {
+  const Top rows{row_key, row_id, row_val}, cols{col_key, col_id, col_val};
+#pragma omp parallel num_threads(n_threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t c0 = C * t / nt, c1 = C * (t + 1) / nt;
+    std::vector<float> worst(c1 - c0);
+    for (int64_t c = c0; c < c1; ++c) worst[c - c0] = col_key[c * top + top - 1];
+    const float* w = worst.data() - c0;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* __restrict__ row = P + r * ld;
+      scan(c0, c1, [&](int64_t c) { return std::fabs(row[c]) > w[c]; }, [&](int64_t c) {
+        if (std::fabs(row[c]) > w[c]) {
+          enter(cols, top, c, std::fabs(row[c]), col_first + r, row[c]);
+          worst[c - c0] = col_key[c * top + top - 1];
+        }
+      });
+    }
+#pragma omp barrier
+    const int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* __restrict__ row = P + r * ld;
+      float bar = row_key[r * top + top - 1];
+      scan(0, C, [&](int64_t c) { return std::fabs(row[c]) > bar; }, [&](int64_t c) {
+        if (std::fabs(row[c]) > bar) {
+          enter(rows, top, r, std::fabs(row[c]), row_first + c, row[c]);
+          bar = row_key[r * top + top - 1];
+        }
+      });
+    }
   }
-GLUSCOPE_BEATERS(gluscope_beaters, false)
-GLUSCOPE_BEATERS(gluscope_beaters_abs, true)
-#undef GLUSCOPE_BEATERS
+}
