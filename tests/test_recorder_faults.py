@@ -77,3 +77,20 @@ def test_sigterm_and_ctrl_c_leave_no_partial_database(how, stage, tiny_llama, co
     assert code != 0
     assert "Traceback" not in proc.stderr.read()
     assert leftovers(tmp_path) == ["big.jsonl"]
+
+
+def test_an_insert_that_fails_on_the_writing_thread_is_raised_and_leaves_nothing(tmp_path):
+    """Tables go into DuckDB on a background thread: its error still reaches the recording, which then
+    removes the half-written file."""
+    import duckdb
+    import pyarrow as pa
+
+    from gluscope.recorder.writer import DatabaseWriter
+
+    out = tmp_path / "failed.duckdb"
+    with pytest.raises(duckdb.BinderException, match="no_such_column"):
+        with DatabaseWriter(out) as writer:
+            writer.write_vocab(["a", "b"], [b"a", b"b"])
+            writer._insert("vocab", pa.table({"no_such_column": pa.array([1])}))
+            writer.write_vocab(["c"], [b"c"])  # may be refused at once, or queued and dropped
+    assert leftovers(tmp_path) == []
