@@ -14,7 +14,8 @@ page with a layer's §5.1 scatter, its PNG and a click on it (a 303 to the neare
 With --db, the file is read once first, so that it sits in the OS page
 cache, as on a server with memory to spare that has run a while: a cold
 file measures the disk instead (`--cold` skips this).
-`--only examples` runs just the scenarios whose name contains "examples".
+`--only examples` runs just the scenarios whose name contains "examples"; `--only page,examples JSON` those
+containing either.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="reader processes, with --db (default: gluscope serve's, one per usable CPU)")
     p.add_argument("--cold", action="store_true", help="with --db: do not read the file into the page cache first")
-    p.add_argument("--only", default=None, help="run only the scenarios whose name contains this, e.g. examples")
+    p.add_argument("--only", default=None, help="run only the scenarios whose name contains this (or one of these, comma-separated), "
+                        "e.g. examples")
     args = p.parse_args(argv)
 
     proc = None
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(f"\n{'scenario':<22}{'clients':>8}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}{'client ms/req':>14}")
         for name, (make_sessions, headers) in scenarios.items():
-            if args.only and args.only not in name:
+            if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             for clients in (int(c) for c in args.clients.split(",")):
                 run(base, make_sessions(20), headers, clients)  # warm up the connections
