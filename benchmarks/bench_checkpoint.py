@@ -23,7 +23,7 @@ import torch
 
 from gluscope.recorder.checkpoint import load_checkpoint, save_checkpoint
 from gluscope.recorder.model import activation_function
-from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
+from gluscope.recorder.reducer_interface import Batch, LayerSetup, make_reducers
 
 
 def raw_write(path: Path, n_bytes: int) -> float:

@@ -1,11 +1,11 @@
-"""Latency of the whole-model filter and of the comparison (issue #12), against the neuron JSON of the same run.
+"""Latency of the whole-model filter and of the comparison, against the neuron JSON of the same run.
 
     python benchmarks/bench_filter.py --db data/synthetic.duckdb      # starts `gluscope serve` on a free port
     python benchmarks/bench_filter.py --url http://127.0.0.1:8000     # or measures a server already running
 
 With 1 and 16 concurrent clients (bench_server.py's closed-loop client): the
 neuron JSON (the baseline, answered from memory), filters of random bounds
-over random layer ranges (the issue's example shape: a frequency floor, a
+over random layer ranges (the example the filter was specified with: a frequency floor, a
 cosine ceiling, sorted by a quadrant's largest |hook_post|), filters over the
 whole model sorted by a field (one of its first 10 pages of 100), the
 comparison JSON and its page (2 to 4 random neurons, none cached), and a
@@ -79,7 +79,7 @@ def time_views(db: Path, n: int = 20, seed: int = 0) -> None:
     the machine's other work): median ms, and the ratio to one cold lookup of a neuron's examples."""
     from statistics import median
 
-    from gluscope.server import data, finding, render
+    from gluscope.server import data, filter_compare, render
     from gluscope.server.db import open_databases
     from gluscope.server.views import run_view
 
@@ -89,7 +89,7 @@ def time_views(db: Path, n: int = 20, seed: int = 0) -> None:
     model.temp_table("neuron_facts")
     rng = random.Random(seed)
     n_layers, d_mlp = model.n_layers, model.d_mlp
-    none = {name: None for name in finding.BOUND_NAMES}
+    none = {name: None for name in filter_compare.BOUND_NAMES}
 
     def refs(k: int) -> str:
         return ",".join(f"{rng.randrange(n_layers)}.{rng.randrange(d_mlp)}" for _ in range(k))
@@ -109,8 +109,8 @@ def time_views(db: Path, n: int = 20, seed: int = 0) -> None:
         run_view(registry, "compare", model.id, kind, {"neurons": refs(k), "quadrant": "nn", "hook": "hook_post"})
 
     cases = {
-        "examples of one neuron, cold (data.example_list)":
-            lambda: data.example_list(model, rng.randrange(n_layers), rng.randrange(d_mlp), "nn", "hook_post"),
+        "examples of one neuron, cold (data.read_example_list)":
+            lambda: data.read_example_list(model, rng.randrange(n_layers), rng.randrange(d_mlp), "nn", "hook_post"),
         "filter, example (JSON)": example,
         "filter, whole model sorted (JSON)": whole,
         "compare 2 neurons, cold (JSON)": lambda: compare("json", 2),

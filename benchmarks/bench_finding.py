@@ -1,4 +1,4 @@
-"""What the tables that find neurons (issue #12) add to the recorder's weight pass, against the weight tokens alone.
+"""What the tables that find neurons add to the recorder's weight pass, against the weight tokens alone.
 
     python benchmarks/bench_finding.py --model ~/.cache/gluscope/gguf/<sha256>   # the demo's SmolLM2-135M, converted
     python benchmarks/bench_finding.py --random --layers 2 --d-model 4096 --d-mlp 11008 --vocab 50304 \\
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from gluscope.recorder.related import related_neurons
-from gluscope.recorder.weight_tokens import TokenNeurons
+from gluscope.recorder.token_tops import TokenNeurons
 from gluscope.recorder.weights import layer_weights
 
 

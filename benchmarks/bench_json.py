@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
     db = next(iter(open_databases([args.db], neuron_table=False).values()))
     rng = random.Random(args.seed)
-    lists = [data.example_list(db, rng.randrange(db.n_layers), rng.randrange(db.d_mlp), rng.choice(QUADRANT_SLUGS),
-                               rng.choice(HOOKS)) for _ in range(args.lists)]
+    lists = [data.read_example_list(db, rng.randrange(db.n_layers), rng.randrange(db.d_mlp),
+                                    rng.choice(QUADRANT_SLUGS), rng.choice(HOOKS)) for _ in range(args.lists)]
     steps = {"build the dict (to_json)": 0.0, "encode with json": 0.0, "encode with orjson": 0.0,
              "validate with pydantic": 0.0}
     size = 0

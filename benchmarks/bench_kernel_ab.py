@@ -5,7 +5,7 @@
 
 A and B are each compiled (with AFLAGS / BFLAGS added to the build's flags) and loaded side by side; each
 pair of updates runs A then B or B then A, so both see the machine at the same speed, and the ratio B/A is
-taken per pair. Process time, one thread, [8, 512, 1408] float32, everything of #11 on. Not a test.
+taken per pair. Process time, one thread, [8, 512, 1408] float32, every distribution on. Not a test.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from gluscope.recorder.model import activation_function
-from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
-from gluscope.recorder import reduce_cpu
+from gluscope.recorder.reducer_interface import Batch, LayerSetup, make_reducers
+from gluscope.recorder import kernel_reducer
 
 B, T, N = 8, 512, 1408
 
@@ -30,9 +30,9 @@ def main() -> None:
     dlls = {}
     for name, src, flags in (("A", sys.argv[1], os.environ.get("AFLAGS", "")),
                              ("B", sys.argv[2], os.environ.get("BFLAGS", ""))):
-        reduce_cpu.SOURCE = Path(src)
+        kernel_reducer.SOURCE = Path(src)
         os.environ["GLUSCOPE_CXXFLAGS"] = flags
-        dlls[name] = reduce_cpu.load_kernel.__wrapped__()  # past the cache: one build per (source, flags)
+        dlls[name] = kernel_reducer.load_kernel.__wrapped__()  # past the cache: one build per (source, flags)
     torch.manual_seed(0)
     x_gate, x_in = torch.randn(B, T, N), torch.randn(B, T, N)
     reps = int(os.environ.get("REPS", "16"))
@@ -42,7 +42,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in dlls}
     for i in range(reps):
         for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
-            reduce_cpu.load_kernel = lambda name=name: dlls[name]  # what KernelReducer.update calls
+            kernel_reducer.load_kernel = lambda name=name: dlls[name]  # what KernelReducer.update calls
             batch = Batch.of(np.full(B, T), np.arange(i * B, (i + 1) * B), torch.device("cpu"))
             t = time.process_time()
             reducers[name].update(x_gate, x_in, batch)

@@ -1,22 +1,23 @@
-"""The CPU kernel alone on one random layer batch, with parts of the distributions (#11) switched off.
+"""The CPU kernel alone on one random layer batch, with parts of the distributions switched off.
 
     python benchmarks/bench_kernel_parts.py "histograms,density,sampling" "" "density,sampling"
 
-Each argument is a GLUSCOPE_BENCH_SKIP value (the parts switched off); for each, prints the min and median
-process time of 12 updates of one [8, 512, 1408] layer batch on one thread. Not a test.
+Each argument is a comma-separated list of the parts switched off (of kernel_reducer.PARTS, set on the
+reducer from here); for each, prints the min and median process time of 12 updates of one
+[8, 512, 1408] layer batch on one thread. Not a test.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
+from gluscope.recorder.kernel_reducer import PARTS
 from gluscope.recorder.model import activation_function
-from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
+from gluscope.recorder.reducer_interface import Batch, LayerSetup, make_reducers
 
 B, T, N = 8, 512, 1408
 
@@ -28,8 +29,12 @@ def main() -> None:
     setup = LayerSetup(k=16, before=24, after=2, sign=torch.ones(N), act_fn=activation_function("silu"),
                        text_lengths=np.full(12 * B, T))
     for skip in sys.argv[1:]:
-        os.environ["GLUSCOPE_BENCH_SKIP"] = skip  # read when a reducer is built
+        off = {name for name in skip.split(",") if name}
+        if not off <= set(PARTS):
+            raise SystemExit(f"unknown parts {sorted(off - set(PARTS))}; the parts are {', '.join(PARTS)}")
         (reducer,) = make_reducers("kernel", [setup])
+        # What KernelReducer.update hands the kernel: every part but those switched off.
+        reducer.parts = sum(bit for name, bit in PARTS.items() if name not in off)
         times = []
         for i in range(12):
             batch = Batch.of(np.full(B, T), np.arange(i * B, (i + 1) * B), torch.device("cpu"))

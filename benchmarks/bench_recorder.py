@@ -7,21 +7,23 @@ Prints seconds, tokens/s and the ratio to the baseline for: the HF causal
 LM's forward pass without hooks (the baseline), the recorder's forward pass
 with its reductions, the recorder's whole loop, and the loop plus writing the
 database. With --variants, the measurement repeats back to back with
-parts of the distributions (#11) switched off (`-histograms`: all but the
+parts of the distributions switched off (`-histograms`: all but the
 histograms; `none`: none of histograms, density, sampling, calibration), so
-each part's cost is the difference to `all`. The calibration's forward
-passes count as recorder time without a baseline of their own. The baseline runs batch by batch right after the recorder's pass on
-the same tokens, so both see the machine at the same speed: this machine's
-speed drifts by up to a third over minutes. Not a test: nothing here passes
-or fails.
+each part's cost is the difference to `all`. They are switched off from here:
+the reducers' `parts` and record()'s calibration_batches. The calibration's
+forward passes count as recorder time without a baseline of their own. The
+baseline runs batch by batch right after the recorder's pass on the same
+tokens, so both see the machine at the same speed: this machine's speed
+drifts by up to a third over minutes. Not a test: nothing here passes or
+fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +32,25 @@ import numpy as np
 import torch
 import transformers
 
-from gluscope.recorder.corpus import Corpus
-from gluscope.recorder.model import load_model
-from gluscope.recorder.record import choose_reducer, record
-from gluscope.recorder.tiny_models import make_config, train_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.tiny_models
+from tests.tiny_models import make_config, train_tokenizer  # noqa: E402
+
+from gluscope.recorder import rules  # noqa: E402
+from gluscope.recorder.corpus import Corpus  # noqa: E402
+from gluscope.recorder.kernel_reducer import PARTS, KernelReducer  # noqa: E402
+from gluscope.recorder.model import load_model  # noqa: E402
+from gluscope.recorder.record import choose_reducer, record  # noqa: E402
+from gluscope.recorder.tensor_reducer import DISTRIBUTIONS, TensorDistributions  # noqa: E402
+
+# What a variant may switch off: the reducers' distributions, and the calibration pass before the recording.
+SWITCHES = (*DISTRIBUTIONS, "calibration")
+
+
+def switch_off(parts: set[str]) -> int:
+    """Switch `parts` off in both reducers (their class attributes); return the calibration batches to run."""
+    TensorDistributions.parts = frozenset(DISTRIBUTIONS) - parts
+    KernelReducer.parts = sum(bit for name, bit in PARTS.items() if name not in parts)
+    return 0 if "calibration" in parts else rules.CALIBRATION_BATCHES
 
 
 def main() -> None:
@@ -95,7 +112,6 @@ def main() -> None:
            dataset="bench", batch_size=2, compile=args.compile, reducer=args.reducer, progress=False)
 
     import gluscope.recorder.record as rec
-    from gluscope.recorder.reduce import DISTRIBUTIONS
 
     print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
           f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
@@ -103,20 +119,20 @@ def main() -> None:
           f"torch threads={torch.get_num_threads()}")
     summary = []
     for variant in args.variants.split(","):
-        skip = {"all": [], "none": list(DISTRIBUTIONS)}.get(variant, [variant.removeprefix("-")])
-        if not set(skip) <= set(DISTRIBUTIONS):
+        skip = {"all": [], "none": list(SWITCHES)}.get(variant, [variant.removeprefix("-")])
+        if not set(skip) <= set(SWITCHES):
             raise SystemExit(f"unknown variant {variant!r}")
-        os.environ["GLUSCOPE_BENCH_SKIP"] = ",".join(skip)
+        calibration_batches = switch_off(set(skip))
         print(f"\n== variant {variant} (switched off: {', '.join(skip) or 'nothing'})")
-        summary.append((variant, measure(args, rec, model, hf, corpus, tmp, n_tokens, sync)))
-    os.environ.pop("GLUSCOPE_BENCH_SKIP", None)
+        summary.append((variant, measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batches)))
+    switch_off(set())
     if len(summary) > 1:
         print("\nsummary: recorder/forward (forward and reductions, calibration included), steady state")
         for variant, (ratio, steady) in summary:
             print(f"  {variant:14s} {ratio:5.3f}  {steady:5.3f}")
 
 
-def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync) -> tuple[float, float]:
+def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batches: int) -> tuple[float, float]:
     """One recording with its paired baseline; prints the table, returns (recorder/forward, steady state)."""
     orig_writer = rec.DatabaseWriter
     orig_calibrate = rec._calibrate
@@ -173,7 +189,8 @@ def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync) -> tuple[float, f
     t0 = time.perf_counter()
     try:
         record(model, corpus, tmp / "bench.duckdb", dataset="bench", batch_size=args.batch_size,
-               compile=args.compile, reducer=args.reducer, progress=False, overwrite=True, checkpoint_every=0)
+               compile=args.compile, reducer=args.reducer, progress=False, overwrite=True, checkpoint_every=0,
+               calibration_batches=calibration_batches)
     except LoopDone:
         pass
     finally:

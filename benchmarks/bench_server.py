@@ -9,7 +9,7 @@ connection): p50, p99 and max latency, throughput, the client's own CPU per
 request, and the server's resident memory (when this script started it).
 Fragments come in two patterns: one section of a random neuron per request
 (none served from the server's per-neuron cache), and browsing (4 sections of one neuron in a row).
-Issue #11's endpoints follow: histograms (JSON and fragment), random and interval lists, the model
+The distributions' endpoints follow: histograms (JSON and fragment), random and interval lists, the model
 page with a layer's §5.1 scatter, its PNG and a click on it (a 303 to the nearest neuron).
 With --db, the file is read once first, so that it sits in the OS page
 cache, as on a server with memory to spare that has run a while: a cold
@@ -171,7 +171,7 @@ SECTIONS = 4
 
 
 def finding_scenarios(m: str, n_layers: int, d_mlp: int, vocab_size: int, rng: random.Random) -> dict:
-    """The requests that find neurons (issue #12): token search on both sides, suggestions, related neurons.
+    """The requests that find neurons: token search on both sides, suggestions, related neurons.
     Each asks about a random token or neuron, so none is answered from a cache."""
     from urllib.parse import quote
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                                    {"HX-Request": "true"}),
             "examples JSON": (lambda n: [sections(l, i, 1, "/api") for l, i in neurons(n)], {}),
             **finding_scenarios(m, n_layers, d_mlp, model["vocab_size"], rng),
-            # Issue #11: a neuron's distributions (JSON, and the fragment the neuron page loads), its random and
+            # Distributions: a neuron's distributions (JSON, and the fragment the neuron page loads), its random and
             # interval lists, and the model page's §5.1 scatter of a layer.
             "histograms JSON": (lambda n: [[f"/api/models/{m}/neurons/{l}/{i}/histograms"] for l, i in neurons(n)], {}),
             "histograms fragment": (lambda n: [[f"/models/{m}/neurons/{l}/{i}/histograms"] for l, i in neurons(n)],

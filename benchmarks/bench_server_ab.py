@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 "examples fragment": ("/models/{m}/neurons/{l}/{n}/examples?quadrant={q}&hook={h}",
                                       {"HX-Request": "true"}),
                 "examples JSON": ("/api/models/{m}/neurons/{l}/{n}/examples?quadrant={q}&hook={h}", {}),
-                # Issue #11: a neuron's distributions and its sampled lists.
+                # Distributions: a neuron's histograms and its sampled lists.
                 "histograms fragment": ("/models/{m}/neurons/{l}/{n}/histograms", {"HX-Request": "true"}),
                 "histograms JSON": ("/api/models/{m}/neurons/{l}/{n}/histograms", {}),
                 "random list": ("/models/{m}/neurons/{l}/{n}/examples?quadrant={q}&hook=hook_post&kind=random", {"HX-Request": "true"}),

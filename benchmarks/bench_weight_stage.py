@@ -36,7 +36,7 @@ def stage(recorder: str, model_dir: str, layers: int | None, out: str) -> None:
 
     from gluscope.recorder.model import load_model
     from gluscope.recorder.related import related_neurons
-    from gluscope.recorder.weight_tokens import TokenNeurons
+    from gluscope.recorder.token_tops import TokenNeurons
     from gluscope.recorder.weights import layer_weights
 
     model = load_model(model_dir, device="cpu", dtype="float32")

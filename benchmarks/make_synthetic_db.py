@@ -22,9 +22,11 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from gluscope.recorder import rules
-from gluscope.recorder.writer import EXAMPLE_TOKENS, DatabaseWriter, LayerResult, write_related, write_token_neurons
+from gluscope.recorder.writer import (EXAMPLE_TOKENS, DatabaseWriter, LayerResult, insert, related_table,
+                                      token_neurons_table)
 from gluscope.schema import GEOMETRY, QUADRANT_SIGNS, SCHEMA_VERSION
 from gluscope.server.activations import activation
 
@@ -159,14 +161,15 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
 
 
 def write_finding_tables(con, n_layers: int, d_mlp: int, vocab_size: int, rng: np.random.Generator) -> None:
-    """The tables that find neurons (issue #12) at the file's shape: token_neurons (32 random neurons per token
+    """The tables that find neurons at the file's shape: token_neurons (32 random neurons per token
     and kind, scores sorted as recorded), related (16 per neuron, direction and via, in other layers) and the
     examples' token index, built by the recorder's own SQL from the file's examples and texts."""
     top = 32
     ids = rng.integers(0, n_layers * d_mlp, (6, vocab_size, top))
     scores = np.sort(rng.random((6, vocab_size, top), dtype=np.float32), axis=-1)[..., ::-1]
     scores *= np.array([1, -1, 1, -1, 1, -1], np.float32).reshape(6, 1, 1)
-    write_token_neurons(con, (ids // d_mlp).astype(np.int16), (ids % d_mlp).astype(np.int32), scores)
+    insert(con, "token_neurons", token_neurons_table((ids // d_mlp).astype(np.int16), (ids % d_mlp).astype(np.int32),
+                                                     scores))
     del ids, scores
     for layer in range(n_layers):  # one layer's rows at a time: 32 layers at once would hold 1.4 GB of arrays
         shape = (1, 2, 2, d_mlp, 16)
@@ -177,7 +180,10 @@ def write_finding_tables(con, n_layers: int, d_mlp: int, vocab_size: int, rng: n
             other_layer[:, 1] = rng.integers(0, layer, other_layer[:, 1].shape)
         score = (np.sort(rng.random(shape, dtype=np.float32), axis=-1)[..., ::-1]
                  * rng.choice(np.array([-1, 1], np.float32), shape))
-        write_related(con, other_layer, rng.integers(0, d_mlp, shape).astype(np.int32), score, first_layer=layer)
+        table = related_table(other_layer, rng.integers(0, d_mlp, shape).astype(np.int32), score)
+        # related_table numbers the layers of its arrays from 0: these rows are layer `layer`'s.
+        at = table.schema.get_field_index("layer")
+        insert(con, "related", table.set_column(at, "layer", pa.array(np.full(table.num_rows, layer, np.int16))))
     con.execute(EXAMPLE_TOKENS)
 
 

@@ -18,6 +18,10 @@ QUADRANT_SIGNS: tuple[tuple[int, int], ...] = ((1, 1), (1, -1), (-1, 1), (-1, -1
 POST_SIGNS: tuple[int, ...] = tuple(g * i for g, i in QUADRANT_SIGNS)
 # neurons.count_pp ... count_nn, in quadrant code order.
 COUNT_COLUMNS: tuple[str, ...] = tuple(f"count_{slug}" for slug in QUADRANT_SLUGS)
+# The quadrants where x_gate > 0 and where x_in > 0, by slug: a neuron's frequency of x_gate > 0
+# (freq_gate_pos, the x axis of the paper's §5.1 scatter) is the share of tokens in the first.
+GATE_POS_SLUGS: tuple[str, ...] = tuple(s for s, (g, _) in zip(QUADRANT_SLUGS, QUADRANT_SIGNS) if g > 0)
+IN_POS_SLUGS: tuple[str, ...] = tuple(s for s, (_, i) in zip(QUADRANT_SLUGS, QUADRANT_SIGNS) if i > 0)
 
 # TransformerLens's hook names (blocks.L.mlp.hook_post ...), and `act`, which is
 # no hook: act_fn(x_gate), the gate's activation, before it multiplies x_in.
@@ -33,8 +37,10 @@ EXAMPLE_KINDS: tuple[str, ...] = ("top", *SAMPLE_KINDS)
 
 # example_tokens.role codes: the token of interest itself, or the token right after it.
 EXAMPLE_ROLES: tuple[str, ...] = ("focus", "next")
-# example_tokens' list sources (schema.sql, example_token_key): a top list's hook, then the sampled kinds.
-EXAMPLE_SOURCES = len(HOOKS) + len(SAMPLE_KINDS)
+# example_tokens' list sources (schema.sql, example_list): a top list's hook code, then SAMPLE_SOURCE +
+# samples.kind for a sampled list; schema.sql's key macros count EXAMPLE_SOURCES of them (tests/test_schema.py).
+SAMPLE_SOURCE = len(HOOKS)
+EXAMPLE_SOURCES = SAMPLE_SOURCE + len(SAMPLE_KINDS)
 
 # related.direction and related.via codes.
 RELATED_DIRECTIONS: tuple[str, ...] = ("downstream", "upstream")
@@ -43,8 +49,13 @@ RELATED_VIA: tuple[str, ...] = ("gate", "in")
 # weight_tokens.kind codes (schema.sql, weight_kinds).
 WEIGHT_KINDS: tuple[str, ...] = ("out+", "out-", "gate+", "gate-", "in+", "in-")
 
-# The weight geometry columns of `neurons`, after the weight convention.
-GEOMETRY: tuple[str, ...] = ("cos_gate_in", "cos_gate_out", "cos_in_out", "norm_gate", "norm_in", "norm_out")
+# The weight geometry columns of `neurons` (after the weight convention), in column order, and how pages and
+# the API documentation write each.
+GEOMETRY_LABELS: dict[str, str] = {
+    "cos_gate_in": "cos(w_gate, w_in)", "cos_gate_out": "cos(w_gate, w_out)", "cos_in_out": "cos(w_in, w_out)",
+    "norm_gate": "‖w_gate‖", "norm_in": "‖w_in‖", "norm_out": "‖w_out‖",
+}
+GEOMETRY: tuple[str, ...] = tuple(GEOMETRY_LABELS)
 
 # The activation names a config may give (metadata.act_fn) -> the function
 # they stand for. The recorder computes these with torch, the server with

@@ -31,8 +31,8 @@ from gluscope.errors import UserError
 log = logging.getLogger("gluscope.record")
 
 # Without --checkpoint-every, a run whose first batches say it will take longer than AUTO_ABOVE_S checkpoints every
-# DEFAULT_EVERY_MINUTES. A checkpoint of the OLMo-7B shape holds about 11 GB (mostly windows) and takes tens of seconds
-# to write, so ten minutes keeps that to a few per cent of the run.
+# DEFAULT_EVERY_MINUTES. A checkpoint of the OLMo-7B shape is large (mostly windows) and slow to write (see
+# docs/performance.md), so ten minutes keeps that to a few per cent of the run.
 DEFAULT_EVERY_MINUTES = 10.0
 AUTO_ABOVE_S = 15 * 60
 ESTIMATE_AFTER_BATCHES = 3

@@ -1,9 +1,10 @@
 """The recording: the weights first, then the corpus batch by batch through one reducer per layer, then the file.
 
 Each part reads alone: `_hooks` (what the forward pass hands a reducer),
-`_run` (the loop over batches) and `_write` (finishing every layer into the
-database). The reducers themselves are in reducer.py, reduce.py and
-reduce_cpu.py.
+`_run` (the loop over batches), `_write_layers` (finishing every layer's
+reducer into the database) and `_write_finding` (the tables that find
+neurons, written last). The reducers themselves are in reducer_interface.py,
+tensor_reducer.py and kernel_reducer.py.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from gluscope.recorder.checkpoint import (Checkpoint, CheckpointSchedule, checkp
 from gluscope.recorder.corpus import Corpus, tokenizer_fingerprint
 from gluscope.recorder import rules
 from gluscope.recorder.model import GatedModel
-from gluscope.recorder.reduce import Calibration, enabled_distributions
-from gluscope.recorder.reducer import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
+from gluscope.recorder.tensor_reducer import Calibration
+from gluscope.recorder.reducer_interface import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
 from gluscope.recorder.related import RelatedNeurons, related_neurons
 from gluscope.recorder.vocab import vocabulary
-from gluscope.recorder.weight_tokens import TokenNeurons
+from gluscope.recorder.token_tops import TokenNeurons
 from gluscope.recorder.weights import LayerWeights, layer_weights
 from gluscope.recorder.writer import DatabaseWriter, LayerResult
 from gluscope.schema import SCHEMA_VERSION
@@ -56,8 +57,8 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     None: CheckpointSchedule's default. resume: go on from that checkpoint, which must
     describe this very run. The checkpoint is removed once `out` is complete.
 
-    reducer: "kernel" folds each batch with the C++ pass of reduce_cpu.py (CPU
-    only), "torch" with reduce.py's tensor code (compiled per `compile`);
+    reducer: "kernel" folds each batch with the C++ pass of kernel_reducer.py (CPU
+    only), "torch" with tensor_reducer.py's tensor code (compiled per `compile`);
     "auto" takes the kernel on the CPU where it builds.
 
     sample_seed seeds the hash that picks the sampled examples; the intervals of |hook_post| they are drawn
@@ -69,11 +70,9 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
     n_counted = int((lengths[mine] - 1).sum())
     kind = choose_reducer(model.device, reducer)
-    # Compiling costs 20-60 s once; it pays on long runs.
+    # Compiling costs a fixed time once (see docs/performance.md); it pays on long runs.
     compiled = compile == "on" or (compile == "auto" and n_counted >= COMPILE_AUTO_TOKENS)
     calibration = _batches(lengths, batch_size)[:calibration_batches]
-    if "calibration" not in enabled_distributions():  # the benchmark's measurement without it
-        calibration = []
     tokens_text, tokens_bytes = vocabulary(model.tokenizer, model.vocab_size)
     meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
                      shard=shard, k=k, window_before=window_before, window_after=window_after,
@@ -266,7 +265,7 @@ def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights:
 
 
 def _write_finding(writer: DatabaseWriter, token_neurons: TokenNeurons, related: RelatedNeurons, d_mlp: int) -> None:
-    """The tables that find neurons (issue #12): by token from the weights and from the examples, and related."""
+    """The tables that find neurons: by token from the weights and from the examples, and related."""
     writer.write_token_neurons(*token_neurons.result(d_mlp))
     writer.write_related(related.other_layer, related.other_neuron, related.score)
     writer.write_example_tokens()

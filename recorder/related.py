@@ -9,8 +9,8 @@ All cosines of a pair of layers are one matrix product [n, d] @ [d, n] of
 unit rows, reduced along both axes at once: along B for A's downstream list,
 along A for B's upstream list. Each block's top is merged into a running top
 per neuron, so the result is exact and never holds more than one block of
-scores. For OLMo-7B that is 496 layer pairs x 2 vias x 2 x 11008^2 x 4096,
-about 1 PFLOP: seconds' worth of matmuls on a GPU.
+scores. For a 7B model that is a large but plain amount of matmul work, well
+suited to a GPU (the count: see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gluscope.recorder.reduce_cpu import abs_tops
+from gluscope.recorder.kernel_reducer import abs_tops
 from gluscope.schema import RELATED_DIRECTIONS, RELATED_VIA
 
 RELATED_TOP = 16
@@ -75,7 +75,7 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
         gain = model.mlp_input_gain(layer).to(device)[None, :]
         return _unit(w_gate.to(device) * gain), _unit(w_in.to(device) * signs[layer].to(device)[:, None] * gain)
 
-    # The compiled merge (reduce_cpu.abs_tops) keeps |score| beside each top, sorted; torch's path finds it anew.
+    # The compiled merge (kernel_reducer.abs_tops) keeps |score| beside each top, sorted; torch's path finds it anew.
     key = torch.full((L, 2, 2, n, top), -torch.inf, device=device) if device.type == "cpu" else None
     bar = tqdm(total=L * (L - 1) // 2, desc="related neurons", unit="pair", disable=not progress, dynamic_ncols=True)
     written = [writes(layer) for layer in range(L)] if L * n * model.d_model <= BLOCK_ELEMENTS * 8 else None

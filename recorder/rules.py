@@ -1,8 +1,8 @@
 """The rules every reducer follows, defined once: the 16 lists and their signs, how ties break, how keys pack,
 where windows fall.
 
-reduce.py's tensor code calls these functions; the C++ kernel gets the same
-constants through the header `c_header()` writes (reduce_cpu.py puts it in
+tensor_reducer.py's tensor code calls these functions; the C++ kernel gets the same
+constants through the header `c_header()` writes (kernel_reducer.py puts it in
 front of the kernel's source), so the two reducers cannot drift apart
 silently. tests/test_reducers.py checks that they agree bit for bit.
 """
@@ -79,15 +79,15 @@ def window_bounds(position, length, before: int, after: int):
     return (position - before).clip(min=0), (position + after + 1).clip(max=length)
 
 
-# ---- Distributions (#11): histograms, density, sampled examples, intervals. ----
+# ---- Distributions: histograms, density, sampled examples, intervals. ----
 
 # Histogram bins of schema.sql's `histogram_bins`, read off a float32's bits u (sign bit clear). 'value': two per
 # octave, edges 2^e and 1.5 * 2^e: (u >> 22) is 2 * exponent + the top mantissa bit, so magnitude bin
 # clamp((u >> 22) - VALUE_SHIFT, 0, VALUE_MAG_BINS - 1) holds [0, 2^-16), [2^-16, 1.5 * 2^-16), ... [2^12, inf).
 # 'density': one per two octaves, edges 2^-12, 2^-10, ... 2^8: clamp(((u >> 23) - DENSITY_SHIFT) >> 1, 0,
-# DENSITY_MAG_BINS - 1) holds [0, 2^-12), [2^-12, 2^-10), ... [2^8, inf). Two octaves, not one: a 7B-shaped
-# neuron's values span about 15 octaves on each axis, so per-octave cells were about a tenth of the whole file
-# (benchmarks/make_synthetic_db.py); the 1-D histograms keep two bins per octave for the detail.
+# DENSITY_MAG_BINS - 1) holds [0, 2^-12), [2^-12, 2^-10), ... [2^8, inf). Two octaves, not one: a neuron's values
+# span many octaves on each axis, so per-octave cells were a large share of a 7B-shaped file (see
+# docs/performance.md); the 1-D histograms keep two bins per octave for the detail.
 # A signed bin (the stored `bin`, increasing in v): v >= 0 (also -0.0) is MAG_BINS + magbin(bits(v)); v < 0 is
 # MAG_BINS - 1 - magbin(bits(-v) - 1), the predecessor float, so that bin i holds lo <= v < hi for negative v too.
 VALUE_LOW_EXP, VALUE_HIGH_EXP = -16, 12
@@ -168,8 +168,8 @@ N_PER_INTERVAL = 4    # examples per interval
 SAMPLE_SLOTS = N_RANDOM + N_INTERVALS * N_PER_INTERVAL
 HASH_EMPTY = 0x7FFFFFFF + 1  # above every 31-bit hash
 # A sampled example's stored window is shorter than a top example's (at most this many tokens before and after
-# it, within window_before and window_after): the 96 samples per neuron would otherwise grow the 7B-shaped file
-# by about 3.5 GB (benchmarks/make_synthetic_db.py).
+# it, within window_before and window_after): the 96 samples per neuron would otherwise grow a 7B-shaped file
+# by gigabytes (see docs/performance.md).
 SAMPLE_WINDOW_BEFORE, SAMPLE_WINDOW_AFTER = 8, 2
 
 

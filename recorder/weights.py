@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gluscope.recorder.weight_tokens import TokenNeurons, top_tokens
+from gluscope.recorder.token_tops import TokenNeurons, top_tokens
 
 
 def weight_geometry(w_gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,

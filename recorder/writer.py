@@ -21,14 +21,14 @@ import numpy as np
 import pyarrow as pa
 
 from gluscope.recorder import rules
-from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANTS, schema_sql
+from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANTS, SAMPLE_SOURCE, schema_sql
 
 N_Q, N_H = len(QUADRANTS), len(HOOKS)
 
 
 @dataclass
 class LayerStatistics:
-    """What a reducer finishes for one layer (reducer.finish_layer). Shapes: n = d_mlp, k = examples per list,
+    """What a reducer finishes for one layer (reducer_interface.finish_layer). Shapes: n = d_mlp, k = examples per list,
     W = window slots. Quadrant and hook axes follow the codes in schema.sql.
     """
 
@@ -124,7 +124,7 @@ INSERT INTO example_tokens
 WITH listed AS (
     SELECT layer, neuron, quadrant, hook AS source, rank AS place, text_id, position FROM examples
     UNION ALL
-    SELECT layer, neuron, quadrant, {N_H} + kind, interval * (SELECT n_per_interval FROM metadata) + rank,
+    SELECT layer, neuron, quadrant, {SAMPLE_SOURCE} + kind, interval * (SELECT n_per_interval FROM metadata) + rank,
            text_id, position
     FROM samples
 ), tokens AS (
@@ -215,13 +215,13 @@ class DatabaseWriter:
         self.tmp_path.unlink(missing_ok=True)
         # 64 KiB blocks instead of DuckDB's 256 KiB: the server's lookups of one
         # neuron load every block they touch, so smaller blocks mean less to
-        # read and check per request. Measured on the OLMo-7B-shaped file: the
-        # examples query's p50 fell by about 30%; the file's size stayed the same.
+        # read and check per request, at no cost in file size (measured: see
+        # docs/performance.md).
         self._con = None
         self._inserter: _Inserter | None = None
         try:
             # A checkpoint after every 1 GB of changes instead of DuckDB's 16 MB: at the default one ran inside
-            # nearly every layer's inserts, and writing the demo's layers took about a tenth longer.
+            # nearly every layer's inserts, and writing the layers took longer (see docs/performance.md).
             self._con = duckdb.connect(str(self.tmp_path), config={"default_block_size": str(BLOCK_SIZE),
                                                                    "checkpoint_threshold": "1GB"})
             self._con.execute(schema_sql())
@@ -375,8 +375,8 @@ class DatabaseWriter:
 
     def write_example_tokens(self) -> None:
         """example_tokens from the examples, samples and texts already written (the last table: see EXAMPLE_TOKENS)."""
-        # Its join, aggregate and sort spill to disk past the memory limit. DuckDB's default (80% of RAM) took
-        # 14 GB for the 7B shape's 88M examples here, and the kernel killed it beside other processes.
+        # Its join, aggregate and sort spill to disk past the memory limit. At DuckDB's default (80% of RAM) it
+        # grew on the 7B shape until the kernel killed it beside other processes (see docs/performance.md).
         self.con.execute(f"SET memory_limit = '{EXAMPLE_TOKENS_MEMORY}'")
         self.con.execute(EXAMPLE_TOKENS)
 
@@ -479,13 +479,8 @@ def _flat(a: np.ndarray, axis: int, to: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(a, axis, to)).reshape(-1)
 
 
-def write_token_neurons(con: duckdb.DuckDBPyConnection, layer: np.ndarray, neuron: np.ndarray,
-                        score: np.ndarray) -> None:
-    insert(con, "token_neurons", token_neurons_table(layer, neuron, score))
-
-
 def token_neurons_table(layer: np.ndarray, neuron: np.ndarray, score: np.ndarray) -> pa.Table:
-    """token_neurons from [6 kinds, V, top] arrays (weight_tokens.TokenNeurons.result), rows ordered by
+    """token_neurons from [6 kinds, V, top] arrays (token_tops.TokenNeurons.result), rows ordered by
     (token_id, kind, rank) so that a token's rows are contiguous; slots with layer -1 are left out."""
     kinds, V, top = layer.shape
     grid = np.indices((V, kinds, top), dtype=np.int32).reshape(3, -1)
@@ -500,20 +495,14 @@ def token_neurons_table(layer: np.ndarray, neuron: np.ndarray, score: np.ndarray
     })
 
 
-def write_related(con: duckdb.DuckDBPyConnection, other_layer: np.ndarray, other_neuron: np.ndarray,
-                  score: np.ndarray, first_layer: int = 0) -> None:
-    insert(con, "related", related_table(other_layer, other_neuron, score, first_layer))
-
-
-def related_table(other_layer: np.ndarray, other_neuron: np.ndarray, score: np.ndarray,
-                  first_layer: int = 0) -> pa.Table:
-    """related from [L, direction, via, n, top] arrays (related.RelatedNeurons) of layers first_layer.., rows
-    ordered by (layer, neuron, direction, via, rank); slots with other_layer -1 are left out."""
+def related_table(other_layer: np.ndarray, other_neuron: np.ndarray, score: np.ndarray) -> pa.Table:
+    """related from [L, direction, via, n, top] arrays (related.RelatedNeurons), rows ordered by (layer, neuron,
+    direction, via, rank); slots with other_layer -1 are left out."""
     shape = np.moveaxis(other_layer, 3, 1).shape
     grid = np.indices(shape, dtype=np.int32).reshape(len(shape), -1)
     keep = _flat(other_layer, 3, 1) >= 0
     return pa.table({
-        "layer": pa.array((grid[0][keep] + first_layer).astype(np.int16)),
+        "layer": pa.array(grid[0][keep].astype(np.int16)),
         "neuron": pa.array(grid[1][keep]),
         "direction": pa.array(grid[2][keep].astype(np.int8)),
         "via": pa.array(grid[3][keep].astype(np.int8)),

@@ -19,14 +19,14 @@ from gluscope.schema import (EXAMPLE_KINDS, GEOMETRY, HISTOGRAM_HOOKS, HOOKS, PO
 from gluscope.server import plots, queries
 from gluscope.server.db import Database, Vocabulary
 from gluscope.server.errors import ParameterError
+from gluscope.server.responses import ModelInfo
 from gluscope.server.validate import (check_choice, check_index, check_neuron, check_page, hook_code,
                                       quadrant_code)
 from gluscope.server.windows import neuron_examples, window_key, window_values
 
-MODEL_FIELDS = ("model_name", "model_source", "model_revision", "weights_file", "quantization", "architecture", "act_fn", "n_layers", "d_model", "d_mlp",
-                "vocab_size", "dtype", "dataset", "text_column", "max_length", "n_texts", "n_tokens", "k",
-                "window_before", "window_after", "refactor_glu", "weight_convention", "created_at",
-                "tool_version", "schema_version")
+# The metadata columns a model's body shows: the fields responses.ModelInfo declares, but for the id URLs use
+# and the file's name (tests/test_schema.py checks each is a column of schema.sql's metadata).
+MODEL_FIELDS: tuple[str, ...] = tuple(name for name in ModelInfo.model_fields if name not in ("id", "file"))
 LAYER_ORDERS = ("asc", "desc")
 
 
@@ -59,7 +59,7 @@ def models_data(registry: dict[str, Database]) -> dict[str, Any]:
 
 def model_data(db: Database) -> dict[str, Any]:
     """The model and its layers' summary. It reads every neuron's row, and the file never changes: computed
-    once per process (at 16 clients it otherwise took 1.5 times an examples list)."""
+    once per process (at 16 clients it otherwise cost more than an examples list: see docs/performance.md)."""
     found = db.derived.get("model")
     if found is None:
         found = _model_data(db)
@@ -194,8 +194,10 @@ class ExampleList:
 SAMPLE_VALUE_COLUMNS = ("hook_post", "x_in", "x_gate", "act")
 
 
-def example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str, kind: str = "top",
-                 interval: int | None = None) -> ExampleList:
+def read_example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str, kind: str = "top",
+                      interval: int | None = None) -> ExampleList:
+    """One list of a neuron's examples, read from the file (or the neuron's cached rows): the top list of
+    (quadrant, hook), or the quadrant's random or interval samples showing `hook`."""
     check_neuron(db, layer, neuron)
     q, h = quadrant_code(quadrant), hook_code(hook)
     check_choice("kind", kind, EXAMPLE_KINDS)
@@ -390,7 +392,7 @@ class Scatter:
 
     layer: int
     neuron: np.ndarray         # [N]
-    freq_gate_pos: np.ndarray  # [N] (count_pp + count_pn) / n_tokens
+    freq_gate_pos: np.ndarray  # [N] the frequency of x_gate > 0 (queries.FREQ_GATE_POS)
     cos_in_out: np.ndarray     # [N]
     r: float | None            # Pearson correlation of the two, by DuckDB's corr()
     frame: plots.ScatterFrame

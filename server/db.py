@@ -119,17 +119,17 @@ class LRUCache:
             self._items.popitem(last=False)
 
 
-# Neurons whose examples stay in memory, about 50 KB each as NumPy arrays: a
-# researcher opens several lists of one neuron, and all of them together
-# cost one lookup of the whole neuron.
+# Neurons whose examples stay in memory as NumPy arrays (their size: see
+# docs/performance.md): a researcher opens several lists of one neuron, and
+# all of them together cost one lookup of the whole neuron.
 EXAMPLE_CACHE_NEURONS = int(os.environ.get("GLUSCOPE_EXAMPLE_CACHE", "256"))
 
 
 # Entries of Database.derived: the model page's layer summary, and per layer its scatter's points and PNG
-# (about 0.4 MB for 11k neurons).
+# (their size: see docs/performance.md).
 DERIVED_CACHE = 64
-# Neurons whose distributions (data.histograms_data, about 20 KB each) stay in memory: switching the value
-# a neuron's histograms show asks for them again.
+# Neurons whose distributions (data.histograms_data; their size: see docs/performance.md) stay in memory:
+# switching the value a neuron's histograms show asks for them again.
 DISTRIBUTION_CACHE_NEURONS = 64
 
 
@@ -203,8 +203,9 @@ class Database:
         """The neuron's rows of `intervals`: quadrant, interval, lo, hi (float64, NaN where unbounded), by (quadrant, interval).
 
         The whole table is read once per process (load_intervals) and kept as two [layers, neurons, quadrants,
-        intervals] float32 arrays (45 MB for OLMo-7B), so that a neuron's histograms and its sampled lists
-        each need one lookup of the file fewer: a point lookup costs about as much as the rows it finds.
+        intervals] float32 arrays (their size: see docs/performance.md), so that a neuron's histograms and its
+        sampled lists each need one lookup of the file fewer: a point lookup costs about as much as the rows it
+        finds.
         """
         self.load_intervals()
         lo, hi = (a[layer, neuron] for a in self._intervals)
@@ -225,9 +226,9 @@ class Database:
     def top_example_value(self, layer: int, neuron: int, quadrant: int, hook: int) -> float:
         """The value of the first example (rank 0) of a top list: the list's most extreme value, in value_stats.
 
-        Kept in memory as one [layers, neurons, quadrants, hooks] float32 array (23 MB for OLMo-7B), so that the
-        token search's usual answers, the lists whose strongest example holds the token, need no lookup of the
-        examples table: each costs about as much as reading a whole neuron.
+        Kept in memory as one [layers, neurons, quadrants, hooks] float32 array (its size: see
+        docs/performance.md), so that the token search's usual answers, the lists whose strongest example holds
+        the token, need no lookup of the examples table: each costs about as much as reading a whole neuron.
         """
         self.load_extremes()
         return float(self._extremes[layer, neuron, quadrant, hook])

@@ -3,8 +3,8 @@
 SVG is written here as text, so every piece of text that goes into it passes
 through `_text` (markupsafe's escape): a label may one day hold a token or a
 model's name, and an SVG inlined in a page runs a <script> like HTML does.
-The PNG is drawn with NumPy and compressed with zlib: 30k points take
-17-26 ms and 48 KB here (benchmarks/bench_scatter.py), and the page works
+The PNG is drawn with NumPy and compressed with zlib, fast and small
+enough to draw per layer (see docs/performance.md), and the page works
 without JavaScript (an <input type="image"> sends the click's pixel, and
 the server finds the nearest neuron; see views.scatter_click).
 """
@@ -25,7 +25,6 @@ from markupsafe import Markup, escape
 from gluscope.schema import QUADRANT_SLUGS
 
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
-QUADRANT_RGB = {"pp": (214, 39, 40), "pn": (255, 159, 64), "np": (127, 99, 184), "nn": (31, 119, 180)}
 
 
 def _text(s: object) -> str:
@@ -308,8 +307,8 @@ def scatter_png(x: np.ndarray, y: np.ndarray, frame: ScatterFrame, rgb: tuple[in
     ok = np.isfinite(px) & np.isfinite(py)
     cx = np.clip(np.rint(px[ok]).astype(np.int64), 0, w - 1)
     cy = np.clip(np.rint(py[ok]).astype(np.int64), 0, h - 1)
-    # Points per pixel (bincount: np.add.at took 140 ms for 30k points), then each spread over a 3x3 dot by
-    # adding shifted copies: a point weighs 1 at its pixel and 0.5 around it.
+    # Points per pixel (bincount: np.add.at is far slower, see docs/performance.md), then each spread over a 3x3
+    # dot by adding shifted copies: a point weighs 1 at its pixel and 0.5 around it.
     hits = np.bincount(cy * w + cx, minlength=h * w).reshape(h, w).astype(np.float32)
     padded = np.pad(hits, 1)
     ink = hits * 0.5

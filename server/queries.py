@@ -7,10 +7,16 @@ ordered by (layer, neuron), so DuckDB's zonemaps skip all row groups but one.
 
 from __future__ import annotations
 
-from gluscope.schema import COUNT_COLUMNS, GEOMETRY, QUADRANT_SLUGS
+from gluscope.schema import COUNT_COLUMNS, GATE_POS_SLUGS, GEOMETRY, IN_POS_SLUGS, QUADRANT_SLUGS
 
 # What a neuron's row holds besides its key: the quadrant counts, the flip and the weight geometry.
 NEURON_COLUMNS = ", ".join((*COUNT_COLUMNS, "flipped", *GEOMETRY))
+
+# A neuron's tokens with x_gate > 0 and with x_in > 0, as sums of its counts in `neurons`; FREQ_GATE_POS is the
+# frequency of x_gate > 0 of the paper's §5.1 analysis, given $n_tokens.
+GATE_POS_COUNT = " + ".join(f"count_{s}" for s in GATE_POS_SLUGS)
+IN_POS_COUNT = " + ".join(f"count_{s}" for s in IN_POS_SLUGS)
+FREQ_GATE_POS = f"({GATE_POS_COUNT}) / $n_tokens"
 
 TABLES = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
 
@@ -18,8 +24,8 @@ METADATA = "SELECT * FROM metadata"
 
 VOCAB = "SELECT token, token_bytes FROM vocab ORDER BY token_id"
 
-# Loaded once at startup: 20M token ids of a 45k-text corpus are about 80 MB,
-# and a lookup in the table itself would scan the one row group they live in.
+# Loaded once at startup (its size: see docs/performance.md): a lookup in the
+# table itself would scan the one row group the token ids live in.
 TEXT_LENGTHS = "SELECT source_index, source, n_tokens FROM texts ORDER BY text_id"
 # All token ids, text after text. The recorder inserts texts in text_id order
 # and DuckDB preserves insertion order without ORDER BY (its default), so this
@@ -27,8 +33,8 @@ TEXT_LENGTHS = "SELECT source_index, source, n_tokens FROM texts ORDER BY text_i
 TEXT_TOKENS = "SELECT unnest(token_ids) AS token_id FROM texts"
 
 # The per-neuron summary (counts, geometry, 16 stats) of every neuron is loaded
-# once at startup, about 100 MB for a 7B model: the neuron page and its JSON
-# then never wait on the file.
+# once at startup (its size: see docs/performance.md): the neuron page and its
+# JSON then never wait on the file.
 NEURONS = f"SELECT layer, neuron, {NEURON_COLUMNS} FROM neurons"
 
 VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_stats"
@@ -43,7 +49,7 @@ FROM value_stats
 # position), in one statement: the examples are the rows with part 0, and
 # each window's tokens follow as rows of part 1 (unnest), matched in NumPy.
 # The server reads a whole neuron at once and keeps it for the neuron's other
-# lists. Why this shape (the README's Performance section has the numbers):
+# lists. Why this shape (docs/performance.md has the numbers):
 # one statement instead of two saves a round trip through DuckDB's Python API;
 # a join or an ORDER BY in SQL costs more than sorting in NumPy (windows.py);
 # one row per token is cheaper than a list per window, for which NumPy builds
@@ -123,7 +129,7 @@ SELECT layer,
        count(*) AS n_neurons,
        {", ".join(f"avg({c} / $n_tokens) AS freq_{s}" for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
        avg(flipped::INTEGER) AS frac_flipped,
-       corr((count_pp + count_pn) / $n_tokens, cos_in_out) AS r_gate_pos_cos_in_out
+       corr({FREQ_GATE_POS}, cos_in_out) AS r_gate_pos_cos_in_out
 FROM neurons
 GROUP BY layer
 ORDER BY layer
@@ -134,7 +140,7 @@ ORDER BY layer
 LAYER_SORT_KEYS = {
     "neuron": "neuron",
     **{f"freq_{s}": c for s, c in zip(QUADRANT_SLUGS, COUNT_COLUMNS)},
-    "freq_gate_pos": "count_pp + count_pn", "freq_in_pos": "count_pp + count_np",
+    "freq_gate_pos": GATE_POS_COUNT, "freq_in_pos": IN_POS_COUNT,
     **{name: name for name in GEOMETRY},
 }
 
@@ -152,7 +158,7 @@ LIMIT $limit OFFSET $offset
 """
 
 
-# --- the whole-model filter and the comparison (issue #12) ---------------------
+# --- the whole-model filter and the comparison --------------------------------
 
 # Each field a whole-model filter may bound or sort by, as the SQL expression
 # over `neuron_facts` that computes it (DOUBLE, so a bound is compared with no
@@ -172,13 +178,11 @@ FILTER_SORT_KEYS: tuple[str, ...] = ("neuron", *FILTER_FIELDS)  # "neuron": by (
 
 # The facts every filter reads, one row per neuron, built once per connection
 # as a temporary table (a read-only file accepts those). Why: the largest
-# |hook_post| lives in value_stats, 16 rows per neuron; on the OLMo-7B shape
-# (352,256 neurons, 5.6M value_stats rows) joining it to `neurons` took 225 ms
-# per request on one DuckDB thread and its conditional aggregation 417 ms,
-# against 6 ms to scan this table for one page and 2 ms to count the matches
-# (benchmarks/bench_filter.py, on a quiet machine). It costs one aggregation
-# when a reader starts (0.5 s) and 34 MB per reader at that shape
-# (duckdb_memory()'s IN_MEMORY_TABLE).
+# |hook_post| lives in value_stats, 16 rows per neuron, and joining it to
+# `neurons` (or aggregating it) per request cost many times a scan of this
+# table for one page and a count of the matches. It costs one aggregation
+# when a reader starts and some memory per reader (the measurements, with
+# benchmarks/bench_filter.py: see docs/performance.md).
 NEURON_FACTS = f"""
 CREATE TEMP TABLE IF NOT EXISTS neuron_facts AS
 SELECT n.layer, n.neuron,
@@ -223,8 +227,8 @@ LIMIT $limit OFFSET $offset
 """
 
 
-# The number of matches, by a statement of its own: count(*) OVER () in the page's statement cost 20 ms on
-# the OLMo-7B shape (a window over every match, 176,832 for one bound), this one 2 ms.
+# The number of matches, by a statement of its own: count(*) OVER () in the page's statement (a window over
+# every match) cost several times as much on the OLMo-7B shape (see docs/performance.md).
 def neuron_filter_count(bounds: list[tuple[str, str]]) -> str:
     return f"SELECT count(*) FROM neuron_facts WHERE {_filter_where(bounds)}"
 
@@ -262,7 +266,7 @@ def neurons_histogram(n: int) -> str:
 # Whether the file holds related neurons at all (a file may have been written before they were recorded).
 RELATED_RECORDED = "SELECT EXISTS (SELECT 1 FROM related)"
 
-# --- finding neurons (issue #12) ---------------------------------------------
+# --- finding neurons: by token, and related neurons ---------------------------
 
 # A token's neurons from the weights (schema.sql, token_neurons): at most 32
 # rows, one range of the table, which is sorted by token_id.
@@ -286,7 +290,8 @@ def example_tokens_search(n: int) -> str:
     a UNION ALL of one range per token keeps that pruning. An example holds
     one token per role, so summing over the tokens counts the list's examples
     that hold any of them; one token needs no sum, and a top-N over its rows
-    costs a third of a hash aggregate. Optional filters are NULL when not given.
+    costs less than a hash aggregate (see docs/performance.md). Optional
+    filters are NULL when not given.
     """
     def rows(i: int) -> str:
         def key(layer: str) -> str:
@@ -380,9 +385,9 @@ def related_between(db, neurons: list[tuple[int, int]]) -> list[dict]:
 
 
 # One layer's neurons as the points of the §5.1 scatter: frequency of x_gate > 0 against cos(w_in, w_out).
-LAYER_SCATTER = """
-SELECT neuron, (count_pp + count_pn) / $n_tokens AS freq_gate_pos, cos_in_out,
-       corr((count_pp + count_pn) / $n_tokens, cos_in_out) OVER () AS r
+LAYER_SCATTER = f"""
+SELECT neuron, {FREQ_GATE_POS} AS freq_gate_pos, cos_in_out,
+       corr({FREQ_GATE_POS}, cos_in_out) OVER () AS r
 FROM neurons
 WHERE layer = $layer
 ORDER BY neuron

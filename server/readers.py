@@ -7,10 +7,9 @@ its arguments, to the readers' queue, and the HTTP process awaits the body
 (bytes). Why not N uvicorn workers:
 
 - A worker keeps each keep-alive connection it accepted, and a burst of
-  connections lands unevenly (16 clients split 16/0, 11/5 or 8/8 between two
-  workers, measured with `ss`). The crowded worker's requests then wait twice
-  as long as the others': p99 of random examples fragments at 16 clients
-  ranged from 57 to 141 ms between identical runs.
+  connections lands unevenly between workers. The crowded worker's requests
+  then wait longer than the others', and the tail latency varies widely
+  between identical runs (the measurements: see docs/performance.md).
 - Within a worker, requests running at once in threads contend for the GIL,
   which is handed over in no fair order.
 
@@ -65,7 +64,8 @@ def _exit_with_parent(parent: int) -> None:
 def _open(paths: list[str]) -> None:
     global _registry
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
-    _registry = open_databases(paths, neuron_table=False)  # about 100 MB for a 7B model, used only by the HTTP process
+    # No neuron table (large for a 7B model, see docs/performance.md): only the HTTP process uses it.
+    _registry = open_databases(paths, neuron_table=False)
     for db in _registry.values():
         token_spans(db.vocab)  # built once here, not on a user's first fragment
         db.temp_table("neuron_facts")  # and the filter's table (queries.NEURON_FACTS), not on its first request
@@ -80,10 +80,10 @@ def _open(paths: list[str]) -> None:
 def freeze_startup_objects() -> None:
     """Keep what was loaded at startup out of the garbage collector's full passes.
 
-    About 117,000 objects (FastAPI, pydantic, the vocabulary) live as long as
-    the process; a full collection walked them all in 30 ms, now and then in
-    the middle of a request: the neuron JSON's p99 at 16 clients read 35 ms in
-    one run and 13 in the next. Frozen, a full collection takes microseconds.
+    Many objects (FastAPI, pydantic, the vocabulary) live as long as the
+    process; a full collection walked them all, now and then in the middle of
+    a request, and the neuron JSON's tail latency varied with it from run to
+    run. Frozen, they are skipped (the measurements: see docs/performance.md).
     """
     gc.collect()
     gc.freeze()

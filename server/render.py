@@ -27,8 +27,10 @@ from starlette.templating import Jinja2Templates
 
 import numpy as np
 
-from gluscope.schema import HISTOGRAM_HOOKS, HOOKS, POST_SIGNS, QUADRANT_SIGNS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.schema import (GATE_POS_SLUGS, GEOMETRY, GEOMETRY_LABELS, HISTOGRAM_HOOKS, HOOKS, POST_SIGNS,
+                             QUADRANT_SIGNS, QUADRANT_SLUGS, QUADRANTS)
 from gluscope.server import plots
+from gluscope.server.queries import GATE_POS_COUNT
 
 if TYPE_CHECKING:
     from gluscope.server.data import ExampleList
@@ -46,13 +48,15 @@ SECURITY_HEADERS = {
 }
 
 WHITESPACE_MARKS = {" ": "·", "\t": "→", "\r": "␍", "\n": "⏎\n", "\u00a0": "⍽"}
-POS_RGB, NEG_RGB = (214, 39, 40), (31, 119, 180)  # red above zero, blue below, white at zero
+# A value's colour: red above zero, blue below, white at zero. Written once here: base.html hands them to
+# gluscope.js (data-pos-rgb, data-neg-rgb) and to gluscope.css (--pos-rgb, --neg-rgb) on <body>.
+POS_RGB, NEG_RGB = (214, 39, 40), (31, 119, 180)
 
 
 def encode_json(content: Any) -> bytes:
     """Compact UTF-8 JSON. Data functions map NaN and infinity to None (JSON has neither); orjson would
     write null for them too. orjson, not the standard library: an examples body is a few thousand numbers,
-    and encoding it was the largest cost of the examples JSON (README, Performance)."""
+    and encoding it was the largest cost of the examples JSON (see docs/performance.md)."""
     return orjson.dumps(content)
 
 
@@ -164,6 +168,11 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
+def freq_gate_pos(frequency: dict[str, float]) -> float:
+    """The frequency of x_gate > 0 from a neuron's frequency per quadrant slug (queries.FREQ_GATE_POS's sum)."""
+    return sum(frequency[s] for s in GATE_POS_SLUGS)
+
+
 def format_many(values: list[float | None], spec: str = "%.4g") -> list[str]:
     """fmt() of many numbers in one C-level formatting call.
 
@@ -235,9 +244,8 @@ def compact_snippet(found: ExampleList, i: int, spans: list[str]) -> Markup:
 
     gluscope.js turns data-v into what snippet() writes on the server (each
     token's tooltip values, quadrant class and colour). A list is then a
-    few kilobytes of numbers instead of 90 KB of formatted attributes, and
-    costs the server no per-token formatting: rendering a list went from
-    4.2 to 1.0 ms (OLMo-7B-shaped file, this machine).
+    few kilobytes of numbers instead of far more in formatted attributes,
+    and costs the server no per-token formatting (see docs/performance.md).
     """
     ids = found.token_ids[i]
     n = len(ids)
@@ -321,11 +329,16 @@ def histograms_context(body: dict[str, Any], hook: str, base: str) -> dict[str, 
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, auto_reload=False)
-    env.filters.update(show_token=show_token, fmt=fmt, pct=pct)
-    # gluscope.js reads the names and codes from <body>: written once, in gluscope/schema.py.
-    names = {"hooks": HOOKS, "quadrants": QUADRANTS, "quadrant-signs": QUADRANT_SIGNS}
-    body_names = Markup("".join(f' data-{k}="{escape(orjson.dumps(v).decode())}"' for k, v in names.items()))
-    env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, zip=zip,
+    env.filters.update(show_token=show_token, fmt=fmt, pct=pct, freq_gate_pos=freq_gate_pos)
+    # gluscope.js reads the names and codes from <body>, written once in gluscope/schema.py, and the colours;
+    # gluscope.css reads the colours from the same element's custom properties.
+    names = {"hooks": HOOKS, "quadrants": QUADRANTS, "quadrant-signs": QUADRANT_SIGNS, "pos-rgb": POS_RGB,
+             "neg-rgb": NEG_RGB}
+    colours = f"--pos-rgb: {_POS}; --neg-rgb: {_NEG}"
+    body_names = Markup("".join(f' data-{k}="{escape(orjson.dumps(v).decode())}"' for k, v in names.items())
+                        + f' style="{colours}"')
+    env.globals.update(HOOKS=HOOKS, QUADRANTS=QUADRANTS, QUADRANT_SLUGS=QUADRANT_SLUGS, GEOMETRY=GEOMETRY,
+                       GEOMETRY_LABELS=GEOMETRY_LABELS, GATE_POS_COUNT=GATE_POS_COUNT, zip=zip,
                        body_names=body_names)
     return env
 

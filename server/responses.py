@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from gluscope.server.queries import FILTER_FIELDS
+from gluscope.server.queries import FILTER_FIELDS, GATE_POS_COUNT
 from gluscope.schema import (EXAMPLE_KINDS, EXAMPLE_ROLES, GEOMETRY, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS,
                              RELATED_VIA, WEIGHT_KINDS)
 
@@ -78,7 +78,7 @@ class LayerSummary(Body):
     frac_flipped: float | None
     r_gate_pos_cos_in_out: float | None = Field(
         description="§5.1 of the paper: Pearson correlation across the layer's neurons between the frequency of "
-                    "x_gate > 0, (count_pp + count_pn) / n_tokens, and cos(w_in, w_out); null if either is constant")
+                    f"x_gate > 0, ({GATE_POS_COUNT}) / n_tokens, and cos(w_in, w_out); null if either is constant")
 
 
 class LayerScatter(Body):
@@ -89,7 +89,7 @@ class LayerScatter(Body):
     n_neurons: int
     r: float | None = Field(description="Pearson correlation of freq_gate_pos and cos_in_out over the layer")
     neuron: list[int]
-    freq_gate_pos: list[float | None] = Field(description="(count_pp + count_pn) / n_tokens")
+    freq_gate_pos: list[float | None] = Field(description=f"({GATE_POS_COUNT}) / n_tokens")
     cos_in_out: list[float | None]
 
 

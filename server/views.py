@@ -21,7 +21,7 @@ from fastapi import Path, Query
 from pydantic import BeforeValidator
 
 from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_ROLES, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, WEIGHT_KINDS
-from gluscope.server import data, finding, queries, render, search
+from gluscope.server import data, filter_compare, neuron_search, queries, render
 from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
 from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, LAYER_PAGE_MAX, check_choice,
@@ -174,7 +174,7 @@ def examples(db: Database, layer: int = Layer, neuron: int = Neuron, quadrant: s
     """One list of examples with all four values per window token: the top-k of a (quadrant, value), most
     extreme first (kind=top), or the quadrant's random examples or examples across the range of |hook_post|
     (kind=random, interval; each interval example says its interval's bounds)."""
-    found = data.example_list(db, layer, neuron, quadrant, hook, kind, interval)
+    found = data.read_example_list(db, layer, neuron, quadrant, hook, kind, interval)
     colour_by = HOOKS[found.hook if colour is None else hook_code(colour, "colour")]
     return Page(lambda: found.to_json(db.vocab),
                 lambda fragment: render.examples_context(found, db.vocab, colour_by, compact=fragment))
@@ -232,12 +232,12 @@ _blank_is_none = BeforeValidator(lambda v: None if isinstance(v, str) and not v.
 
 
 def with_bounds(fn: Callable[..., Page]) -> Callable[..., Page]:
-    """Give fn, which takes **bounds, one keyword parameter per bound (finding.BOUND_NAMES): FastAPI then
+    """Give fn, which takes **bounds, one keyword parameter per bound (filter_compare.BOUND_NAMES): FastAPI then
     parses and documents each, and fn receives them all in `bounds`."""
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    for name in finding.BOUND_NAMES:
+    for name in filter_compare.BOUND_NAMES:
         side, field_name = name.split("_", 1)
-        doc = f"{'lowest' if side == 'min' else 'highest'} {finding.FIELD_HELP[field_name]}"
+        doc = f"{'lowest' if side == 'min' else 'highest'} {filter_compare.FIELD_HELP[field_name]}"
         bound = Annotated[float | None, _blank_is_none, Query(description=doc)]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=bound, default=None))
         fn.__annotations__[name] = bound
@@ -252,16 +252,16 @@ def neuron_filter(db: Database,
                   sort: str = Query("neuron", description="field to sort by; `neuron` is (layer, neuron)",
                                     json_schema_extra={"enum": list(queries.FILTER_SORT_KEYS)}),
                   order: str | None = Query(None, description="asc or desc (default: asc by neuron, else desc)",
-                                            json_schema_extra={"enum": list(finding.FILTER_ORDERS)}),
+                                            json_schema_extra={"enum": list(filter_compare.FILTER_ORDERS)}),
                   offset: int = Query(0, description="first row of the page", json_schema_extra=INDEX),
                   limit: int = Query(50, description=f"rows, at most {FILTER_PAGE_MAX}",
                                      json_schema_extra={"minimum": 1, "maximum": FILTER_PAGE_MAX}),
                   **bounds: float | None) -> Page:
     """The whole model's neurons within bounds on each quadrant's frequency, the weight geometry and each
     quadrant's largest |hook_post|, sorted and paged; each row holds the fields bounded or sorted by."""
-    body = finding.filter_data(db, layers, bounds, sort, order, offset, limit)
-    return Page(body, {"labels": finding.FIELD_LABELS, "fields": list(queries.FILTER_FIELDS),
-                       "query": finding.filter_query(body)})
+    body = filter_compare.filter_data(db, layers, bounds, sort, order, offset, limit)
+    return Page(body, {"labels": filter_compare.FIELD_LABELS, "fields": list(queries.FILTER_FIELDS),
+                       "query": filter_compare.filter_query(body)})
 
 
 @view(page="compare.html", fragment="_compare_lists.html", reads_file=True)
@@ -275,7 +275,7 @@ def compare(db: Database,
             hook: str = Query("hook_post", description="the value that list is ranked by",
                               json_schema_extra={"enum": list(HOOKS)})) -> Page:
     """2 to 4 neurons side by side: summaries, the related scores between them, one list of examples each."""
-    body, lists = finding.compare_data(db, neurons, quadrant, hook)
+    body, lists = filter_compare.compare_data(db, neurons, quadrant, hook)
     names = [f"{n['layer']}.{n['neuron']}" for n in body["neurons"]]
     return Page(lambda: {**body, "examples": [found.to_json(db.vocab) for found in lists]},
                 lambda fragment: {"data": body, "columns": [
@@ -287,10 +287,11 @@ def token_search(db: Database,
                  token_id: int | None = Query(None, description="a vocabulary id (or give token)",
                                               json_schema_extra=INDEX),
                  token: str | None = Query(None, description="the decoded text of a vocabulary entry, e.g. ' again'",
-                                           json_schema_extra={"minLength": 1, "maxLength": search.TOKEN_TEXT_MAX}),
+                                           json_schema_extra={"minLength": 1,
+                                                              "maxLength": neuron_search.TOKEN_TEXT_MAX}),
                  loose: bool = Query(False, description="token= ignores a leading space and case"),
                  side: str = Query("weights", description="weights: token_neurons; examples: recorded examples",
-                                   json_schema_extra={"enum": list(search.SIDES)}),
+                                   json_schema_extra={"enum": list(neuron_search.SIDES)}),
                  kind: str | None = Query(None, description=f"side=weights: {', '.join(WEIGHT_KINDS)} (default "
                                           f"{WEIGHT_KINDS[0]}); side=examples: {', '.join(EXAMPLE_KINDS)} "
                                           "(default all)",
@@ -302,27 +303,28 @@ def token_search(db: Database,
                  hook: str | None = Query(None, description="side=examples: the list's value (empty: any)",
                                           json_schema_extra={"enum": ["", *HOOKS]}),
                  layers: str | None = Query(None, description="A-B (inclusive) or A; default every layer",
-                                            json_schema_extra={"pattern": search.LAYERS_PATTERN}),
-                 limit: int = Query(20, description=f"results, 1..{search.SEARCH_LIMIT}",
-                                    json_schema_extra={"minimum": 1, "maximum": search.SEARCH_LIMIT})) -> Page:
+                                            json_schema_extra={"pattern": neuron_search.LAYERS_PATTERN}),
+                 limit: int = Query(20, description=f"results, 1..{neuron_search.SEARCH_LIMIT}",
+                                    json_schema_extra={"minimum": 1, "maximum": neuron_search.SEARCH_LIMIT})) -> Page:
     """Neurons of a token: whose weights promote, suppress or read it most (side=weights, the transpose of the
     weight tokens over the whole model), or whose recorded examples hold it (side=examples)."""
-    return Page(search.token_search_data(db, token_id, token, loose, side, kind, role, quadrant, hook, layers, limit),
+    return Page(neuron_search.token_search_data(db, token_id, token, loose, side, kind, role, quadrant, hook, layers,
+                                                limit),
                 {"weight_kinds": WEIGHT_KINDS, "example_kinds": EXAMPLE_KINDS, "roles": EXAMPLE_ROLES,
-                 "sides": search.SIDES})
+                 "sides": neuron_search.SIDES})
 
 
 @view(page="suggest.html", fragment="_suggest.html", reads_file=True)
 def suggest(db: Database, token: str = Query(..., description="what the search box holds so far"),
-            limit: int = Query(12, description=f"entries, 1..{search.SUGGEST_LIMIT}",
-                               json_schema_extra={"minimum": 1, "maximum": search.SUGGEST_LIMIT})) -> Page:
+            limit: int = Query(12, description=f"entries, 1..{neuron_search.SUGGEST_LIMIT}",
+                               json_schema_extra={"minimum": 1, "maximum": neuron_search.SUGGEST_LIMIT})) -> Page:
     """Vocabulary entries for a search box: the exact text, then those equal or starting with it ignoring a
     leading space and case, shortest first. An empty box suggests nothing."""
-    return Page(search.suggestions_data(db, token, limit))
+    return Page(neuron_search.suggestions_data(db, token, limit))
 
 
 @view(page="related.html", fragment="_related.html", reads_file=True)
 def related(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
     """Neurons connected to this one along the direct residual path: score(A -> B) = cos(w_out of A,
     g_B * w_via of B), g_B the gain of B's pre-MLP norm; the 16 largest |score| per direction and via."""
-    return Page(search.related_data(db, layer, neuron))
+    return Page(neuron_search.related_data(db, layer, neuron))

@@ -11,7 +11,7 @@
   var HOOKS = JSON.parse(names.hooks), QUADRANTS = JSON.parse(names.quadrants);
   var SIGNS = JSON.parse(names.quadrantSigns);  // [sign of x_gate, sign of x_in] per quadrant code
   var X_GATE = HOOKS.indexOf("hook_pre"), X_IN = HOOKS.indexOf("hook_pre_linear");
-  var POS = [214, 39, 40], NEG = [31, 119, 180];
+  var POS = JSON.parse(names.posRgb), NEG = JSON.parse(names.negRgb);  // render.POS_RGB, NEG_RGB
 
   // Python's "%.4g", as render.format_many writes the page's titles, exactly:
   // toExponential(99) is the exact decimal expansion of any float32, and we

@@ -1,12 +1,12 @@
 // The recorder's per-batch reduction on the CPU, for one layer: quadrant
 // counts, sums, the near-zero end of every list, and each text's most extreme
 // token per list merged into sorted top-k lists with its activation window;
-// then (distributions(), issue #11) the histograms, the density and the
+// then (distributions()) the histograms, the density and the
 // sampled examples, by the bins and hash of rules.py.
 //
-// Built on first use by recorder/reduce_cpu.py (g++ -O3 -march=native
+// Built on first use by recorder/kernel_reducer.py (g++ -O3 -march=native
 // -fopenmp) and called through ctypes, so it needs no Python headers. It is
-// compiled with a generated header in front (reduce_cpu.kernel_header(); a
+// compiled with a generated header in front (kernel_reducer.kernel_header(); a
 // copy sits beside the built library) that declares ReduceArgs, the one
 // argument, from its ctypes.Structure, and the rules of recorder/rules.py:
 // N_LISTS, list = quadrant * N_HOOKS + hook, the HOOK_* codes, each
@@ -214,7 +214,7 @@ void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, cons
   }
 }
 
-constexpr int PART_HIST = 1, PART_DENSITY = 2, PART_SAMPLING = 4;  // ReduceArgs.parts (reduce_cpu.PARTS)
+constexpr int PART_HIST = 1, PART_DENSITY = 2, PART_SAMPLING = 4;  // ReduceArgs.parts (kernel_reducer.PARTS)
 
 constexpr int hist_at(int hook) {
   for (int h = 0; h < N_HIST_HOOKS; ++h)
@@ -604,7 +604,7 @@ inline void scan(int64_t c0, int64_t c1, Beats beats, Keep keep) {
 
 }  // namespace
 
-// weight_tokens.TokenNeurons: column c's top of the largest entries (top0,
+// token_tops.TokenNeurons: column c's top of the largest entries (top0,
 // ids first_id + r) and of the smallest (top1, keyed by -P). Each thread owns
 // a stripe of columns, so no two threads touch one top; the last key of each
 // top is mirrored into a contiguous array so that the test vectorises.

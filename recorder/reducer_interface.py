@@ -1,15 +1,15 @@
 """What a reducer is: one layer's activations of one batch in, one finished layer out.
 
-Two implementations: `reduce.TensorReducer` (tensor code, any device) and
-`reduce_cpu.KernelReducer` (a compiled C++ pass, CPU only). Both take the same
+Two implementations: `tensor_reducer.TensorReducer` (tensor code, any device) and
+`kernel_reducer.KernelReducer` (a compiled C++ pass, CPU only). Both take the same
 `LayerSetup` and the same `update` arguments, hand over a `ReducedLayer` in
 one layout, and `finish_layer` turns that into the writer's
 `LayerStatistics`, so signs, NaNs, means and window bounds are applied once.
 
 A new per-neuron statistic goes: its parameters, if both reducers need them
 (bin edges, say), into rules.py, whose c_header() hands them to the kernel;
-its per-batch reduction into reduce.py (reduce_batch and TensorReducer) and
-kernels/reduce_cpu.cpp (with one STATE row in reduce_cpu.py, and its tensor
+its per-batch reduction into tensor_reducer.py (reduce_batch and TensorReducer) and
+kernels/reduce_cpu.cpp (with one STATE row in kernel_reducer.py, and its tensor
 named in TensorReducer.STATE: checkpoints save what these declare); one
 ReducedLayer field here and its conversion in finish_layer; one
 LayerStatistics field and its rows in writer.py; its table in schema.sql.
@@ -211,14 +211,14 @@ REDUCERS = ("auto", "kernel", "torch")
 
 
 def choose_reducer(device: torch.device, reducer: str) -> str:
-    """"kernel" (the compiled C++ pass, CPU only) or "torch" (reduce.py's tensor code, any device)."""
+    """"kernel" (the compiled C++ pass, CPU only) or "torch" (tensor_reducer.py's tensor code, any device)."""
     if reducer not in REDUCERS:
         raise UserError(f"--reducer {reducer!r} is not one of {', '.join(REDUCERS)}")
     if reducer == "torch" or device.type != "cpu":
         if reducer == "kernel":
             raise UserError(f"--reducer kernel runs on the CPU only, not on {device}")
         return "torch"
-    from gluscope.recorder.reduce_cpu import KernelUnavailable, kernel_available, load_kernel
+    from gluscope.recorder.kernel_reducer import KernelUnavailable, kernel_available, load_kernel
     if reducer == "kernel":
         try:
             load_kernel()
@@ -231,8 +231,8 @@ def choose_reducer(device: torch.device, reducer: str) -> str:
 def make_reducers(kind: str, setups: list[LayerSetup], compiled: bool = False) -> list[LayerReducer]:
     """One reducer per layer: kind "kernel" or "torch" (compiled with torch.compile if `compiled`)."""
     if kind == "kernel":
-        from gluscope.recorder.reduce_cpu import ActBuffer, KernelReducer
+        from gluscope.recorder.kernel_reducer import ActBuffer, KernelReducer
         buffer = ActBuffer()  # one for all layers: a fresh [B, T, n] tensor per layer costs page faults
         return [KernelReducer(setup, buffer) for setup in setups]
-    from gluscope.recorder.reduce import TensorReducer
+    from gluscope.recorder.tensor_reducer import TensorReducer
     return [TensorReducer(setup, compiled) for setup in setups]

@@ -1,9 +1,9 @@
 """Top tokens of a weight read through an embedding or unembedding matrix: top-k by block maxima.
 
 For n neurons and a vocabulary of V tokens the products form an [n, V]
-matrix (46,080 x 49,152 for SmolLM2-135M, three times over), and `topk`
-over each full row, twice (largest and smallest), cost about as much as the
-matmul itself on the CPU. Rows are instead cut into blocks of `BLOCK`
+matrix per layer, three times over, and `topk` over each full row, twice
+(largest and smallest), cost as much as the matmul itself on the CPU (see
+docs/performance.md). Rows are instead cut into blocks of `BLOCK`
 tokens: the `top` largest entries of a row lie in its `top` blocks with the
 largest maxima (an entry in any other block is beaten by those `top` block
 maxima), so one vectorised max per block and two small `topk`s give the
@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gluscope.recorder.reduce_cpu import column_tops
+from gluscope.recorder.kernel_reducer import column_tops
 
 BLOCK = 64   # tokens per block of a row
 ROWS = 1024  # neurons per product: bounds the [ROWS, V] product in memory
@@ -85,15 +85,15 @@ class TokenNeurons:
     def reducer(self, kind: int, first_id: int) -> Callable[[int, torch.Tensor], None]:
         """An on_product for top_tokens over one layer's weight of kinds (kind, kind + 1), numbered from first_id."""
         def update(lo: int, product: torch.Tensor) -> None:
-            # One compiled pass merges the product into both tops (reduce_cpu.column_tops); torch's path below
+            # One compiled pass merges the product into both tops (kernel_reducer.column_tops); torch's path below
             # (on a GPU, or without the kernel) takes a topk per token and merges it.
             if column_tops(product, self.scores[kind], self.ids[kind], self.scores[kind + 1], self.ids[kind + 1],
                            first_id + lo):
                 return
             for side in (kind, kind + 1):
                 positive = bool(self.sign[side] > 0)
-                # Per token, along contiguous memory: a transposed copy and topk along its rows cost about two
-                # thirds of a topk down the columns on this CPU.
+                # Per token, along contiguous memory: a transposed copy and topk along its rows cost less than a
+                # topk down the columns on the CPU (see docs/performance.md).
                 per_token = product.T.contiguous().to(self.scores.dtype)     # [V, rows]
                 best = per_token.topk(min(self.top, per_token.shape[1]), dim=1, largest=positive)
                 self._keep(side, best.values if positive else -best.values, best.indices + first_id + lo)

@@ -1,4 +1,5 @@
-"""Finding neurons (issue #12, part A): by token, from the weights or from the examples, and related neurons.
+"""Searching for neurons: by token (from the weights or from the examples, with the search box's
+suggestions), and by connection (related neurons).
 
 Each function returns the JSON-ready dict of one view, as data.py does.
 What the recorder precomputed for this (schema.sql: token_neurons,
@@ -37,7 +38,7 @@ def loose_key(text: str) -> str:
 class VocabularyIndex:
     """A vocabulary's entries by decoded text, exactly and loosely, and its loose keys sorted for prefixes.
 
-    Built once per process and vocabulary on first use (about 0.1 s for 50k tokens).
+    Built once per process and vocabulary on first use (its cost: see docs/performance.md).
     """
 
     def __init__(self, vocab: Vocabulary) -> None:

@@ -1,6 +1,6 @@
 """The recorder's reduction on the CPU: one compiled pass per layer and batch.
 
-On a GPU, `reduce.py`'s tensor code fuses well under torch.compile. On the
+On a GPU, `tensor_reducer.py`'s tensor code fuses well under torch.compile. On the
 CPU the same code costs more than the layer's matmuls: it makes many passes
 over [B, T, d_mlp] and merges the top-k with gathers and sorts. The C++ kernel
 in kernels/reduce_cpu.cpp reads x_gate, x_in and act(x_gate) once, keeps the
@@ -37,7 +37,7 @@ import torch
 
 from gluscope.cache import cache_dir
 from gluscope.recorder import rules
-from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
+from gluscope.recorder.reducer_interface import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
 from gluscope.recorder.writer import LayerStatistics
 
 log = logging.getLogger("gluscope.record")
@@ -45,7 +45,7 @@ log = logging.getLogger("gluscope.record")
 SOURCE = Path(__file__).with_name("kernels") / "reduce_cpu.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # A block is 16 floats: one 512-bit vector where the CPU has them (GCC and Clang otherwise prefer 256 bits), which
-# measured faster on an AVX-512 machine (the README's costs of #11); where there are no 512-bit vectors the flag
+# measured faster on an AVX-512 machine (see docs/performance.md); where there are no 512-bit vectors the flag
 # changes nothing. x86 only: other targets have no such option.
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")
@@ -80,7 +80,8 @@ STATE = (
     ("samp_win_in", ctypes.c_uint16, "n Q R W", 0),
 )
 
-# ReduceArgs.parts: which distributions the kernel computes (all but for the benchmark's measurements).
+# ReduceArgs.parts: which distributions the kernel computes, by name (tensor_reducer.DISTRIBUTIONS) -> the
+# kernel's PART_* bit.
 PARTS = {"histograms": 1, "density": 2, "sampling": 4}
 
 
@@ -242,6 +243,10 @@ class ActBuffer:
 class KernelReducer:
     """A LayerReducer as NumPy arrays updated in place by the compiled kernel, neuron-major ([n, 16, ...])."""
 
+    # ReduceArgs.parts: every distribution. A class attribute, so that a benchmark can narrow it from outside
+    # to measure what each part costs (as TensorDistributions.parts).
+    parts: int = sum(PARTS.values())
+
     def __init__(self, setup: LayerSetup, buffer: ActBuffer) -> None:
         self.setup = setup
         self.buffer = buffer
@@ -254,8 +259,6 @@ class KernelReducer:
         self.arrays["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
         self.arrays["samp_slot"][:] = np.arange(rules.SAMPLE_SLOTS, dtype=np.int32)
         self.bounds = setup.interval_bounds
-        from gluscope.recorder.reduce import enabled_distributions
-        self.parts = sum(bit for name, bit in PARTS.items() if name in enabled_distributions())
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self.arrays)

@@ -1,6 +1,6 @@
 """Tiny gated-MLP models built locally from a config, with a BPE tokenizer trained on the spot.
 
-Nothing here downloads anything: tests, benchmarks and the demo use these to
+Nothing here downloads anything: the tests and benchmarks/bench_recorder.py use these to
 exercise the exact code path a hub model takes (a folder with config,
 weights and tokenizer, loaded through TransformerLens).
 """

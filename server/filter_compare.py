@@ -1,4 +1,4 @@
-"""Finding neurons (issue #12): the whole-model filter, and neurons compared side by side, as JSON-ready dicts.
+"""The whole-model filter of neurons, and neurons compared side by side, as JSON-ready dicts.
 
 Both run in a reader process (views.py): the filter scans the reader's
 `neuron_facts` table (queries.NEURON_FACTS), the comparison looks each neuron
@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from gluscope.schema import GEOMETRY, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.schema import GEOMETRY, GEOMETRY_LABELS, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server import queries
-from gluscope.server.data import ExampleList, _num, example_list, neuron_summary
+from gluscope.server.data import ExampleList, _num, neuron_summary, read_example_list
 from gluscope.server.db import Database, LRUCache
 from gluscope.server.errors import ParameterError
 from gluscope.server.validate import (check_bounds, check_choice, check_filter_page, check_neuron, hook_code,
@@ -30,24 +30,23 @@ def _once(db: Database, sql: str) -> list[tuple]:
     if key not in _PER_FILE:
         _PER_FILE[key] = db.query(sql)
     return _PER_FILE[key]
+
+
 BOUND_SIDES = ("min", "max")
 # Every bound a filter takes: min_<field> and max_<field> for each field of queries.FILTER_FIELDS.
 BOUND_NAMES: tuple[str, ...] = tuple(f"{side}_{f}" for f in queries.FILTER_FIELDS for side in BOUND_SIDES)
 # What a filter shows when it bounds and sorts by nothing: each quadrant's frequency.
 DEFAULT_FIELDS = tuple(f"freq_{s}" for s in QUADRANT_SLUGS)
 
-_GEOMETRY_LABELS = {"cos_gate_in": "cos(w_gate, w_in)", "cos_gate_out": "cos(w_gate, w_out)",
-                    "cos_in_out": "cos(w_in, w_out)", "norm_gate": "‖w_gate‖", "norm_in": "‖w_in‖",
-                    "norm_out": "‖w_out‖"}
 # Each field as a page and the API documentation name it.
 FIELD_LABELS: dict[str, str] = {
     **{f"freq_{s}": f"{q} frequency" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
-    **{name: _GEOMETRY_LABELS[name] for name in GEOMETRY},
+    **GEOMETRY_LABELS,
     **{f"absmax_{s}": f"{q} max |hook_post|" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
 }
 FIELD_HELP: dict[str, str] = {
     **{f"freq_{s}": f"the share of counted tokens in {q}, 0..1" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
-    **{name: f"{_GEOMETRY_LABELS[name]}, after the weight convention" for name in GEOMETRY},
+    **{name: f"{GEOMETRY_LABELS[name]}, after the weight convention" for name in GEOMETRY},
     **{f"absmax_{s}": f"the largest |hook_post| over the tokens of {q} (none where it never occurred)"
        for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
 }
@@ -168,7 +167,7 @@ def compare_data(db: Database, neurons: str, quadrant: str = "pp",
         cached = stored_neuron_summaries(db, refs), related_pairs(db, refs)
         _COMPARED.put(key, cached)
     summaries, related = cached
-    lists = [example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
+    lists = [read_example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
     body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron} for layer, neuron in refs],
             "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q], "hook": hook,
             "summaries": summaries, "related": related,

@@ -6,7 +6,7 @@ positive part belongs to the quadrant where the value is positive, its
 negative part to the one where it is negative. That halves the masking work
 of the naive 16 masks.
 
-The distributions (#11) are TensorDistributions: histograms and density as
+The distributions are TensorDistributions: histograms and density as
 one bincount each over flat (neuron, quadrant, hook, bin) indices, and per
 text the token of smallest sample hash in each (quadrant, interval) as one
 scatter_reduce, merged into sample lists like the top-k lists. Calibration
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from gluscope.recorder import rules
-from gluscope.recorder.reducer import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
+from gluscope.recorder.reducer_interface import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
 from gluscope.recorder.rules import (ACT, LIST_SIGNS, N_HOOKS, N_LISTS, N_QUADRANTS, POST, QUADRANT_SIGNS, X_GATE, X_IN,
                                      key_magnitude, list_index, magnitude_key, position_tie, text_tie, tie_position,
                                      window_bounds)
@@ -105,15 +105,8 @@ def example_keys(magnitude: torch.Tensor, text_ids: torch.Tensor) -> torch.Tenso
     return torch.where(magnitude != 0, keys, torch.full_like(keys, -1))
 
 
-# The additions of #11, each of which the benchmark can switch off alone (GLUSCOPE_BENCH_SKIP, benchmarks only:
-# a file recorded so lacks those tables' rows).
-DISTRIBUTIONS = ("histograms", "density", "sampling", "calibration")
-
-
-def enabled_distributions() -> frozenset:
-    import os
-    skip = set(os.environ.get("GLUSCOPE_BENCH_SKIP", "").split(","))
-    return frozenset(p for p in DISTRIBUTIONS if p not in skip)
+# The distributions' parts, each of which reduce_distributions computes only when asked (all, in a recording).
+DISTRIBUTIONS = ("histograms", "density", "sampling")
 
 
 INT64_MAX = torch.iinfo(torch.int64).max
@@ -295,10 +288,12 @@ class TensorDistributions:
 
     STATE = ("random", "interval", "hist", "density")  # as TensorReducer.STATE
     DERIVED = ("bounds", "salt")
+    # The parts update computes: all. A class attribute, so that a benchmark can narrow it from outside to
+    # measure what each part costs (a file recorded so lacks those tables' rows).
+    parts: frozenset = frozenset(DISTRIBUTIONS)
 
     def __init__(self, setup: LayerSetup) -> None:
         self.setup = setup
-        self.parts = enabled_distributions()
         n, device = setup.n, setup.sign.device
         self.bounds = torch.from_numpy(setup.interval_bounds).to(device).permute(1, 2, 0).contiguous()  # [4, 3, n]
         self.salt = rules.neuron_salt(setup.seed, setup.layer, n, device)
@@ -312,7 +307,7 @@ class TensorDistributions:
 
     def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, act: torch.Tensor | None, batch: Batch) -> None:
         """x_gate, x_in [B, T, n] float32, x_in after the weight convention; act = act_fn(x_gate) if known."""
-        if not self.parts - {"calibration"}:
+        if not self.parts:
             return
         if act is None:
             act = self.setup.act_fn(x_gate)
