@@ -150,6 +150,7 @@ def run_merge(args: argparse.Namespace) -> None:
 
 def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, overwrite: bool | None = None) -> None:
     from gluscope.recorder.checkpoint import checkpoint_path, remove_stale_temporaries
+    from gluscope.recorder.model_source import check_model_source
 
     overwrite = args.overwrite if overwrite is None else overwrite
     saved = checkpoint_path(out)
@@ -179,7 +180,10 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
         raise UserError("--calibration-batches must not be negative")
     if not 0 <= args.sample_seed < 2 ** 32:
         raise UserError("--sample-seed must be in 0 .. 2^32 - 1")
-    # Check the dataset path before the (slow) model load.
+    if args.name is not None and not args.name.strip():
+        raise UserError("--name must not be empty")
+    # The model's and the dataset's paths are checked before the (slow) imports and model load.
+    check_model_source(args.model)
     dataset = args.dataset
     if dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
         raise UserError(f"--dataset {dataset}: no such file or folder")
@@ -192,8 +196,6 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
     from gluscope.recorder.record import record
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.name is not None and not args.name.strip():
-        raise UserError("--name must not be empty")
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                        display_name=args.name)
     if is_corpus_folder(dataset):

@@ -2,7 +2,7 @@
 
 transformers reads a GGUF file (`from_pretrained(folder, gguf_file=name)`)
 and dequantizes its weights to float, but it refuses to `save_pretrained` a
-model loaded that way and reading the file again costs about half a minute.
+model loaded that way and reading the file again is slow (see docs/performance.md).
 So the dequantized state dict is loaded into a fresh model built from the
 same config, which saves as an ordinary safetensors folder; that folder is
 cached under the file's content hash and every later run loads it like any
@@ -41,6 +41,14 @@ class GGUFSource:
 
 def is_gguf(name: str) -> bool:
     return name.lower().endswith(".gguf")
+
+
+def gguf_file(name: str | Path) -> Path:
+    """The GGUF file `name` names, which must exist."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UserError(f"--model {path}: no such GGUF file")
+    return path
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -86,9 +94,7 @@ def convert(path: str | Path, progress: Callable[[str], None] = print) -> Path:
     temporary name and renamed when complete: a killed conversion leaves no
     folder that a later run would trust.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"--model {path}: no such GGUF file")
+    path = gguf_file(path)
     try:
         import gguf  # noqa: F401 - transformers needs it to read the file
     except ImportError:

@@ -14,6 +14,7 @@ import torch
 from gluscope.errors import UserError
 from gluscope.schema import ACT_FNS
 from gluscope.recorder.gguf import GGUFSource, convert, is_gguf
+from gluscope.recorder.model_source import model_folder, refuse_mixture_of_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,23 +145,6 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
-
-
-_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
-def refuse_mixture_of_experts(name: str, config: dict) -> None:
-    """An MoE model's experts are gated MLPs, but a neuron then belongs to one expert of many: refuse plainly."""
-    experts = next((config[key] for key in _EXPERT_COUNTS if isinstance(config.get(key), int) and config[key] > 1), None)
-    if experts is not None:
-        arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
-        raise UserError(f"--model {name} ({arch}) is a mixture-of-experts model with {experts} experts per layer: "
-                        "its experts are gated MLPs, but GLUScope does not record expert neurons yet")
-
-
 def weight_count(folder: Path) -> int:
     """The number of weights in a saved model's safetensors files, read from their headers alone."""
     total = 0
@@ -190,23 +174,11 @@ def refuse_if_too_large(name: str, folder: Path, dtype: torch.dtype, device_byte
 def resolve_model_source(name: str) -> tuple[str, GGUFSource | None]:
     """What `from_pretrained` should load for `name`: a hub name as given, a local folder as an
     absolute path (so transformers never mistakes it for a hub id), or a GGUF file's converted folder."""
-    path = Path(name).expanduser()
     if is_gguf(name):
-        folder = convert(path)
+        folder = convert(Path(name))
         return str(folder), GGUFSource.read(folder)
-    if _looks_like_path(name) and not path.is_dir():
-        raise UserError(f"--model {name}: no such folder (give a local model folder, a .gguf file or a "
-                        "Hugging Face hub name)")
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise UserError(f"--model {name}: the folder has no config.json, so it is not a saved model")
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"--model {name}: its config.json is not readable JSON ({e})") from None
-        refuse_mixture_of_experts(name, config if isinstance(config, dict) else {})
-        return str(path.resolve()), None
-    return name, None
+    folder = model_folder(name)
+    return (str(folder), None) if folder is not None else (name, None)
 
 
 def load_model(name: str, device: str | None = None, dtype: str = "float32", revision: str | None = None,

@@ -1,0 +1,61 @@
+"""What `--model` names, checked without torch: a hub name, a saved model's folder or a GGUF file.
+
+These checks run before the recorder imports torch, transformers and
+TransformerLens (most of ten seconds), so a mistyped path, a folder that holds
+no model or a mixture-of-experts model is answered at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gluscope.errors import UserError
+from gluscope.recorder.gguf import gguf_file, is_gguf
+
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a local folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def refuse_mixture_of_experts(name: str, config: dict) -> None:
+    """An MoE model's experts are gated MLPs, but a neuron then belongs to one expert of many: refuse plainly."""
+    experts = next((config[key] for key in _EXPERT_COUNTS if isinstance(config.get(key), int) and config[key] > 1), None)
+    if experts is not None:
+        arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+        raise UserError(f"--model {name} ({arch}) is a mixture-of-experts model with {experts} experts per layer: "
+                        "its experts are gated MLPs, but GLUScope does not record expert neurons yet")
+
+
+def model_folder(name: str) -> Path | None:
+    """The saved model's folder `name` names, as an absolute path; None for a hub name or a GGUF file.
+
+    A folder must hold a readable config.json of a model GLUScope can record.
+    """
+    if is_gguf(name):
+        return None
+    path = Path(name).expanduser()
+    if looks_like_path(name) and not path.is_dir():
+        raise UserError(f"--model {name}: no such folder (give a local model folder, a .gguf file or a "
+                        "Hugging Face hub name)")
+    if not path.is_dir():
+        return None
+    if not (path / "config.json").exists():
+        raise UserError(f"--model {name}: the folder has no config.json, so it is not a saved model")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {name}: its config.json is not readable JSON ({e})") from None
+    refuse_mixture_of_experts(name, config if isinstance(config, dict) else {})
+    return path.resolve()
+
+
+def check_model_source(name: str) -> None:
+    """Every check of `--model` that needs neither torch nor the network."""
+    if is_gguf(name):
+        gguf_file(name)
+    else:
+        model_folder(name)
