@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0*.whl))
 TORCH_PIN   := $(if $(TORCH_WHEEL),--find-links $(dir $(TORCH_WHEEL)) torch==2.13.0,)
 HTMX        := frontend/static/vendor/htmx.min.js
 
-.PHONY: install assets browser compiler docker-engine test demo clean
+.PHONY: install assets browser compiler docker-engine test check demo clean
 
 install: $(VENV)/.installed assets
 
@@ -62,8 +62,17 @@ docker-engine:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose mmdebstrap >/dev/null; \
 	else echo "dockerd, docker-compose or mmdebstrap missing and not root: the Docker engine tests will be skipped"; fi
 
+# The tiers are pytest markers (docs/development.md): `check` runs unit and integration, what a change needs
+# between edits; `test` runs every tier, as CI does. Both share each recording across tests and workers
+# (tests/recordings.py); PYTEST_WORKERS sets how many processes run the tests.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
 test: install browser compiler docker-engine
-	$(PY) -m pytest
+	$(PYTEST)
+
+check: install compiler
+	$(PYTEST) -m "not system"
 
 demo: $(VENV)/.installed-record assets compiler
 	$(PY) -m gluscope.cli demo

@@ -2,108 +2,58 @@
 
 Nothing is mocked and nothing is downloaded: the model is a random Llama
 saved locally with its own BPE tokenizer, loaded by TransformerLens through
-the same path a hub name takes.
+the same path a hub name takes. Every model, corpus and recording comes from
+tests/recordings.py, built once per test run and shared by every test and
+worker that asks for the same one.
+
+The tiers (pyproject.toml's markers) are set per module with `pytestmark`:
+`unit` needs no recording, `integration` runs the recorder or the app in
+this process, `system` starts processes, engines or browsers.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from gluscope.cli import main as gluscope_main
 from gluscope.schema import HOOKS, QUADRANT_SLUGS
 
-PLANTED_SCRIPT = "<script>alert(1)</script>"
+from . import recordings
 
-# schema.sql's count lists as rows of (bin, count), the way its comment reads them; zeros between counts kept.
-HISTOGRAM_CELLS = ("(SELECT layer, neuron, quadrant, hook, first_bin + generate_subscripts(counts, 1) - 1 AS bin, "
-                   "unnest(counts) AS count FROM histograms)")
-DENSITY_CELLS = ("(SELECT layer, neuron, gate_bin, first_in_bin + generate_subscripts(counts, 1) - 1 AS in_bin, "
-                 "unnest(counts) AS count FROM density)")
-
-PROSE = [
-    "The quick brown fox jumps over the lazy dog, and then it jumps over the dog again.",
-    "Once again the committee met on Monday; once again nothing was decided.",
-    "Rivers carry sediment to the sea, where it settles into layers of sand and clay.",
-    "She opened the door, looked outside, and closed it again without a word.",
-    "In 1969 the first humans walked on the Moon, an event watched by millions.",
-    "Prices rose sharply in March, then fell back in April as supply recovered.",
-]
-CODE = [
-    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
-    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
-    "import os\n\nfor name in os.listdir('.'):\n    print(name)\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "while True:\n\tline = input()\n\tif not line:\n\t\tbreak\n",
-]
-SPECIAL = [
-    f"Malicious markup {PLANTED_SCRIPT} must show as text, never run.",
-    "Tabs\tand  double  spaces\nand newlines\n\nare whitespace worth seeing.",
-    "Unicode: naïve café, 東京, emoji 🙂 and ümlauts.",
-]
+TIERS = ("unit", "integration", "system")
 
 
-def require_kernel() -> None:
-    """Skip, saying why, where the CPU kernel cannot be built (`make test` installs g++ where it can)."""
-    from gluscope.recorder.reduce_cpu import KernelUnavailable, load_kernel
-    try:
-        load_kernel()
-    except (KernelUnavailable, OSError) as e:
-        pytest.skip(f"the CPU kernel cannot be built here: {e}")
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "cache", None) is not None:
+        recordings.use_folder(config.cache.mkdir("gluscope-recordings"))
 
 
-def corpus_texts() -> list[str]:
-    """Document-sized texts: each base text repeated with variations, so the corpus has ~40 texts."""
-    texts = []
-    for i, base in enumerate(PROSE + CODE + SPECIAL):
-        texts.append(base)
-        texts.append(f"{base} {base.lower()} (variant {i})")
-        texts.append(base.replace(" ", "  ") + f"\n# note {i}\n" + base)
-    return texts
-
-
-def tokenizer_training_texts() -> list[str]:
-    return corpus_texts() * 4
-
-
-def corpus_source(i: int) -> str:
-    """Where corpus text i "came from": what a page shows beside its examples (`record --source-column`)."""
-    return f"corpus/text-{i:03d}.txt"
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test belongs to exactly one tier: a module without one is a mistake to catch at collection."""
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: marked {sorted(tiers) or 'with no tier'}; "
+                                    f"mark it with exactly one of {', '.join(TIERS)}")
 
 
 @pytest.fixture(scope="session")
-def corpus_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with path.open("w") as f:
-        for i, text in enumerate(corpus_texts()):
-            f.write(json.dumps({"text": text, "id": i, "source": corpus_source(i)}) + "\n")
-    return path
-
-
-def make_model(tmp_path_factory, arch: str) -> Path:
-    from gluscope.recorder.tiny_models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp(f"model-{arch}"), arch, tokenizer_training_texts(),
-                           init_std=0.15, extra_tokens=("<script>", "</script>"))
+def corpus_file() -> Path:
+    return recordings.corpus("standard")
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory, "llama")
+def tiny_llama() -> Path:
+    return recordings.model("llama")
 
 
 @pytest.fixture(scope="session")
-def recorded_db(tmp_path_factory, tiny_llama, corpus_file) -> Path:
+def recorded_db(tiny_llama, corpus_file) -> Path:
     """A database recorded by `gluscope record` from the tiny Llama over the test corpus."""
-    out = tmp_path_factory.mktemp("db") / "tiny-llama.duckdb"
-    code = gluscope_main(["record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
-                          "--source-column", "source",
-                          "--max-length", "48", "--batch-size", "4", "--device", "cpu", "--compile", "off"])
-    assert code == 0 and out.exists()
-    return out
+    return recordings.record(tiny_llama, corpus_file, "--source-column", "source", "--max-length", "48",
+                             "--batch-size", "4")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +116,6 @@ def script_list(recorded_db, planted_script_text_id) -> tuple[int, int, str, str
 @pytest.fixture(scope="session")
 def live_server(recorded_db):
     """The real app over the recorded database, served by uvicorn on a free port in a thread: its base URL."""
-    import socket
     import threading
     import time
 
@@ -174,9 +123,9 @@ def live_server(recorded_db):
 
     from gluscope.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from .processes import free_port
+
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app([recorded_db]), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -14,7 +14,7 @@ import pytest
 
 from gluscope.schema import HOOKS
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.system, pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "neuron-page.png"

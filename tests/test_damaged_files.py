@@ -13,7 +13,9 @@ import pytest
 
 from gluscope.server.db import HEADER_BYTES
 
-from .test_serve_and_demo import free_port, wait_for
+from .processes import free_port, wait_for
+
+pytestmark = pytest.mark.system
 
 
 def serve(*args: str, port: int | None = None) -> subprocess.Popen:

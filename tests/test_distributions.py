@@ -14,7 +14,10 @@ import pytest
 
 from gluscope.schema import HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS
 
-from .conftest import DENSITY_CELLS, HISTOGRAM_CELLS, PLANTED_SCRIPT
+from .brute_force import DENSITY_CELLS, HISTOGRAM_CELLS
+from .recordings import PLANTED_SCRIPT
+
+pytestmark = pytest.mark.integration
 
 HX = {"HX-Request": "true"}
 NEURONS = [(0, 0), (0, 17), (1, 42), (1, 95)]

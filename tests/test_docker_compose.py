@@ -10,14 +10,12 @@ requests.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .processes import free_port
+from .recordings import content_hash
 
 yaml = pytest.importorskip("yaml")
 
@@ -152,18 +153,9 @@ def server_image_env(site_dir: Path) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # --- compose file ---------------------------------------------------------------
 
+@pytest.mark.unit
 def test_every_build_context_and_dockerfile_exists():
     services = compose()["services"]
     assert {"server", "recorder"} <= set(services)
@@ -179,6 +171,7 @@ def test_every_build_context_and_dockerfile_exists():
         == RECORDER_DOCKERFILE
 
 
+@pytest.mark.unit
 def test_server_service():
     server = service("server")
     assert "profiles" not in server, "`docker compose up` must start the server"
@@ -192,6 +185,7 @@ def test_server_service():
     assert "command" not in server and "entrypoint" not in server, "the image's CMD is what runs (and is tested)"
 
 
+@pytest.mark.unit
 def test_recorder_service():
     recorder = service("recorder")
     assert recorder["profiles"] == ["record"]
@@ -208,6 +202,7 @@ def test_recorder_service():
 
 # --- Dockerfiles ----------------------------------------------------------------
 
+@pytest.mark.unit
 def test_server_dockerfile_installs_no_torch():
     text = SERVER_DOCKERFILE.read_text()
     runs = " ".join(instruction_args(SERVER_DOCKERFILE, "RUN"))
@@ -221,6 +216,7 @@ def test_server_dockerfile_installs_no_torch():
     assert not any("pytorch" in f or "cuda" in f for f in froms), froms
 
 
+@pytest.mark.unit
 def test_server_dockerfile_builds_the_htmx_asset():
     items = instructions(SERVER_DOCKERFILE)
     runs = " ".join(args for kw, args in items if kw == "RUN")
@@ -237,11 +233,13 @@ def test_server_dockerfile_builds_the_htmx_asset():
     assert copy_at < pip_at
 
 
+@pytest.mark.unit
 def test_server_dockerfile_cmd():
     assert exec_form(SERVER_DOCKERFILE, "CMD") == EXPECTED_SERVER_CMD
     assert not instruction_args(SERVER_DOCKERFILE, "ENTRYPOINT")
 
 
+@pytest.mark.unit
 def test_recorder_dockerfile():
     items = instructions(RECORDER_DOCKERFILE)
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for kw, a in items if kw == "ARG" and "=" in a}
@@ -253,6 +251,7 @@ def test_recorder_dockerfile():
     assert exec_form(RECORDER_DOCKERFILE, "ENTRYPOINT")[0] == "gluscope"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dockerfile", [SERVER_DOCKERFILE, RECORDER_DOCKERFILE], ids=["server", "recorder"])
 def test_dockerfile_copies_every_package(dockerfile):
     """Each installed package folder is copied in, and every local COPY source exists."""
@@ -269,6 +268,7 @@ def test_dockerfile_copies_every_package(dockerfile):
         assert (REPO / src).exists(), f"{dockerfile.name} copies {src}, which is not in the repository"
 
 
+@pytest.mark.unit
 def test_dockerignore():
     patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
@@ -280,6 +280,7 @@ def test_dockerignore():
 
 # --- the server image's command, run outside Docker ---------------------------
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_server_command_serves_recorded_database(recorded_db: Path, tmp_path: Path):
     duckdb = pytest.importorskip("duckdb")
@@ -291,7 +292,7 @@ def test_server_command_serves_recorded_database(recorded_db: Path, tmp_path: Pa
     db = data / recorded_db.name
     shutil.copy(recorded_db, db)
     (data / "notes.txt").write_text("not a database\n")
-    before = sha256(db)
+    before = content_hash(db)
 
     port = free_port()
     cmd = exec_form(SERVER_DOCKERFILE, "CMD")
@@ -347,4 +348,4 @@ def test_server_command_serves_recorded_database(recorded_db: Path, tmp_path: Pa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert sha256(db) == before, "the server modified a database it should only read"
+    assert content_hash(db) == before, "the server modified a database it should only read"

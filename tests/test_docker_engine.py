@@ -31,7 +31,10 @@ from pathlib import Path
 import pytest
 
 from tests import docker_engine
-from tests.test_docker_compose import free_port, sha256
+from tests.processes import free_port
+from tests.recordings import content_hash
+
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("docker-engine")]
 
 yaml = pytest.importorskip("yaml")
 
@@ -124,7 +127,7 @@ def served(engine, project, recorded_db) -> Served:
         time.sleep(1)
     logs = subprocess.run([*compose, "logs", "--no-color", "server"], capture_output=True, text=True,
                           env=env).stdout
-    return Served(engine, compose, container, port, data, sha256(db), time.monotonic() - started, logs)
+    return Served(engine, compose, container, port, data, content_hash(db), time.monotonic() - started, logs)
 
 
 def health(engine: docker_engine.Engine, container: str) -> dict:
@@ -230,7 +233,7 @@ def test_cannot_write_to_data(served):
     (data_mount,) = [m for m in mounts if m["Destination"] == "/data"]
     assert data_mount["RW"] is False and Path(data_mount["Source"]).resolve() == served.data.resolve()
     (db,) = served.data.glob("*.duckdb")
-    assert sha256(db) == served.db_sha256, "the server changed the database it serves"
+    assert content_hash(db) == served.db_sha256, "the server changed the database it serves"
     assert stat.S_IMODE(served.data.stat().st_mode) == 0o777
 
 

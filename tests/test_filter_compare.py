@@ -1,4 +1,4 @@
-"""The whole-model filter and the comparison (issue #12), against a brute force over the recorded file.
+"""The whole-model filter and the comparison, against a brute force over the recorded file.
 
 The expected neurons are computed in Python from every row of the neurons and
 value_stats tables, read with plain SQL from the file the real recorder
@@ -17,6 +17,8 @@ from starlette.testclient import TestClient
 
 from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server.app import create_app
+
+pytestmark = pytest.mark.integration
 
 FIELDS = ([f"freq_{s}" for s in QUADRANT_SLUGS] + list(GEOMETRY) + [f"absmax_{s}" for s in QUADRANT_SLUGS])
 HX = {"HX-Request": "true"}
@@ -124,7 +126,7 @@ def test_each_bound_and_sort_equals_the_brute_force(client, m, facts, field):
         assert set(rows[0]) == {"layer", "neuron", field}
 
 
-def test_the_issues_example(client, m, facts):
+def test_a_layer_range_with_median_bounds_sorted_by_one_quadrant(client, m, facts):
     """Layers 1-1, gate-_in- frequency >= its median, cos(w_in, w_out) <= its median, by that quadrant's
     largest |hook_post|: the tiny model's version of "layers 20-29, gate-_in- >= 20 %, cos <= -0.5"."""
     bounds = {"min_freq_nn": median(facts, "freq_nn"), "max_cos_in_out": median(facts, "cos_in_out")}

@@ -1,4 +1,4 @@
-"""Finding neurons (issue #12, part A): token search on both sides and related neurons, against brute force.
+"""Finding neurons: token search on both sides and related neurons, against brute force.
 
 The recorder's token_neurons and related tables, and the API answering from
 them, are recomputed from the weights alone: the plain Hugging Face model's
@@ -11,7 +11,6 @@ gain changes the answer.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,52 +21,26 @@ import torch
 from starlette.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
-from gluscope.cli import main as gluscope_main
 from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_ROLES, HOOKS, QUADRANT_SLUGS, QUADRANTS, RELATED_VIA, WEIGHT_KINDS
 from gluscope.server.app import create_app
 
-from .conftest import corpus_source, corpus_texts, tokenizer_training_texts
+from . import recordings
+
+pytestmark = pytest.mark.integration
 
 N_LAYERS = 3
 TIE = 1e-6
 
 
-def _perturbed_model(folder: Path, arch: str) -> Path:
-    """A tiny model whose pre-MLP norms have random gains (a fresh model's are all 1, or 0 for Gemma's weight)."""
-    from gluscope.recorder.tiny_models import save_tiny_model
-
-    save_tiny_model(folder, arch, tokenizer_training_texts(), init_std=0.15, n_layers=N_LAYERS,
-                    extra_tokens=("<script>", "</script>"))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            norm = layer.post_attention_layernorm.weight
-            norm.copy_(torch.randn(norm.shape, generator=generator) * 0.6 + (0.0 if arch == "gemma" else 1.0))
-    model.save_pretrained(folder)
-    return folder
+def perturbed(arch: str) -> tuple[Path, Path]:
+    """(model folder, its recording) of a three-layer tiny model whose pre-MLP norms have random gains."""
+    folder = recordings.model(arch, n_layers=N_LAYERS, perturb_norms=True)
+    return folder, recordings.record(folder, recordings.corpus(), "--max-length", "40", "--batch-size", "4")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("finding-corpus") / "corpus.jsonl"
-    with path.open("w") as f:
-        for i, text in enumerate(corpus_texts()):
-            f.write(json.dumps({"text": text, "source": corpus_source(i)}) + "\n")
-    return path
-
-
-def _record(model: Path, corpus: Path, out: Path) -> Path:
-    assert gluscope_main(["record", "--model", str(model), "--dataset", str(corpus), "--out", str(out),
-                          "--max-length", "40", "--batch-size", "4", "--device", "cpu", "--compile", "off"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory, corpus) -> tuple[Path, Path]:
-    """(model folder, its recording)."""
-    folder = _perturbed_model(tmp_path_factory.mktemp("finding-llama"), "llama")
-    return folder, _record(folder, corpus, folder.parent / "llama.duckdb")
+def llama() -> tuple[Path, Path]:
+    return perturbed("llama")
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +168,8 @@ def test_token_neurons_equal_brute_force(llama, con):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
-def test_related_equal_brute_force(arch, llama, corpus, tmp_path_factory):
-    folder, db = llama if arch == "llama" else (None, None)
-    if arch == "gemma":
-        folder = _perturbed_model(tmp_path_factory.mktemp("finding-gemma"), "gemma")
-        db = _record(folder, corpus, folder.parent / "gemma.duckdb")
+def test_related_equal_brute_force(arch, llama):
+    folder, db = llama if arch == "llama" else perturbed(arch)
     w = hf_weights(folder, arch)
     want = brute_related(w)
     c = duckdb.connect(str(db), read_only=True)
@@ -473,7 +443,7 @@ def test_bad_suggest_and_related_input(api, url, status, parameter):
 def test_token_neurons_running_top_equals_one_topk_over_all_blocks():
     """Many blocks merged into the running tops (the tiny model has three per kind): the result equals one
     topk over every neuron at once."""
-    from gluscope.recorder.weight_tokens import TokenNeurons
+    from gluscope.recorder.token_tops import TokenNeurons
 
     generator = torch.Generator().manual_seed(3)
     blocks = [torch.randn(64, 300, generator=generator, dtype=torch.float64).float() for _ in range(40)]
@@ -496,10 +466,10 @@ def test_token_neurons_running_top_equals_one_topk_over_all_blocks():
 def test_weight_stage_without_the_kernel_keeps_the_same_tops(llama, monkeypatch):
     """torch's path (a GPU's, or a CPU's without a compiler) keeps what the compiled running tops keep."""
     from gluscope.recorder import related as related_module
-    from gluscope.recorder import weight_tokens
+    from gluscope.recorder import token_tops
     from gluscope.recorder.model import load_model
     from gluscope.recorder.related import related_neurons
-    from gluscope.recorder.weight_tokens import TokenNeurons
+    from gluscope.recorder.token_tops import TokenNeurons
     from gluscope.recorder.weights import layer_weights
 
     model = load_model(str(llama[0]), device="cpu", dtype="float32")
@@ -510,7 +480,7 @@ def test_weight_stage_without_the_kernel_keeps_the_same_tops(llama, monkeypatch)
         return token_neurons.result(model.d_mlp), related_neurons(model, [w.sign for w in weights])
 
     (layer, neuron, score), related = tops()
-    monkeypatch.setattr(weight_tokens, "column_tops", lambda *args: False)
+    monkeypatch.setattr(token_tops, "column_tops", lambda *args: False)
     monkeypatch.setattr(related_module, "abs_tops", lambda *args: False)
     (t_layer, t_neuron, t_score), t_related = tops()
     # Equal scores may be kept in another order or, at the last place, by another neuron (the padding token's

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import duckdb
 import pytest
 
 from .gguf_files import write_llama_gguf
-from .test_recorder_cli import assert_user_error, run_cli
+from gluscope.cli import main as gluscope_main
+
+from . import recordings
+from .processes import assert_user_error, record_cmd, run_cli
 
 pytest.importorskip("gguf")
 
@@ -42,16 +46,26 @@ def tiny_gguf(tiny_llama, tmp_path_factory, gguf_cache):
     return write_llama_gguf(tiny_llama, tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
 
 
+OPTIONS = ("--max-length", "32")
+
+
+def record_here(model: str, dataset, out, *extra: str) -> int:
+    """`gluscope record` in this process (the CLI's refusals are tested in processes of their own)."""
+    return gluscope_main(["record", "--model", model, "--dataset", str(dataset), "--out", str(out),
+                          *recordings.CPU, *OPTIONS, *extra])
+
+
 def record(model: str, dataset, out, *extra: str):
-    return run_cli("record", "--model", model, "--dataset", str(dataset), "--out", str(out), "--max-length", "32",
-                   "--device", "cpu", "--compile", "off", *extra)
+    return subprocess.run(record_cmd(model, dataset, out, *OPTIONS, *extra), capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_a_gguf_file_records_the_same_values_as_its_weights_in_a_folder(tiny_llama, tiny_gguf, corpus_file, tmp_path):
-    from_folder, from_gguf = tmp_path / "folder.duckdb", tmp_path / "gguf.duckdb"
-    assert (r := record(str(tiny_llama), corpus_file, from_folder)).returncode == 0, r.stderr
-    assert (r := record(str(tiny_gguf), corpus_file, from_gguf, "--name", "Tiny Llama (GGUF)")).returncode == 0, r.stderr
-    assert "converting tiny-llama.F32.gguf" in r.stdout + r.stderr
+@pytest.mark.integration
+def test_a_gguf_file_records_the_same_values_as_its_weights_in_a_folder(tiny_llama, tiny_gguf, corpus_file, tmp_path,
+                                                                        capfd):
+    from_folder, from_gguf = recordings.record(tiny_llama, corpus_file, *OPTIONS), tmp_path / "gguf.duckdb"
+    assert record_here(str(tiny_gguf), corpus_file, from_gguf, "--name", "Tiny Llama (GGUF)") == 0
+    assert "converting tiny-llama.F32.gguf" in "".join(capfd.readouterr())
 
     con = duckdb.connect(str(from_gguf), read_only=True)
     con.execute(f"ATTACH '{from_folder}' AS folder (READ_ONLY)")
@@ -71,6 +85,7 @@ def test_a_gguf_file_records_the_same_values_as_its_weights_in_a_folder(tiny_lla
     assert folder_meta == (str(tiny_llama), None, None)
 
 
+@pytest.mark.integration
 def test_the_conversion_is_cached_by_content(tiny_gguf, gguf_cache, tmp_path):
     from gluscope.recorder.gguf import SOURCE_FILE, convert
 
@@ -86,6 +101,7 @@ def test_the_conversion_is_cached_by_content(tiny_gguf, gguf_cache, tmp_path):
     assert not [p for p in first.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.integration
 def test_the_memoized_conversion_writes_what_the_plain_one_does(tiny_gguf, gguf_cache, tmp_path, monkeypatch):
     """convert() caches gguf's reader and name map while it runs: the same folder, byte for byte, and gguf's own
     functions back in place afterwards."""
@@ -106,23 +122,25 @@ def test_the_memoized_conversion_writes_what_the_plain_one_does(tiny_gguf, gguf_
     assert {p.name: p.read_bytes() for p in memoized.iterdir()} == {p.name: p.read_bytes() for p in plain.iterdir()}
 
 
+@pytest.mark.integration
 def test_a_quantized_gguf_records_and_says_its_quantization(tiny_llama, gguf_cache, corpus_file, tmp_path):
     q8 = write_llama_gguf(tiny_llama, tmp_path / "tiny.Q8_0.gguf", "Q8_0")
     out = tmp_path / "q8.duckdb"
-    assert (r := record(str(q8), corpus_file, out)).returncode == 0, r.stderr
+    assert record_here(str(q8), corpus_file, out) == 0
     con = duckdb.connect(str(out), read_only=True)
     assert con.execute("SELECT quantization, weights_file FROM metadata").fetchone() == ("Q8_0", q8.name)
 
 
+@pytest.mark.integration
 def test_dataset_takes_a_gguf_tokenizer(tiny_gguf, corpus_file, tmp_path):
     folder = tmp_path / "ds"
-    r = run_cli("dataset", str(corpus_file), "--tokenizer", str(tiny_gguf), "--out", str(folder), "--max-length", "16",
-                "--max-tokens", "200")
-    assert r.returncode == 0, r.stderr
+    assert gluscope_main(["dataset", str(corpus_file), "--tokenizer", str(tiny_gguf), "--out", str(folder),
+                          "--max-length", "16", "--max-tokens", "200"]) == 0
     out = tmp_path / "from-ds.duckdb"
-    assert (r := record(str(tiny_gguf), folder, out)).returncode == 0, r.stderr
+    assert record_here(str(tiny_gguf), folder, out) == 0 and out.exists()
 
 
+@pytest.mark.system
 def test_bad_gguf_inputs_get_one_line(tiny_llama, gguf_cache, corpus_file, tmp_path):
     out = tmp_path / "never.duckdb"
     assert_user_error(record(str(tmp_path / "missing.gguf"), corpus_file, out), "no such GGUF file")
@@ -138,6 +156,7 @@ def test_bad_gguf_inputs_get_one_line(tiny_llama, gguf_cache, corpus_file, tmp_p
     assert not [p for p in (gguf_cache / "gguf").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.system
 def test_mixture_of_experts_gguf_is_refused_before_conversion(tiny_llama, gguf_cache, corpus_file, tmp_path):
     import gguf
 

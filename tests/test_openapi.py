@@ -18,6 +18,8 @@ from schemathesis.checks import CHECKS, load_all_checks
 from gluscope.schema import HOOKS, QUADRANT_SLUGS
 from gluscope.server.app import ROUTES
 
+pytestmark = pytest.mark.integration
+
 load_all_checks()
 ALL_CHECKS = [CHECKS.get_one(name) for name in CHECKS.get_all_names()]
 API_PATHS = [route.paths[0] for route in ROUTES if route.body is not None]

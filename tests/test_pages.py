@@ -12,6 +12,8 @@ import pytest
 from gluscope.schema import HOOKS, QUADRANTS
 from gluscope.server import render
 
+pytestmark = pytest.mark.integration
+
 HX = {"HX-Request": "true"}
 
 

@@ -17,6 +17,8 @@ from gluscope.server.app import create_app
 from gluscope.server.errors import ParameterError
 from gluscope.server.readers import Readers, usable_cpus
 
+pytestmark = pytest.mark.system
+
 
 def pid_after(registry, seconds: float) -> int:
     time.sleep(seconds)
@@ -69,7 +71,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_readers_leave_when_the_http_process_is_killed(recorded_db):
-    from .test_serve_and_demo import free_port, wait_for
+    from .processes import free_port, wait_for
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(recorded_db), "--port", str(port),
@@ -98,7 +100,7 @@ def test_usable_cpus_follow_the_affinity_and_a_cgroup_quota(tmp_path, cpu_max, c
 
 
 def test_serve_starts_one_reader_per_usable_cpu_by_default(recorded_db):
-    from .test_serve_and_demo import free_port, wait_for
+    from .processes import free_port, wait_for
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "serve", str(recorded_db), "--port", str(port)],

@@ -19,30 +19,26 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gluscope.cli import main as gluscope_main
 from gluscope.schema import HOOKS, QUADRANTS
 
-from .conftest import DENSITY_CELLS, HISTOGRAM_CELLS, corpus_texts, require_kernel
+from . import recordings
+from .brute_force import DENSITY_CELLS, HISTOGRAM_CELLS, require_kernel, sample_hash
+
+pytestmark = pytest.mark.integration
 
 MAX_LENGTH = 40
 NEURONS = (0, 7, 50, 95)
 ARCHS = ("llama", "gemma", "phi3")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 @pytest.fixture(scope="module")
-def distinct_corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("bf") / "corpus.jsonl"
-    with path.open("w") as f:
-        for letter, text in zip(LETTERS, corpus_texts()):
-            f.write(json.dumps({"text": f"{letter} {text}"}) + "\n")
-    return path
+def distinct_corpus() -> Path:
+    return recordings.corpus("distinct")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def arch_model(request, tmp_path_factory) -> tuple[str, Path]:
-    from .conftest import make_model
-    return request.param, make_model(tmp_path_factory, request.param)
+def arch_model(request) -> tuple[str, Path]:
+    return request.param, recordings.model(request.param)
 
 
 def _silu(x: float) -> float:
@@ -150,13 +146,9 @@ def _assert_same_top(examples, want, candidates, where) -> None:
             assert e[2] in {t[1] for t in tied}, where
 
 
-def _record(model_dir: Path, corpus: Path, out: Path, refactor: bool, reducer: str) -> None:
-    args = ["record", "--model", str(model_dir), "--dataset", str(corpus), "--out", str(out),
-            "--max-length", str(MAX_LENGTH), "--batch-size", "5", "--device", "cpu", "--compile", "off",
-            "--reducer", reducer]
-    if not refactor:
-        args.append("--no-refactor-glu")
-    assert gluscope_main(args) == 0
+def _record(model_dir: Path, corpus: Path, refactor: bool, reducer: str) -> Path:
+    return recordings.record(model_dir, corpus, "--max-length", str(MAX_LENGTH), "--batch-size", "5",
+                             "--reducer", reducer, *([] if refactor else ["--no-refactor-glu"]))
 
 
 def _f16(bits) -> np.ndarray:
@@ -166,12 +158,11 @@ def _f16(bits) -> np.ndarray:
 # Both reducers: the C++ kernel the CPU uses and the tensor code GPUs use.
 @pytest.mark.parametrize("reducer", ["kernel", "torch"])
 @pytest.mark.parametrize("refactor", [True, False], ids=["refactor_glu", "raw_weights"])
-def test_database_matches_brute_force(arch_model, distinct_corpus, tmp_path, refactor, reducer):
+def test_database_matches_brute_force(arch_model, distinct_corpus, refactor, reducer):
     if reducer == "kernel":
         require_kernel()
     arch, model_dir = arch_model
-    out = tmp_path / f"{arch}.duckdb"
-    _record(model_dir, distinct_corpus, out, refactor, reducer)
+    out = _record(model_dir, distinct_corpus, refactor, reducer)
     con = duckdb.connect(str(out), read_only=True)
     meta = con.execute("SELECT n_texts, n_tokens, refactor_glu, k, window_before, window_after FROM metadata").fetchone()
     n_texts, n_tokens, refactor_flag, k, before, after = meta
@@ -258,7 +249,7 @@ def _check_weight_tokens(con, model_dir: Path, refactor: bool) -> None:
                     np.testing.assert_allclose([sc for _, sc in got], want.values.numpy(), rtol=1e-5, atol=1e-6)
 
 
-# ---- Distributions (#11), from the same hooked activations, one text at a time. ----
+# ---- Distributions, from the same hooked activations, one text at a time. ----
 
 def _value_edges() -> list[float]:
     """Inner edges of the 'value' magnitude bins as schema.sql states them: 2^e and 1.5 * 2^e, 2^-16 .. 2^12."""
@@ -285,20 +276,6 @@ def _bin(v: float, edges: list[float]) -> int:
 def _near_edge(v: float, edges: list[float]) -> bool:
     """Values this close to an edge may fall on either side in a batched pass (see _assert_same_top)."""
     return any(abs(v - e) <= TIE * max(abs(e), 1e-30) for e in edges if e != 0)
-
-
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def _hash(seed: int, layer: int, neuron: int, text_id: int, position: int) -> int:
-    token = _fmix32(_fmix32(seed ^ text_id) ^ position)
-    salt = _fmix32(_fmix32(seed ^ layer) ^ neuron)
-    return (((token ^ salt) * 0x9E3779B1) & 0xFFFFFFFF) >> 1
 
 
 def _bounds(mags: list[float], default: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -389,7 +366,7 @@ def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: di
                     best: dict = {}
                     for t in tokens:
                         if t[0] == q and keep(t):
-                            key = (_hash(seed, layer, neuron, t[1], t[2]), t[2])
+                            key = (sample_hash(seed, layer, neuron, t[1], t[2]), t[2])
                             if t[1] not in best or key < best[t[1]][0]:
                                 best[t[1]] = (key, t)
                     chosen = sorted(((key[0], text_id, t) for text_id, (key, t) in best.items()),

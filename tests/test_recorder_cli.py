@@ -12,27 +12,17 @@ import pytest
 
 from gluscope.recorder.corpus import load_corpus
 
-from .conftest import make_model
+from gluscope.cli import main as gluscope_main
+
+from . import recordings
+from .processes import assert_user_error, run_cli
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gluscope.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("gluscope "), result.stderr
-    for w in words:
-        assert w in last, last
-
-
+@pytest.mark.integration
 def test_dataset_then_record_from_folder(tiny_llama, corpus_file, tmp_path):
     folder = tmp_path / "ds"
-    r = run_cli("dataset", str(corpus_file), "--tokenizer", str(tiny_llama), "--out", str(folder),
-                "--max-length", "16", "--max-tokens", "200", "--seed", "3")
-    assert r.returncode == 0, r.stderr
+    assert gluscope_main(["dataset", str(corpus_file), "--tokenizer", str(tiny_llama), "--out", str(folder),
+                          "--max-length", "16", "--max-tokens", "200", "--seed", "3"]) == 0
     corpus = load_corpus(folder)
     lengths = corpus.lengths
     assert lengths.max() <= 16 and (lengths >= 2).all()
@@ -43,8 +33,8 @@ def test_dataset_then_record_from_folder(tiny_llama, corpus_file, tmp_path):
     assert corpus.source_index.tolist() == expected_rows[:corpus.n_texts].tolist()
 
     out = tmp_path / "from-folder.duckdb"
-    r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(folder), "--out", str(out), "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    assert gluscope_main(["record", "--model", str(tiny_llama), "--dataset", str(folder), "--out", str(out),
+                          "--device", "cpu"]) == 0
     con = duckdb.connect(str(out), read_only=True)
     n_texts, n_tokens, max_length = con.execute("SELECT n_texts, n_tokens, max_length FROM metadata").fetchone()
     assert (n_texts, n_tokens, max_length) == (corpus.n_texts, int((lengths - 1).sum()), 16)
@@ -52,13 +42,10 @@ def test_dataset_then_record_from_folder(tiny_llama, corpus_file, tmp_path):
     assert [s for (s,) in stored] == corpus.source_index.tolist()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", ["olmo", "olmo2", "mistral", "qwen2", "gemma2"])
-def test_other_gated_architectures_record(arch, tmp_path_factory, corpus_file, tmp_path):
-    model = make_model(tmp_path_factory, arch)
-    out = tmp_path / f"{arch}.duckdb"
-    r = run_cli("record", "--model", str(model), "--dataset", str(corpus_file), "--out", str(out),
-                "--max-length", "24", "--max-tokens", "300", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+def test_other_gated_architectures_record(arch, corpus_file):
+    out = recordings.record(recordings.model(arch), corpus_file, "--max-length", "24", "--max-tokens", "300")
     con = duckdb.connect(str(out), read_only=True)
     n_tokens, n_layers, d_mlp = con.execute("SELECT n_tokens, n_layers, d_mlp FROM metadata").fetchone()
     totals = con.execute("SELECT max(count_pp + count_pn + count_np + count_nn), count(*) FROM neurons").fetchone()
@@ -66,38 +53,40 @@ def test_other_gated_architectures_record(arch, tmp_path_factory, corpus_file, t
     assert con.execute("SELECT count(*) FROM examples").fetchone()[0] > 0
 
 
+@pytest.mark.integration
 def test_text_files_and_parquet_sources(tiny_llama, tmp_path):
     txt = tmp_path / "txt"
     txt.mkdir()
     for i in range(3):
         (txt / f"{i}.txt").write_text(f"document {i}\nwith two lines\n")
-    r = run_cli("dataset", str(txt), "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "a"))
-    assert r.returncode == 0, r.stderr
+    assert gluscope_main(["dataset", str(txt), "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "a")]) == 0
     assert load_corpus(tmp_path / "a").n_texts == 3  # one text per file, not per line
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"body": ["first text", "second text"]}), tmp_path / "t.parquet")
-    r = run_cli("dataset", str(tmp_path / "t.parquet"), "--text-column", "body", "--tokenizer", str(tiny_llama),
-                "--out", str(tmp_path / "b"))
-    assert r.returncode == 0, r.stderr
+    assert gluscope_main(["dataset", str(tmp_path / "t.parquet"), "--text-column", "body", "--tokenizer",
+                          str(tiny_llama), "--out", str(tmp_path / "b")]) == 0
     assert load_corpus(tmp_path / "b").n_texts == 2
 
 
-def test_not_gated_model_is_refused(tmp_path_factory, corpus_file, tmp_path):
-    gpt2 = make_model(tmp_path_factory, "gpt2")
+@pytest.mark.system
+def test_not_gated_model_is_refused(corpus_file, tmp_path):
+    gpt2 = recordings.model("gpt2")
     out = tmp_path / "gpt2.duckdb"
     r = run_cli("record", "--model", str(gpt2), "--dataset", str(corpus_file), "--out", str(out))
     assert_user_error(r, "no gated MLP")
     assert not out.exists() and not list(tmp_path.glob(".*tmp"))
 
 
+@pytest.mark.system
 def test_unknown_model_path(corpus_file, tmp_path):
     r = run_cli("record", "--model", str(tmp_path / "no-such-model"), "--dataset", str(corpus_file),
                 "--out", str(tmp_path / "x.duckdb"))
     assert_user_error(r, "no such folder")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("k, words", [("0", "--k must be at least 1"), ("129", "--k must be at most 128")])
 def test_a_list_length_out_of_range_is_refused(tiny_llama, corpus_file, tmp_path, k, words):
     out = tmp_path / "x.duckdb"
@@ -106,11 +95,13 @@ def test_a_list_length_out_of_range_is_refused(tiny_llama, corpus_file, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.system
 def test_folder_that_is_not_a_model(corpus_file, tmp_path):
     r = run_cli("record", "--model", str(tmp_path), "--dataset", str(corpus_file), "--out", str(tmp_path / "x.duckdb"))
     assert_user_error(r, "config.json")
 
 
+@pytest.mark.system
 def test_missing_text_column(tiny_llama, corpus_file, tmp_path):
     out = tmp_path / "x.duckdb"
     r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
@@ -119,6 +110,7 @@ def test_missing_text_column(tiny_llama, corpus_file, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.system
 def test_empty_dataset(tiny_llama, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": ""}) + "\n")
@@ -128,12 +120,14 @@ def test_empty_dataset(tiny_llama, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.system
 def test_missing_dataset(tiny_llama, tmp_path):
     r = run_cli("record", "--model", str(tiny_llama), "--dataset", str(tmp_path / "nope.jsonl"),
                 "--out", str(tmp_path / "x.duckdb"))
     assert_user_error(r, "no such file")
 
 
+@pytest.mark.system
 def test_existing_output_needs_overwrite(tiny_llama, corpus_file, tmp_path):
     out = tmp_path / "exists.duckdb"
     out.write_bytes(b"precious")
@@ -145,8 +139,9 @@ def test_existing_output_needs_overwrite(tiny_llama, corpus_file, tmp_path):
     assert duckdb.connect(str(out), read_only=True).execute("SELECT n_texts FROM metadata").fetchone()[0] > 0
 
 
-def test_corpus_of_another_tokenizer_is_refused(tiny_llama, tmp_path_factory, corpus_file, tmp_path):
-    other = make_model(tmp_path_factory, "gemma")
+@pytest.mark.system
+def test_corpus_of_another_tokenizer_is_refused(tiny_llama, corpus_file, tmp_path):
+    other = recordings.copy_of(recordings.model("gemma"), tmp_path / "model")  # its tokenizer changes below
     folder = tmp_path / "ds"
     assert run_cli("dataset", str(corpus_file), "--tokenizer", str(other), "--out", str(folder)).returncode == 0
     # Same training texts, so the vocabularies only differ if the tokenizers do: plant a difference.
@@ -160,6 +155,7 @@ def test_corpus_of_another_tokenizer_is_refused(tiny_llama, tmp_path_factory, co
     assert_user_error(r, "another tokenizer")
 
 
+@pytest.mark.system
 def test_failed_run_leaves_no_partial_file(tiny_llama, corpus_file, tmp_path):
     # An interrupted write (here: an impossible k) must not leave the output or its temporary behind.
     out = tmp_path / "x.duckdb"
@@ -168,6 +164,7 @@ def test_failed_run_leaves_no_partial_file(tiny_llama, corpus_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("config_class, folder", [("OlmoeConfig", "olmoe"), ("MixtralConfig", "./mixtral"),
                                                   ("Qwen3MoeConfig", "ABSOLUTE")])
 def test_mixture_of_experts_models_are_refused_plainly(config_class, folder, corpus_file, tmp_path):
@@ -184,6 +181,7 @@ def test_mixture_of_experts_models_are_refused_plainly(config_class, folder, cor
     assert "huggingface.co" not in r.stderr and not (tmp_path / "out.duckdb").exists()
 
 
+@pytest.mark.integration
 def test_a_model_too_large_for_the_gpu_is_refused_before_loading(tiny_llama):
     import torch
 

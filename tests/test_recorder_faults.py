@@ -5,24 +5,23 @@ from __future__ import annotations
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .test_recorder_cli import assert_user_error
+from .processes import assert_user_error, record_cmd as cli_record_cmd
 
 
 def record_cmd(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gluscope.cli", "record", "--model", str(model), "--dataset", str(corpus),
-            "--out", str(out), "--device", "cpu", "--compile", "off", "--max-length", "48", *extra]
+    return cli_record_cmd(model, corpus, out, "--max-length", "48", *extra)
 
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.system
 def test_a_second_run_on_the_same_out_is_refused(tiny_llama, corpus_file, tmp_path):
     from gluscope.recorder.cli import output_lock
 
@@ -36,6 +35,7 @@ def test_a_second_run_on_the_same_out_is_refused(tiny_llama, corpus_file, tmp_pa
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.system
 def test_a_file_size_limit_during_the_write_leaves_nothing_and_says_one_line(tiny_llama, corpus_file, tmp_path):
     out = tmp_path / "limited.duckdb"
 
@@ -48,6 +48,7 @@ def test_a_file_size_limit_during_the_write_leaves_nothing_and_says_one_line(tin
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("how, stage", [(signal.SIGTERM, "loop"), (signal.SIGINT, "loop"),
                                         (signal.SIGTERM, "write"), (signal.SIGINT, "write")])
 def test_sigterm_and_ctrl_c_leave_no_partial_database(how, stage, tiny_llama, corpus_file, tmp_path):
@@ -79,6 +80,7 @@ def test_sigterm_and_ctrl_c_leave_no_partial_database(how, stage, tiny_llama, co
     assert leftovers(tmp_path) == ["big.jsonl"]
 
 
+@pytest.mark.integration
 def test_an_insert_that_fails_on_the_writing_thread_is_raised_and_leaves_nothing(tmp_path):
     """Tables go into DuckDB on a background thread: its error still reaches the recording, which then
     removes the half-written file."""

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from gluscope.recorder import reduce_cpu, rules
+from gluscope.recorder import kernel_reducer, rules
 from gluscope.recorder.corpus import Corpus
 from gluscope.recorder.model import activation_function, load_model
-from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
+from gluscope.recorder.reducer_interface import Batch, LayerSetup, make_reducers
 from gluscope.schema import schema_sql
 
-from .conftest import require_kernel
+from .brute_force import require_kernel
+
+pytestmark = pytest.mark.integration
 
 
 def test_rules_follow_the_code_tables_of_schema_sql():
@@ -32,9 +34,9 @@ def test_rules_follow_the_code_tables_of_schema_sql():
 
 def test_the_compiled_argument_struct_is_the_one_ctypes_declares():
     require_kernel()
-    dll = reduce_cpu.load_kernel()
-    size, offsets = reduce_cpu.ReduceArgs.layout()
-    compiled = (reduce_cpu.ctypes.c_int64 * len(offsets))()
+    dll = kernel_reducer.load_kernel()
+    size, offsets = kernel_reducer.ReduceArgs.layout()
+    compiled = (kernel_reducer.ctypes.c_int64 * len(offsets))()
     assert dll.gluscope_reduce_args_layout(compiled) == size
     assert list(compiled) == offsets
 
@@ -44,12 +46,12 @@ def test_a_kernel_that_lays_the_struct_out_otherwise_is_refused(monkeypatch, tmp
     require_kernel()
     monkeypatch.setenv("GLUSCOPE_CXXFLAGS", "-fpack-struct=4")
     monkeypatch.setenv("GLUSCOPE_CACHE", str(tmp_path))
-    reduce_cpu.load_kernel.cache_clear()
+    kernel_reducer.load_kernel.cache_clear()
     try:
-        with pytest.raises(reduce_cpu.KernelUnavailable, match="ReduceArgs"):
-            reduce_cpu.load_kernel()
+        with pytest.raises(kernel_reducer.KernelUnavailable, match="ReduceArgs"):
+            kernel_reducer.load_kernel()
     finally:
-        reduce_cpu.load_kernel.cache_clear()
+        kernel_reducer.load_kernel.cache_clear()
 
 
 def _tied_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

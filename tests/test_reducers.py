@@ -9,7 +9,6 @@ mixed lengths make the top-k lists fill, evict and reorder many times.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import duckdb
@@ -19,10 +18,13 @@ import torch
 
 from gluscope.cli import main as gluscope_main
 from gluscope.errors import UserError
-from gluscope.recorder import reduce_cpu
+from gluscope.recorder import kernel_reducer
 from gluscope.recorder.record import choose_reducer
 
-from .conftest import corpus_texts, require_kernel, tokenizer_training_texts
+from . import recordings
+from .brute_force import require_kernel
+
+pytestmark = pytest.mark.integration
 
 TABLES = {  # table -> (key columns, float columns compared with a tolerance)
     "neurons": ("layer, neuron", ()),
@@ -37,24 +39,19 @@ TABLES = {  # table -> (key columns, float columns compared with a tolerance)
 
 
 @pytest.fixture(scope="module")
-def model_and_corpus(tmp_path_factory) -> tuple[Path, Path]:
-    from gluscope.recorder.tiny_models import save_tiny_model
+def model_and_corpus() -> tuple[Path, Path]:
+    return recordings.model("llama", d_mlp=100, n_layers=2, seed=3, extra_tokens=()), recordings.corpus("random")
 
-    tmp = tmp_path_factory.mktemp("reducers")
-    model = save_tiny_model(tmp / "model", "llama", tokenizer_training_texts(), init_std=0.15, d_mlp=100,
-                            n_layers=2, seed=3)
-    words = " ".join(corpus_texts()).split()
-    rng = np.random.default_rng(1)
-    corpus = tmp / "corpus.jsonl"
-    with corpus.open("w") as f:
-        for _ in range(150):
-            f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(3, 60)))}) + "\n")
-    return model, corpus
+
+OPTIONS = ("--max-length", "64", "--batch-size", "7", "--k", "8")
 
 
 def _record(model: Path, corpus: Path, out: Path, reducer: str) -> duckdb.DuckDBPyConnection:
-    args = ["record", "--model", str(model), "--dataset", str(corpus), "--out", str(out), "--max-length", "64",
-            "--batch-size", "7", "--k", "8", "--device", "cpu", "--compile", "off", "--reducer", reducer]
+    """The kernel's recording is made here, under the flags the test sets; the tensor reducer's is shared."""
+    if reducer == "torch":
+        return duckdb.connect(str(recordings.record(model, corpus, *OPTIONS, "--reducer", "torch")), read_only=True)
+    args = ["record", "--model", str(model), "--dataset", str(corpus), "--out", str(out), *recordings.CPU, *OPTIONS,
+            "--reducer", reducer]
     assert gluscope_main(args) == 0
     return duckdb.connect(str(out), read_only=True)
 
@@ -65,12 +62,12 @@ def test_kernel_and_tensor_reducers_write_the_same_database(model_and_corpus, tm
     require_kernel()
     if cxxflags:
         monkeypatch.setenv("GLUSCOPE_CXXFLAGS", cxxflags)
-        reduce_cpu.load_kernel.cache_clear()
+        kernel_reducer.load_kernel.cache_clear()
     model, corpus = model_and_corpus
     try:
         kernel = _record(model, corpus, tmp_path / "kernel.duckdb", "kernel")
     finally:
-        reduce_cpu.load_kernel.cache_clear()
+        kernel_reducer.load_kernel.cache_clear()
     tensor = _record(model, corpus, tmp_path / "torch.duckdb", "torch")
     for table, (keys, approx) in TABLES.items():
         a = kernel.execute(f"SELECT * FROM {table} ORDER BY {keys}").fetchdf()
@@ -98,13 +95,13 @@ def test_auto_takes_the_kernel_on_the_cpu_and_torch_elsewhere():
 def test_without_a_compiler_auto_falls_back_and_kernel_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("GLUSCOPE_CACHE", str(tmp_path))  # no kernel built earlier to find
-    reduce_cpu.load_kernel.cache_clear()
+    kernel_reducer.load_kernel.cache_clear()
     try:
         assert choose_reducer(torch.device("cpu"), "auto") == "torch"
         with pytest.raises(UserError, match="no C.. compiler"):
             choose_reducer(torch.device("cpu"), "kernel")
     finally:
-        reduce_cpu.load_kernel.cache_clear()
+        kernel_reducer.load_kernel.cache_clear()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
 
 
@@ -115,12 +112,12 @@ def test_a_broken_compile_leaves_no_file(monkeypatch, tmp_path):
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
     monkeypatch.setenv("GLUSCOPE_CACHE", str(tmp_path / "cache"))
-    reduce_cpu.load_kernel.cache_clear()
+    kernel_reducer.load_kernel.cache_clear()
     try:
         with pytest.raises(UserError, match="this compiler is broken"):
             choose_reducer(torch.device("cpu"), "kernel")
     finally:
-        reduce_cpu.load_kernel.cache_clear()
+        kernel_reducer.load_kernel.cache_clear()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
@@ -138,7 +135,7 @@ def _stable_top(keys: torch.Tensor, ids: torch.Tensor, top: int) -> tuple[torch.
 
 @pytest.mark.parametrize("R, C, top, blocks", [(37, 101, 8, 4), (300, 1000, 32, 3), (1, 16, 8, 3), (2, 5, 8, 2)])
 def test_column_tops_and_abs_tops_equal_a_stable_sort_of_every_block(R, C, top, blocks):
-    """The weight stage's compiled running tops (reduce_cpu.column_tops, abs_tops), merged block after block
+    """The weight stage's compiled running tops (kernel_reducer.column_tops, abs_tops), merged block after block
     from strided views with many exact ties, hold what one stable sort of every entry gives."""
     require_kernel()
     generator = torch.Generator().manual_seed(R * C)
@@ -148,7 +145,7 @@ def test_column_tops_and_abs_tops_equal_a_stable_sort_of_every_block(R, C, top, 
     key0, key1 = torch.full((C, top), -torch.inf), torch.full((C, top), -torch.inf)
     id0, id1 = torch.full((C, top), -1), torch.full((C, top), -1)
     for b, p in enumerate(products):
-        assert reduce_cpu.column_tops(p, key0, id0, key1, id1, first_id=100 + b * R)
+        assert kernel_reducer.column_tops(p, key0, id0, key1, id1, first_id=100 + b * R)
     values = torch.cat(products).T                                   # [C, blocks * R], ids increasing
     ids = (100 + torch.arange(blocks * R)).expand(C, -1)
     for got_key, got_id, keys in ((key0, id0, values), (key1, id1, -values)):
@@ -158,7 +155,7 @@ def test_column_tops_and_abs_tops_equal_a_stable_sort_of_every_block(R, C, top, 
     rows = (torch.full((R, top), -torch.inf), torch.full((R, top), -1), torch.full((R, top), torch.nan))
     cols = (torch.full((C, top), -torch.inf), torch.full((C, top), -1), torch.full((C, top), torch.nan))
     for b, p in enumerate(products):
-        assert reduce_cpu.abs_tops(p, rows, b * C, cols, 7 + b * R)
+        assert kernel_reducer.abs_tops(p, rows, b * C, cols, 7 + b * R)
     for (key, idx, val), values, ids in (
             (rows, torch.cat(products, 1), torch.arange(blocks * C).expand(R, -1)),
             (cols, torch.cat(products).T, (7 + torch.arange(blocks * R)).expand(C, -1))):

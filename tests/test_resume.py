@@ -8,7 +8,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,20 +18,21 @@ import numpy as np
 import pytest
 import torch
 
-from gluscope.recorder import reduce_cpu
+from gluscope.recorder import kernel_reducer
 from gluscope.recorder.checkpoint import (DEFAULT_EVERY_MINUTES, DELAY_ENV, ESTIMATE_AFTER_BATCHES,
                                           CheckpointSchedule, describe_run, difference, load_checkpoint,
                                           save_checkpoint)
 from gluscope.recorder.model import activation_function
-from gluscope.recorder.reduce import TensorReducer
-from gluscope.recorder.reducer import Batch, LayerSetup, make_reducers
-from gluscope.recorder.tiny_models import save_tiny_model
+from gluscope.recorder.tensor_reducer import TensorReducer
+from gluscope.recorder.reducer_interface import Batch, LayerSetup, make_reducers
+from .tiny_models import save_tiny_model
 
-from .conftest import require_kernel, tokenizer_training_texts
-from .test_recorder_cli import assert_user_error
+from . import recordings
+from .brute_force import require_kernel
+from .processes import assert_user_error, record_cmd as cli_record_cmd
 
 EVERY = "0.002"  # minutes between checkpoints: about every 0.12 s, so a run of a few seconds writes many
-OPTIONS = ("--device", "cpu", "--compile", "off", "--max-length", "48", "--batch-size", "1", "--k", "4")
+OPTIONS = ("--max-length", "48", "--batch-size", "1", "--k", "4")
 STAGES = ("loop", "checkpoint", "write")
 # How long after reaching a stage the signal comes, at random (seeded): any instant of the stage, as far as the
 # stage lasts for sure (a checkpoint's write is held open 0.4 s by DELAY_ENV; the final write is short).
@@ -40,8 +40,7 @@ DELAYS = {"loop": 0.25, "checkpoint": 0.25, "write": 0.005}
 
 
 def record_cmd(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gluscope.cli", "record", "--model", str(model), "--dataset", str(corpus),
-            "--out", str(out), *OPTIONS, *extra]
+    return cli_record_cmd(model, corpus, out, *OPTIONS, *extra)
 
 
 def checkpoint_of(out: Path) -> Path:
@@ -77,6 +76,7 @@ def assert_identical_files(got: Path, want: Path) -> None:
         con.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["kernel", "torch"])
 def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kind, tmp_path):
     """Batch A, a checkpoint, batch B into a fresh reducer loaded from it: the statistics of A then B, bit for bit."""
@@ -92,7 +92,7 @@ def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kin
     for x_gate, x_in, batch in batches:
         whole.update(x_gate, x_in, batch)
     first.update(*batches[0])
-    declared = TensorReducer.STATE if kind == "torch" else tuple(row[0] for row in reduce_cpu.STATE)
+    declared = TensorReducer.STATE if kind == "torch" else tuple(row[0] for row in kernel_reducer.STATE)
     assert tuple(dict.fromkeys(name.split(".")[0] for name in first.state())) == declared
     if kind == "torch":
         for obj in (first, first.distributions):
@@ -119,6 +119,7 @@ def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kin
     checkpoint.close()
 
 
+@pytest.mark.unit
 def test_the_first_difference_of_two_runs_is_said_as_the_option_that_makes_it():
     run = describe_run({"created_at": "now", "batch_size": np.int64(8), "k": 16, "refactor_glu": True,
                         "max_length": 1024, "corpus_fingerprint": "aaa", "sample_seed": 0}, shard=None)
@@ -136,6 +137,7 @@ def test_the_first_difference_of_two_runs_is_said_as_the_option_that_makes_it():
     assert difference(run, {**run, "sample_seed": 3}) == "checkpoint was recorded with sample_seed 0, this run has 3"
 
 
+@pytest.mark.unit
 def test_by_default_only_a_run_estimated_over_15_minutes_checkpoints():
     def decided(total_tokens: int) -> float:
         schedule = CheckpointSchedule(None, total_tokens)
@@ -148,6 +150,7 @@ def test_by_default_only_a_run_estimated_over_15_minutes_checkpoints():
     assert CheckpointSchedule(0, 10**9).every_s == 0 and CheckpointSchedule(0.5, 30).every_s == 30
 
 
+@pytest.mark.system
 def test_resume_under_torchrun_is_refused_in_one_line(tiny_llama, corpus_file, tmp_path):
     # torchrun's own variables, as each rank sees them; the refusal comes before any process group.
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
@@ -158,27 +161,20 @@ def test_resume_under_torchrun_is_refused_in_one_line(tiny_llama, corpus_file, t
 
 
 @pytest.fixture(scope="module")
-def long_corpus(corpus_file, tmp_path_factory) -> Path:
+def long_corpus() -> Path:
     """The test corpus four times over: 168 texts, one batch each, so that a run resumed after two interrupts in
     its loop still has more than two checkpoints ahead (the kernel records the whole corpus in a fraction of a
     second: with twice over, a loaded machine once left a resumed run too little loop to reach its second)."""
-    path = tmp_path_factory.mktemp("resume-corpus") / "corpus.jsonl"
-    path.write_text(corpus_file.read_text() * 4)
-    return path
+    return recordings.corpus("long")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_llama, long_corpus, tmp_path_factory) -> dict[str, Path]:
+def uninterrupted(tiny_llama, long_corpus) -> dict[str, Path]:
     """Per reducer, the file a run that nothing interrupts writes (and that never checkpoints)."""
     require_kernel()
-    files = {}
-    for reducer in ("kernel", "torch"):
-        out = tmp_path_factory.mktemp(f"whole-{reducer}") / "whole.duckdb"
-        r = subprocess.run(record_cmd(tiny_llama, long_corpus, out, "--reducer", reducer, "--checkpoint-every", "0"),
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        files[reducer] = out
-    return files
+    return {reducer: recordings.record(tiny_llama, long_corpus, *OPTIONS, "--reducer", reducer,
+                                       "--checkpoint-every", "0")
+            for reducer in ("kernel", "torch")}
 
 
 def interrupt(cmd: list[str], out: Path, stage: str, how: signal.Signals, rng: random.Random,
@@ -258,6 +254,7 @@ def run_chain(steps: list[tuple[str, signal.Signals]], reducer: str, model: Path
     assert_identical_files(out, want)
 
 
+@pytest.mark.system
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_kernel(
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
@@ -266,6 +263,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_kern
               uninterrupted["kernel"], folder, seed=13)
 
 
+@pytest.mark.system
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_torch(
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
@@ -274,6 +272,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_torc
               uninterrupted["torch"], folder, seed=14)
 
 
+@pytest.mark.system
 def test_sigterm_and_ctrl_c_in_every_stage_exit_with_one_line_and_keep_the_checkpoint(
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
@@ -284,6 +283,7 @@ def test_sigterm_and_ctrl_c_in_every_stage_exit_with_one_line_and_keep_the_check
     run_chain(steps, "kernel", tiny_llama, long_corpus, uninterrupted["kernel"], folder, seed=15)
 
 
+@pytest.mark.system
 def test_a_resume_of_another_run_is_refused_with_one_line(tiny_llama, long_corpus, tmp_path):
     require_kernel()
     model = tmp_path / "model"
@@ -316,7 +316,7 @@ def test_a_resume_of_another_run_is_refused_with_one_line(tiny_llama, long_corpu
     shutil.copy(long_corpus, corpus)
     # The same model folder with other weights (same architecture and tokenizer).
     shutil.rmtree(model)
-    save_tiny_model(model, "llama", tokenizer_training_texts(), init_std=0.15, seed=1,
+    save_tiny_model(model, "llama", recordings.tokenizer_training_texts(), init_std=0.15, seed=1,
                     extra_tokens=("<script>", "</script>"))
     assert_user_error(resume("--resume"), "checkpoint was recorded with other model weights")
     # Refusals leave the checkpoint as it was.

@@ -16,6 +16,8 @@ from gluscope.schema import (ACT_FNS, COUNT_COLUMNS, GEOMETRY, HOOKS, POST_SIGNS
 from gluscope.server.app import create_app
 from gluscope.server.db import REQUIRED_TABLES
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def empty():
@@ -93,3 +95,30 @@ def test_the_servers_activation_is_the_models(name):
 def test_the_version_has_one_source(client):
     assert importlib.metadata.version("gluscope") == gluscope.__version__
     assert client.get("/openapi.json").json()["info"]["version"] == gluscope.__version__
+
+
+def test_the_example_token_keys_count_the_sources_gluscope_schema_names():
+    """schema.sql's key macros take EXAMPLE_SOURCES list sources: each hook's top list, then the sampled kinds."""
+    from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_SOURCES, SAMPLE_SOURCE
+
+    con = duckdb.connect(":memory:")
+    con.execute(schema_sql())
+    n_layers, d_mlp = 2, 3
+    for source in range(EXAMPLE_SOURCES):  # the last list of the last neuron: the largest key's list
+        con.execute("INSERT INTO example_tokens VALUES (example_token_key(5, 1, example_list(1, 2, 3, $source, "
+                    "$d_mlp), $n_layers, $d_mlp), 1, 0)", {"source": source, "n_layers": n_layers, "d_mlp": d_mlp})
+    rows = con.execute("SELECT token_id, role, layer, neuron, quadrant, hook, kind FROM "
+                       "example_token_rows(0, 9223372036854775807, $n_layers, $d_mlp) ORDER BY key",
+                       {"n_layers": n_layers, "d_mlp": d_mlp}).fetchall()
+    assert [(t, r, l, n, q) for t, r, l, n, q, _, _ in rows] == [(5, 1, 1, 2, 3)] * EXAMPLE_SOURCES
+    # Each hook's top list, then the sampled kinds (samples.kind + 1 in EXAMPLE_KINDS), whose hook reads 0.
+    assert [(h, EXAMPLE_KINDS[k]) for *_, h, k in rows] == [
+        (s, "top") if s < SAMPLE_SOURCE else (0, EXAMPLE_KINDS[1 + s - SAMPLE_SOURCE]) for s in range(EXAMPLE_SOURCES)]
+
+
+def test_a_models_body_shows_columns_of_the_metadata_table(empty):
+    """data.MODEL_FIELDS, derived from responses.ModelInfo, names columns schema.sql's metadata has."""
+    from gluscope.server.data import MODEL_FIELDS
+
+    columns = [row[0] for row in empty.execute("DESCRIBE metadata").fetchall()]
+    assert MODEL_FIELDS and set(MODEL_FIELDS) <= set(columns)

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from .processes import free_port, wait_for
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, seconds: float = 60) -> httpx.Response:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        try:
-            return httpx.get(url, timeout=2)
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {seconds} s")
+pytestmark = pytest.mark.system
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -45,3 +30,8 @@ def test_serve_answers_with_one_or_more_workers(recorded_db, workers):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_importing_the_server_does_not_import_torch():
+    code = "import sys, gluscope.server.app, gluscope.cli; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

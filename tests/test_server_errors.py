@@ -9,6 +9,8 @@ import pytest
 from gluscope.cli import UserError
 from gluscope.server.app import create_app
 
+pytestmark = pytest.mark.integration
+
 WEIRD = ["-1", "0", "95", "96", "2", "99999999999999999999", "-99999999999999999999", "1e3", "0x10", "1.0", " 1",
          "abc", "", "%00", "٣", "１", "😀", "<script>", "'; DROP TABLE neurons; --", "NaN", "inf", "..", "a" * 300]
 

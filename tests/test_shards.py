@@ -14,7 +14,9 @@ import torch
 
 from gluscope.recorder import rules
 
-from .test_recorder_cli import assert_user_error, run_cli
+from . import recordings
+from .brute_force import sample_hash
+from .processes import assert_user_error, free_port, record_cmd, run_cli
 
 # Every table and its key; metadata is compared apart (created_at differs by design).
 TABLES = {
@@ -34,27 +36,17 @@ TABLES = {
     "intervals": "layer, neuron, quadrant, interval",
     "samples": "layer, neuron, quadrant, kind, interval, rank",
 }
-OPTIONS = ("--max-length", "40", "--batch-size", "3", "--k", "4", "--device", "cpu", "--compile", "off")
-
-
-def record(model: Path, corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("record", "--model", str(model), "--dataset", str(corpus), "--out", str(out), *OPTIONS, *extra)
+OPTIONS = ("--max-length", "40", "--batch-size", "3", "--k", "4")
 
 
 @pytest.fixture(scope="module")
-def single(tiny_llama, corpus_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single") / "single.duckdb"
-    assert (r := record(tiny_llama, corpus_file, out)).returncode == 0, r.stderr
-    return out
+def single(tiny_llama, corpus_file) -> Path:
+    return recordings.record(tiny_llama, corpus_file, *OPTIONS)
 
 
 @pytest.fixture(scope="module")
-def shards(tiny_llama, corpus_file, tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("shards")
-    paths = [folder / f"part{i}.duckdb" for i in range(3)]
-    for i, path in enumerate(paths):
-        assert (r := record(tiny_llama, corpus_file, path, "--shard", f"{i}/3")).returncode == 0, r.stderr
-    return paths
+def shards(tiny_llama, corpus_file) -> list[Path]:
+    return [recordings.record(tiny_llama, corpus_file, *OPTIONS, "--shard", f"{i}/3") for i in range(3)]
 
 
 def assert_same_recording(got: Path, want: Path) -> None:
@@ -81,6 +73,7 @@ def assert_same_recording(got: Path, want: Path) -> None:
     con.close()
 
 
+@pytest.mark.integration
 def test_shards_hold_whole_batches_with_global_text_ids(shards, single):
     con = duckdb.connect(str(single), read_only=True)
     n_texts, n_tokens = con.execute("SELECT n_texts, n_tokens FROM metadata").fetchone()
@@ -98,22 +91,24 @@ def test_shards_hold_whole_batches_with_global_text_ids(shards, single):
     assert seen == all_ids and tokens == n_tokens and len(seen) == n_texts
 
 
+@pytest.mark.integration
 def test_merged_shards_equal_the_single_run(shards, single, tmp_path):
+    from gluscope.cli import main as gluscope_main
+
     out = tmp_path / "merged.duckdb"
     # Any order of the files on the command line.
-    r = run_cli("merge", str(shards[2]), str(shards[0]), str(shards[1]), "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert gluscope_main(["merge", str(shards[2]), str(shards[0]), str(shards[1]), "--out", str(out)]) == 0
     assert_same_recording(out, single)
 
 
+@pytest.mark.system
 def test_merge_refuses_what_is_not_one_run(shards, single, tiny_llama, corpus_file, tmp_path):
     out = tmp_path / "never.duckdb"
     assert_user_error(run_cli("merge", str(shards[0]), str(shards[1]), "--out", str(out)), "shard 2/3", "missing")
     assert_user_error(run_cli("merge", str(shards[0]), str(shards[0]), str(shards[1]), "--out", str(out)),
                       "both shard 0/3")
     assert_user_error(run_cli("merge", str(single), str(shards[0]), "--out", str(out)), "whole recording")
-    other = tmp_path / "other-k.duckdb"
-    assert (r := record(tiny_llama, corpus_file, other, "--shard", "1/3", "--k", "5")).returncode == 0, r.stderr
+    other = recordings.record(tiny_llama, corpus_file, *OPTIONS, "--shard", "1/3", "--k", "5")
     assert_user_error(run_cli("merge", str(shards[0]), str(other), str(shards[2]), "--out", str(out)),
                       "not shards of one run", "their k differs")
     junk = tmp_path / "junk.duckdb"
@@ -122,16 +117,18 @@ def test_merge_refuses_what_is_not_one_run(shards, single, tiny_llama, corpus_fi
     assert_user_error(run_cli("merge", str(tmp_path / "missing.duckdb"), "--out", str(out)), "no such file")
     assert not out.exists()
     for bad in ("3/3", "x", "1/0", "-1/2"):
-        assert_user_error(record(tiny_llama, corpus_file, out, "--shard", bad), "--shard")
+        assert_user_error(subprocess.run(record_cmd(tiny_llama, corpus_file, out, *OPTIONS, "--shard", bad),
+                                         capture_output=True, text=True, timeout=300), "--shard")
 
 
+@pytest.mark.system
 def test_torchrun_on_two_cpu_processes_equals_the_single_run(single, tiny_llama, corpus_file, tmp_path):
     pytest.importorskip("torch.distributed.run")
     out = tmp_path / "torchrun.duckdb"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), "-m", "gluscope", "record", "--model", str(tiny_llama), "--dataset",
-                        str(corpus_file), "--out", str(out), *OPTIONS],
+                        str(free_port()), "-m", "gluscope", "record", "--model", str(tiny_llama), "--dataset",
+                        str(corpus_file), "--out", str(out), *recordings.CPU, *OPTIONS],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "merged 2 shards" in r.stdout
@@ -139,19 +136,11 @@ def test_torchrun_on_two_cpu_processes_equals_the_single_run(single, tiny_llama,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["torchrun.duckdb"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.unit
 def test_the_merge_recomputes_the_documented_sample_hash():
     """merge ranks samples by rules.hash_of (the file stores no hash): schema.sql's formula, row by row."""
-    from .test_recorder_bruteforce import _hash
     rng = np.random.default_rng(3)
     seed = 1234567
     cols = [torch.from_numpy(rng.integers(0, hi, 500)) for hi in (40, 70000, 2 ** 20, 4096)]
     got = rules.hash_of(seed, *cols).tolist()
-    assert got == [_hash(seed, *(int(c[i]) for c in cols)) for i in range(500)]
+    assert got == [sample_hash(seed, *(int(c[i]) for c in cols)) for i in range(500)]
