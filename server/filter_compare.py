@@ -62,7 +62,8 @@ def filter_data(db: Database, layers: str | None, bounds: dict[str, float | None
     """
     lo, hi = parse_layer_range(layers, db)
     check_choice("sort", sort, queries.FILTER_SORT_KEYS)
-    order = order or ("asc" if sort == "neuron" else "desc")
+    if order is None:  # only a missing order takes the default: an empty one is refused, as the schema says
+        order = "asc" if sort == "neuron" else "desc"
     check_choice("order", order, FILTER_ORDERS)
     check_bounds(bounds)
     check_filter_page(db, offset, limit)

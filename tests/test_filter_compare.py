@@ -173,6 +173,7 @@ def test_empty_bounds_from_the_form_mean_no_bound(client, m, facts):
     ("sort=banana", 422, "sort", "unknown sort"),
     ("sort=flipped", 422, "sort", "unknown sort"),
     ("order=up", 422, "order", "unknown order"),
+    ("order=", 422, "order", "unknown order"),  # the schema's enum: empty is no order
     ("limit=0", 422, "limit", "1..500"),
     ("limit=501", 422, "limit", "1..500"),
     ("offset=-1", 404, "offset", "0..192"),
