@@ -31,12 +31,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test belongs to exactly one tier: a module without one is a mistake to catch at collection."""
+    """Every test belongs to exactly one tier: a module without one is a mistake to catch at collection.
+
+    Slow tests run first, then the system tier, then the rest: the xdist workers take tests in this order,
+    so the long ones start while there is still short work to fill the other worker, and both finish
+    together instead of one waiting for the other's last long test.
+    """
     for item in items:
         tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
         if len(tiers) != 1:
             raise pytest.UsageError(f"{item.nodeid}: marked {sorted(tiers) or 'with no tier'}; "
                                     f"mark it with exactly one of {', '.join(TIERS)}")
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 item.get_closest_marker("system") is None))
 
 
 @pytest.fixture(scope="session")

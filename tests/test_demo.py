@@ -94,6 +94,7 @@ def expected_interesting_neuron(db: Path) -> tuple[int, int]:
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
     model_file = write_llama_gguf(tiny_llama, tmp_path / "tiny-demo.gguf")
     out = tmp_path / "demo.duckdb"

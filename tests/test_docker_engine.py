@@ -34,7 +34,7 @@ from tests import docker_engine
 from tests.processes import free_port
 from tests.recordings import content_hash
 
-pytestmark = [pytest.mark.system, pytest.mark.xdist_group("docker-engine")]
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.xdist_group("docker-engine")]
 
 yaml = pytest.importorskip("yaml")
 
@@ -178,7 +178,6 @@ def test_debian_mirror_from_one_line_and_deb822_sources(tmp_path):
 
 # --- the server service in a real engine ---------------------------------------------
 
-@pytest.mark.slow
 def test_healthcheck_turns_healthy(served):
     state = health(served.engine, served.container)
     assert state["Running"], f"the server container stopped:\n{served.logs}"
@@ -187,7 +186,6 @@ def test_healthcheck_turns_healthy(served):
                                           f"exited {last.get('ExitCode')}:\n{last.get('Output')}\n{served.logs}")
 
 
-@pytest.mark.slow
 def test_neuron_page_json_twin_and_examples_fragment(served, client, model_id):
     layer, neuron = NEURON
     base = f"/models/{model_id}/neurons/{layer}/{neuron}"
@@ -211,7 +209,6 @@ def test_neuron_page_json_twin_and_examples_fragment(served, client, model_id):
     assert "<html" not in fragment and '<div class="examples"' in fragment
 
 
-@pytest.mark.slow
 def test_runs_as_a_non_root_user(served):
     uid = exec_in(served, "id", "-u")
     assert uid.returncode == 0, uid.stderr
@@ -220,7 +217,6 @@ def test_runs_as_a_non_root_user(served):
     assert user not in ("", "0", "root"), f"the image's USER is {user!r}"
 
 
-@pytest.mark.slow
 def test_cannot_write_to_data(served):
     probe = ("import errno, sys\n"
              "try:\n    open('/data/written-by-server', 'w').close()\n"
@@ -237,7 +233,6 @@ def test_cannot_write_to_data(served):
     assert stat.S_IMODE(served.data.stat().st_mode) == 0o777
 
 
-@pytest.mark.slow
 def test_torch_is_not_installed(served):
     result = exec_in(served, "python", "-c", "import torch")
     assert result.returncode != 0 and "No module named 'torch'" in result.stderr, result.stdout + result.stderr
@@ -245,7 +240,6 @@ def test_torch_is_not_installed(served):
     assert server.returncode == 0, "the check above must fail for want of torch, not of python: " + server.stderr
 
 
-@pytest.mark.slow
 def test_compose_reads_both_services(engine, project):
     """Compose itself (not a YAML parser) resolves the file: the port variable, the recorder's profile and GPU."""
     _, compose, _, _ = project

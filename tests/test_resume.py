@@ -255,6 +255,7 @@ def run_chain(steps: list[tuple[str, signal.Signals]], reducer: str, model: Path
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_kernel(
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
@@ -264,6 +265,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_kern
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_torch(
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
@@ -273,6 +275,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_torc
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_sigterm_and_ctrl_c_in_every_stage_exit_with_one_line_and_keep_the_checkpoint(
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
@@ -284,6 +287,7 @@ def test_sigterm_and_ctrl_c_in_every_stage_exit_with_one_line_and_keep_the_check
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_a_resume_of_another_run_is_refused_with_one_line(tiny_llama, long_corpus, tmp_path):
     require_kernel()
     model = tmp_path / "model"

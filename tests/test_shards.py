@@ -122,6 +122,7 @@ def test_merge_refuses_what_is_not_one_run(shards, single, tiny_llama, corpus_fi
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_torchrun_on_two_cpu_processes_equals_the_single_run(single, tiny_llama, corpus_file, tmp_path):
     pytest.importorskip("torch.distributed.run")
     out = tmp_path / "torchrun.duckdb"
