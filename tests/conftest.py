@@ -27,7 +27,8 @@ TIERS = ("unit", "integration", "system")
 
 def pytest_configure(config: pytest.Config) -> None:
     if getattr(config, "cache", None) is not None:
-        recordings.use_folder(config.cache.mkdir("gluscope-recordings"))
+        is_xdist_worker = hasattr(config, "workerinput")
+        recordings.use_folder(config.cache.mkdir("gluscope-recordings"), prune=not is_xdist_worker)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -16,6 +16,7 @@ it first (`copy_of`).
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
@@ -59,16 +60,26 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _root: Path | None = None
 
 
-def use_folder(folder: Path) -> None:
-    """Where built things are kept: pytest's cache (conftest sets it), else a fresh temporary folder."""
+def use_folder(folder: Path, prune: bool = False) -> None:
+    """Keep built things under `folder` (pytest's cache: conftest sets it), in a subfolder for this code.
+
+    `prune` removes what was built for other code: each edit of the recorder makes a new set, and nothing
+    reads the old ones again. Only one process may prune (xdist's controller, before its workers start).
+    """
     global _root
-    _root = Path(folder)
+    folder = Path(folder)
+    _root = folder / code_fingerprint()
+    if prune and folder.is_dir():
+        for old in folder.iterdir():
+            if old != _root:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _folder() -> Path:
     global _root
-    if _root is None:
+    if _root is None:  # no pytest cache (-p no:cacheprovider): a temporary folder for this process
         _root = Path(tempfile.mkdtemp(prefix="gluscope-recordings-"))
+        atexit.register(shutil.rmtree, _root, ignore_errors=True)
     _root.mkdir(parents=True, exist_ok=True)
     return _root
 
