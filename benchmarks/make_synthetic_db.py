@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         "vocab_size": args.vocab_size, "dtype": "float32", "dataset": "synthetic random tokens",
         "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": len(own),
         "n_tokens": n_tokens, "batch_size": 1, "corpus_fingerprint": f"synthetic {args.seed} {args.texts}",
+        "weights_fingerprint": "synthetic", "tokenizer_fingerprint": "synthetic",
         "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None, "k": args.k, "window_before": args.window_before,
         "window_after": args.window_after, "refactor_glu": True,
         "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "

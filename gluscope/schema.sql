@@ -31,6 +31,9 @@ CREATE TABLE metadata (
     n_tokens         BIGINT    NOT NULL,  -- tokens counted: no BOS, no padding
     batch_size       INTEGER   NOT NULL,  -- texts per forward pass (it decides which texts a shard holds)
     corpus_fingerprint VARCHAR NOT NULL,  -- hash of the whole corpus's token ids, shared by its shards
+    weights_fingerprint VARCHAR NOT NULL, -- hash of every parameter's name, shape, dtype and a sample of its bytes
+    tokenizer_fingerprint VARCHAR NOT NULL, -- hash of the vocabulary: whoever loads the model again (a live
+                                          -- probe) checks both before answering for this file
     shard_index      INTEGER,             -- this file holds shard shard_index of shard_count
     shard_count      INTEGER,             -- (NULL, NULL): the whole corpus, recorded at once or merged
     k                INTEGER   NOT NULL,  -- examples kept per (neuron, quadrant, hook)

@@ -78,9 +78,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
                      shard=shard, k=k, window_before=window_before, window_after=window_after,
                      refactor_glu=refactor_glu, sample_seed=sample_seed, calibration_batches=len(calibration))
     run = describe_run(meta, reducer=kind, compiled=compiled, device=model.device.type,
-                       shard=f"{shard[0]}/{shard[1]}" if shard else None, n_batches=len(batches),
-                       weights_fingerprint=weights_fingerprint(model),
-                       tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer))
+                       shard=f"{shard[0]}/{shard[1]}" if shard else None, n_batches=len(batches))
     saved = checkpoint_path(out)
     # Checked before the weights' tokens, which take a minute for a large vocabulary.
     checkpoint = _checkpoint_of(saved, run) if resume else None
@@ -304,6 +302,8 @@ def _metadata(model: GatedModel, corpus: Corpus, dataset: str, *, vocab_size: in
         "n_tokens": int((lengths[texts] - 1).sum()),
         "batch_size": batch_size,
         "corpus_fingerprint": corpus.fingerprint(),
+        "weights_fingerprint": weights_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(model.tokenizer),
         "shard_index": shard[0] if shard else None,
         "shard_count": shard[1] if shard else None,
         "k": k,

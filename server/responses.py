@@ -46,6 +46,9 @@ class ModelInfo(Body):
     d_mlp: int
     vocab_size: int
     dtype: str
+    weights_fingerprint: str = Field(description="identifies the weights: a process that loads the model again "
+                                                 "checks it before it answers for this file")
+    tokenizer_fingerprint: str = Field(description="identifies the vocabulary, likewise")
     dataset: str
     text_column: str | None
     max_length: int

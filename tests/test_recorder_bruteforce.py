@@ -9,6 +9,7 @@ context and exact ties between texts cannot arise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -406,3 +407,30 @@ def _assert_counts(got: dict[int, int], values: list[float], edges: list[float],
     assert sum(got.values()) == len(values), where
     for b, c in got.items():
         assert sure.get(b, 0) <= c <= sure.get(b, 0) + loose.get(b, 0), (where, b)
+
+
+def test_the_file_names_its_weights_and_tokenizer_by_fingerprint(distinct_corpus):
+    """The fingerprints a process that loads the model again checks: one per model, whatever the run's options,
+    equal to the loaded model's, and the vocabulary's computed here from tokenizer.json alone."""
+    from tokenizers import Tokenizer
+
+    from gluscope.recorder.checkpoint import weights_fingerprint
+    from gluscope.recorder.model import load_model
+
+    seen = {}
+    for arch in ARCHS:
+        model_dir = recordings.model(arch)
+        found = set()
+        for refactor in (True, False):
+            for reducer in ("kernel", "torch"):
+                con = duckdb.connect(str(_record(model_dir, distinct_corpus, refactor, reducer)), read_only=True)
+                found.add(con.execute("SELECT weights_fingerprint, tokenizer_fingerprint FROM metadata").fetchone())
+                con.close()
+        assert len(found) == 1, (arch, found)  # neither the weight convention nor the reducer changes them
+        ((weights, vocabulary),) = found
+        assert weights == weights_fingerprint(load_model(str(model_dir), device="cpu")), arch
+        vocab = sorted(Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab(with_added_tokens=True).items(),
+                       key=lambda kv: kv[1])
+        assert vocabulary == hashlib.sha1(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16], arch
+        seen[arch] = weights
+    assert len(set(seen.values())) == len(ARCHS)  # three models, three fingerprints
