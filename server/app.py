@@ -124,10 +124,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _error_response(request: Request, body: dict[str, Any]) -> Response:
-    if wants_json(request):
-        return JSONResponse(body, status_code=body["error"]["status"])
-    return error_page(request, body)
+def _error_response(request: Request, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    response = JSONResponse(body, status_code=body["error"]["status"]) if wants_json(request) \
+        else error_page(request, body)
+    response.headers.update(headers or {})
+    return response
 
 
 async def _parameter_error(request: Request, exc: ParameterError) -> Response:
@@ -151,7 +152,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     message = "no such page" if exc.status_code == 404 else str(exc.detail)
-    return _error_response(request, ParameterError(exc.status_code, None, message, None).body())
+    # Starlette's own headers stay: a 405 must say which methods the path allows (Allow, RFC 9110).
+    return _error_response(request, ParameterError(exc.status_code, None, message, None).body(), exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

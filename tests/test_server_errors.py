@@ -83,9 +83,16 @@ def test_a_malicious_parameter_is_escaped_in_the_error_page(client):
     assert r.status_code == 404 and "&lt;script&gt;" in r.text and "<script>alert" not in r.text
 
 
-def test_method_not_allowed_has_the_error_shape(client, m):
-    r = client.post(f"/api/models/{m}")
-    assert r.status_code == 405 and r.json()["error"]["status"] == 405
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "TRACE"])
+@pytest.mark.parametrize("path", ["/api/models/{m}", "/models/{m}/neurons/1/3", "/api/models"])
+def test_method_not_allowed_has_the_error_shape_and_says_what_is(client, m, method, path):
+    """RFC 9110: a 405 names the methods the path allows (schemathesis checks it for every route)."""
+    r = client.request(method, path.format(m=m))
+    assert r.status_code == 405 and r.headers["allow"] == "GET", r.headers
+    if path.startswith("/api/"):
+        assert r.json()["error"]["status"] == 405
+    else:  # a page's URL answers with the error page
+        assert "405" in r.text and r.headers["content-type"].startswith("text/html")
 
 
 def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path):
