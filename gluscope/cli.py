@@ -1,4 +1,4 @@
-"""The `gluscope` command: dataset, record, serve, demo.
+"""The `gluscope` command: dataset, record, merge, serve, probe, demo.
 
 Heavy imports (torch, transformers) happen inside the subcommands that need
 them, so `gluscope serve` runs in an image without torch.
@@ -7,9 +7,11 @@ them, so `gluscope serve` runs in an image without torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from gluscope import probe_protocol
 from gluscope.errors import UserError
 
 
@@ -79,9 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="also serve every *.duckdb file in this folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--probe", default=os.environ.get(probe_protocol.PROBE_URL_ENV) or None, metavar="URL",
+                   help="the URL of a `gluscope probe` holding these models, for the live probe pages "
+                        f"(default: ${probe_protocol.PROBE_URL_ENV})")
     p.add_argument("--workers", type=int, default=None,
                    help="reader processes that query the files, one request at a time each, behind one HTTP "
                         "process (each opens the files read-only; default: one per CPU this process may use)")
+
+    p = sub.add_parser("probe", help="hold the model a database was recorded from and answer live requests "
+                                     "(a neuron on your text, the neurons firing at a token, ablations)")
+    p.add_argument("files", nargs="+", type=Path, help=".duckdb files, or folders of them, to load the models of")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="a folder holding the models by the last part of their recorded source (a model folder "
+                        "or .gguf file), for files recorded elsewhere")
+    p.add_argument("--max-tokens", type=int, default=probe_protocol.MAX_TOKENS,
+                   help=f"tokens per text, BOS not counted (default: {probe_protocol.MAX_TOKENS})")
+    p.add_argument("--max-neurons", type=int, default=probe_protocol.MAX_NEURONS,
+                   help=f"neurons per request (default: {probe_protocol.MAX_NEURONS})")
+    p.add_argument("--queue", type=int, default=probe_protocol.QUEUE_SIZE,
+                   help=f"requests waiting for the model before the probe answers 503 (default: "
+                        f"{probe_protocol.QUEUE_SIZE})")
+    p.add_argument("--timeout", type=float, default=probe_protocol.TIMEOUT_S,
+                   help=f"seconds a request may take, queue included (default: {probe_protocol.TIMEOUT_S:g})")
+    p.add_argument("--batch-tokens", type=int, default=probe_protocol.BATCH_TOKENS,
+                   help=f"padded tokens in one forward pass when waiting requests are batched (default: "
+                        f"{probe_protocol.BATCH_TOKENS})")
 
     p = sub.add_parser("demo", help="record SmolLM2-135M-Instruct (from PyPI) on real prose and code, and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
@@ -123,7 +150,7 @@ def _serve(args: argparse.Namespace) -> None:
     workers = usable_cpus() if args.workers is None else args.workers
     if workers < 1:
         raise UserError("--workers must be at least 1")
-    app = create_app(files, readers=workers)
+    app = create_app(files, readers=workers, probe=args.probe)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -156,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "merge":
             from gluscope.recorder.cli import run_merge
             run_merge(args)
+        elif args.command == "probe":
+            from gluscope.probe.cli import run_probe
+            run_probe(args)
         elif args.command == "demo":
             from gluscope.demo import run_demo
             run_demo(args)

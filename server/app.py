@@ -24,7 +24,9 @@ from starlette.responses import RedirectResponse, Response
 import gluscope
 from gluscope.server import responses
 from gluscope.server.db import open_databases
+from gluscope.server import probe_views
 from gluscope.server.errors import ParameterError
+from gluscope.server.probe_client import ProbeClient
 from gluscope.server.readers import Readers, freeze_startup_objects
 from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, make_response, response_kind, wants_json
 from gluscope.server.validate import get_model
@@ -124,6 +126,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+PROBE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    503: {"model": responses.Error, "description": "no probe is configured, it is down, it does not hold this "
+                                                   "model, or its queue is full (then with Retry-After)"},
+    504: {"model": responses.Error, "description": "the probe did not answer within its per-request limit"},
+}
+
+
 def _error_response(request: Request, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     response = JSONResponse(body, status_code=body["error"]["status"]) if wants_json(request) \
         else error_page(request, body)
@@ -132,7 +142,8 @@ def _error_response(request: Request, body: dict[str, Any], headers: dict[str, s
 
 
 async def _parameter_error(request: Request, exc: ParameterError) -> Response:
-    return _error_response(request, exc.body())
+    retry_after = getattr(exc, "retry_after", None)  # a probe's full queue says when to come back
+    return _error_response(request, exc.body(), {"Retry-After": str(retry_after)} if retry_after else None)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -161,9 +172,24 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return _error_response(request, ParameterError(500, None, "internal error (see the server log)", None).body())
 
 
-def create_app(paths, readers: int = 1) -> FastAPI:
+def add_probe_routes(app: FastAPI, models: list[str]) -> None:
+    """Each probe answer: the API's GET and POST (in the schema), the page and its .json twin."""
+    for answer in probe_views.RESPONSES:
+        made = probe_views.make_endpoints(answer, models)
+        api = f"/api/models/{{model}}/probe/{answer}"
+        documented = {"response_model": probe_views.RESPONSES[answer], "responses": PROBE_ERROR_RESPONSES,
+                      "tags": ["probe"], "response_class": JSONResponse}
+        app.add_api_route(api, made["get"], methods=["GET"], name=f"probe_{answer}_api", **documented)
+        app.add_api_route(api, made["post"], methods=["POST"], name=f"probe_{answer}_post", **documented)
+        for i, path in enumerate((f"/models/{{model}}/probe/{answer}.json", f"/models/{{model}}/probe/{answer}")):
+            app.add_api_route(path, made["page"], methods=["GET"], include_in_schema=False, response_class=Response,
+                              name=f"probe_{answer}" if i else f"probe_{answer}_json")
+
+
+def create_app(paths, readers: int = 1, probe: str | None = None) -> FastAPI:
     """The app serving these recorded databases (opened read-only, once here and once in each reader).
 
+    probe: the URL of a `gluscope probe` holding these models, for the probe pages (probe_client.py).
     readers: processes that answer the views that query the files (readers.py),
     one request at a time each. They are started with multiprocessing's
     "spawn", so a script that calls this needs the usual
@@ -183,6 +209,7 @@ def create_app(paths, readers: int = 1) -> FastAPI:
                               "(pp, pn, np, nn) in URLs and by label (gate+_in+ ...) in bodies.")
     app.state.registry = registry
     app.state.readers = pool
+    app.state.probe = ProbeClient(probe)
     for route in ROUTES:
         answer = endpoint(route.view, "{model}" in route.paths[0], sorted(registry))
         for i, path in enumerate(route.paths):
@@ -192,6 +219,7 @@ def create_app(paths, readers: int = 1) -> FastAPI:
                               name=route.view if i == len(route.paths) - 1 else f"{route.view}_{i}",
                               response_class=JSONResponse if in_schema else Response,
                               **(documented if in_schema else {}))
+    add_probe_routes(app, sorted(registry))
     app.mount("/-/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_exception_handler(ParameterError, _parameter_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -215,7 +215,7 @@ _SPAN = ('<span class="%s" tabindex="0" title="position %d · %s&#10;' + "&#10;"
 _QUADRANT_OF = {(g > 0, x > 0): q for q, (g, x) in enumerate(QUADRANT_SIGNS)}  # (x_gate > 0, x_in > 0) -> code
 
 
-def snippet(ex: dict[str, Any], q_code: int, colour_by: str, scale: float) -> Markup:
+def snippet(ex: dict[str, Any], q_code: int | None, colour_by: str, scale: float) -> Markup:
     """One example's window as focusable token spans; the title holds all four values (gluscope.js reads it).
 
     Built here rather than in a template loop, and with one formatting call
@@ -227,7 +227,7 @@ def snippet(ex: dict[str, Any], q_code: int, colour_by: str, scale: float) -> Ma
     focus = ex["position"] - ex["window_start"]
     quads = [_QUADRANT_OF[(g > 0, x > 0)] if g and x else None
              for g, x in zip(acts["hook_pre"], acts["hook_pre_linear"])]
-    classes = ["t" if q == q_code else "t oq" for q in quads]
+    classes = ["t" if q_code is None or q == q_code else "t oq" for q in quads]  # None: no list's quadrant
     if 0 <= focus < n:
         classes[focus] += " focus"
     text = format_many(list(chain.from_iterable(acts[h] for h in HOOKS)))

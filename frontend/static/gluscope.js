@@ -150,6 +150,15 @@
     a.classList.add("on");
     window.htmx.ajax("GET", a.getAttribute("href"), {target: box, swap: "innerHTML"});
   });
+  // A probe section shows its own errors (no probe, a bad text, a busy probe) where the answer would be;
+  // htmx swaps only 2xx answers unless told.
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var t = e.detail.target;
+    if (e.detail.xhr.status >= 400 && t && t.closest && t.closest("[data-swap-errors]")) {
+      e.detail.shouldSwap = true;
+      e.detail.isError = false;
+    }
+  });
   window.GLUScope = {fmt: fmt};  // for the browser tests
   document.addEventListener("htmx:load", function (e) { init(e.target); });
   document.addEventListener("DOMContentLoaded", function () { init(document); });

@@ -1,0 +1,202 @@
+"""What the web server and the probe say to each other: the requests, their limits and the answers' shapes.
+
+The probe (probe/) runs the model a database was recorded from; the web server
+(server/) forwards the browser's probe requests to it and renders the answers.
+Both import this module, which imports neither torch nor DuckDB, so the names,
+the defaults and the bodies are written once, as schema.sql is for the files.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The probe's endpoints (POST, JSON body), by the name of the answer.
+ANSWERS: tuple[str, ...] = ("activations", "fire", "ablate")
+
+# Defaults of the limits a public instance needs (gluscope probe --max-tokens ...).
+MAX_TOKENS = 512        # tokens per text, BOS not counted
+MAX_NEURONS = 64        # neurons per request
+QUEUE_SIZE = 16         # requests waiting for the model, beyond which the probe answers 503
+TIMEOUT_S = 30.0        # a request's whole time in the probe, queue included
+BATCH_TOKENS = 4096     # padded tokens in one forward pass, when waiting requests are batched
+
+TOP_TOKENS = 10         # next tokens shown before and after an intervention
+CHANGED_TOKENS = 5      # next tokens that lost and gained most probability, per position
+FIRE_TOP = 10           # neurons per quadrant in the neurons-that-fire answer, by default
+FIRE_TOP_MAX = 50
+
+ABLATION_MODES: tuple[str, ...] = ("zero", "scale", "clamp")
+
+PROBE_URL_ENV = "GLUSCOPE_PROBE_URL"  # gluscope serve --probe, for a container
+START_HINT = ("start one beside the server with `gluscope probe FILE.duckdb --port 8001` and serve with "
+              "`gluscope serve FILE.duckdb --probe http://127.0.0.1:8001`")
+
+TEXT_DESCRIPTION = f"the text to run the model on (BOS is put first, as when recording); at most the probe's " \
+                   f"token limit ({MAX_TOKENS} by default)"
+NEURONS_DESCRIPTION = f"layer.neuron, comma-separated (at most the probe's neuron limit, {MAX_NEURONS} by default)"
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActivationsRequest(Request):
+    text: str = Field(description=TEXT_DESCRIPTION)
+    neurons: str = Field(description=NEURONS_DESCRIPTION)
+
+
+class FireRequest(Request):
+    text: str = Field(description=TEXT_DESCRIPTION)
+    position: int | None = Field(None, description="the token, by position (0 is BOS); default: the last token")
+    layers: str | None = Field(None, description="layers A-B (inclusive) or one layer A; default: every layer")
+    top: int = Field(FIRE_TOP, description=f"neurons per quadrant, 1..{FIRE_TOP_MAX}")
+
+
+class AblateRequest(Request):
+    text: str = Field(description=TEXT_DESCRIPTION)
+    neurons: str = Field(description=NEURONS_DESCRIPTION)
+    mode: str = Field("zero", description="zero: remove the neurons' contribution; scale: multiply it by factor; "
+                                          "clamp: set hook_post to value")
+    quadrant: str | None = Field(None, description="only at tokens where the neuron is in this quadrant (a slug: "
+                                                   "pp, pn, np, nn); default: at every token but BOS")
+    factor: float | None = Field(None, description="mode=scale: the factor (finite)")
+    value: float | None = Field(None, description="mode=clamp: hook_post's value, in the file's weight convention")
+    position: int | None = Field(None, description="answer for this position only (the prediction of the token "
+                                                   "after it); default: every position")
+    target: str | None = Field(None, description="a token (its text, e.g. ' again') whose log-probability is "
+                                                 "reported before and after at every position")
+
+
+REQUESTS: dict[str, type[BaseModel]] = {"activations": ActivationsRequest, "fire": FireRequest,
+                                         "ablate": AblateRequest}
+
+
+# --- answers --------------------------------------------------------------------
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Token(Body):
+    token_id: int
+    token: str
+
+
+class QuadrantRecord(Body):
+    quadrant: str
+    slug: str
+    count: int = Field(description="tokens of the recorded corpus in this quadrant")
+    max_abs: float | None = Field(description="the largest |hook_post| recorded in this quadrant")
+
+
+class NeuronOnText(Body):
+    layer: int
+    neuron: int
+    values: dict[str, list[float | None]] = Field(description="per hook (hook_post, hook_pre_linear, hook_pre, "
+                                                              "act), one value per token, in the weight convention")
+    quadrants: list[str | None] = Field(description="each token's quadrant label (null: BOS or a zero)")
+    relative: list[float | None] = Field(description="|hook_post| over the largest |hook_post| recorded in the "
+                                                     "token's quadrant")
+    recorded: list[QuadrantRecord]
+    scales: dict[str, float] = Field(description="per hook, the largest |value| recorded in any quadrant: the "
+                                                 "colour scale, the same as the neuron's examples")
+
+
+class Activations(Body):
+    model: str
+    text: str
+    tokens: list[Token]
+    neurons: list[NeuronOnText]
+
+
+class FiringNeuron(Body):
+    layer: int
+    neuron: int
+    x_gate: float
+    x_in: float
+    act: float
+    hook_post: float
+    recorded_max_abs: float
+    relative: float = Field(description="|hook_post| over recorded_max_abs")
+
+
+class FiringQuadrant(Body):
+    quadrant: str
+    slug: str
+    in_quadrant: int = Field(description="neurons of the chosen layers in this quadrant at the token")
+    unrecorded: int = Field(description="of them, neurons never recorded in this quadrant (no scale; not ranked)")
+    neurons: list[FiringNeuron]
+
+
+class Firing(Body):
+    model: str
+    text: str
+    tokens: list[Token]
+    position: int
+    layers: list[int] = Field(description="[first, last], inclusive")
+    quadrants: list[FiringQuadrant]
+
+
+class TokenProbability(Body):
+    token_id: int
+    token: str
+    prob: float
+
+
+class LogProbs(Body):
+    token_id: int
+    token: str
+    before: float
+    after: float
+
+
+class ProbabilityChange(Body):
+    token_id: int
+    token: str
+    before: float
+    after: float
+
+
+class PositionChange(Body):
+    position: int = Field(description="the position whose next token is predicted")
+    token: str
+    kl: float = Field(description="KL(before || after) of the next-token distribution, in nats")
+    next: LogProbs | None = Field(description="the text's own next token (null at the last position)")
+    target: LogProbs | None
+    before: list[TokenProbability]
+    after: list[TokenProbability]
+    lost: list[ProbabilityChange] = Field(description="the next tokens whose probability fell most")
+    gained: list[ProbabilityChange] = Field(description="the next tokens whose probability rose most")
+
+
+class EditedNeuron(Body):
+    layer: int
+    neuron: int
+    edited: int = Field(description="tokens where the intervention applied")
+
+
+class Ablation(Body):
+    model: str
+    text: str
+    tokens: list[Token]
+    mode: Literal["zero", "scale", "clamp"]
+    quadrant: str | None
+    factor: float | None
+    value: float | None
+    neurons: list[EditedNeuron]
+    positions: list[PositionChange] = Field(description="largest KL first")
+
+
+class HeldModel(Body):
+    model: str
+    weights_fingerprint: str
+    tokenizer_fingerprint: str
+    device: str
+    dtype: str
+
+
+class ProbeStatus(Body):
+    models: list[HeldModel]
+    limits: dict[str, float]
