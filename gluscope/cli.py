@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="record only")
+    p.add_argument("--no-probe", action="store_true",
+                   help="serve without the probe (which runs the model live on the CPU, on --port + 1)")
     return parser
 
 

@@ -179,9 +179,42 @@ def run_demo(args: argparse.Namespace) -> None:
     from gluscope.server.app import create_app
     from gluscope.server.readers import usable_cpus
 
-    app = create_app([out], readers=usable_cpus())
-    model_id = next(iter(app.state.registry))
-    base = f"http://{args.host}:{args.port}"
-    say(f"GLUScope demo: {base}/")
-    say(f"an interesting neuron: {base}/models/{model_id}/neurons/{layer}/{neuron}#ex-{slug}-hook_post")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    probe = None if args.no_probe else start_probe(out, args.host, args.port + 1)
+    try:
+        app = create_app([out], readers=usable_cpus(), probe=probe and probe[1])
+        model_id = next(iter(app.state.registry))
+        base = f"http://{args.host}:{args.port}"
+        say(f"GLUScope demo: {base}/")
+        if probe:
+            say(f"the probe (the model, live) answers at {probe[1]}; try it: {base}/models/{model_id}/probe/fire")
+        say(f"an interesting neuron: {base}/models/{model_id}/neurons/{layer}/{neuron}#ex-{slug}-hook_post")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if probe:
+            probe[0].terminate()
+            probe[0].wait(30)
+
+
+PROBE_START_S = 180
+
+
+def start_probe(db: Path, host: str, port: int) -> tuple[subprocess.Popen, str]:
+    """`gluscope probe` for the demo's file on the CPU, in its own process (the server never imports torch);
+    returned once it answers."""
+    import urllib.request
+
+    url = f"http://{host}:{port}"
+    say(f"starting the probe (the demo model, live, on the CPU) on {url} ...")
+    proc = subprocess.Popen([sys.executable, "-m", "gluscope.cli", "probe", str(db), "--device", "cpu",
+                             "--host", host, "--port", str(port)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + PROBE_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the probe exited with status {proc.returncode} (its error is above)")
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise UserError(f"the probe did not answer on {url} within {PROBE_START_S} s")

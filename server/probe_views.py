@@ -60,11 +60,12 @@ def blank_is_none(annotation: Any) -> BeforeValidator:
                            json_schema_input_type=annotation | Literal[""])
 
 
-def query_parameters(answer: str, text_required: bool) -> list[inspect.Parameter]:
-    """The answer's request fields as query parameters, documented as the request model documents them."""
+def query_parameters(answer: str, api: bool) -> list[inspect.Parameter]:
+    """The answer's request fields as query parameters, documented as the request model documents them; on a
+    page (not api) every one is optional: the form asks for what is missing."""
     out = []
     for name, f in pp.REQUESTS[answer].model_fields.items():
-        required = f.is_required() and (name != "text" or text_required)
+        required = f.is_required() and api
         query = Query(description=f.description, json_schema_extra=_EXTRA.get(name))
         annotation = f.annotation if required else f.annotation | None
         if not required and f.annotation in (int | None, float | None, int, float):
@@ -73,7 +74,7 @@ def query_parameters(answer: str, text_required: bool) -> list[inspect.Parameter
             annotated = Annotated[annotation, blank_is_none(f.annotation), query]
         else:
             annotated = Annotated[annotation, query]
-        default = inspect.Parameter.empty if required else f.default
+        default = inspect.Parameter.empty if required else None if f.is_required() else f.default
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotated))
     return out
 
@@ -92,7 +93,7 @@ def _request(answer: str, params: dict[str, Any]) -> dict[str, Any]:
 # --- the endpoints -------------------------------------------------------------------------
 
 def make_endpoints(answer: str, models: list[str]) -> dict[str, Callable[..., Any]]:
-    """The API's GET and POST, and the page's GET (text optional: without one it shows the form)."""
+    """The API's GET and POST, and the page's GET (without a text it shows the form)."""
 
     async def api_get(request: Request, model: str, **params: Any) -> Response:
         return await respond(request, answer, model, params)
@@ -130,7 +131,7 @@ async def respond(request: Request, answer: str, model: str, params: dict[str, A
                                "form": shown, "probe": client.configured, "hint": pp.START_HINT,
                                "result": None, "error": None, "link": None}
     status = 200
-    if shown.get("text"):
+    if shown.get("text") and (answer == "fire" or shown.get("neurons")):
         try:
             body = await client.answer(db, answer, _request(answer, params))
             context["result"] = CONTEXTS[answer](body, db.id)

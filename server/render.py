@@ -121,9 +121,12 @@ def make_response(request: Request, kind: str, body: bytes, status: int = 200) -
 
 
 def error_page(request: Request, body: dict[str, Any]) -> HTMLResponse:
+    """The error as a page, or as the fragment an htmx request would have swapped in."""
     err = body["error"]
-    return templates.TemplateResponse(request=request, name="error.html", context={"error": err},
-                                      status_code=err["status"], headers=SECURITY_HEADERS)
+    name = "_error.html" if is_fragment_request(request) else "error.html"
+    return templates.TemplateResponse(request=request, name=name, context={"error": err},
+                                      status_code=err["status"], headers={"Vary": "HX-Request, Accept",
+                                                                          **SECURITY_HEADERS})
 
 
 # --- template helpers -------------------------------------------------------

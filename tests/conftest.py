@@ -124,23 +124,47 @@ def script_list(recorded_db, planted_script_text_id) -> tuple[int, int, str, str
 @pytest.fixture(scope="session")
 def live_server(recorded_db):
     """The real app over the recorded database, served by uvicorn on a free port in a thread: its base URL."""
-    import threading
-    import time
+    from gluscope.server.app import create_app
 
-    import uvicorn
+    from .processes import served_in_thread
+
+    with served_in_thread(create_app([recorded_db])) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def probe_url(recorded_db):
+    """A probe holding recorded_db's model (the tiny Llama), served in a thread: its base URL."""
+    from gluscope.probe.answers import Limits
+    from gluscope.probe.app import create_probe_app
+    from gluscope.probe.batcher import Batcher
+    from gluscope.probe.loaded import load_for
+    from gluscope.server.db import open_databases
+
+    from .processes import served_in_thread
+
+    models = {model_id: load_for(db, "cpu") for model_id, db in open_databases([recorded_db]).items()}
+    with served_in_thread(create_probe_app(models, Limits(), Batcher())) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def probe_client(recorded_db, probe_url):
+    """The real app over recorded_db with that probe (gluscope serve --probe), through the HTTP test client."""
+    from starlette.testclient import TestClient
 
     from gluscope.server.app import create_app
 
-    from .processes import free_port
+    with TestClient(create_app([recorded_db], probe=probe_url), raise_server_exceptions=False) as c:
+        yield c
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app([recorded_db]), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+
+@pytest.fixture(scope="session")
+def live_probe_server(recorded_db, probe_url):
+    """The app with the probe, served by uvicorn in a thread, for the browser: its base URL."""
+    from gluscope.server.app import create_app
+
+    from .processes import served_in_thread
+
+    with served_in_thread(create_app([recorded_db], probe=probe_url)) as url:
+        yield url

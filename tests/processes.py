@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -50,3 +52,29 @@ def wait_for(url: str, proc: subprocess.Popen, seconds: float = 60) -> httpx.Res
         except httpx.HTTPError:
             time.sleep(0.2)
     raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+@contextmanager
+def served_in_thread(app) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a free port in a thread of this process: its base URL.
+
+    For an HTTP boundary inside one test process (the server calling the probe, a browser calling the
+    server), where a separate process would add only its start-up time.
+    """
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -128,6 +128,13 @@ def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
                 time.sleep(0.3)
         assert page is not None and page.status_code == 200
         assert "tiny-demo" in page.text and 'id="ex-nn-hook_post"' in page.text
+        # The probe runs beside the server: the neuron on a text of our own, through the server.
+        assert "the probe (the model, live) answers at" in "".join(lines)
+        api = url.split("#")[0].replace("/models/", "/api/models/").split("/neurons/")[0]
+        live = httpx.get(f"{api}/probe/activations", params={"text": "The cat sat.", "neurons": f"{layer}.{neuron}"},
+                         timeout=60)
+        assert live.status_code == 200, live.text
+        assert [(n["layer"], n["neuron"]) for n in live.json()["neurons"]] == [(layer, neuron)]
     finally:
         proc.terminate()
         proc.wait(30)
