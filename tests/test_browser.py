@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gluscope.schema import HOOKS
@@ -331,3 +332,37 @@ def test_histograms_switch_values_and_show_an_intervals_examples(live_server, dr
     _no_alert(d)
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_the_probe_on_a_neuron_page_with_hostile_texts(live_probe_server, driver):
+    """The neuron page's probe sections load, run on typed texts (the planted XSS corpus among them), show
+    each text as escaped tokens, and a switch-off answer; no alert, no injected element."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .test_probe_http import HOSTILE
+
+    d = driver
+    model = httpx.get(f"{live_probe_server}/api/models").json()["models"][0]["id"]
+    d.get(f"{live_probe_server}/models/{model}/neurons/1/3")
+    wait = WebDriverWait(d, 20)
+    form = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".probe-activations form"))
+    for text in [*HOSTILE, "The cat sat."]:
+        box = form.find_element(By.NAME, "text")
+        box.clear()
+        box.send_keys(text)
+        want = httpx.get(f"{live_probe_server}/api/models/{model}/probe/activations",
+                         params={"text": text, "neurons": "1.3"}).json()
+        form.find_element(By.TAG_NAME, "button").click()
+        # Until htmx has swapped this text's answer in: its tokens, as many as the JSON's.
+        wait.until(lambda d: d.execute_script(
+            "return document.querySelectorAll('.probe-activations .snippet .t').length") == len(want["tokens"])
+            and d.find_element(By.NAME, "text").get_attribute("value") == text)
+        assert not d.find_elements(By.CSS_SELECTOR, "main img, main svg[onload], main script")
+        _no_alert(d)
+        form = d.find_element(By.CSS_SELECTOR, ".probe-activations form")
+    ablate = d.find_element(By.CSS_SELECTOR, ".probe-ablate form")
+    ablate.find_element(By.NAME, "text").send_keys(HOSTILE[0])
+    ablate.find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".probe-ablate .ablate-table tbody tr"))
+    _no_alert(d)
