@@ -155,9 +155,9 @@ def histogram_overlay(db: Database, refs: list[tuple[int, int]], q: int, hook: s
 
 def compare_data(db: Database, neurons: str, quadrant: str = "pp",
                  hook: str = "hook_post") -> tuple[dict[str, Any], list[ExampleList]]:
-    """2 to 4 neurons side by side: their summaries, the related scores between them, their histograms of
-    the chosen (quadrant, hook) overlaid, and that list of examples of each; the body without the lists,
-    and the lists."""
+    """2 to 4 neurons side by side, each once: their summaries, the related scores between them, their
+    histograms of the chosen (quadrant, hook) overlaid, and that list of examples of each; the body without
+    the lists, and the lists."""
     refs = parse_neuron_list(neurons, db)
     q = quadrant_code(quadrant)
     hook_code(hook)  # both checked before any lookup

@@ -9,7 +9,6 @@ example_tokens, related) makes every answer one or a few range lookups.
 from __future__ import annotations
 
 import bisect
-import re
 import weakref
 from typing import Any
 
@@ -19,13 +18,13 @@ from gluscope.server import queries
 from gluscope.server.data import _num
 from gluscope.server.db import Database, Vocabulary
 from gluscope.server.errors import ParameterError
-from gluscope.server.validate import check_choice, check_index, check_neuron, hook_code, quadrant_code
+from gluscope.server.validate import (check_choice, check_index, check_neuron, hook_code, parse_layer_range,
+                                      quadrant_code)
 
 SIDES = ("weights", "examples")
 SEARCH_LIMIT = 100   # results per search
 SUGGEST_LIMIT = 50   # vocabulary entries per suggestion list
 TOKEN_TEXT_MAX = 200  # characters of token= (no vocabulary entry is longer in practice)
-LAYERS_PATTERN = r"^( *[0-9]{1,9} *(- *[0-9]{1,9} *)?)?$"  # empty: every layer (a form's blank field)
 
 
 # --- the vocabulary, looked up by text ---------------------------------------
@@ -71,43 +70,24 @@ def vocabulary_index(vocab: Vocabulary) -> VocabularyIndex:
 
 
 def resolve_tokens(db: Database, token_id: int | None, token: str | None, loose: bool) -> list[int]:
-    """The token ids a search is about: token_id itself, or the entries whose text equals `token`."""
-    if token_id is not None and token is not None:
-        raise ParameterError(422, "token", "give token_id or token, not both", None)
-    if token_id is not None:
-        return [check_index("token_id", token_id, len(db.vocab))]
+    """The token ids a search is about: token_id, and the entries whose text equals `token`, each once.
+
+    Given both, both are searched, as a loose text searches all its entries: neither is a mistake, and the
+    schema cannot make them exclusive.
+    """
+    ids = [] if token_id is None else [check_index("token_id", token_id, len(db.vocab))]
     if token is None:
-        return []
+        return ids
     if token == "":
         raise ParameterError(422, "token", "token is empty: give the text of a vocabulary entry, e.g. ' the'", None)
     if len(token) > TOKEN_TEXT_MAX:
         raise ParameterError(422, "token", f"token is {len(token)} characters long; at most {TOKEN_TEXT_MAX}", None)
-    ids = vocabulary_index(db.vocab).find(token, loose)
-    if not ids:
+    found = vocabulary_index(db.vocab).find(token, loose)
+    if not found:
         how = "ignoring a leading space and case" if loose else "exactly (loose=true ignores a leading space and case)"
         shown = token if len(token) <= 40 else token[:40] + "…"
         raise ParameterError(404, "token", f"no vocabulary entry decodes to {shown!r} {how}", None)
-    return ids
-
-
-def parse_layers(db: Database, layers: str | None) -> tuple[int, int]:
-    """'A-B' (inclusive) or 'A' to a checked range of layers; None or '' means every layer."""
-    n = db.n_layers
-    if layers is None or layers.strip(" ") == "":
-        return 0, n - 1
-    m = re.fullmatch(r" *([0-9]{1,9}) *(?:- *([0-9]{1,9}) *)?", layers)
-    if not m:
-        raise ParameterError(422, "layers", f"{layers[:40]!r} is not a layer range such as 20-29 or 5",
-                             f"A-B within 0..{n - 1}")
-    lo = int(m.group(1))
-    hi = int(m.group(2)) if m.group(2) is not None else lo
-    if lo > hi:
-        raise ParameterError(422, "layers", f"layers {lo}-{hi}: the first layer is after the last",
-                             f"A-B with A <= B, within 0..{n - 1}")
-    if hi >= n:
-        raise ParameterError(422, "layers", f"layers {layers.strip()[:40]}: layer {hi} does not exist; valid: 0..{n - 1}",
-                             f"A-B within 0..{n - 1}")
-    return lo, hi
+    return list(dict.fromkeys(ids + found))
 
 
 def check_limit(limit: int, most: int) -> int:
@@ -134,21 +114,24 @@ def token_search_data(db: Database, token_id: int | None = None, token: str | No
     check_choice("side", side, SIDES)
     check_limit(limit, SEARCH_LIMIT)
     kind, quadrant, hook, layers = _blank(kind), _blank(quadrant), _blank(hook), _blank(layers)
-    lo, hi = parse_layers(db, layers)
+    lo, hi = parse_layer_range(layers, db)
     ids = resolve_tokens(db, token_id, token, loose)
     query: dict[str, Any] = {"model": db.id, "side": side, "token_id": token_id, "token": token, "loose": loose,
                              "layers": None if layers is None else f"{lo}-{hi}", "limit": limit}
     # Every parameter is checked whichever side it applies to: a typo never passes unnoticed.
+    if kind is not None:
+        check_choice("kind", kind, (*WEIGHT_KINDS, *EXAMPLE_KINDS))
     check_choice("role", role, EXAMPLE_ROLES)
     q = None if quadrant is None else quadrant_code(quadrant)
     h = None if hook is None else hook_code(hook)
+    # A kind of the other side does not apply: this side's default does, and the body's `kind` says which ran
+    # (a form switching side may keep the kind, and the schema cannot tie kind to side).
     if side == "weights":
-        kind = check_choice("kind", kind or WEIGHT_KINDS[0], WEIGHT_KINDS)
+        kind = kind if kind in WEIGHT_KINDS else WEIGHT_KINDS[0]
         query.update(kind=kind, role=None, quadrant=None, hook=None)
         results = _weight_hits(db, ids, WEIGHT_KINDS.index(kind), lo, hi, limit)
     else:
-        if kind is not None:
-            check_choice("kind", kind, EXAMPLE_KINDS)
+        kind = kind if kind in EXAMPLE_KINDS else None
         query.update(kind=kind, role=role, quadrant=None if q is None else QUADRANT_SLUGS[q],
                      hook=None if h is None else HOOKS[h])
         results = _example_hits(db, ids, EXAMPLE_ROLES.index(role), q, h,

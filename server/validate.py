@@ -74,52 +74,85 @@ def parse_neuron_ref(text: str, db: Database, parameter: str = "to") -> tuple[in
 
 
 COMPARE_MIN, COMPARE_MAX = 2, 4
+# One neuron of a comparison: layer.neuron (or the jump box's layer/neuron, layer:neuron, layer neuron).
+_LISTED_NEURON = r" *[0-9]{1,9} *[./: ] *[0-9]{1,12} *"
+# COMPARE_MIN..COMPARE_MAX of them, comma-separated; a trailing comma is what a form that offered "3.117, " for
+# one more neuron may send. The schema publishes this pattern and parse_neuron_list matches with it (spaces,
+# not \s, and [0-9], not \d, for the reasons given at LAYERS_PATTERN).
+NEURONS_PATTERN = (rf"^{_LISTED_NEURON}(?:,{_LISTED_NEURON}){{{COMPARE_MIN - 1},{COMPARE_MAX - 1}}}"
+                   r"(?:, *)?$")
 
 
 def parse_neuron_list(text: str, db: Database, parameter: str = "neurons") -> list[tuple[int, int]]:
-    """'3.117,5.2' to 2..4 distinct checked (layer, neuron) pairs, in the order given."""
-    parts = [p for p in (text or "").split(",") if p.strip()]
-    valid = f"{COMPARE_MIN} to {COMPARE_MAX} distinct layer.neuron, comma-separated, e.g. 3.117,5.2"
+    """'3.117,5.2' (NEURONS_PATTERN) to checked (layer, neuron) pairs in the order given, each once.
+
+    A neuron named twice is shown once, not refused: the schema's pattern cannot say "distinct", and comparing
+    a neuron with itself asks nothing wrong. So `0.1,0.1` is a comparison of one neuron.
+    """
+    text = text or ""
+    parts = [p for p in text.split(",") if p.strip()]
+    valid = f"{COMPARE_MIN} to {COMPARE_MAX} layer.neuron, comma-separated, e.g. 3.117,5.2"
     if not COMPARE_MIN <= len(parts) <= COMPARE_MAX:
         raise ParameterError(422, parameter, f"{len(parts)} neuron{'' if len(parts) == 1 else 's'} given; "
                              f"compare takes {COMPARE_MIN} to {COMPARE_MAX}", valid)
-    found = [parse_neuron_ref(p, db, parameter) for p in parts]
-    if len(set(found)) < len(found):
-        twice = next(f for f in found if found.count(f) > 1)
-        raise ParameterError(422, parameter, f"neuron {twice[0]}.{twice[1]} is given twice", valid)
-    return found
+    if not re.fullmatch(NEURONS_PATTERN, text):
+        bad = next((p for p in parts if not re.fullmatch(_LISTED_NEURON, p)), None)
+        raise ParameterError(422, parameter, f"{text[:40]!r}: one comma between neurons" if bad is None
+                             else f"{bad[:40]!r} is not layer.neuron, e.g. 3.117", valid)
+    return list(dict.fromkeys(parse_neuron_ref(p, db, parameter) for p in parts))
+
+
+# A range of layers, "A-B" (inclusive), "A", or blank for every layer: the schema publishes this pattern and
+# parse_layer_range matches with it, so what the API documents and what it takes cannot drift apart. Spaces
+# only, not \s, which JSON Schema's regular expressions and Python's read differently; [0-9], not \d, which
+# Python reads as any Unicode digit; an en dash as the pages print a range.
+LAYERS_PATTERN = r"^ *(?:([0-9]{1,9}) *(?:[-–] *([0-9]{1,9}) *)?)?$"
 
 
 def parse_layer_range(text: str | None, db: Database, parameter: str = "layers") -> tuple[int, int]:
-    """'20-29' (or '7', or nothing: every layer) to a checked inclusive (first, last)."""
-    if text is None or not text.strip():
-        return 0, db.n_layers - 1
-    m = re.fullmatch(r"\s*(\d{1,9})\s*(?:[-–]\s*(\d{1,9})\s*)?", text)
-    valid = f"A-B or A with 0 <= A <= B <= {db.n_layers - 1}"
+    """'20-29' (or '29-20', the same layers; or '7'; or blank: every layer) to a checked inclusive (first, last)."""
+    last = db.n_layers - 1
+    m = re.fullmatch(LAYERS_PATTERN, text or "")
     if not m:
-        raise ParameterError(422, parameter, f"{text[:40]!r} is not a layer range such as 20-29", valid)
-    lo = int(m.group(1))
-    hi = lo if m.group(2) is None else int(m.group(2))
-    if lo > hi:
-        raise ParameterError(422, parameter, f"layer range {lo}-{hi} is out of order (first > last)", valid)
-    for layer in (lo, hi):
-        if layer >= db.n_layers:
-            raise ParameterError(404, parameter, f"layer {layer} does not exist; valid: 0..{db.n_layers - 1}",
-                                 f"0..{db.n_layers - 1}")
+        raise ParameterError(422, parameter, f"{text[:40]!r} is not a layer range such as 20-29 or 5",
+                             f"A-B or A within 0..{last}")
+    if m.group(1) is None:
+        return 0, last
+    a = int(m.group(1))
+    b = a if m.group(2) is None else int(m.group(2))
+    # A range typed backwards names the same layers: a schema pattern cannot say A <= B, so no refusal.
+    lo, hi = min(a, b), max(a, b)
+    if hi > last:
+        raise ParameterError(404, parameter, f"layer {hi} does not exist; valid: 0..{last}", f"0..{last}")
     return lo, hi
 
 
+# The intervals of |hook_post| per (neuron, quadrant) are 0..3 in every file (schema.sql, intervals; the
+# recorder's rules.N_INTERVALS), so an interval outside them is refused before any file is read.
+INTERVAL_MAX = 3
+
+
+def example_interval(kind: str, interval: int | None) -> int | None:
+    """The interval a list of this kind reads: interval= only picks one of kind=interval, and is ignored
+    for the other kinds (a link that switches kind may keep it, and the schema cannot tie one parameter to
+    another); outside 0..INTERVAL_MAX it is refused whatever the kind, as the schema's range says."""
+    if interval is None:
+        return None
+    if not 0 <= interval <= INTERVAL_MAX:
+        raise ParameterError(422, "interval", f"interval {interval} is outside 0..{INTERVAL_MAX}",
+                             f"0..{INTERVAL_MAX}")
+    return interval if kind == "interval" else None
+
+
 def check_bounds(bounds: dict[str, float | None]) -> None:
-    """Bounds named min_<field> / max_<field>: finite, and no minimum above its maximum."""
+    """Bounds named min_<field> / max_<field> are finite.
+
+    A minimum above its maximum is not refused: no value lies between them, so the filter matches no neuron,
+    which is what the bounds say (the schema cannot tie one parameter to another).
+    """
     for name, value in bounds.items():
         if value is not None and not math.isfinite(value):
             raise ParameterError(422, name, f"{name} must be a finite number, not {value}", "a finite number")
-    for name, low in bounds.items():
-        if name.startswith("min_") and low is not None:
-            high = bounds.get("max_" + name[4:])
-            if high is not None and low > high:
-                raise ParameterError(422, name, f"bounds out of order: {name} {low:g} > max_{name[4:]} {high:g}",
-                                     f"at most max_{name[4:]} ({high:g})")
 
 
 def check_filter_page(db: Database, offset: int, limit: int) -> None:

@@ -24,8 +24,9 @@ from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_ROLES, HISTOGRAM_HOOKS, HOOKS
 from gluscope.server import data, filter_compare, neuron_search, queries, render
 from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
-from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, LAYER_PAGE_MAX, check_choice,
-                                      check_index, get_model, hook_code, parse_neuron_ref)
+from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, INTERVAL_MAX, LAYER_PAGE_MAX,
+                                      LAYERS_PATTERN, NEURONS_PATTERN, check_choice, check_index, example_interval,
+                                      get_model, hook_code, parse_neuron_ref)
 
 # Ranges and choices are documented (json_schema_extra) but checked by
 # validate.py, which knows each file's sizes and answers in the one error shape.
@@ -40,8 +41,12 @@ HookQ = Query(description="which value the list is ranked by (kind=top) or shows
 KindQ = Query("top", description="top: the top-k by |value|; random: tokens drawn uniformly from the quadrant; "
               "interval: a few drawn from each interval of |hook_post|, typical to extreme",
               json_schema_extra={"enum": list(EXAMPLE_KINDS)})
-IntervalQ = Query(None, description="kind=interval only: just this interval's examples (0 = typical)",
-                  json_schema_extra=INDEX)
+IntervalQ = Query(None, description=f"kind=interval: just this interval's examples (0 = typical, {INTERVAL_MAX} = "
+                  "extreme); ignored for the other kinds",
+                  json_schema_extra={"minimum": 0, "maximum": INTERVAL_MAX})
+# The schema's pattern of a range of layers is the one parse_layer_range matches with.
+LayersQ = Query(None, description="layers A-B (inclusive; B-A is the same range) or one layer A; all if empty",
+                json_schema_extra={"pattern": LAYERS_PATTERN})
 
 
 @dataclass
@@ -170,11 +175,12 @@ def neuron(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
 @view(page="examples.html", fragment="_examples.html", reads_file=True)
 def examples(db: Database, layer: int = Layer, neuron: int = Neuron, quadrant: str = QuadrantQ, hook: str = HookQ,
              kind: str = KindQ, interval: int | None = IntervalQ,
-             colour: str | None = Query(None, description="page only: the value that colours the tokens")) -> Page:
+             colour: str | None = Query(None, description="page only: the value that colours the tokens",
+                                        json_schema_extra={"enum": list(HOOKS)})) -> Page:
     """One list of examples with all four values per window token: the top-k of a (quadrant, value), most
     extreme first (kind=top), or the quadrant's random examples or examples across the range of |hook_post|
     (kind=random, interval; each interval example says its interval's bounds)."""
-    found = data.read_example_list(db, layer, neuron, quadrant, hook, kind, interval)
+    found = data.read_example_list(db, layer, neuron, quadrant, hook, kind, example_interval(kind, interval))
     colour_by = HOOKS[found.hook if colour is None else hook_code(colour, "colour")]
     return Page(lambda: found.to_json(db.vocab),
                 lambda fragment: render.examples_context(found, db.vocab, colour_by, compact=fragment))
@@ -248,7 +254,7 @@ def with_bounds(fn: Callable[..., Page]) -> Callable[..., Page]:
 @view(page="filter.html", reads_file=True)
 @with_bounds
 def neuron_filter(db: Database,
-                  layers: str | None = Query(None, description="layers A-B (inclusive) or one layer A; all if empty"),
+                  layers: str | None = LayersQ,
                   sort: str = Query("neuron", description="field to sort by; `neuron` is (layer, neuron)",
                                     json_schema_extra={"enum": list(queries.FILTER_SORT_KEYS)}),
                   order: str | None = Query(None, description="asc or desc (default: asc by neuron, else desc)",
@@ -266,15 +272,15 @@ def neuron_filter(db: Database,
 
 @view(page="compare.html", fragment="_compare_lists.html", reads_file=True)
 def compare(db: Database,
-            neurons: str = Query(..., description=f"{COMPARE_MIN} to {COMPARE_MAX} distinct layer.neuron, "
-                                                  "comma-separated",
-                                 json_schema_extra={"pattern": r"^\d+\.\d+(,\d+\.\d+){1,3}$",
-                                                    "example": "0.1,1.2"}),
+            neurons: str = Query(..., description=f"{COMPARE_MIN} to {COMPARE_MAX} layer.neuron, comma-separated; "
+                                                  "a neuron given twice is shown once",
+                                 json_schema_extra={"pattern": NEURONS_PATTERN, "example": "0.1,1.2"}),
             quadrant: str = Query("pp", description="the quadrant of the list shown for each neuron",
                                   json_schema_extra={"enum": list(QUADRANT_SLUGS)}),
             hook: str = Query("hook_post", description="the value that list is ranked by",
                               json_schema_extra={"enum": list(HOOKS)})) -> Page:
-    """2 to 4 neurons side by side: summaries, the related scores between them, one list of examples each."""
+    """2 to 4 neurons side by side (one neuron given twice is shown once): summaries, the related scores between
+    them, one list of examples each."""
     body, lists = filter_compare.compare_data(db, neurons, quadrant, hook)
     names = [f"{n['layer']}.{n['neuron']}" for n in body["neurons"]]
     return Page(lambda: {**body, "examples": [found.to_json(db.vocab) for found in lists]},
@@ -284,7 +290,7 @@ def compare(db: Database,
 
 @view(page="search.html", fragment="_search_results.html", reads_file=True)
 def token_search(db: Database,
-                 token_id: int | None = Query(None, description="a vocabulary id (or give token)",
+                 token_id: int | None = Query(None, description="a vocabulary id (with token: both are searched)",
                                               json_schema_extra=INDEX),
                  token: str | None = Query(None, description="the decoded text of a vocabulary entry, e.g. ' again'",
                                            json_schema_extra={"minLength": 1,
@@ -294,7 +300,8 @@ def token_search(db: Database,
                                    json_schema_extra={"enum": list(neuron_search.SIDES)}),
                  kind: str | None = Query(None, description=f"side=weights: {', '.join(WEIGHT_KINDS)} (default "
                                           f"{WEIGHT_KINDS[0]}); side=examples: {', '.join(EXAMPLE_KINDS)} "
-                                          "(default all)",
+                                          "(default all); a kind of the other side is ignored (the side's default "
+                                          "applies, the body's kind says which ran)",
                                           json_schema_extra={"enum": ["", *WEIGHT_KINDS, *EXAMPLE_KINDS]}),
                  role: str = Query("focus", description="side=examples: the token of interest (focus) or the one "
                                    "after it (next)", json_schema_extra={"enum": list(EXAMPLE_ROLES)}),
@@ -302,8 +309,7 @@ def token_search(db: Database,
                                               json_schema_extra={"enum": ["", *QUADRANT_SLUGS]}),
                  hook: str | None = Query(None, description="side=examples: the list's value (empty: any)",
                                           json_schema_extra={"enum": ["", *HOOKS]}),
-                 layers: str | None = Query(None, description="A-B (inclusive) or A; default every layer",
-                                            json_schema_extra={"pattern": neuron_search.LAYERS_PATTERN}),
+                 layers: str | None = LayersQ,
                  limit: int = Query(20, description=f"results, 1..{neuron_search.SEARCH_LIMIT}",
                                     json_schema_extra={"minimum": 1, "maximum": neuron_search.SEARCH_LIMIT})) -> Page:
     """Neurons of a token: whose weights promote, suppress or read it most (side=weights, the transpose of the
@@ -315,7 +321,8 @@ def token_search(db: Database,
 
 
 @view(page="suggest.html", fragment="_suggest.html", reads_file=True)
-def suggest(db: Database, token: str = Query(..., description="what the search box holds so far"),
+def suggest(db: Database, token: str = Query(..., description="what the search box holds so far",
+                                             json_schema_extra={"maxLength": neuron_search.TOKEN_TEXT_MAX}),
             limit: int = Query(12, description=f"entries, 1..{neuron_search.SUGGEST_LIMIT}",
                                json_schema_extra={"minimum": 1, "maximum": neuron_search.SUGGEST_LIMIT})) -> Page:
     """Vocabulary entries for a search box: the exact text, then those equal or starting with it ignoring a
