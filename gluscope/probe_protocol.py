@@ -2,7 +2,7 @@
 
 The probe (probe/) runs the model a database was recorded from; the web server
 (server/) forwards the browser's probe requests to it and renders the answers.
-Both import this module, which imports neither torch nor DuckDB, so the names,
+Both import this module, which imports no torch, so the names,
 the defaults and the bodies are written once, as schema.sql is for the files.
 """
 
@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gluscope.schema import QUADRANT_SLUGS
+from gluscope.server.validate import LAYERS_PATTERN
 
 # The probe's endpoints (POST, JSON body), by the name of the answer.
 ANSWERS: tuple[str, ...] = ("activations", "fire", "ablate")
@@ -42,31 +45,48 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What the schema says a request holds (json_schema_extra: documented, not enforced by pydantic), so that a
+# fuzzer's requests are those the probe can answer; probe/answers.py checks each field itself, with messages
+# that name the limits. The neuron pattern counts up to the default limit.
+TEXT_SCHEMA = {"minLength": 1, "pattern": r"\S"}
+NEURONS_SCHEMA = {"pattern": rf"^ *[0-9]{{1,9}}\.[0-9]{{1,12}} *(, *[0-9]{{1,9}}\.[0-9]{{1,12}} *){{0,{MAX_NEURONS - 1}}}$"}
+LAYERS_SCHEMA = {"pattern": LAYERS_PATTERN}
+
+
 class ActivationsRequest(Request):
-    text: str = Field(description=TEXT_DESCRIPTION)
-    neurons: str = Field(description=NEURONS_DESCRIPTION)
+    text: str = Field(description=TEXT_DESCRIPTION, json_schema_extra=TEXT_SCHEMA)
+    neurons: str = Field(description=NEURONS_DESCRIPTION, json_schema_extra=NEURONS_SCHEMA)
 
 
 class FireRequest(Request):
-    text: str = Field(description=TEXT_DESCRIPTION)
-    position: int | None = Field(None, description="the token, by position (0 is BOS); default: the last token")
-    layers: str | None = Field(None, description="layers A-B (inclusive) or one layer A; default: every layer")
-    top: int = Field(FIRE_TOP, description=f"neurons per quadrant, 1..{FIRE_TOP_MAX}")
+    text: str = Field(description=TEXT_DESCRIPTION, json_schema_extra=TEXT_SCHEMA)
+    position: int | None = Field(None, description="the token, by position (0 is BOS, 1 the first token); "
+                                                   "default, or past the end: the last token",
+                                 json_schema_extra={"minimum": 1})
+    layers: str | None = Field(None, description="layers A-B (inclusive) or one layer A; default: every layer",
+                               json_schema_extra=LAYERS_SCHEMA)
+    top: int = Field(FIRE_TOP, description=f"neurons per quadrant, 1..{FIRE_TOP_MAX}",
+                     json_schema_extra={"minimum": 1, "maximum": FIRE_TOP_MAX})
 
 
 class AblateRequest(Request):
-    text: str = Field(description=TEXT_DESCRIPTION)
-    neurons: str = Field(description=NEURONS_DESCRIPTION)
+    text: str = Field(description=TEXT_DESCRIPTION, json_schema_extra=TEXT_SCHEMA)
+    neurons: str = Field(description=NEURONS_DESCRIPTION, json_schema_extra=NEURONS_SCHEMA)
     mode: str = Field("zero", description="zero: remove the neurons' contribution; scale: multiply it by factor; "
-                                          "clamp: set hook_post to value")
+                                          "clamp: set hook_post to value",
+                      json_schema_extra={"enum": list(ABLATION_MODES)})
     quadrant: str | None = Field(None, description="only at tokens where the neuron is in this quadrant (a slug: "
-                                                   "pp, pn, np, nn); default: at every token but BOS")
-    factor: float | None = Field(None, description="mode=scale: the factor (finite)")
-    value: float | None = Field(None, description="mode=clamp: hook_post's value, in the file's weight convention")
+                                                   "pp, pn, np, nn); default or empty: at every token but BOS",
+                                 json_schema_extra={"enum": ["", *QUADRANT_SLUGS, None]})
+    factor: float = Field(0.0, description="mode=scale: the factor, finite (default 0: the same as zero)")
+    value: float = Field(0.0, description="mode=clamp: hook_post's value, in the file's weight convention "
+                                          "(default 0)")
     position: int | None = Field(None, description="answer for this position only (the prediction of the token "
-                                                   "after it); default: every position")
-    target: str | None = Field(None, description="a token (its text, e.g. ' again') whose log-probability is "
-                                                 "reported before and after at every position")
+                                                   "after it; past the end: the last); default: every position",
+                                 json_schema_extra={"minimum": 0})
+    target: str | None = Field(None, description="a token whose log-probability is reported before and after at "
+                                                 "every position: a vocabulary entry's text (e.g. ' again'), else "
+                                                 "the first token of this text")
 
 
 REQUESTS: dict[str, type[BaseModel]] = {"activations": ActivationsRequest, "fire": FireRequest,

@@ -162,4 +162,9 @@ class Batcher:
                 job.future.set_exception(exc)
             else:
                 job.future.set_result(body)
-        job.loop.call_soon_threadsafe(settle)
+        if job.cancelled:
+            return  # its request already answered with a timeout
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the requester's event loop has closed: nobody waits for this answer
+            pass

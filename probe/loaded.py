@@ -92,9 +92,11 @@ def _load_checked(db: Database, device: str | None, model_dir: Path | None) -> G
         if not _loadable(source):
             tried.append(f"{source} (not here)")
             continue
+        # A hub model at the commit it was recorded from; a folder or file is what it is.
+        revision = None if Path(source).expanduser().exists() else meta.get("model_revision")
         try:
-            model = load_model(source, device=device, dtype=str(meta["dtype"]), revision=meta.get("model_revision")
-                               if not Path(source).exists() else None, display_name=str(meta["model_name"]))
+            model = load_model(source, device=device, dtype=str(meta["dtype"]), revision=revision,
+                               display_name=str(meta["model_name"]))
         except UserError as e:
             tried.append(f"{source} ({str(e).split(': ', 1)[-1]})")
             continue

@@ -16,6 +16,7 @@ from typing import Any, Callable, get_type_hints
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -127,6 +128,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 PROBE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": responses.Error, "description": "a POST body that is not JSON"},
     **ERROR_RESPONSES,
     503: {"model": responses.Error, "description": "no probe is configured, it is down, it does not hold this "
                                                    "model, or its queue is full (then with Retry-After)"},
@@ -163,8 +165,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     message = "no such page" if exc.status_code == 404 else str(exc.detail)
-    # Starlette's own headers stay: a 405 must say which methods the path allows (Allow, RFC 9110).
-    return _error_response(request, ParameterError(exc.status_code, None, message, None).body(), exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # A 405 must say which methods the path allows (Allow, RFC 9110). Starlette names those of the first
+        # route that matched the path; a path served by two routes (a probe answer's GET and POST) has both.
+        allowed = {m for route in request.app.routes if isinstance(route, APIRoute)
+                   and route.path_regex.match(request.url.path) for m in route.methods}
+        headers["Allow"] = ", ".join(sorted(allowed))
+    return _error_response(request, ParameterError(exc.status_code, None, message, None).body(), headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

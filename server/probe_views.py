@@ -19,7 +19,6 @@ from pydantic import BaseModel, BeforeValidator, ValidationError
 from starlette.responses import Response
 
 from gluscope import probe_protocol as pp
-from gluscope.schema import QUADRANT_SLUGS
 from gluscope.server import data, render
 from gluscope.server.errors import ParameterError
 from gluscope.server.probe_client import ProbeClient
@@ -42,19 +41,6 @@ DOCS = {
 
 # --- the parameters of each answer, from its request model -------------------------------
 
-# What the schema says a request holds, so that a fuzzer's requests are the ones the probe can answer:
-# a text with a visible character, neurons as layer.neuron within the default limit.
-_EXTRA = {
-    "text": {"minLength": 1, "pattern": r"\S"},
-    "neurons": {"pattern": rf"^ *\d{{1,9}}\.\d{{1,12}} *(, *\d{{1,9}}\.\d{{1,12}} *){{0,{pp.MAX_NEURONS - 1}}}$"},
-    "mode": {"enum": list(pp.ABLATION_MODES)},
-    "quadrant": {"enum": ["", *QUADRANT_SLUGS]},
-    "top": {"minimum": 1, "maximum": pp.FIRE_TOP_MAX},
-    "position": {"minimum": 0},
-    "layers": {"pattern": r"^( *[0-9]{1,9} *(- *[0-9]{1,9} *)?)?$"},
-}
-
-
 def blank_is_none(annotation: Any) -> BeforeValidator:
     return BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v,
                            json_schema_input_type=annotation | Literal[""])
@@ -66,7 +52,7 @@ def query_parameters(answer: str, api: bool) -> list[inspect.Parameter]:
     out = []
     for name, f in pp.REQUESTS[answer].model_fields.items():
         required = f.is_required() and api
-        query = Query(description=f.description, json_schema_extra=_EXTRA.get(name))
+        query = Query(description=f.description, json_schema_extra=f.json_schema_extra)
         annotation = f.annotation if required else f.annotation | None
         if not required and f.annotation in (int | None, float | None, int, float):
             # A form's empty number field is sent as "name=": unset, as in the filter form. (FastAPI applies
@@ -74,7 +60,7 @@ def query_parameters(answer: str, api: bool) -> list[inspect.Parameter]:
             annotated = Annotated[annotation, blank_is_none(f.annotation), query]
         else:
             annotated = Annotated[annotation, query]
-        default = inspect.Parameter.empty if required else None if f.is_required() else f.default
+        default = inspect.Parameter.empty if required else None if f.is_required() or not api else f.default
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotated))
     return out
 
@@ -138,7 +124,7 @@ async def respond(request: Request, answer: str, model: str, params: dict[str, A
             context["link"] = f"/models/{db.id}/probe/{answer}?{urlencode(shown)}"
         except ParameterError as e:
             context["error"], status = e.body()["error"], e.status
-    template = f"_probe_{answer}.html" if kind == render.FRAGMENT else f"probe_{answer}.html"
+    template = f"_probe_{answer}.html" if kind == render.FRAGMENT else "probe.html"
     body_bytes = render.templates.env.get_template(template).render(
         {"fragment": kind == render.FRAGMENT, "data": context, **context}).encode()
     response = render.make_response(request, kind, body_bytes, status)
