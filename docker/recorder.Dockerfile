@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY gluscope gluscope
 COPY recorder recorder
 COPY server server
+COPY probe probe
 COPY templates templates
 COPY frontend frontend
 RUN python -c "import torch; assert torch.version.cuda, 'base image lacks the CUDA build of torch'; print('torch==' + torch.__version__.split('+')[0])" > /tmp/torch-constraint.txt \

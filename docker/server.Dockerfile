@@ -20,6 +20,7 @@ COPY pyproject.toml README.md ./
 COPY gluscope gluscope
 COPY recorder recorder
 COPY server server
+COPY probe probe
 COPY templates templates
 COPY frontend frontend
 COPY --from=assets /src/frontend/static/vendor/htmx.min.js frontend/static/vendor/htmx.min.js

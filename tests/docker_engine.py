@@ -12,7 +12,11 @@ one of ours (the real one, on a machine that can pull) is used as it is.
 
 Stand-ins carry the label `org.gluscope.standin`, whose value is a hash of their
 recipe, so they are reused between runs and rebuilt when the recipe, the
-mirror or the CA bundle changes. dockerd is started only if no engine answers,
+mirror or the CA bundle changes. Likewise a built image's lower layers can be
+kept under a `gluscope-test-cache:NAME` tag (Engine.keep_layers), so that the
+builder's own cache reuses them while the instructions and files they came
+from are unchanged (the probe image's torch and dependencies, minutes to
+install). dockerd is started only if no engine answers,
 and stopped again by whoever started it; a lock file keeps two test runs on one
 machine from sharing an engine that one of them is about to stop.
 """
@@ -36,6 +40,7 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("GLUSCOPE_CACHE", Path.home() / ".cache" / "gluscope")) / "docker"
 LABEL = "org.gluscope.standin"
+CACHE_REPO = "gluscope-test-cache"
 # Debian 12, whose python3 is the 3.11 that server.Dockerfile's `FROM python:3.11-slim` names.
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -259,6 +264,23 @@ class Engine:
                     self.run("rmi", old, check=False)  # the stale stand-in, now untagged
             if failures:
                 raise RuntimeError("\n".join(failures))
+
+    def keep_layers(self, image: str, step: str, name: str) -> str | None:
+        """Tag the layer of `image` that its Dockerfile instruction containing `step` made, as
+        gluscope-test-cache:NAME, so that it and the layers below outlive the image, for the next build to
+        reuse (the classic builder's cache, which checks the instructions and the files copied). The layer the
+        tag named before, if another, is removed. Returns the layer's id; None when the history has none
+        (an image not built here by the classic builder)."""
+        history = self.run("history", "--no-trunc", "--format", "{{.ID}}\t{{.CreatedBy}}", image).stdout
+        ids = [line.split("\t", 1)[0] for line in history.splitlines() if step in line.partition("\t")[2]]
+        if not ids or not ids[0].startswith("sha256:"):
+            return None
+        tag = f"{CACHE_REPO}:{name}"
+        old = self.image_id(tag)
+        self.run("tag", ids[0], tag)
+        if old and old != ids[0]:
+            self.run("rmi", old, check=False)  # now untagged; with its own lower layers that nothing else uses
+        return ids[0]
 
     def remove_new(self, images_before: set[str], containers_before: set[str]) -> None:
         """Remove the containers and untagged images made since; tagged ones are someone's (or already gone)."""

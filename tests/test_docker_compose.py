@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from gluscope.cli import build_parser
+
 from .processes import free_port
 from .recordings import content_hash
 
@@ -34,7 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SERVER_DOCKERFILE = REPO / "docker" / "server.Dockerfile"
 RECORDER_DOCKERFILE = REPO / "docker" / "recorder.Dockerfile"
+PROBE_DOCKERFILE = REPO / "docker" / "probe.Dockerfile"
+PROBE_GPU_OVERRIDE = REPO / "docker" / "probe-gpu.yml"
 EXPECTED_SERVER_CMD = ["gluscope", "serve", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]
+EXPECTED_PROBE_CMD = ["gluscope", "probe", "/data", "--host", "0.0.0.0", "--port", "8001", "--model-dir", "/models"]
 
 
 # --- helpers -----------------------------------------------------------------
@@ -158,7 +163,7 @@ def server_image_env(site_dir: Path) -> dict[str, str]:
 @pytest.mark.unit
 def test_every_build_context_and_dockerfile_exists():
     services = compose()["services"]
-    assert {"server", "recorder"} <= set(services)
+    assert {"server", "recorder", "probe"} <= set(services)
     for name, svc in services.items():
         build = svc["build"]
         context = (COMPOSE_FILE.parent / build["context"]).resolve()
@@ -169,6 +174,8 @@ def test_every_build_context_and_dockerfile_exists():
         == SERVER_DOCKERFILE
     assert (REPO / services["recorder"]["build"]["context"] / services["recorder"]["build"]["dockerfile"]).resolve() \
         == RECORDER_DOCKERFILE
+    assert (REPO / services["probe"]["build"]["context"] / services["probe"]["build"]["dockerfile"]).resolve() \
+        == PROBE_DOCKERFILE
 
 
 @pytest.mark.unit
@@ -198,6 +205,71 @@ def test_recorder_service():
     assert "hf-cache:/root/.cache/huggingface" in recorder["volumes"]
     assert "hf-cache" in compose()["volumes"]
     assert "./data:/data" in recorder["volumes"]
+
+
+def dockerfile_env(dockerfile: Path) -> dict[str, str]:
+    """The ENV settings of `dockerfile` (KEY=value form)."""
+    env: dict[str, str] = {}
+    for args in instruction_args(dockerfile, "ENV"):
+        env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
+    return env
+
+
+def dockerfile_args(dockerfile: Path) -> dict[str, str]:
+    """The ARG defaults of `dockerfile` (an ARG without one: "")."""
+    return {name: shlex.split(value)[0] if value else "" for name, _, value in
+            (args.partition("=") for args in instruction_args(dockerfile, "ARG"))}
+
+
+@pytest.mark.unit
+def test_probe_service():
+    probe = service("probe")
+    assert probe["profiles"] == ["probe"], "the probe needs its model in ./models: `up` without --profile skips it"
+    assert probe["command"] == EXPECTED_PROBE_CMD
+    args = build_parser().parse_args(probe["command"][1:])  # every flag is one `gluscope probe` takes
+    assert args.command == "probe" and args.port == 8001 and str(args.model_dir) == "/models"
+    assert "ports" not in probe, "only the server talks to the probe, over the compose network"
+    assert "./data:/data:ro" in probe["volumes"], "the data folder must be mounted read-only at /data"
+    assert "./models:/models:ro" in probe["volumes"], "the models folder must be mounted read-only at /models"
+    (cache,) = [v for v in probe["volumes"] if v.startswith("probe-cache:")]
+    assert "probe-cache" in compose()["volumes"]
+    # GGUF conversions ($GLUSCOPE_CACHE) and hub downloads ($HF_HOME) land in the volume, owned by the image's user.
+    target = cache.split(":")[1]
+    env = dockerfile_env(PROBE_DOCKERFILE)
+    for name in ("GLUSCOPE_CACHE", "HF_HOME"):
+        assert env[name].startswith(target + "/"), (name, env[name], target)
+    assert probe["restart"] == "unless-stopped"
+    health = probe["healthcheck"]
+    test = " ".join(health["test"]) if isinstance(health["test"], list) else health["test"]
+    assert "urllib" in test and "127.0.0.1:8001/models" in test
+    assert "curl" not in test and "wget" not in test
+    assert "deploy" not in probe, "the probe runs on the CPU by default (docker/probe-gpu.yml adds the GPU)"
+
+
+@pytest.mark.unit
+def test_server_finds_the_probe_but_does_not_need_it():
+    server, probe = service("server"), service("probe")
+    url = server["environment"]["GLUSCOPE_PROBE_URL"]
+    port = probe["command"][probe["command"].index("--port") + 1]
+    assert url == f"http://probe:{port}"
+    assert "depends_on" not in server, "the server must start, and serve, without the probe"
+
+
+@pytest.mark.unit
+def test_probe_gpu_override():
+    """docker/probe-gpu.yml only adds to the probe: a CUDA build of torch, the GPU reservation, --device cuda."""
+    override = yaml.safe_load(PROBE_GPU_OVERRIDE.read_text())
+    assert set(override) == {"services"} and set(override["services"]) == {"probe"}
+    gpu = override["services"]["probe"]
+    assert gpu["deploy"] == service("recorder")["deploy"], "the same NVIDIA reservation as the recorder"
+    build_args = gpu["build"]["args"]
+    assert set(build_args) <= set(dockerfile_args(PROBE_DOCKERFILE)), "build args the Dockerfile does not take"
+    assert build_args["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
+    assert str(build_args["REQUIRE_CUDA"]) == "1"
+    assert gpu["command"] == EXPECTED_PROBE_CMD + ["--device", "cuda"]
+    assert build_parser().parse_args(gpu["command"][1:]).device == "cuda"
+    assert gpu["image"] != service("probe")["image"], "the CUDA image must not replace the CPU one"
+    assert "build" not in gpu or set(gpu["build"]) == {"args"}, "context and Dockerfile stay the main file's"
 
 
 # --- Dockerfiles ----------------------------------------------------------------
@@ -252,7 +324,39 @@ def test_recorder_dockerfile():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("dockerfile", [SERVER_DOCKERFILE, RECORDER_DOCKERFILE], ids=["server", "recorder"])
+def test_probe_dockerfile():
+    """Python 3.11 with a CPU build of torch (the PyTorch CPU index, else a wheel in docker/wheels/), the
+    recorder's packages with that torch kept, run as uid 1000 with the compose command as its CMD."""
+    (base,) = instruction_args(PROBE_DOCKERFILE, "FROM")
+    assert base == "python:3.11-slim", base
+    args = dockerfile_args(PROBE_DOCKERFILE)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["REQUIRE_CUDA"] == "0"
+    copies = instruction_args(PROBE_DOCKERFILE, "COPY")
+    assert any(c.split()[0].rstrip("/") == "docker/wheels" for c in copies), copies
+    assert (REPO / "docker" / "wheels").is_dir()
+    wheel = REPO / "docker" / "wheels" / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    assert subprocess.run(["git", "check-ignore", "-q", str(wheel)], cwd=REPO).returncode == 0, \
+        "a torch wheel put in docker/wheels/ must stay out of git"
+    runs = " ".join(instruction_args(PROBE_DOCKERFILE, "RUN"))
+    assert "--no-index --find-links /tmp/wheels" in runs and '--index-url "$TORCH_INDEX_URL"' in runs
+    # Each install that could pull another torch is constrained to the one installed first.
+    installs = [i for run in instruction_args(PROBE_DOCKERFILE, "RUN")
+                for i in re.findall(r"uv pip install[^&;|]*", run)]
+    later = [i for i in installs if "pyproject.toml" in i or ".[record]" in i]
+    assert len(later) == 2 and all("-c /etc/gluscope-torch.txt" in i for i in later), installs
+    assert "useradd --create-home --uid 1000" in runs
+    final = final_stage(PROBE_DOCKERFILE)
+    users = [a for kw, a in final if kw == "USER"]
+    assert users and users[-1] not in ("root", "0"), users
+    assert exec_form(PROBE_DOCKERFILE, "CMD") == EXPECTED_PROBE_CMD == service("probe")["command"]
+    assert not instruction_args(PROBE_DOCKERFILE, "ENTRYPOINT")
+    assert "8001" in " ".join(instruction_args(PROBE_DOCKERFILE, "EXPOSE"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dockerfile", [SERVER_DOCKERFILE, RECORDER_DOCKERFILE, PROBE_DOCKERFILE],
+                         ids=["server", "recorder", "probe"])
 def test_dockerfile_copies_every_package(dockerfile):
     """Each installed package folder is copied in, and every local COPY source exists."""
     sources: set[str] = set()
@@ -272,8 +376,10 @@ def test_dockerfile_copies_every_package(dockerfile):
 def test_dockerignore():
     patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
-    for needed in (".venv", ".git", "data"):
+    for needed in (".venv", ".git", "data", "models"):
         assert needed in patterns, needed
+    assert not any(p.startswith("docker") or p.endswith(".whl") for p in patterns), \
+        "docker/wheels/ is the probe build's wheel folder"
     assert {"node_modules", "**/node_modules"} & patterns
     assert {"*.duckdb", "**/*.duckdb"} & patterns
 
