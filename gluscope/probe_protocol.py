@@ -8,9 +8,9 @@ the defaults and the bodies are written once, as schema.sql is for the files.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gluscope.schema import QUADRANT_SLUGS
 from gluscope.server.validate import LAYERS_PATTERN
@@ -45,6 +45,17 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _json_number(value: Any) -> Any:
+    # To the schema, JSON true and "2" are no numbers; lax pydantic would read them as 1 and 2.
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"{value!r} is not a number")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_json_number)]
+Number = Annotated[float, BeforeValidator(_json_number)]
+
+
 # What the schema says a request holds (json_schema_extra: documented, not enforced by pydantic), so that a
 # fuzzer's requests are those the probe can answer; probe/answers.py checks each field itself, with messages
 # that name the limits. The neuron pattern counts up to the default limit.
@@ -60,12 +71,12 @@ class ActivationsRequest(Request):
 
 class FireRequest(Request):
     text: str = Field(description=TEXT_DESCRIPTION, json_schema_extra=TEXT_SCHEMA)
-    position: int | None = Field(None, description="the token, by position (0 is BOS, 1 the first token); "
+    position: Integer | None = Field(None, description="the token, by position (0 is BOS, 1 the first token); "
                                                    "default, or past the end: the last token",
                                  json_schema_extra={"minimum": 1})
     layers: str | None = Field(None, description="layers A-B (inclusive) or one layer A; default: every layer",
                                json_schema_extra=LAYERS_SCHEMA)
-    top: int = Field(FIRE_TOP, description=f"neurons per quadrant, 1..{FIRE_TOP_MAX}",
+    top: Integer = Field(FIRE_TOP, description=f"neurons per quadrant, 1..{FIRE_TOP_MAX}",
                      json_schema_extra={"minimum": 1, "maximum": FIRE_TOP_MAX})
 
 
@@ -78,10 +89,10 @@ class AblateRequest(Request):
     quadrant: str | None = Field(None, description="only at tokens where the neuron is in this quadrant (a slug: "
                                                    "pp, pn, np, nn); default or empty: at every token but BOS",
                                  json_schema_extra={"enum": ["", *QUADRANT_SLUGS, None]})
-    factor: float = Field(0.0, description="mode=scale: the factor, finite (default 0: the same as zero)")
-    value: float = Field(0.0, description="mode=clamp: hook_post's value, in the file's weight convention "
+    factor: Number = Field(0.0, description="mode=scale: the factor, finite (default 0: the same as zero)")
+    value: Number = Field(0.0, description="mode=clamp: hook_post's value, in the file's weight convention "
                                           "(default 0)")
-    position: int | None = Field(None, description="answer for this position only (the prediction of the token "
+    position: Integer | None = Field(None, description="answer for this position only (the prediction of the token "
                                                    "after it; past the end: the last); default: every position",
                                  json_schema_extra={"minimum": 0})
     target: str | None = Field(None, description="a token whose log-probability is reported before and after at "
@@ -159,30 +170,33 @@ class Firing(Body):
     quadrants: list[FiringQuadrant]
 
 
+# Where an edit overflows the model (a huge factor or value makes inf or NaN logits), the numbers it
+# touches are null rather than refused: the request was valid, and the answer says what the model did.
 class TokenProbability(Body):
     token_id: int
     token: str
-    prob: float
+    prob: float | None
 
 
 class LogProbs(Body):
     token_id: int
     token: str
-    before: float
-    after: float
+    before: float | None
+    after: float | None
 
 
 class ProbabilityChange(Body):
     token_id: int
     token: str
-    before: float
-    after: float
+    before: float | None
+    after: float | None
 
 
 class PositionChange(Body):
     position: int = Field(description="the position whose next token is predicted")
     token: str
-    kl: float = Field(description="KL(before || after) of the next-token distribution, in nats")
+    kl: float | None = Field(description="KL(before || after) of the next-token distribution, in nats; null "
+                                         "where the edited pass overflowed (then first)")
     next: LogProbs | None = Field(description="the text's own next token (null at the last position)")
     target: LogProbs | None
     before: list[TokenProbability]
@@ -219,4 +233,4 @@ class HeldModel(Body):
 
 class ProbeStatus(Body):
     models: list[HeldModel]
-    limits: dict[str, float]
+    limits: dict[str, int | float]

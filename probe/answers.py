@@ -244,17 +244,18 @@ def plan_ablate(lm: LoadedModel, req: AblateRequest, limits: Limits) -> Plan:
 
     def top(logp: torch.Tensor) -> list[dict[str, Any]]:
         values, idx = logp[:vocab_size].topk(min(TOP_TOKENS, vocab_size))
-        return [{"token_id": i, "token": lm.db.vocab.token(i), "prob": math.exp(v)}
+        return [{"token_id": i, "token": lm.db.vocab.token(i), "prob": _num(math.exp(v))}
                 for v, i in zip(values.tolist(), idx.tolist())]
 
     def logprobs(token_id: int, before: torch.Tensor, after: torch.Tensor) -> dict[str, Any]:
         return {"token_id": token_id, "token": lm.db.vocab.token(token_id),
-                "before": float(before[token_id]), "after": float(after[token_id])}
+                "before": _num(float(before[token_id])), "after": _num(float(after[token_id]))}
 
     def moved(p_before: torch.Tensor, p_after: torch.Tensor, sign: int) -> list[dict[str, Any]]:
         delta = (p_after - p_before)[:vocab_size] * sign
         values, idx = delta.topk(min(CHANGED_TOKENS, vocab_size))
-        return [{"token_id": i, "token": lm.db.vocab.token(i), "before": float(p_before[i]), "after": float(p_after[i])}
+        return [{"token_id": i, "token": lm.db.vocab.token(i), "before": _num(float(p_before[i])),
+                 "after": _num(float(p_after[i]))}
                 for v, i in zip(values.tolist(), idx.tolist()) if v > 0]
 
     def finish(results: list[RowResult]) -> dict[str, Any]:
@@ -265,13 +266,13 @@ def plan_ablate(lm: LoadedModel, req: AblateRequest, limits: Limits) -> Plan:
         changes = []
         for t in positions:
             changes.append({
-                "position": t, "token": lm.db.vocab.token(ids[t]), "kl": float(kl[t]),
+                "position": t, "token": lm.db.vocab.token(ids[t]), "kl": _num(float(kl[t])),
                 "next": logprobs(ids[t + 1], before[t], after[t]) if t + 1 < len(ids) else None,
                 "target": None if target is None else logprobs(target, before[t], after[t]),
                 "before": top(before[t]), "after": top(after[t]),
                 "lost": moved(before[t].exp(), after[t].exp(), -1), "gained": moved(before[t].exp(), after[t].exp(), 1),
             })
-        changes.sort(key=lambda c: (-c["kl"], c["position"]))
+        changes.sort(key=lambda c: (-math.inf if c["kl"] is None else -c["kl"], c["position"]))
         counts = {(layer, n): int(edited.edited[layer][j]) if layer in edited.edited else 0
                   for layer in layers for j, n in enumerate(per_layer[layer])}
         return {"model": lm.id, "text": req.text, "tokens": _tokens(lm, ids), "mode": req.mode,

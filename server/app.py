@@ -150,7 +150,7 @@ async def _parameter_error(request: Request, exc: ParameterError) -> Response:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("path", "query")]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("path", "query", "body")]
     parameter = loc[0] if loc else None
     kind = first.get("type", "")
     if kind == "missing":

@@ -10,8 +10,11 @@ alone into the neuron, comparison and model pages.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Annotated, Any, Callable, Literal
+import operator
+from types import UnionType
+from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
 from urllib.parse import urlencode
 
 from fastapi import Path, Query, Request
@@ -41,6 +44,15 @@ DOCS = {
 
 # --- the parameters of each answer, from its request model -------------------------------
 
+def _without_validators(annotation: Any) -> Any:
+    """`Annotated[int, ...] | None` -> `int | None`."""
+    if get_origin(annotation) is Annotated:
+        return get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        return functools.reduce(operator.or_, (_without_validators(a) for a in get_args(annotation)))
+    return annotation
+
+
 def blank_is_none(annotation: Any) -> BeforeValidator:
     return BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v,
                            json_schema_input_type=annotation | Literal[""])
@@ -53,11 +65,12 @@ def query_parameters(answer: str, api: bool) -> list[inspect.Parameter]:
     for name, f in pp.REQUESTS[answer].model_fields.items():
         required = f.is_required() and api
         query = Query(description=f.description, json_schema_extra=f.json_schema_extra)
-        annotation = f.annotation if required else f.annotation | None
-        if not required and f.annotation in (int | None, float | None, int, float):
+        base = _without_validators(f.annotation)  # the body's JSON-number checks are not for query strings
+        annotation = base if required else base | None
+        if not required and base in (int | None, float | None, int, float):
             # A form's empty number field is sent as "name=": unset, as in the filter form. (FastAPI applies
             # the validator only when the Query is inside the Annotated too.)
-            annotated = Annotated[annotation, blank_is_none(f.annotation), query]
+            annotated = Annotated[annotation, blank_is_none(base), query]
         else:
             annotated = Annotated[annotation, query]
         default = inspect.Parameter.empty if required else None if f.is_required() or not api else f.default

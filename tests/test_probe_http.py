@@ -186,3 +186,12 @@ def test_hostile_texts_are_escaped_on_every_probe_page(probe_client, mid, answer
             page = probe_client.get(f"/models/{mid}/probe/{answer}", params=params, headers=headers)
             assert page.status_code == 200, page.text
             assert "<script>alert" not in page.text and "<img src=x" not in page.text and "<svg onload" not in page.text
+
+
+def test_an_edit_that_overflows_the_model_is_answered_with_nulls(probe_client, mid):
+    params = {"text": TEXT, "neurons": "0.1,1.2", "mode": "scale", "factor": 3e259}
+    r = probe_client.get(f"/api/models/{mid}/probe/ablate", params=params)
+    assert r.status_code == 200, r.text
+    body = Ablation.model_validate(r.json())
+    assert body.positions[0].kl is None
+    assert probe_client.get(f"/models/{mid}/probe/ablate", params=params).status_code == 200
