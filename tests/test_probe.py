@@ -330,3 +330,20 @@ def test_the_queue_refuses_when_full_times_out_and_batches_what_waits():
     asyncio.run(too_slow())
     batcher.close()
     slow.close()
+
+
+def test_a_gguf_recording_loads_from_the_cached_conversion_when_the_file_is_gone(tmp_path):
+    from gluscope.recorder.gguf import convert
+    from gluscope.probe.loaded import candidate_sources
+
+    gguf = recordings.gguf(recordings.model("llama"))
+    path = recordings.copy_of(recordings.record(gguf, recordings.corpus("standard"), "--max-length", "24"), tmp_path)
+    folder = convert(gguf)  # where the recording put it (cached by content: no work when it is there)
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE metadata SET model_source = '/gone/elsewhere/tiny-llama.F32.gguf'")
+    con.close()
+    (db,) = open_databases([path]).values()
+    assert candidate_sources(db.meta, None)[0] == str(folder)
+    lm = load_for(db, "cpu")
+    body = run(lm, Passes(lm), plan_activations(lm, ActivationsRequest(text="the cat", neurons="1.3"), UNLIMITED))
+    assert body["neurons"][0]["values"]["hook_post"][1] is not None

@@ -35,8 +35,11 @@ EVERY = "0.002"  # minutes between checkpoints: about every 0.12 s, so a run of 
 OPTIONS = ("--max-length", "48", "--batch-size", "1", "--k", "4")
 STAGES = ("loop", "checkpoint", "write")
 # How long after reaching a stage the signal comes, at random (seeded): any instant of the stage, as far as the
-# stage lasts for sure (a checkpoint's write is held open 0.4 s by DELAY_ENV; the final write is short).
-DELAYS = {"loop": 0.25, "checkpoint": 0.25, "write": 0.005}
+# stage lasts for sure (a checkpoint's write is held open 0.4 s by DELAY_ENV; the final write is short). The
+# loop is short: on an idle machine the kernel records the long corpus in about half a second, and a later step
+# of a chain needs loop left to reach a checkpoint of its own (a quarter second once left it 0.1 s, less than
+# one checkpoint interval).
+DELAYS = {"loop": 0.05, "checkpoint": 0.25, "write": 0.005}
 
 
 def record_cmd(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
