@@ -131,8 +131,7 @@ class NeuronOnText(Body):
     relative: list[float | None] = Field(description="|hook_post| over the largest |hook_post| recorded in the "
                                                      "token's quadrant")
     recorded: list[QuadrantRecord]
-    scales: dict[str, float] = Field(description="per hook, the largest |value| recorded in any quadrant: the "
-                                                 "colour scale, the same as the neuron's examples")
+    scales: dict[str, float] = Field(description="per hook, the largest |value| recorded in any quadrant")
 
 
 class Activations(Body):

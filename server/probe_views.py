@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import operator
 from types import UnionType
 from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
@@ -149,21 +150,26 @@ async def respond(request: Request, answer: str, model: str, params: dict[str, A
 # --- what the templates read -----------------------------------------------------------------
 
 def activations_context(body: dict[str, Any], model_id: str) -> dict[str, Any]:
-    """Per neuron: its tokens as the examples show them (render.snippet, on the neuron's recorded scale), and
-    per quadrant what was recorded beside the strongest value on this text."""
+    """Per neuron: its tokens as the examples show them (render.snippet), each coloured by hook_post relative
+    to the largest |hook_post| recorded in the token's own quadrant, as a list of that quadrant's examples is
+    coloured on its largest value; and per quadrant what was recorded beside the strongest value here."""
     tokens = [t["token"] for t in body["tokens"]]
     neurons = []
     for n in body["neurons"]:
-        ex = {"tokens": tokens, "activations": n["values"], "position": -1, "window_start": 0}
+        signed = [0.0 if rel is None or post is None else math.copysign(rel, post)
+                  for rel, post in zip(n["relative"], n["values"]["hook_post"])]
+        ex = {"tokens": tokens, "activations": {**n["values"], RELATIVE: signed}, "position": -1, "window_start": 0}
         strongest = {}
         for label, rel in zip(n["quadrants"], n["relative"]):
             if label is not None and rel is not None:
                 strongest[label] = max(strongest.get(label, 0.0), rel)
         neurons.append({**n, "ref": f"{n['layer']}.{n['neuron']}",
                         "href": f"/models/{model_id}/neurons/{n['layer']}/{n['neuron']}",
-                        "snippet": render.snippet(ex, None, "hook_post", n["scales"]["hook_post"]),
-                        "strongest": strongest})
+                        "snippet": render.snippet(ex, None, RELATIVE, 1.0), "strongest": strongest})
     return {"neurons": neurons, "body": body}
+
+
+RELATIVE = "relative"  # the colour of a probed token: hook_post over its quadrant's recorded largest |hook_post|
 
 
 def fire_context(body: dict[str, Any], model_id: str) -> dict[str, Any]:
