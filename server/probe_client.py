@@ -23,6 +23,7 @@ from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
 
 HELD_TTL_S = 30.0  # how long the list of held models is trusted while requests succeed
+ANSWER_MARGIN_S = 5.0  # beyond the probe's own per-request limit, for the transfer both ways
 
 
 class ProbeUnavailable(ParameterError):
@@ -37,7 +38,7 @@ class ProbeUnavailable(ParameterError):
 
 
 class ProbeClient:
-    def __init__(self, url: str | None, timeout_s: float = TIMEOUT_S + 5) -> None:
+    def __init__(self, url: str | None, timeout_s: float = TIMEOUT_S + ANSWER_MARGIN_S) -> None:
         self.url = url.rstrip("/") if url else None
         self.timeout_s = timeout_s
         self._held: dict[str, dict[str, Any]] | None = None
@@ -72,6 +73,9 @@ class ProbeClient:
                 raise ProbeUnavailable(f"{self.url} answered {status} to GET /models: is it a gluscope probe?")
             self._held = {m["model"]: m for m in body["models"] if isinstance(m, dict) and "model" in m}
             self._held_at = time.monotonic()
+            limit = (body.get("limits") or {}).get("timeout_s")
+            if isinstance(limit, (int, float)) and limit > 0:  # wait as long as the probe itself may take
+                self.timeout_s = float(limit) + ANSWER_MARGIN_S
         return self._held
 
     async def check_holds(self, db: Database) -> None:

@@ -196,3 +196,12 @@ def test_an_edit_that_overflows_the_model_is_answered_with_nulls(probe_client, m
     body = Ablation.model_validate(r.json())
     assert body.positions[0].kl is None
     assert probe_client.get(f"/models/{mid}/probe/ablate", params=params).status_code == 200
+
+
+def test_the_server_waits_as_long_as_the_probe_may_take(recorded_db):
+    models = {i: load_for(d, "cpu") for i, d in open_databases([recorded_db]).items()}
+    with served_in_thread(create_probe_app(models, Limits(), Batcher(timeout_s=90.0))) as url, \
+            TestClient(create_app([recorded_db], probe=url), raise_server_exceptions=False) as c:
+        mid = next(iter(models))
+        assert c.get(f"/api/models/{mid}/probe/activations", params={"text": TEXT, "neurons": "1.3"}).status_code == 200
+        assert c.app.state.probe.timeout_s == 95.0
