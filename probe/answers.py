@@ -15,12 +15,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gluscope.probe.forward import Edit, Read, Row, RowResult, quadrant_codes
+from gluscope.probe.forward import Edit, Read, Row, RowResult
 from gluscope.probe.loaded import LoadedModel
 from gluscope.probe_protocol import (ABLATION_MODES, CHANGED_TOKENS, FIRE_TOP_MAX, MAX_NEURONS, MAX_TOKENS, TOP_TOKENS,
                                      AblateRequest, ActivationsRequest, FireRequest)
+from gluscope.recorder.tensor_reducer import quadrant_codes
 from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server.errors import ParameterError, not_one_of
+from gluscope.server.neuron_search import vocabulary_index
 from gluscope.server.validate import parse_layer_range, parse_neuron_ref, quadrant_code
 
 
@@ -90,35 +92,11 @@ def finite(parameter: str, value: float) -> float:
 def target_token(lm: LoadedModel, target: str) -> int | None:
     """A vocabulary entry by its text (' again'), else the first token the text tokenizes to (the answer names
     the token taken); None for a text of no token."""
-    exact = _token_index(lm).get(target)
-    if exact is not None:
-        return exact
+    exact = vocabulary_index(lm.db.vocab).find(target, loose=False)
+    if exact:
+        return exact[0]
     ids = lm.model.tokenizer(target[:200], add_special_tokens=False)["input_ids"]
     return int(ids[0]) if ids else None
-
-
-_INDEX: dict[int, dict[str, int]] = {}
-
-
-def _token_index(lm: LoadedModel) -> dict[str, int]:
-    index = _INDEX.get(id(lm.db))
-    if index is None:
-        index = _INDEX[id(lm.db)] = {t: i for i, t in reversed(list(enumerate(lm.db.vocab.tokens)))}
-    return index
-
-
-# --- what the file recorded --------------------------------------------------------
-
-def recorded_max_abs(lm: LoadedModel) -> np.ndarray:
-    """[L, N, 4, hooks] float32: the largest |value| recorded per neuron, quadrant and hook; NaN where none."""
-    cached = getattr(lm, "_max_abs", None)
-    if cached is None:
-        t = lm.db.neurons
-        with np.errstate(invalid="ignore"):
-            cached = np.fmax(np.abs(t.stat_min), np.abs(t.stat_max)).astype(np.float32)
-        cached[t.counts <= 0] = np.nan
-        lm._max_abs = cached  # type: ignore[attr-defined]
-    return cached
 
 
 def _num(x: float) -> float | None:
@@ -143,7 +121,7 @@ def plan_activations(lm: LoadedModel, req: ActivationsRequest, limits: Limits) -
     layers = sorted({layer for layer, _ in neurons})
     per_layer = {layer: [n for l, n in neurons if l == layer] for layer in layers}
     reads = [Read(layer, torch.tensor(per_layer[layer])) for layer in layers]
-    maxima = recorded_max_abs(lm)
+    maxima = lm.max_abs
 
     def finish(results: list[RowResult]) -> dict[str, Any]:
         (r,) = results
@@ -186,7 +164,7 @@ def plan_fire(lm: LoadedModel, req: FireRequest, limits: Limits) -> Plan:
     if not 1 <= req.top <= FIRE_TOP_MAX:
         raise ParameterError(422, "top", f"top {req.top} is outside 1..{FIRE_TOP_MAX}", f"1..{FIRE_TOP_MAX}")
     layers = list(range(first, last + 1))
-    maxima = recorded_max_abs(lm)[first:last + 1, :, :, 0]  # [L, N, 4] of hook_post
+    maxima = lm.max_abs[first:last + 1, :, :, 0]  # [L, N, 4] of hook_post
 
     def finish(results: list[RowResult]) -> dict[str, Any]:
         (r,) = results

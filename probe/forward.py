@@ -21,7 +21,7 @@ import torch
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from gluscope.probe.loaded import LoadedModel
-from gluscope.schema import QUADRANT_SIGNS
+from gluscope.recorder.tensor_reducer import quadrant_codes
 
 
 @dataclass(frozen=True)
@@ -59,16 +59,6 @@ class RowResult:
     x_in: dict[int, torch.Tensor] = field(default_factory=dict)     # (in the weight convention)
     edited: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [k] tokens edited per neuron
     logits: torch.Tensor | None = None                               # [T, vocab] float32 CPU
-
-
-def quadrant_codes(x_gate: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
-    """Each (x_gate, x_in in the convention) pair's quadrant code; -1 where either is zero (in no quadrant, as
-    when recording)."""
-    q = torch.full(x_gate.shape, -1, dtype=torch.int64, device=x_gate.device)
-    for code, (gs, us) in enumerate(QUADRANT_SIGNS):
-        inside = ((x_gate > 0) if gs > 0 else (x_gate < 0)) & ((x_in > 0) if us > 0 else (x_in < 0))
-        q = torch.where(inside, code, q)
-    return q
 
 
 class Passes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gluscope.cache import cache_dir
@@ -22,7 +23,7 @@ from gluscope.recorder.corpus import tokenizer_fingerprint
 from gluscope.recorder.gguf import SOURCE_FILE, is_gguf
 from gluscope.recorder.model import GatedModel, load_model
 from gluscope.recorder.weights import weight_geometry
-from gluscope.server.db import Database
+from gluscope.server.db import Database, NeuronTable
 
 
 @dataclass
@@ -33,10 +34,19 @@ class LoadedModel:
     db: Database
     signs: list[torch.Tensor]   # per layer [d_mlp] float32 +-1 on the model's device (all +1 without refactor_glu)
     bos: int
+    max_abs: np.ndarray         # [L, N, 4, hooks] the largest |value| recorded (recorded_max_abs)
 
     @property
     def id(self) -> str:
         return self.db.id
+
+
+def recorded_max_abs(neurons: NeuronTable) -> np.ndarray:
+    """[L, N, 4, hooks] float32: the largest |value| recorded per neuron, quadrant and hook; NaN where none."""
+    with np.errstate(invalid="ignore"):
+        found = np.fmax(np.abs(neurons.stat_min), np.abs(neurons.stat_max)).astype(np.float32)
+    found[neurons.counts <= 0] = np.nan
+    return found
 
 
 def candidate_sources(meta: dict, model_dir: Path | None) -> list[str]:
@@ -82,7 +92,8 @@ def load_for(db: Database, device: str | None, model_dir: Path | None = None,
     for layer in range(model.n_layers):
         sign, _ = weight_geometry(*model.mlp_weights(layer), bool(meta["refactor_glu"]))
         signs.append(sign.to(model.device))
-    return LoadedModel(model=model, db=db, signs=signs, bos=int(meta["bos_token_id"]))
+    return LoadedModel(model=model, db=db, signs=signs, bos=int(meta["bos_token_id"]),
+                       max_abs=recorded_max_abs(db.neurons))
 
 
 def _load_checked(db: Database, device: str | None, model_dir: Path | None) -> GatedModel:

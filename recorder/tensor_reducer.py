@@ -112,13 +112,18 @@ DISTRIBUTIONS = ("histograms", "density", "sampling")
 INT64_MAX = torch.iinfo(torch.int64).max
 
 
-def quadrant_of(x_gate: torch.Tensor, x_in: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, T, n] int64 quadrant code of every token; -1: in none (a zero sign, BOS or padding)."""
+def quadrant_codes(x_gate: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+    """The quadrant code of every (x_gate, x_in in the convention) pair, any shape; -1 where either is zero."""
     q = torch.full(x_gate.shape, -1, dtype=torch.int64, device=x_gate.device)
     for code, (gs, us) in enumerate(QUADRANT_SIGNS):
         inside = ((x_gate > 0) if gs > 0 else (x_gate < 0)) & ((x_in > 0) if us > 0 else (x_in < 0))
         q = torch.where(inside, code, q)
-    return torch.where(valid.unsqueeze(-1), q, -1)
+    return q
+
+
+def quadrant_of(x_gate: torch.Tensor, x_in: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, n] int64 quadrant code of every token; -1: in none (a zero sign, BOS or padding)."""
+    return torch.where(valid.unsqueeze(-1), quadrant_codes(x_gate, x_in), -1)
 
 
 def reduce_distributions(x_gate: torch.Tensor, x_in: torch.Tensor, act: torch.Tensor, valid: torch.Tensor,
