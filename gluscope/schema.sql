@@ -20,7 +20,7 @@ CREATE TABLE metadata (
     act_fn           VARCHAR   NOT NULL,  -- the config's name, e.g. silu, gelu_pytorch_tanh
     n_layers         INTEGER   NOT NULL,
     d_model          INTEGER   NOT NULL,
-    d_mlp            INTEGER   NOT NULL,
+    d_mlp            INTEGER   NOT NULL,  -- neurons per layer; the largest layer's when they differ (see `layers`)
     vocab_size       INTEGER   NOT NULL,
     dtype            VARCHAR   NOT NULL,  -- dtype the model ran in
     dataset          VARCHAR   NOT NULL,  -- where the texts came from
@@ -72,6 +72,75 @@ INSERT INTO hooks VALUES
     (1, 'hook_pre_linear', 'x_in = w_in . x'),
     (2, 'hook_pre',        'x_gate = w_gate . x'),
     (3, 'act',             'act_fn(x_gate): swish for SiLU models, GELU for Gemma');
+
+-- One row per layer: its neurons and, for a mixture-of-experts layer, its router.
+CREATE TABLE layers (
+    layer     SMALLINT NOT NULL,
+    n_neurons INTEGER  NOT NULL,  -- neurons 0 .. n_neurons-1 (metadata.d_mlp is the largest of any layer)
+    n_experts INTEGER  NOT NULL,  -- routed experts; 0: a dense MLP (then `experts` has no row of the layer)
+    top_k     INTEGER  NOT NULL,  -- experts each token is routed to; 0 for a dense MLP
+    router    VARCHAR,            -- the model's router class, and how its weights are computed
+    imbalance DOUBLE              -- the busiest routed expert's tokens / the mean over routed experts (1: even)
+);
+
+-- The experts of mixture-of-experts layers. A layer's neurons are numbered
+-- expert after expert: the routed experts 0 .. n_experts-1, then the shared
+-- experts (gated MLPs that every token passes through). So every table keyed
+-- by (layer, neuron) holds expert neurons too, with
+-- neuron = first_neuron + the neuron's index within its expert, and a
+-- neuron's address is layer.expert.index. An expert neuron's statistics are
+-- over the counted tokens routed to its expert (`tokens`): its quadrant
+-- counts sum to at most that, its examples and samples are such tokens, and
+-- its windows hold NaN (float16 0x7E00) at positions not routed to it.
+CREATE TABLE experts (
+    layer        SMALLINT NOT NULL,
+    expert       SMALLINT NOT NULL,  -- 0 .. n_experts-1 routed, then the shared ones
+    shared       BOOLEAN  NOT NULL,
+    first_neuron INTEGER  NOT NULL,
+    n_neurons    INTEGER  NOT NULL,
+    tokens       BIGINT   NOT NULL,  -- counted tokens routed to it (no BOS, no padding); shared: every counted token
+    weight_sum   DOUBLE   NOT NULL,  -- the sum of its router weight over them, exactly as the model computed it
+                                     -- (the expert's output is multiplied by it); a shared expert's gate, else 1
+    weight_first_bin SMALLINT,       -- the router weight's distribution on the 'value' bins of histogram_bins,
+    weight_counts    BIGINT[]        -- stored as in `histograms`; NULL when no token was routed to it
+);
+
+-- How many counted tokens of each vocabulary entry each routed expert
+-- received, and their summed router weight: every (expert, token) that
+-- occurred, so shards add up. A token's share at an expert is tokens over
+-- that token's count in the corpus (which is sum(tokens) / top_k over the layer's experts).
+CREATE TABLE expert_tokens (
+    layer      SMALLINT NOT NULL,
+    expert     SMALLINT NOT NULL,
+    token_id   INTEGER  NOT NULL,
+    tokens     BIGINT   NOT NULL,
+    weight_sum DOUBLE   NOT NULL
+);
+
+-- Per routed expert, the k texts (metadata.k) in which its router weight
+-- was largest, each at its own largest position; ties go to the lower
+-- text_id, then the lower position. Rank 0 is the largest.
+CREATE TABLE expert_examples (
+    layer    SMALLINT NOT NULL,
+    expert   SMALLINT NOT NULL,
+    rank     TINYINT  NOT NULL,
+    weight   FLOAT    NOT NULL,
+    text_id  INTEGER  NOT NULL,
+    position SMALLINT NOT NULL
+);
+
+-- What an expert neuron adds to the residual stream along w_out: its router
+-- weight times hook_post (after the weight convention), over each quadrant's
+-- tokens: min, max and mean, NULL when the quadrant never occurred. hook_post
+-- alone is in value_stats. One row per expert neuron and quadrant.
+CREATE TABLE routed_values (
+    layer    SMALLINT NOT NULL,
+    neuron   INTEGER  NOT NULL,
+    quadrant TINYINT  NOT NULL,
+    min      FLOAT,
+    max      FLOAT,
+    mean     DOUBLE
+);
 
 -- Every recorded text, in text_id order.
 CREATE TABLE texts (

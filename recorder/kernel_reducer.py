@@ -98,7 +98,8 @@ class ReduceArgs(ctypes.Structure):
         ("lengths", _i64), ("text_ids", _i64),              # [B]
         ("batch", ctypes.c_int64), ("seq_len", ctypes.c_int64), ("n", ctypes.c_int64),
         ("before", ctypes.c_int64), ("after", ctypes.c_int64), ("k", ctypes.c_int64), ("window", ctypes.c_int64),
-        ("seed", ctypes.c_int64), ("layer", ctypes.c_int64), ("parts", ctypes.c_int32),
+        ("seed", ctypes.c_int64), ("layer", ctypes.c_int64), ("first_neuron", ctypes.c_int64),
+        ("parts", ctypes.c_int32),
         *((name, ctypes.POINTER(ctype)) for name, ctype, _, _ in STATE),
         ("n_threads", ctypes.c_int32),
     ]
@@ -275,7 +276,7 @@ class KernelReducer:
             x_gate=x_gate, x_in=x_in, act=self.buffer.act(self.setup.act_fn, x_gate), sign=self.sign,
             lengths=batch.lengths, text_ids=batch.text_ids, batch=B, seq_len=T, n=n,
             before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
-            bounds=self.bounds, seed=self.setup.seed, layer=self.setup.layer, parts=self.parts, n_threads=torch.get_num_threads(), **self.arrays)
+            bounds=self.bounds, seed=self.setup.seed, layer=self.setup.layer, first_neuron=self.setup.first_neuron, parts=self.parts, n_threads=torch.get_num_threads(), **self.arrays)
         load_kernel().gluscope_reduce_update(ctypes.byref(args))
 
     def finish(self) -> LayerStatistics:

@@ -14,7 +14,8 @@ import torch
 from gluscope.errors import UserError
 from gluscope.schema import ACT_FNS
 from gluscope.recorder.gguf import GGUFSource, convert, is_gguf
-from gluscope.recorder.model_source import model_folder, refuse_mixture_of_experts
+from gluscope.recorder.experts import LayerLayout, layer_layouts
+from gluscope.recorder.model_source import model_folder, refuse_unsupported_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +62,13 @@ class GatedModel:
     device: torch.device
     source: str = ""            # the hub name, folder or GGUF file as given
     gguf: GGUFSource | None = None  # set when the weights came from a GGUF file
+    # Mixture-of-experts models: every layer's experts (experts.py); None for a dense model. d_mlp is then the
+    # largest layer's neuron count.
+    layouts: list[LayerLayout] | None = None
+
+    def layer_width(self, layer: int) -> int:
+        """The layer's neurons: d_mlp, or its experts' neurons together."""
+        return self.d_mlp if self.layouts is None else self.layouts[layer].n_neurons
 
     @property
     def act_fn(self) -> Callable[..., torch.Tensor]:
@@ -135,7 +143,9 @@ class GatedModel:
                 attn.__dict__.pop("forward", None)
 
     def mlp_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w_gate, w_in, w_out) of a layer, each [d_mlp, d_model], float32, one row per neuron."""
+        """(w_gate, w_in, w_out) of a layer, each [neurons, d_model], float32, one row per neuron."""
+        if self.layouts is not None:
+            return self.layouts[layer].weights()
         mlp = self.bridge.blocks[layer].mlp
         return mlp.W_gate.detach().T.float(), mlp.W_in.detach().T.float(), mlp.W_out.detach().float()
 
@@ -220,9 +230,11 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     except (ValueError, KeyError, NotImplementedError) as e:
         raise UserError(f"--model {name}: TransformerLens cannot load this model ({_first_line(e)})") from None
 
-    refuse_mixture_of_experts(name, bridge.original_model.config.to_dict())
+    refuse_unsupported_experts(name, bridge.original_model.config.to_dict())
+    # The bridge's MoE hooks carry the block's input and output, not any expert's neurons: read the modules.
+    layouts = layer_layouts(bridge.original_model, name)
     hooks = bridge.hook_dict
-    if "blocks.0.mlp.hook_pre_linear" not in hooks or "blocks.0.mlp.hook_pre" not in hooks:
+    if layouts is None and ("blocks.0.mlp.hook_pre_linear" not in hooks or "blocks.0.mlp.hook_pre" not in hooks):
         arch = type(bridge.original_model).__name__
         raise UserError(
             f"--model {name} ({arch}) has no gated MLP (no blocks.0.mlp.hook_pre_linear): "
@@ -247,10 +259,11 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
         act_fn_name=activation_name(config),
         n_layers=int(bridge.cfg.n_layers),
         d_model=int(bridge.cfg.d_model),
-        d_mlp=int(bridge.cfg.d_mlp),
+        d_mlp=int(bridge.cfg.d_mlp) if layouts is None else max(layout.n_neurons for layout in layouts),
         vocab_size=int(bridge.cfg.d_vocab),
         dtype=DTYPES[dtype],
         device=torch_device,
         source=name,
         gguf=gguf,
+        layouts=layouts,
     )

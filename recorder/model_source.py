@@ -2,7 +2,7 @@
 
 These checks run before the recorder imports torch, transformers and
 TransformerLens (most of ten seconds), so a mistyped path, a folder that holds
-no model or a mixture-of-experts model is answered at once.
+no model or a mixture-of-experts model of a layout GLUScope cannot read is answered at once.
 """
 
 from __future__ import annotations
@@ -13,21 +13,23 @@ from pathlib import Path
 from gluscope.errors import UserError
 from gluscope.recorder.gguf import gguf_file, is_gguf
 
-_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
 def looks_like_path(name: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else is meant as a local folder."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-def refuse_mixture_of_experts(name: str, config: dict) -> None:
-    """An MoE model's experts are gated MLPs, but a neuron then belongs to one expert of many: refuse plainly."""
-    experts = next((config[key] for key in _EXPERT_COUNTS if isinstance(config.get(key), int) and config[key] > 1), None)
-    if experts is not None:
+# Mixture-of-experts architectures whose experts are not laid out as recorder/experts.py reads them, and why.
+UNSUPPORTED_EXPERTS = {
+    "gpt_oss": "its experts' SwiGLU is clamped, has biases and interleaves gate and up rows",
+}
+
+
+def refuse_unsupported_experts(name: str, config: dict) -> None:
+    """Refuse at once an MoE architecture whose experts GLUScope cannot read, saying what is missing."""
+    why = UNSUPPORTED_EXPERTS.get(config.get("model_type"))
+    if why is not None:
         arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
-        raise UserError(f"--model {name} ({arch}) is a mixture-of-experts model with {experts} experts per layer: "
-                        "its experts are gated MLPs, but GLUScope does not record expert neurons yet")
+        raise UserError(f"--model {name} ({arch}) is a mixture-of-experts model GLUScope cannot record yet: {why}")
 
 
 def model_folder(name: str) -> Path | None:
@@ -49,7 +51,7 @@ def model_folder(name: str) -> Path | None:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--model {name}: its config.json is not readable JSON ({e})") from None
-    refuse_mixture_of_experts(name, config if isinstance(config, dict) else {})
+    refuse_unsupported_experts(name, config if isinstance(config, dict) else {})
     return path.resolve()
 
 

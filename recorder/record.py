@@ -9,6 +9,7 @@ tensor_reducer.py and kernel_reducer.py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -25,7 +26,10 @@ from gluscope.recorder.checkpoint import (Checkpoint, CheckpointSchedule, checkp
                                           difference, load_checkpoint, save_checkpoint, weights_fingerprint)
 from gluscope.recorder.corpus import Corpus, tokenizer_fingerprint
 from gluscope.recorder import rules
+from gluscope.recorder.expert_capture import expert_hooks
+from gluscope.recorder.experts import Unit
 from gluscope.recorder.model import GatedModel
+from gluscope.recorder.routing import RouterStats
 from gluscope.recorder.tensor_reducer import Calibration
 from gluscope.recorder.reducer_interface import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
 from gluscope.recorder.related import RelatedNeurons, related_neurons
@@ -90,25 +94,32 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     t = time.perf_counter()
     related = related_neurons(model, [w.sign for w in weights], progress=progress)
     log.info("related neurons in %.1f s", time.perf_counter() - t)
+    units = model_units(model)
     # Recomputed on a resume: the same batches give the same bounds.
-    bounds = _calibrate(model, corpus, calibration, weights, progress)
-    setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=w.sign, act_fn=model.act_fn,
-                         text_lengths=lengths, layer=layer, seed=sample_seed, bounds=bounds[layer])
-              for layer, w in enumerate(weights)]
+    bounds = _calibrate(model, corpus, calibration, weights, units, progress)
+    setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=weights[layer].sign[_span(unit)],
+                         act_fn=model.act_fn, text_lengths=lengths, layer=layer, seed=sample_seed, bounds=bounds[i],
+                         first_neuron=unit.first_neuron)
+              for i, (layer, unit) in enumerate(units)]
     reducers = make_reducers(kind, setups, compiled)
-    first = _resume(checkpoint, reducers) if checkpoint else 0
+    routers = ([RouterStats(layout, len(tokens_text), k, model.device) if layout.n_experts else None
+                for layout in model.layouts] if model.layouts else [])
+    # What a checkpoint holds, in this order: every unit's reducer, then every MoE layer's router statistics.
+    stateful = [*reducers, *(r for r in routers if r is not None)]
+    first = _resume(checkpoint, stateful) if checkpoint else 0
     schedule = CheckpointSchedule(checkpoint_every, sum(int((lengths[b] - 1).sum()) for b in batches[first:]))
 
     def after_batch(done: int, tokens: int) -> None:
         if done < len(batches) and schedule.due(tokens):
             began = time.perf_counter()
-            size = save_checkpoint(saved, run, done, reducers)
+            size = save_checkpoint(saved, run, done, stateful)
             schedule.written()
             log.info("checkpoint after batch %d of %d: %.1f MB in %.2f s", done, len(batches), size / 1e6,
                      time.perf_counter() - began)
 
     started = time.perf_counter()
-    _run(model, corpus, batches, reducers, progress, first, after_batch)
+    _run(model, corpus, batches, reducers, progress, first, after_batch, routers=routers,
+         signs=[w.sign for w in weights])
     elapsed = time.perf_counter() - started
     log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
              n_counted / max(elapsed, 1e-9), kind)
@@ -120,7 +131,8 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
         writer.write_vocab(tokens_text, tokens_bytes)
         writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
-        _write_layers(writer, reducers, weights, progress)
+        _write_layers(writer, reducers, weights, units, progress)
+        _write_routing(writer, model, routers)
         _write_finding(writer, token_neurons, related, model.d_mlp)
     saved.unlink(missing_ok=True)
     return Path(out)
@@ -136,15 +148,15 @@ def _checkpoint_of(saved: Path, run: dict) -> Checkpoint:
     return checkpoint
 
 
-def _resume(checkpoint: Checkpoint, reducers: list[LayerReducer]) -> int:
-    """Load the checkpoint into `reducers`; return the first batch left to do."""
+def _resume(checkpoint: Checkpoint, stateful: list) -> int:
+    """Load the checkpoint into the reducers (and routers); return the first batch left to do."""
     try:
-        for layer, reducer in enumerate(reducers):
+        for layer, reducer in enumerate(stateful):
             try:
                 reducer.load_state(checkpoint.layer_state(layer))
             except (ValueError, KeyError) as e:
                 raise UserError(f"--resume: checkpoint {checkpoint.path} does not fit this run "
-                                f"(layer {layer}: {e})") from None
+                                f"(part {layer}: {e})") from None
     finally:
         checkpoint.close()
     log.info("resuming from %s: %d of %d batches were done", checkpoint.path, checkpoint.next_batch,
@@ -152,12 +164,23 @@ def _resume(checkpoint: Checkpoint, reducers: list[LayerReducer]) -> int:
     return checkpoint.next_batch
 
 
+def model_units(model: GatedModel) -> list[tuple[int, Unit]]:
+    """Every (layer, unit) the recording has one reducer for: each layer's MLP, or each expert of an MoE model."""
+    if model.layouts is None:
+        return [(layer, Unit(None, False, 0, model.d_mlp)) for layer in range(model.n_layers)]
+    return [(layer, unit) for layer, layout in enumerate(model.layouts) for unit in layout.units]
+
+
+def _span(unit: Unit) -> slice:
+    return slice(unit.first_neuron, unit.first_neuron + unit.n_neurons)
+
+
 def _calibrate(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], weights: list[LayerWeights],
-               progress: bool) -> list[np.ndarray | None]:
-    """Per layer, the interval bounds [n, 4, 3] from a pass over `batches` (None: the defaults, no batches)."""
+               units: list[tuple[int, Unit]], progress: bool) -> list[np.ndarray | None]:
+    """Per unit, the interval bounds [n, 4, 3] from a pass over `batches` (None: the defaults, no batches)."""
     if not batches:
-        return [None] * len(weights)
-    calibrations = [Calibration(w.sign, model.act_fn) for w in weights]
+        return [None] * len(units)
+    calibrations = [Calibration(weights[layer].sign[_span(unit)], model.act_fn) for layer, unit in units]
     log.info("calibrating the intervals of |hook_post| on %d batches", len(batches))
     _run(model, corpus, batches, calibrations, progress, desc="calibrating")
     return [c.bounds() for c in calibrations]
@@ -219,20 +242,25 @@ def _progress(total_tokens: int, enabled: bool, initial: int = 0, desc: str = "r
 
 def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
          progress: bool, first: int = 0, after_batch: Callable[[int, int], None] | None = None,
-         desc: str = "recording") -> None:
-    """Every text of batches[first:] through the model once, right-padded, each layer's activations to its reducer.
+         desc: str = "recording", routers: list[RouterStats | None] | None = None,
+         signs: list[torch.Tensor] | None = None) -> None:
+    """Every text of batches[first:] through the model once, right-padded, each unit's activations to its reducer
+    (and, with `routers`, each MoE layer's routing to its RouterStats, with the weight convention `signs`).
 
     after_batch(batches done, tokens done since `first`) runs between batches, when every reducer holds whole batches.
     """
     current: dict = {}  # shared by the hooks of one forward pass
-    hooks = _hooks(reducers, current)
+    if model.layouts is None:
+        hooks, capture = _hooks(reducers, current), contextlib.nullcontext()
+    else:
+        hooks, capture = [], expert_hooks(model.layouts, reducers, current, model.act_fn, signs, routers)
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
     counted = [int((lengths[text_ids] - 1).sum()) for text_ids in batches]
     done = 0
     # The bar as a context: an interrupt closes it before the one-line message, which then is the last line.
     with _progress(sum(counted), progress, initial=sum(counted[:first]), desc=desc) as bar, torch.inference_mode(), \
-            model.native_attention():
+            model.native_attention(), capture:
         for b in range(first, len(batches)):
             text_ids = batches[b]
             batch_lengths = lengths[text_ids]
@@ -240,10 +268,10 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
             for row, i in enumerate(text_ids):
                 tokens[row, :batch_lengths[row]] = corpus.token_ids[i]
             current["batch"] = Batch.of(batch_lengths, text_ids, model.device)
+            current["tokens"] = torch.from_numpy(tokens).to(model.device)
             # Right padding needs no attention mask in a causal model: real
             # tokens never attend to the pads after them.
-            model.bridge.run_with_hooks(torch.from_numpy(tokens).to(model.device), return_type=None,
-                                        fwd_hooks=hooks)
+            model.bridge.run_with_hooks(current["tokens"], return_type=None, fwd_hooks=hooks)
             bar.update(counted[b])
             done += counted[b]
             if after_batch is not None:
@@ -251,15 +279,35 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
 
 
 def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights: list[LayerWeights],
-                  progress: bool = False) -> None:
+                  units: list[tuple[int, Unit]], progress: bool = False) -> None:
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(weights), desc="writing", unit="layer", disable=not progress, dynamic_ncols=True) as bar:
-        for layer, w in enumerate(weights):
-            writer.write_layer(layer, LayerResult(**vars(reducers[layer].finish()), **w.result_fields()))
-            reducers[layer] = None  # free its memory before the next layer's finishing copies
+    with tqdm(total=len(units), desc="writing", unit="layer" if len(units) == len(weights) else "expert",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for i, (layer, unit) in enumerate(units):
+            writer.write_layer(layer, LayerResult(**vars(reducers[i].finish()), **weights[layer].result_fields(
+                _span(unit))), first_neuron=unit.first_neuron)
+            reducers[i] = None  # free its memory before the next unit's finishing copies
             bar.update()
     reducers.clear()
+
+
+def _write_routing(writer: DatabaseWriter, model: GatedModel, routers: list[RouterStats | None]) -> None:
+    """The `layers` table, and every MoE layer's experts, their tokens and examples, and the routed values."""
+    if model.layouts is None:
+        writer.write_layers([(layer, model.d_mlp, 0, 0, None, None) for layer in range(model.n_layers)])
+        return
+    rows = []
+    for layer, (layout, router) in enumerate(zip(model.layouts, routers)):
+        imbalance = None
+        if router is not None:
+            result = router.result()
+            routed = result.tokens[:layout.n_experts]
+            imbalance = float(routed.max() / routed.mean()) if routed.sum() else None
+            writer.write_experts(layer, [(u.expert, u.shared, u.first_neuron, u.n_neurons) for u in layout.units],
+                                 result)
+        rows.append((layer, layout.n_neurons, layout.n_experts, layout.top_k, layout.router, imbalance))
+    writer.write_layers(rows)
 
 
 def _write_finding(writer: DatabaseWriter, token_neurons: TokenNeurons, related: RelatedNeurons, d_mlp: int) -> None:

@@ -41,6 +41,7 @@ class LayerSetup:
     text_lengths: np.ndarray   # [n_texts] int64 tokens per text, BOS included: the windows' bounds
     layer: int = 0             # with seed, what the sampling hash of this layer's neurons is salted with
     seed: int = 0
+    first_neuron: int = 0      # the first neuron's number in the layer (an expert's reducer holds a slice of it)
     # [n, 4, 3] float32 b1 < b2 < b3 of each (neuron, quadrant), from the calibration (rules.interval_bounds);
     # None: rules.DEFAULT_BOUNDS everywhere.
     bounds: np.ndarray | None = None

@@ -66,14 +66,21 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
     ids = torch.full((L, 2, 2, n, top), -1, dtype=torch.int64, device=device)
     rows = max(1, min(n, BLOCK_ELEMENTS // max(n, 1)))
 
+    widths = [model.layer_width(layer) for layer in range(L)]
+
+    def padded(w: torch.Tensor) -> torch.Tensor:
+        """A layer narrower than n (DeepSeek-V3's dense layers) as n rows: zero rows score 0, below every neuron."""
+        return w if w.shape[0] == n else torch.cat([w, w.new_zeros(n - w.shape[0], w.shape[1])])
+
     def writes(layer: int) -> torch.Tensor:
         _, _, w_out = model.mlp_weights(layer)
-        return _unit(w_out.to(device) * signs[layer].to(device)[:, None])
+        return padded(_unit(w_out.to(device) * signs[layer].to(device)[:, None]))
 
     def reads(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         w_gate, w_in, _ = model.mlp_weights(layer)
         gain = model.mlp_input_gain(layer).to(device)[None, :]
-        return _unit(w_gate.to(device) * gain), _unit(w_in.to(device) * signs[layer].to(device)[:, None] * gain)
+        return (padded(_unit(w_gate.to(device) * gain)),
+                padded(_unit(w_in.to(device) * signs[layer].to(device)[:, None] * gain)))
 
     # The compiled merge (kernel_reducer.abs_tops) keeps |score| beside each top, sorted; torch's path finds it anew.
     key = torch.full((L, 2, 2, n, top), -torch.inf, device=device) if device.type == "cpu" else None
@@ -106,6 +113,12 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
             bar.update(1)
     bar.close()
     ids_np = ids.cpu().numpy()
+    if min(widths) < n:  # no list of a padding row, no padding row in a list
+        width = np.array(widths)
+        other_layer = np.clip(ids_np // n, 0, L - 1)
+        ids_np[(ids_np % n) >= width[other_layer]] = -1
+        ids_np[(np.arange(n)[None, :] >= width[:, None])[:, None, None, :, None].repeat(2, 1).repeat(2, 2)
+               .repeat(ids_np.shape[-1], 4)] = -1
     return RelatedNeurons(other_layer=np.where(ids_np >= 0, ids_np // n, -1).astype(np.int16),
                           other_neuron=np.where(ids_np >= 0, ids_np % n, -1).astype(np.int32),
                           score=best.float().cpu().numpy())

@@ -192,10 +192,10 @@ def token_hash(seed: int, text_ids: torch.Tensor, positions: torch.Tensor) -> to
     return fmix32(t.unsqueeze(1) ^ positions.to(torch.int64).unsqueeze(0))
 
 
-def neuron_salt(seed: int, layer: int, n: int, device=None) -> torch.Tensor:
-    """[n] int64."""
+def neuron_salt(seed: int, layer: int, n: int, device=None, first: int = 0) -> torch.Tensor:
+    """[n] int64: the salts of neurons first .. first + n - 1 of the layer."""
     s = fmix32(torch.tensor((seed ^ layer) & MASK32, dtype=torch.int64, device=device))
-    return fmix32(s ^ torch.arange(n, dtype=torch.int64, device=device))
+    return fmix32(s ^ torch.arange(first, first + n, dtype=torch.int64, device=device))
 
 
 def sample_hash(token_hash_: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:

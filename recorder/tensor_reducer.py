@@ -301,7 +301,7 @@ class TensorDistributions:
         self.setup = setup
         n, device = setup.n, setup.sign.device
         self.bounds = torch.from_numpy(setup.interval_bounds).to(device).permute(1, 2, 0).contiguous()  # [4, 3, n]
-        self.salt = rules.neuron_salt(setup.seed, setup.layer, n, device)
+        self.salt = rules.neuron_salt(setup.seed, setup.layer, n, device, setup.first_neuron)
         samples = {"gate": torch.float32, "in": torch.float32, "act": torch.float32}
         # The state:
         self.random = new_lists(setup, rules.N_RANDOM, N_QUADRANTS, **samples)

@@ -72,10 +72,11 @@ class LayerWeights:
     token_ids: np.ndarray            # [6, n, t] weight_tokens
     token_scores: np.ndarray
 
-    def result_fields(self) -> dict:
-        """This layer's part of a writer.LayerResult."""
-        return {"geometry": self.geometry, "flipped": (self.sign < 0).cpu().numpy(),
-                "token_ids": self.token_ids, "token_scores": self.token_scores}
+    def result_fields(self, neurons: slice = slice(None)) -> dict:
+        """This layer's part of a writer.LayerResult, or of its `neurons` (an expert's)."""
+        return {"geometry": {name: values[neurons] for name, values in self.geometry.items()},
+                "flipped": (self.sign[neurons] < 0).cpu().numpy(),
+                "token_ids": self.token_ids[:, neurons], "token_scores": self.token_scores[:, neurons]}
 
 
 def layer_weights(model, refactor_glu: bool, progress: bool = False,

@@ -14,7 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import duckdb
 import numpy as np
@@ -22,6 +22,9 @@ import pyarrow as pa
 
 from gluscope.recorder import rules
 from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANTS, SAMPLE_SOURCE, schema_sql
+
+if TYPE_CHECKING:
+    from gluscope.recorder.routing import RouterResult
 
 N_Q, N_H = len(QUADRANTS), len(HOOKS)
 
@@ -277,10 +280,11 @@ class DatabaseWriter:
             "token_bytes": pa.array(list(token_bytes), pa.binary()),
         }))
 
-    def write_layer(self, layer: int, r: LayerResult) -> None:
+    def write_layer(self, layer: int, r: LayerResult, first_neuron: int = 0) -> None:
+        """One layer's neurons, or (first_neuron) one expert's, numbered from first_neuron in the layer."""
         n = r.counts.shape[1]
         k = r.example_value.shape[-1]
-        neuron = np.arange(n, dtype=np.int32)
+        neuron = np.arange(first_neuron, first_neuron + n, dtype=np.int32)
 
         self._insert("neurons", pa.table({
             "layer": pa.array(np.full(n, layer, np.int16)),
@@ -295,7 +299,7 @@ class DatabaseWriter:
             grid_t = np.indices((n, kinds, t), dtype=np.int32).reshape(3, -1)
             self._insert("weight_tokens", pa.table({
                 "layer": pa.array(np.full(n * kinds * t, layer, np.int16)),
-                "neuron": pa.array(grid_t[0]),
+                "neuron": pa.array(grid_t[0] + first_neuron),
                 "kind": pa.array(grid_t[1].astype(np.int8)),
                 "rank": pa.array(grid_t[2].astype(np.int8)),
                 "token_id": pa.array(np.moveaxis(r.token_ids, 1, 0).reshape(-1).astype(np.int32)),
@@ -327,7 +331,7 @@ class DatabaseWriter:
         grid = np.indices(shape, dtype=np.int32).reshape(4, -1)
         self._insert("examples", pa.table({
             "layer": pa.array(np.full(int(keep.sum()), layer, np.int16)),
-            "neuron": pa.array(grid[0][keep]),
+            "neuron": pa.array(grid[0][keep] + first_neuron),
             "quadrant": pa.array(grid[1][keep].astype(np.int8)),
             "hook": pa.array(grid[2][keep].astype(np.int8)),
             "rank": pa.array(grid[3][keep].astype(np.int8)),
@@ -336,7 +340,7 @@ class DatabaseWriter:
             "position": pa.array(ex(r.example_pos)[keep].astype(np.int16)),
         }))
 
-        self._write_distributions(layer, r)
+        self._write_distributions(layer, r, first_neuron)
 
         # Windows: one per distinct (neuron, text, position), of the top examples and the samples; the same
         # token is often in several lists (act and hook_pre always agree for gate+).
@@ -344,7 +348,7 @@ class DatabaseWriter:
         s_keep = s_text >= 0
         w_slots = r.window_gate.shape[-1]
         s_neuron = np.repeat(neuron, r.sample_text[0].size)[s_keep].astype(np.int64)
-        all_neuron = np.concatenate([grid[0][keep].astype(np.int64), s_neuron])
+        all_neuron = np.concatenate([grid[0][keep].astype(np.int64) + first_neuron, s_neuron])
         all_text = np.concatenate([text[keep].astype(np.int64), s_text[s_keep].astype(np.int64)])
         pos = np.concatenate([ex(r.example_pos)[keep].astype(np.int64), r.sample_pos.reshape(-1)[s_keep]])
         key = (all_neuron << 44) | (all_text << 16) | pos
@@ -367,6 +371,67 @@ class DatabaseWriter:
             "x_in": _list_array(x_in.astype(np.float16).view(np.int16)[slot_ok], lengths),
         }))
 
+    def write_layers(self, rows: Sequence[tuple[int, int, int, int, str | None, float | None]]) -> None:
+        """The `layers` table: (layer, n_neurons, n_experts, top_k, router, imbalance) per layer."""
+        columns = list(zip(*rows)) if rows else [[]] * 6
+        self._insert("layers", pa.table({
+            "layer": pa.array(np.asarray(columns[0], np.int16)),
+            "n_neurons": pa.array(np.asarray(columns[1], np.int32)),
+            "n_experts": pa.array(np.asarray(columns[2], np.int32)),
+            "top_k": pa.array(np.asarray(columns[3], np.int32)),
+            "router": pa.array(list(columns[4]), pa.string()),
+            "imbalance": pa.array(list(columns[5]), pa.float64()),
+        }))
+
+    def write_experts(self, layer: int, units: Sequence[tuple[int, bool, int, int]], r: "RouterResult") -> None:
+        """One MoE layer's experts, expert_tokens, expert_examples and routed_values (schema.sql) from its
+        routing.RouterResult; units: (expert, shared, first_neuron, n_neurons) in the layer's order."""
+        U = len(units)
+        (rows, first, counts) = dense_runs(r.weight_hist)
+        first_bin = np.full(U, -1, np.int64)
+        first_bin[rows[0]] = first
+        by_unit = {int(u): counts[i].as_py() for i, u in enumerate(rows[0])}
+        self._insert("experts", pa.table({
+            "layer": pa.array(np.full(U, layer, np.int16)),
+            "expert": pa.array(np.array([u[0] for u in units], np.int16)),
+            "shared": pa.array([bool(u[1]) for u in units]),
+            "first_neuron": pa.array(np.array([u[2] for u in units], np.int32)),
+            "n_neurons": pa.array(np.array([u[3] for u in units], np.int32)),
+            "tokens": pa.array(r.tokens.astype(np.int64)),
+            "weight_sum": pa.array(r.weight_sum.astype(np.float64)),
+            "weight_first_bin": pa.array([int(b) if b >= 0 else None for b in first_bin], pa.int16()),
+            "weight_counts": pa.array([by_unit.get(i) for i in range(U)], pa.list_(pa.int64())),
+        }))
+        expert, token = np.nonzero(r.token_counts)
+        self._insert("expert_tokens", pa.table({
+            "layer": pa.array(np.full(len(expert), layer, np.int16)),
+            "expert": pa.array(expert.astype(np.int16)),
+            "token_id": pa.array(token.astype(np.int32)),
+            "tokens": pa.array(r.token_counts[expert, token].astype(np.int64)),
+            "weight_sum": pa.array(r.token_weights[expert, token].astype(np.float64)),
+        }))
+        expert, rank = np.nonzero(r.top_text >= 0)
+        self._insert("expert_examples", pa.table({
+            "layer": pa.array(np.full(len(expert), layer, np.int16)),
+            "expert": pa.array(expert.astype(np.int16)),
+            "rank": pa.array(rank.astype(np.int8)),
+            "weight": pa.array(r.top_weight[expert, rank].astype(np.float32)),
+            "text_id": pa.array(r.top_text[expert, rank].astype(np.int32)),
+            "position": pa.array(r.top_pos[expert, rank].astype(np.int16)),
+        }))
+        n = r.value_count.shape[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(r.value_count > 0, r.value_sum / r.value_count, np.nan)
+        grid = np.indices((n, N_Q)).reshape(2, -1)
+        self._insert("routed_values", pa.table({
+            "layer": pa.array(np.full(n * N_Q, layer, np.int16)),
+            "neuron": pa.array(grid[0].astype(np.int32)),
+            "quadrant": pa.array(grid[1].astype(np.int8)),
+            "min": pa.array(r.value_min.reshape(-1).astype(np.float32), from_pandas=True),
+            "max": pa.array(r.value_max.reshape(-1).astype(np.float32), from_pandas=True),
+            "mean": pa.array(mean.reshape(-1), from_pandas=True),
+        }))
+
     def write_token_neurons(self, layer: np.ndarray, neuron: np.ndarray, score: np.ndarray) -> None:
         self._insert("token_neurons", token_neurons_table(layer, neuron, score))
 
@@ -380,13 +445,13 @@ class DatabaseWriter:
         self.con.execute(f"SET memory_limit = '{EXAMPLE_TOKENS_MEMORY}'")
         self.con.execute(EXAMPLE_TOKENS)
 
-    def _write_distributions(self, layer: int, r: LayerStatistics) -> None:
+    def _write_distributions(self, layer: int, r: LayerStatistics, first_neuron: int = 0) -> None:
         """histograms, density, intervals and samples: only non-zero counts and filled slots."""
         n = r.histograms.shape[0]
         keys, first, counts = dense_runs(r.histograms)  # keys: (neuron, quadrant, hook index)
         self._insert("histograms", pa.table({
             "layer": pa.array(np.full(len(first), layer, np.int16)),
-            "neuron": pa.array(keys[0].astype(np.int32)),
+            "neuron": pa.array(keys[0].astype(np.int32) + first_neuron),
             "quadrant": pa.array(keys[1].astype(np.int8)),
             "hook": pa.array(np.array(rules.HIST_HOOKS, np.int8)[keys[2]]),
             "first_bin": pa.array(first.astype(np.int16)),
@@ -395,7 +460,7 @@ class DatabaseWriter:
         keys, first, counts = dense_runs(r.density)  # keys: (neuron, gate_bin)
         self._insert("density", pa.table({
             "layer": pa.array(np.full(len(first), layer, np.int16)),
-            "neuron": pa.array(keys[0].astype(np.int32)),
+            "neuron": pa.array(keys[0].astype(np.int32) + first_neuron),
             "gate_bin": pa.array(keys[1].astype(np.int16)),
             "first_in_bin": pa.array(first.astype(np.int16)),
             "counts": counts,
@@ -406,7 +471,7 @@ class DatabaseWriter:
         grid = np.indices((n, N_Q, rules.N_INTERVALS)).reshape(3, -1)
         self._insert("intervals", pa.table({
             "layer": pa.array(np.full(grid.shape[1], layer, np.int16)),
-            "neuron": pa.array(grid[0].astype(np.int32)),
+            "neuron": pa.array(grid[0].astype(np.int32) + first_neuron),
             "quadrant": pa.array(grid[1].astype(np.int8)),
             "interval": pa.array(grid[2].astype(np.int8)),
             "lo": pa.array(lo),
@@ -420,7 +485,7 @@ class DatabaseWriter:
         within = slot - rules.N_RANDOM
         self._insert("samples", pa.table({
             "layer": pa.array(np.full(int(keep.sum()), layer, np.int16)),
-            "neuron": pa.array(grid[0].astype(np.int32)),
+            "neuron": pa.array(grid[0].astype(np.int32) + first_neuron),
             "quadrant": pa.array(grid[1].astype(np.int8)),
             "kind": pa.array(is_interval.astype(np.int8)),
             "interval": pa.array(np.where(is_interval, within // rules.N_PER_INTERVAL, 0).astype(np.int8)),

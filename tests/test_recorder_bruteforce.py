@@ -92,8 +92,6 @@ def brute_force(model_dir: Path, texts: list[np.ndarray], refactor: bool, k: int
             handles.append(mlp.up_proj.register_forward_hook(hook_for(layer, kind, "u")))
 
     n_layers = len(mods)
-    stats = {}   # (layer, neuron, q, h) -> dict
-    per_text = {}  # (layer, neuron, q, h) -> list of (|v|, text_id, pos, v)
     acts = {}    # (layer, text_id) -> (g, u) as float32 numpy [T, d_mlp]
     with torch.no_grad():
         for text_id, ids in enumerate(texts):
@@ -102,29 +100,44 @@ def brute_force(model_dir: Path, texts: list[np.ndarray], refactor: bool, k: int
                 g = captured[(layer, "g")].numpy()
                 u = (captured[(layer, "u")] * signs[layer].float()).numpy()
                 acts[(layer, text_id)] = (g, u)
-                for neuron in NEURONS:
-                    best = {}
-                    for pos in range(1, len(ids)):
-                        x_g, x_i = float(g[pos, neuron]), float(u[pos, neuron])
-                        if x_g == 0 or x_i == 0:
-                            continue
-                        q = (0 if x_i > 0 else 1) if x_g > 0 else (2 if x_i > 0 else 3)
-                        a = act(x_g)
-                        values = {"hook_post": a * x_i, "hook_pre_linear": x_i, "hook_pre": x_g, "act": a}
-                        for h, v in values.items():
-                            s = stats.setdefault((layer, neuron, q, h), {"n": 0, "sum": 0.0, "min": math.inf, "max": -math.inf})
-                            s["n"] += 1
-                            s["sum"] += v
-                            s["min"] = min(s["min"], v)
-                            s["max"] = max(s["max"], v)
-                            if v != 0 and abs(v) > best.get((q, h), (0.0,))[0]:
-                                best[(q, h)] = (abs(v), pos, v)
-                    for (q, h), (mag, pos, v) in best.items():
-                        per_text.setdefault((layer, neuron, q, h), []).append((mag, text_id, pos, v))
     for handle in handles:
         handle.remove()
-    tops = {key: sorted(cands, key=lambda c: (-c[0], c[1]))[:k] for key, cands in per_text.items()}
+    stats, tops, per_text = statistics_of(acts, texts, {layer: NEURONS for layer in range(n_layers)}, act, k)
     return stats, tops, per_text, acts, n_layers
+
+
+def statistics_of(acts: dict, texts: list[np.ndarray], neurons: dict[int, tuple[int, ...]], act, k: int):
+    """Per (layer, neuron, quadrant, hook): count, sum, min and max; the top-k texts; every text's best token.
+
+    acts[(layer, text_id)] = (x_gate, x_in after the convention) [T, n]; NaN marks a token the neuron never saw
+    (an expert's token routed elsewhere). Walks every token in Python.
+    """
+    stats = {}   # (layer, neuron, q, h) -> dict
+    per_text = {}  # (layer, neuron, q, h) -> list of (|v|, text_id, pos, v)
+    for text_id, ids in enumerate(texts):
+        for layer, chosen in neurons.items():
+            g, u = acts[(layer, text_id)]
+            for neuron in chosen:
+                best = {}
+                for pos in range(1, len(ids)):
+                    x_g, x_i = float(g[pos, neuron]), float(u[pos, neuron])
+                    if x_g == 0 or x_i == 0 or math.isnan(x_g):
+                        continue
+                    q = (0 if x_i > 0 else 1) if x_g > 0 else (2 if x_i > 0 else 3)
+                    a = act(x_g)
+                    values = {"hook_post": a * x_i, "hook_pre_linear": x_i, "hook_pre": x_g, "act": a}
+                    for h, v in values.items():
+                        s = stats.setdefault((layer, neuron, q, h), {"n": 0, "sum": 0.0, "min": math.inf, "max": -math.inf})
+                        s["n"] += 1
+                        s["sum"] += v
+                        s["min"] = min(s["min"], v)
+                        s["max"] = max(s["max"], v)
+                        if v != 0 and abs(v) > best.get((q, h), (0.0,))[0]:
+                            best[(q, h)] = (abs(v), pos, v)
+                for (q, h), (mag, pos, v) in best.items():
+                    per_text.setdefault((layer, neuron, q, h), []).append((mag, text_id, pos, v))
+    tops = {key: sorted(cands, key=lambda c: (-c[0], c[1]))[:k] for key, cands in per_text.items()}
+    return stats, tops, per_text
 
 
 TIE = 1e-5
@@ -185,13 +198,31 @@ def test_database_matches_brute_force(arch_model, distinct_corpus, refactor, red
 
     stats, tops, cands, acts, n_layers = brute_force(model_dir, texts, refactor, k)
     _check_distributions(con, model_dir, texts, acts, n_layers)
-    for layer in range(n_layers):
-        for neuron in NEURONS:
+    check_neurons(con, stats, tops, cands, acts, texts, {layer: NEURONS for layer in range(n_layers)}, arch)
+
+    _check_weight_tokens(con, model_dir, refactor)
+
+    # The weight convention: after refactor_glu every cos(w_gate, w_in) >= 0.
+    cos_min = con.execute("SELECT min(cos_gate_in) FROM neurons").fetchone()[0]
+    flipped = con.execute("SELECT count(*) FILTER (WHERE flipped) FROM neurons").fetchone()[0]
+    if refactor:
+        assert cos_min >= 0 and flipped > 0
+    else:
+        assert cos_min < 0 and flipped == 0
+    con.close()
+
+
+def check_neurons(con, stats: dict, tops: dict, cands: dict, acts: dict, texts: list[np.ndarray],
+                  neurons: dict[int, tuple[int, ...]], where) -> None:
+    """Counts, value_stats, the top examples and their windows of `neurons` against statistics_of's."""
+    before, after = con.execute("SELECT window_before, window_after FROM metadata").fetchone()
+    for layer, chosen in neurons.items():
+        for neuron in chosen:
             counts = con.execute("SELECT count_pp, count_pn, count_np, count_nn FROM neurons WHERE layer=? AND neuron=?",
                                  [layer, neuron]).fetchone()
             for q in range(4):
                 expected_n = stats.get((layer, neuron, q, "hook_pre"), {"n": 0})["n"]
-                assert counts[q] == expected_n, (layer, neuron, QUADRANTS[q])
+                assert counts[q] == expected_n, (where, layer, neuron, QUADRANTS[q])
                 for h_code, h in enumerate(HOOKS):
                     got = con.execute("SELECT min, max, mean FROM value_stats WHERE layer=? AND neuron=? AND quadrant=? AND hook=?",
                                       [layer, neuron, q, h_code]).fetchone()
@@ -209,7 +240,7 @@ def test_database_matches_brute_force(arch_model, distinct_corpus, refactor, red
                         "WHERE e.layer=? AND e.neuron=? AND e.quadrant=? AND e.hook=? ORDER BY e.rank",
                         [layer, neuron, q, h_code]).fetchall()
                     want = tops.get((layer, neuron, q, h), [])
-                    _assert_same_top(examples, want, cands.get((layer, neuron, q, h), []), (arch, layer, neuron, q, h))
+                    _assert_same_top(examples, want, cands.get((layer, neuron, q, h), []), (where, layer, neuron, q, h))
                     for e, c in zip(examples, want):
                         text_id, pos, start = e[2], e[3], e[4]
                         assert start == max(0, pos - before)
@@ -218,25 +249,20 @@ def test_database_matches_brute_force(arch_model, distinct_corpus, refactor, red
                         np.testing.assert_allclose(_f16(e[5]), g[start:end, neuron], rtol=2e-3, atol=2e-3)
                         np.testing.assert_allclose(_f16(e[6]), u[start:end, neuron], rtol=2e-3, atol=2e-3)
 
-    _check_weight_tokens(con, model_dir, refactor)
-
-    # The weight convention: after refactor_glu every cos(w_gate, w_in) >= 0.
-    cos_min = con.execute("SELECT min(cos_gate_in) FROM neurons").fetchone()[0]
-    flipped = con.execute("SELECT count(*) FILTER (WHERE flipped) FROM neurons").fetchone()[0]
-    if refactor:
-        assert cos_min >= 0 and flipped > 0
-    else:
-        assert cos_min < 0 and flipped == 0
-    con.close()
-
 
 def _check_weight_tokens(con, model_dir: Path, refactor: bool) -> None:
     """weight_tokens against the plain HF embedding and unembedding matrices."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    check_weight_tokens(con, model, {layer: (wg, wi, wo, NEURONS) for layer, (_, _, wg, wi, wo)
+                                     in enumerate(_mlp_modules(model))}, refactor)
+
+
+def check_weight_tokens(con, model, weights: dict, refactor: bool) -> None:
+    """weight_tokens of chosen neurons: weights[layer] = (w_gate [n, d], w_in [n, d], w_out [d, n], neurons)."""
     W_E = model.get_input_embeddings().weight.detach().double()      # [vocab, d]
     W_U = model.get_output_embeddings().weight.detach().double()     # [vocab, d]
-    for layer, (_, _, wg, wi, wo) in enumerate(_mlp_modules(model)):
-        for neuron in NEURONS:
+    for layer, (wg, wi, wo, neurons) in weights.items():
+        for neuron in neurons:
             g, i, o = (w.detach().double() for w in (wg[neuron], wi[neuron], wo[:, neuron]))
             s = -1.0 if refactor and float(g @ i) < 0 else 1.0
             expected = {0: W_U @ (s * o), 2: W_E @ g, 4: W_E @ (s * i)}
@@ -294,10 +320,13 @@ def _bounds(mags: list[float], default: tuple[float, float, float]) -> tuple[flo
     return tuple(edges[i] for i in index)
 
 
-def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: dict, n_layers: int) -> None:
+def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: dict, n_layers: int,
+                         neurons: dict[int, tuple[int, ...]] | None = None) -> None:
+    """Histograms, density, intervals, samples and their windows of `neurons` (per layer; default NEURONS)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     act_name = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
     act = _gelu_tanh if "tanh" in act_name else _silu
+    neurons = neurons or {layer: NEURONS for layer in range(n_layers)}
     seed, n_random, n_per, calib, batch_size = con.execute(
         "SELECT sample_seed, n_random, n_per_interval, calibration_batches, batch_size FROM metadata").fetchone()
     assert (n_random, n_per, calib) == (8, 4, 4)
@@ -310,14 +339,14 @@ def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: di
     # The calibration: the run's first batches, longest texts first (record._batches).
     lengths = np.array([len(t) for t in texts])
     calibration = set(np.argsort(-lengths, kind="stable")[:calib * batch_size].tolist())
-    for layer in range(n_layers):
-        for neuron in NEURONS:
+    for layer, chosen in neurons.items():
+        for neuron in chosen:
             tokens = []  # (q, text_id, pos, x_gate, x_in, act, post)
             for text_id in range(len(texts)):
                 g, u = acts[(layer, text_id)]
                 for pos in range(1, len(texts[text_id])):
                     x_g, x_i = g[pos, neuron], u[pos, neuron]
-                    if x_g == 0 or x_i == 0:
+                    if x_g == 0 or x_i == 0 or np.isnan(x_g):
                         continue
                     q = (0 if x_i > 0 else 1) if x_g > 0 else (2 if x_i > 0 else 3)
                     a = np.float32(act(float(x_g)))

@@ -29,7 +29,25 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "gemma2": ("Gemma2Config", {"head_dim": 16, "num_key_value_heads": 2, "hidden_activation": "gelu_pytorch_tanh"}),
     "phi3": ("Phi3Config", {"num_key_value_heads": 4, "pad_token_id": 2}),
     "gpt2": ("GPT2Config", {}),  # not gated: for the error path
+    # Mixture-of-experts: every expert a gated MLP of d_mlp neurons (experts' intermediate size).
+    "olmoe": ("OlmoeConfig", {"num_experts": 6, "num_experts_per_tok": 2}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 2}),
+    # A gated shared expert beside the routed ones, of another width.
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 6, "num_experts_per_tok": 2, "num_key_value_heads": 2,
+                                     "shared_expert_intermediate_size": 40, "norm_topk_prob": False}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 6, "num_experts_per_tok": 2, "num_key_value_heads": 2,
+                                     "head_dim": 16, "norm_topk_prob": True}),
+    # DeepSeek-V3's layout: a dense first layer, sigmoid routing within groups, a scaling factor, shared experts.
+    "deepseek_v3": ("DeepseekV3Config", {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2,
+                                         "topk_group": 1, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                                         "routed_scaling_factor": 2.5, "num_key_value_heads": 4,
+                                         "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                                         "qk_nope_head_dim": 8, "v_head_dim": 16, "rope_scaling": None}),
+    # gpt-oss: its experts' clamped SwiGLU with biases is refused (see recorder/experts.py).
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 2,
+                                 "head_dim": 16}),
 }
+MOE_ARCHITECTURES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
@@ -57,10 +75,13 @@ def make_config(arch: str, vocab_size: int, d_model: int = 64, d_mlp: int = 96, 
         config = cls(vocab_size=vocab_size, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads,
                      n_positions=max_positions, bos_token_id=0, eos_token_id=1)
     else:
+        sizes = {"intermediate_size": d_mlp}
+        if arch in ("qwen2_moe", "qwen3_moe", "deepseek_v3"):  # the experts' size; the dense layers' differs
+            sizes = {"intermediate_size": d_mlp + 16, "moe_intermediate_size": d_mlp}
         config = cls(
             vocab_size=vocab_size,
             hidden_size=d_model,
-            intermediate_size=d_mlp,
+            **sizes,
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
             max_position_embeddings=max_positions,

@@ -294,7 +294,8 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
       // The quadrant code is 2 * (x_gate < 0) + (x_in < 0), and each list's sign the product of the signs
       // it depends on (formulas_hold() checks both against the header's tables).
       const int32_t gneg = g < 0, ineg = x_in < 0;
-      const int32_t member = int32_t(g != 0) & int32_t(x_in != 0);  // int, not bool: bools stop GCC vectorising
+      // Nonzero and not NaN (an expert's tokens routed elsewhere are NaN). int, not bool: bools stop GCC vectorising.
+      const int32_t member = (int32_t(g > 0) | int32_t(g < 0)) & (int32_t(x_in > 0) | int32_t(x_in < 0));
       const int32_t q = 2 * gneg + ineg;
       const float p = std::fabs(post);
       int32_t interval = 0;
@@ -431,7 +432,7 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
     alignas(64) uint32_t salt[BLOCK];
     const uint32_t layer_salt = fmix32(uint32_t(args->seed) ^ uint32_t(args->layer));
     for (int jj = 0; jj < BLOCK; ++jj) {
-      salt[jj] = fmix32(layer_salt ^ uint32_t(j0 + jj));
+      salt[jj] = fmix32(layer_salt ^ uint32_t(args->first_neuron + j0 + jj));
       for (int q = 0; q < NQ; ++q)
         for (int i = 0; i < 3; ++i) bnd[q][i][jj] = jj < w ? bounds[((j0 + jj) * NQ + q) * 3 + i] : 0.0f;
     }

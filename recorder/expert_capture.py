@@ -1,0 +1,121 @@
+"""The forward pass of a mixture-of-experts model: each expert's neurons to its own reducer.
+
+Hooks go on the Hugging Face modules themselves (experts.py says why not on
+the bridge's hook points). A routed expert's reducer is handed x_gate and
+x_in [B, T, d] with NaN at every token not routed to it: NaN is in no
+quadrant, so both reducers leave those tokens out of every statistic, and
+the windows around its examples show them as NaN ("not routed here").
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+from gluscope.recorder.experts import LayerLayout, Unit, routed_activations
+from gluscope.recorder.reducer_interface import LayerReducer
+from gluscope.recorder.routing import RouterStats
+
+
+def units_of(layouts: Sequence[LayerLayout]) -> list[tuple[int, Unit]]:
+    """Every (layer, unit) in recording order: one reducer each."""
+    return [(layer, unit) for layer, layout in enumerate(layouts) for unit in layout.units]
+
+
+def _scattered(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    full = torch.full((n_rows, values.shape[1]), float("nan"), dtype=torch.float32, device=values.device)
+    full[rows] = values.float()
+    return full
+
+
+@contextmanager
+def expert_hooks(layouts: Sequence[LayerLayout], reducers: Sequence[LayerReducer], current: dict,
+                 act_fn: Callable[..., torch.Tensor], signs: Sequence[torch.Tensor] | None = None,
+                 stats: Sequence[RouterStats | None] | None = None) -> Iterator[None]:
+    """Hooks on every layer's modules while the block runs: reducers[i] gets unit i of units_of(layouts).
+
+    current["batch"] is the pass's Batch and current["tokens"] its token ids [B, T]. With `stats` (per layer;
+    None for a dense layer) the router's choices and the units' routed contributions are folded too, with the
+    weight convention `signs` (per layer, [n]). After the last layer's last unit the pass stops
+    (StopAtLayerException, which the bridge's run_with_hooks catches).
+    """
+    first_reducer = []
+    at = 0
+    for layout in layouts:
+        first_reducer.append(at)
+        at += len(layout.units)
+    last = len(layouts) - 1
+    calls = [int(layout.experts is not None) + len(layout.mlps) for layout in layouts]
+    handles = []
+
+    def finished(layer: int) -> None:
+        if layer == last:
+            current["calls"] = current.get("calls", 0) + 1
+            if current["calls"] == calls[last]:
+                current["calls"] = 0
+                raise StopAtLayerException(torch.zeros(0))
+
+    def on_experts(layer: int) -> Callable:
+        layout = layouts[layer]
+
+        def hook(module, args, kwargs) -> None:
+            params = list(args) + [kwargs[name] for name in ("hidden_states", "top_k_index", "top_k_weights",
+                                                               "router_indices", "routing_weights") if name in kwargs]
+            hidden, index, weights = params[:3]
+            batch = current["batch"]
+            B, T = batch.valid.shape
+            valid = batch.valid.reshape(-1)
+            layer_stats = stats[layer] if stats is not None else None
+            if layer_stats is not None:
+                layer_stats.route(index, weights, batch, current["tokens"])
+            for unit, (rows, slots, x_gate, x_in) in zip(layout.routed,
+                                                         routed_activations(hidden, index, module, layout.n_experts)):
+                reducers[first_reducer[layer] + unit.expert].update(
+                    _scattered(x_gate, rows, B * T).view(B, T, -1), _scattered(x_in, rows, B * T).view(B, T, -1),
+                    batch)
+                if layer_stats is not None and rows.numel():
+                    sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
+                    layer_stats.contribute(unit.first_neuron, x_gate.float(), x_in.float() * sign,
+                                           act_fn(x_gate.float()), weights[rows, slots], valid[rows])
+            finished(layer)
+        return hook
+
+    def on_mlp(layer: int, i: int) -> Callable:
+        layout = layouts[layer]
+        unit = layout.direct[i]
+        index = layout.n_experts + i
+
+        def hook(module, args, kwargs) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            batch = current["batch"]
+            B, T = batch.valid.shape
+            x = x.reshape(B * T, -1)
+            x_gate = module.gate_proj(x).float()
+            x_in = module.up_proj(x).float()
+            reducers[first_reducer[layer] + index].update(x_gate.view(B, T, -1), x_in.view(B, T, -1), batch)
+            layer_stats = stats[layer] if stats is not None else None
+            if layer_stats is not None:
+                gate = layout.shared_gate
+                weight = (torch.sigmoid(gate(x).float()).reshape(-1) if gate is not None
+                          else x_gate.new_ones(B * T))
+                layer_stats.direct_weights(index, weight, batch)
+                sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
+                layer_stats.contribute(unit.first_neuron, x_gate, x_in * sign, act_fn(x_gate), weight,
+                                       batch.valid.reshape(-1))
+            finished(layer)
+        return hook
+
+    try:
+        for layer, layout in enumerate(layouts):
+            if layout.experts is not None:
+                handles.append(layout.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
+            for i, mlp in enumerate(layout.mlps):
+                handles.append(mlp.register_forward_pre_hook(on_mlp(layer, i), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        current.pop("calls", None)

@@ -1,0 +1,190 @@
+"""Mixture-of-experts layers: where each expert's gated neurons are, their weights, and what the router chose.
+
+In transformers 5 an MoE block's routed experts are one module holding fused
+3-D parameters (gate_up_proj [E, 2 d, d_model], down_proj [E, d_model, d]),
+so no expert's x_gate or x_in is ever a module output that a hook could
+read, and TransformerLens's MoE bridge names only the block's input and
+output. What every supported block does share is the call
+`experts(hidden_states [N, d_model], top_k_index [N, k], top_k_weights [N, k])`:
+the block's input and the router's decision exactly as the model computed
+them. A forward pre-hook on that module takes both, and each expert's x_gate
+and x_in are computed from its own weight slices for the tokens routed to it
+(`routed_activations`). Shared experts and the dense layers of an MoE model
+are gated MLP modules (gate_proj, up_proj, down_proj), read by a pre-hook on
+the module the same way.
+
+A layer's neurons are numbered expert after expert (schema.sql, experts):
+the routed experts first, then the shared ones, each a `Unit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from gluscope.errors import UserError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One gated MLP of a layer: a routed expert, a shared expert, or the layer's dense MLP."""
+
+    expert: int | None      # the expert's number in the layer; None: a dense layer's MLP
+    shared: bool
+    first_neuron: int       # its neurons are first_neuron .. first_neuron + n_neurons - 1 of the layer
+    n_neurons: int
+
+
+@dataclass
+class LayerLayout:
+    """A layer's units and the modules they are read from."""
+
+    units: list[Unit]
+    n_experts: int = 0          # routed experts; 0: a dense layer
+    top_k: int = 0
+    router: str | None = None   # the router's class and how it weighs (schema.sql, layers.router)
+    experts: torch.nn.Module | None = None       # the fused routed experts
+    mlps: list[torch.nn.Module] = field(default_factory=list)  # per non-routed unit: its gated MLP module
+    shared_gate: torch.nn.Module | None = None   # Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales the shared expert
+
+    @property
+    def n_neurons(self) -> int:
+        return sum(u.n_neurons for u in self.units)
+
+    @property
+    def routed(self) -> list[Unit]:
+        return self.units[:self.n_experts]
+
+    @property
+    def direct(self) -> list[Unit]:
+        """The units every token passes through: the dense MLP, or the shared experts."""
+        return self.units[self.n_experts:]
+
+    def unit_weights(self, unit: Unit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w_gate, w_in, w_out) of one unit, each [n_neurons, d_model] float32, one row per neuron."""
+        if unit.expert is not None and unit.expert < self.n_experts:
+            d = unit.n_neurons
+            gate_up = self.experts.gate_up_proj[unit.expert].detach()
+            return gate_up[:d].float(), gate_up[d:].float(), self.experts.down_proj[unit.expert].detach().T.float()
+        mlp = self.mlps[self.units.index(unit) - self.n_experts]
+        return (mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
+                mlp.down_proj.weight.detach().T.float())
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w_gate, w_in, w_out) of the whole layer in its neuron numbering."""
+        parts = [self.unit_weights(u) for u in self.units]
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+
+def original(module: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face module a TransformerBridge component wraps (the module itself when it wraps none)."""
+    while getattr(module, "original_component", None) is not None:
+        module = module.original_component
+    return module
+
+
+def _is_gated_mlp(module: torch.nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _router_description(block: torch.nn.Module, config) -> str:
+    router = original(getattr(block, "gate", None) or getattr(block, "router"))
+    parts = [type(router).__name__]
+    if hasattr(router, "e_score_correction_bias"):
+        parts.append("sigmoid scores, top-k within the best groups")
+    else:
+        parts.append("softmax")
+    if getattr(router, "norm_topk_prob", None) is not None or "Mixtral" in parts[0]:
+        renormalised = True if "Mixtral" in parts[0] else bool(router.norm_topk_prob)
+        parts.append("top-k weights renormalised to sum 1" if renormalised else "top-k weights as the softmax gave them")
+    scale = getattr(router, "routed_scaling_factor", None)
+    if scale not in (None, 1, 1.0):
+        parts.append(f"times {scale:g}")
+    return ", ".join(parts)
+
+
+def layer_layouts(hf_model, name: str) -> list[LayerLayout] | None:
+    """Every layer's layout when the model has a mixture-of-experts layer, else None (a dense model).
+
+    Raises a one-line UserError naming what is missing where an MoE block is laid out otherwise.
+    """
+    layers = getattr(getattr(hf_model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    blocks = [original(original(layer).mlp) if hasattr(original(layer), "mlp") else None for layer in layers]
+    if not any(b is not None and hasattr(b, "experts") for b in blocks):
+        return None
+    arch = type(original(hf_model)).__name__
+    layouts = []
+    for index, block in enumerate(blocks):
+        if block is None:
+            raise UserError(f"--model {name} ({arch}): layer {index} has no `mlp` module GLUScope can read")
+        if not hasattr(block, "experts"):
+            if not _is_gated_mlp(block):
+                raise UserError(f"--model {name} ({arch}): layer {index}'s MLP ({type(block).__name__}) is neither "
+                                "a gated MLP nor a mixture of experts")
+            n = block.gate_proj.weight.shape[0]
+            layouts.append(LayerLayout([Unit(None, False, 0, n)], mlps=[block]))
+            continue
+        experts = original(block.experts)
+        gate_up = getattr(experts, "gate_up_proj", None)
+        down = getattr(experts, "down_proj", None)
+        if (not isinstance(gate_up, torch.Tensor) or gate_up.dim() != 3 or not isinstance(down, torch.Tensor)
+                or hasattr(experts, "gate_up_proj_bias") or down.shape[-1] * 2 != gate_up.shape[1]):
+            raise UserError(
+                f"--model {name} ({arch}): its experts ({type(experts).__name__}) are not laid out as GLUScope reads "
+                "them (fused gate_up_proj [experts, 2 * d, d_model] without biases, gate rows first, and down_proj "
+                "[experts, d_model, d]); gpt-oss's interleaved, clamped SwiGLU with biases is not supported yet")
+        E, two_d, _ = gate_up.shape
+        d = two_d // 2
+        units = [Unit(e, False, e * d, d) for e in range(E)]
+        mlps = []
+        for attr in ("shared_expert", "shared_experts"):
+            shared = getattr(block, attr, None)
+            if shared is None:
+                continue
+            shared = original(shared)
+            if not _is_gated_mlp(shared):
+                raise UserError(f"--model {name} ({arch}): layer {index}'s {attr} is not a gated MLP")
+            units.append(Unit(len(units), True, sum(u.n_neurons for u in units), shared.gate_proj.weight.shape[0]))
+            mlps.append(shared)
+        shared_gate = getattr(block, "shared_expert_gate", None)
+        router = original(getattr(block, "gate", None) or getattr(block, "router"))
+        layouts.append(LayerLayout(units, n_experts=E, top_k=int(router.top_k), router=_router_description(block, None),
+                                   experts=experts, mlps=mlps,
+                                   shared_gate=original(shared_gate) if shared_gate is not None else None))
+    return layouts
+
+
+def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, experts: torch.nn.Module, n_experts: int):
+    """Per routed expert e: (token rows [n_e] int64 ascending, slot in the top-k [n_e], x_gate [n_e, d], x_in [n_e, d]).
+
+    The same products the model's experts compute, for the same tokens (float32 on the model's device).
+    """
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # token-major input: each expert's rows come out ascending
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
+    k = top_k_index.shape[1]
+    starts = 0
+    out = []
+    for e, count in enumerate(counts):
+        picked = order[starts:starts + count]
+        starts += count
+        rows, slots = picked // k, picked % k
+        if count:
+            x_gate, x_in = F.linear(hidden[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        else:
+            x_gate = x_in = hidden.new_zeros((0, experts.down_proj.shape[-1]))
+        out.append((rows, slots, x_gate, x_in))
+    return out
+
+
+def expert_count(config: dict) -> int | None:
+    """The routed experts per layer a config declares, if any (the names differ by architecture)."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
