@@ -128,15 +128,19 @@ def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
 def _sum_runs(table: str, keys: str, first: str, shards: str) -> str:
     """The shards' count lists (schema.sql's histograms, density) added bin by bin, as dense lists again: one
     shard's range may end before another's starts, so the bins between get zeros."""
-    return f"""INSERT INTO {table}
-        WITH cells AS (
+    return f"INSERT INTO {table} {_summed_runs(keys, first, 'counts', shards)}"
+
+
+def _summed_runs(keys: str, first: str, counts: str, shards: str) -> str:
+    """SELECT keys, first bin, counts: the lists `counts` starting at bin `first` of `shards`, summed per key."""
+    return f"""WITH cells AS (
             SELECT {keys}, bin, sum(count) AS count
-            FROM (SELECT {keys}, {first} + generate_subscripts(counts, 1) - 1 AS bin, unnest(counts) AS count
+            FROM (SELECT {keys}, {first} + generate_subscripts({counts}, 1) - 1 AS bin, unnest({counts}) AS count
                   FROM ({shards}))
             GROUP BY ALL),
         spans AS (SELECT {keys}, lo, unnest(range(lo, hi + 1)) AS bin
                   FROM (SELECT {keys}, min(bin) AS lo, max(bin) AS hi FROM cells GROUP BY ALL))
-        SELECT {keys}, lo::SMALLINT, list(coalesce(c.count, 0) ORDER BY s.bin)
+        SELECT {keys}, lo::SMALLINT AS first_bin, list(coalesce(c.count, 0) ORDER BY s.bin) AS counts
         FROM spans s LEFT JOIN cells c USING ({keys}, bin)
         GROUP BY ALL ORDER BY {keys}"""
 
@@ -223,4 +227,35 @@ def _statements(n: int, k: int, n_random: int, n_per_interval: int) -> list[str]
         "INSERT INTO weight_tokens SELECT * FROM shard0.weight_tokens ORDER BY layer, neuron, kind, rank",
         "INSERT INTO token_neurons SELECT * FROM shard0.token_neurons ORDER BY token_id, kind, rank",
         "INSERT INTO related SELECT * FROM shard0.related ORDER BY layer, neuron, direction, via, rank",
+        # Mixture-of-experts: counts and sums add up, the weight histograms bin by bin, the top texts merge like
+        # the examples, and the imbalance follows from the merged counts.
+        f"""INSERT INTO experts
+            WITH runs AS ({_summed_runs("layer, expert", "weight_first_bin", "weight_counts", union("experts"))}),
+            sums AS (SELECT layer, expert, sum(tokens) AS tokens, sum(weight_sum) AS weight_sum
+                     FROM ({union('experts')}) GROUP BY ALL)
+            SELECT e.layer, e.expert, e.shared, e.first_neuron, e.n_neurons, s.tokens, s.weight_sum,
+                   r.first_bin, r.counts
+            FROM shard0.experts e JOIN sums s USING (layer, expert) LEFT JOIN runs r USING (layer, expert)
+            ORDER BY layer, expert""",
+        f"""INSERT INTO layers
+            SELECT l.layer, l.n_neurons, l.n_experts, l.top_k, l.router,
+                   (SELECT CASE WHEN sum(e.tokens) > 0 THEN max(e.tokens) / avg(e.tokens) END
+                    FROM experts e WHERE e.layer = l.layer AND NOT e.shared)
+            FROM shard0.layers l ORDER BY layer""",
+        f"""INSERT INTO expert_tokens
+            SELECT layer, expert, token_id, sum(tokens), sum(weight_sum) FROM ({union('expert_tokens')})
+            GROUP BY ALL ORDER BY layer, expert, token_id""",
+        f"""INSERT INTO expert_examples
+            SELECT layer, expert, (row_number() OVER w - 1) AS rank, weight, text_id, position
+            FROM ({union('expert_examples')})
+            WINDOW w AS (PARTITION BY layer, expert ORDER BY weight DESC, text_id, position)
+            QUALIFY row_number() OVER w <= {k}
+            ORDER BY layer, expert, rank""",
+        f"""INSERT INTO routed_values
+            SELECT layer, neuron, quadrant, min(min), max(max),
+                   sum(mean * n_quadrant) FILTER (WHERE n_quadrant > 0) / nullif(sum(n_quadrant), 0)
+            FROM ({" UNION ALL ".join(
+                f"SELECT r.*, {count_of.replace('v.', 'r.')} AS n_quadrant FROM shard{i}.routed_values r "
+                f"JOIN shard{i}.neurons n USING (layer, neuron)" for i in range(n))})
+            GROUP BY ALL ORDER BY layer, neuron, quadrant""",
     ]

@@ -329,3 +329,20 @@ def test_a_resume_of_another_run_is_refused_with_one_line(tiny_llama, long_corpu
     # Refusals leave the checkpoint as it was.
     assert checkpoint_of(out).read_bytes() == saved
     assert not out.exists()
+
+
+@pytest.mark.system
+@pytest.mark.slow
+def test_a_mixture_of_experts_run_killed_then_resumed_gives_the_uninterrupted_file(tmp_path):
+    """Every expert's reducer and every layer's router statistics are in the checkpoint (Qwen2-MoE: routed and
+    shared experts). An MoE batch costs several dense ones, so the shorter corpus still checkpoints many times."""
+    require_kernel()
+    from .test_moe_bruteforce import moe_model
+
+    model = moe_model("qwen2_moe")
+    corpus = recordings.corpus("distinct")
+    want = recordings.record(model, corpus, *OPTIONS, "--reducer", "kernel", "--checkpoint-every", "0")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    run_chain([("loop", signal.SIGKILL), ("checkpoint", signal.SIGKILL)], "kernel", model, corpus, want,
+              folder, seed=16)

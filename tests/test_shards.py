@@ -35,7 +35,16 @@ TABLES = {
     "density": "layer, neuron, gate_bin",
     "intervals": "layer, neuron, quadrant, interval",
     "samples": "layer, neuron, quadrant, kind, interval, rank",
+    "layers": "layer",
 }
+# Mixture-of-experts files only; the columns of sums over tokens compare within float rounding, apart.
+MOE_TABLES = {
+    "experts": "layer, expert",
+    "expert_tokens": "layer, expert, token_id",
+    "expert_examples": "layer, expert, rank",
+    "routed_values": "layer, neuron, quadrant",
+}
+SUMS = {"value_stats": "mean", "routed_values": "mean", "experts": "weight_sum", "expert_tokens": "weight_sum"}
 OPTIONS = ("--max-length", "40", "--batch-size", "3", "--k", "4")
 
 
@@ -53,20 +62,22 @@ def assert_same_recording(got: Path, want: Path) -> None:
     """Every table equal row for row; means within 1e-12 relative; metadata equal but for its creation time."""
     con = duckdb.connect(str(got), read_only=True)
     con.execute(f"ATTACH '{want}' AS want (READ_ONLY)")
-    for table, key in TABLES.items():
-        columns = "* EXCLUDE (mean)" if table == "value_stats" else "*"
+    moe = con.execute("SELECT count(*) FROM want.experts").fetchone()[0] > 0
+    for table, key in {**TABLES, **(MOE_TABLES if moe else {})}.items():
+        columns = f"* EXCLUDE ({SUMS[table]})" if table in SUMS else "*"
         n = con.execute(f"SELECT count(*) FROM want.{table}").fetchone()[0]
         assert n > 0 and n == con.execute(f"SELECT count(*) FROM {table}").fetchone()[0], table
         differ = con.execute(f"""SELECT count(*) FROM (
             (SELECT {columns} FROM {table} EXCEPT ALL SELECT {columns} FROM want.{table})
             UNION ALL (SELECT {columns} FROM want.{table} EXCEPT ALL SELECT {columns} FROM {table}))""").fetchone()[0]
         assert differ == 0, f"{table}: {differ} rows differ"
-    means = con.execute("""SELECT a.mean, b.mean FROM value_stats a JOIN want.value_stats b
-                           USING (layer, neuron, quadrant, hook) ORDER BY ALL""").fetchall()
-    a = np.array([m[0] if m[0] is not None else np.nan for m in means])
-    b = np.array([m[1] if m[1] is not None else np.nan for m in means])
-    assert (np.isnan(a) == np.isnan(b)).all()
-    np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-12, atol=0)
+        if table in SUMS:
+            sums = con.execute(f"""SELECT a.{SUMS[table]}, b.{SUMS[table]} FROM {table} a JOIN want.{table} b
+                                   USING ({key}) ORDER BY ALL""").fetchall()
+            a = np.array([m[0] if m[0] is not None else np.nan for m in sums])
+            b = np.array([m[1] if m[1] is not None else np.nan for m in sums])
+            assert (np.isnan(a) == np.isnan(b)).all(), table
+            np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-12, atol=0, err_msg=table)
     got_meta = con.execute("SELECT * EXCLUDE (created_at) FROM metadata").fetchall()
     want_meta = con.execute("SELECT * EXCLUDE (created_at) FROM want.metadata").fetchall()
     assert got_meta == want_meta
@@ -98,6 +109,21 @@ def test_merged_shards_equal_the_single_run(shards, single, tmp_path):
     out = tmp_path / "merged.duckdb"
     # Any order of the files on the command line.
     assert gluscope_main(["merge", str(shards[2]), str(shards[0]), str(shards[1]), "--out", str(out)]) == 0
+    assert_same_recording(out, single)
+
+
+@pytest.mark.integration
+def test_mixture_of_experts_shards_merge_to_the_single_run(tmp_path):
+    """Expert neurons, router counts, weight histograms, token counts, top texts and routed values add up."""
+    from gluscope.cli import main as gluscope_main
+
+    from .test_moe_bruteforce import record
+
+    corpus = recordings.corpus("distinct")
+    single = record("qwen2_moe", "kernel", True, corpus, "--k", "4")
+    parts = [record("qwen2_moe", "kernel", True, corpus, "--k", "4", "--shard", f"{i}/2") for i in range(2)]
+    out = tmp_path / "merged.duckdb"
+    assert gluscope_main(["merge", str(parts[1]), str(parts[0]), "--out", str(out)]) == 0
     assert_same_recording(out, single)
 
 
