@@ -2,9 +2,11 @@
 
 Hooks go on the Hugging Face modules themselves (experts.py says why not on
 the bridge's hook points). A routed expert's reducer is handed x_gate and
-x_in [B, T, d] with NaN at every token not routed to it: NaN is in no
-quadrant, so both reducers leave those tokens out of every statistic, and
-the windows around its examples show them as NaN ("not routed here").
+x_in of its own tokens only, [R, d], with the row of each token of the batch
+(-1: routed elsewhere): the kernel walks just those rows, the tensor code
+spreads them to [B, T, d] with NaN elsewhere. NaN is in no quadrant, so no
+statistic counts those tokens, and the windows around its examples show
+them as NaN ("not routed here").
 """
 
 from __future__ import annotations
@@ -23,12 +25,6 @@ from gluscope.recorder.routing import RouterStats
 def units_of(layouts: Sequence[LayerLayout]) -> list[tuple[int, Unit]]:
     """Every (layer, unit) in recording order: one reducer each."""
     return [(layer, unit) for layer, layout in enumerate(layouts) for unit in layout.units]
-
-
-def _scattered(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    full = torch.full((n_rows, values.shape[1]), float("nan"), dtype=torch.float32, device=values.device)
-    full[rows] = values.float()
-    return full
 
 
 @contextmanager
@@ -73,9 +69,9 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Sequence[LayerReducer
                 layer_stats.route(index, weights, batch, current["tokens"])
             for unit, (rows, slots, x_gate, x_in) in zip(layout.routed,
                                                          routed_activations(hidden, index, module, layout.n_experts)):
-                reducers[first_reducer[layer] + unit.expert].update(
-                    _scattered(x_gate, rows, B * T).view(B, T, -1), _scattered(x_in, rows, B * T).view(B, T, -1),
-                    batch)
+                row_map = torch.full((B * T,), -1, dtype=torch.int64, device=rows.device)
+                row_map[rows] = torch.arange(len(rows), device=rows.device)
+                reducers[first_reducer[layer] + unit.expert].update(x_gate, x_in, batch, row_map)
                 if layer_stats is not None and rows.numel():
                     sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
                     layer_stats.contribute(unit.first_neuron, x_gate.float(), x_in.float() * sign,

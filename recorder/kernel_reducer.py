@@ -96,6 +96,7 @@ class ReduceArgs(ctypes.Structure):
         ("sign", _f32),                                     # [n] the weight convention
         ("bounds", _f32),                                   # [n, Q, 3] the interval bounds
         ("lengths", _i64), ("text_ids", _i64),              # [B]
+        ("row_map", _i64),                                  # [B * T] an expert's compact rows (-1: routed elsewhere), or null
         ("batch", ctypes.c_int64), ("seq_len", ctypes.c_int64), ("n", ctypes.c_int64),
         ("before", ctypes.c_int64), ("after", ctypes.c_int64), ("k", ctypes.c_int64), ("window", ctypes.c_int64),
         ("seed", ctypes.c_int64), ("layer", ctypes.c_int64), ("first_neuron", ctypes.c_int64),
@@ -103,7 +104,7 @@ class ReduceArgs(ctypes.Structure):
         *((name, ctypes.POINTER(ctype)) for name, ctype, _, _ in STATE),
         ("n_threads", ctypes.c_int32),
     ]
-    INPUTS = ("x_gate", "x_in", "act", "sign", "bounds", "lengths", "text_ids")
+    INPUTS = ("x_gate", "x_in", "act", "sign", "bounds", "lengths", "text_ids", "row_map")
 
     @classmethod
     def of(cls, **values) -> "ReduceArgs":
@@ -111,6 +112,8 @@ class ReduceArgs(ctypes.Structure):
         args = cls()
         for name, ctype in cls._fields_:
             value = values.pop(name)
+            if value is None and issubclass(ctype, ctypes._Pointer):
+                continue  # a null pointer: an optional input left out
             if issubclass(ctype, ctypes._Pointer):
                 array = value.numpy() if isinstance(value, torch.Tensor) else value
                 if array.dtype != np.dtype(ctype._type_) or not array.flags.c_contiguous:
@@ -269,14 +272,17 @@ class KernelReducer:
             # In place: the arrays' memory is what the kernel is handed.
             self.arrays[name][...] = checked_state(state, name, self.arrays[name])
 
-    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> None:
         x_gate, x_in = _contiguous_f32(x_gate), _contiguous_f32(x_in)
-        B, T, n = x_gate.shape
+        B, T = batch.valid.shape
+        n = x_gate.shape[-1]
         args = ReduceArgs.of(
             x_gate=x_gate, x_in=x_in, act=self.buffer.act(self.setup.act_fn, x_gate), sign=self.sign,
-            lengths=batch.lengths, text_ids=batch.text_ids, batch=B, seq_len=T, n=n,
+            lengths=batch.lengths, text_ids=batch.text_ids,
+            row_map=None if rows is None else rows.to(torch.int64).contiguous().numpy(), batch=B, seq_len=T, n=n,
             before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
-            bounds=self.bounds, seed=self.setup.seed, layer=self.setup.layer, first_neuron=self.setup.first_neuron, parts=self.parts, n_threads=torch.get_num_threads(), **self.arrays)
+            bounds=self.bounds, seed=self.setup.seed, layer=self.setup.layer, first_neuron=self.setup.first_neuron,
+            parts=self.parts, n_threads=torch.get_num_threads(), **self.arrays)
         load_kernel().gluscope_reduce_update(ctypes.byref(args))
 
     def finish(self) -> LayerStatistics:

@@ -112,8 +112,11 @@ class ReducedLayer:
 class LayerReducer(Protocol):
     """One layer's running statistics; built from a LayerSetup."""
 
-    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
-        """Fold one batch: x_gate and x_in [B, T, n] as the hooks give them (x_in before the weight convention)."""
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> None:
+        """Fold one batch: x_gate and x_in [B, T, n] as the hooks give them (x_in before the weight convention).
+
+        An expert's reducer is handed only its tokens: x_gate and x_in [R, n] and `rows` [B * T], the row of
+        each token of the batch (-1: routed to other experts), which no statistic counts."""
 
     def finish(self) -> LayerStatistics:
         """The layer's statistics, via finish_layer."""

@@ -112,6 +112,22 @@ DISTRIBUTIONS = ("histograms", "density", "sampling")
 INT64_MAX = torch.iinfo(torch.int64).max
 
 
+def spread_rows(x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [B, T, n]: as given, or an expert's compact rows (LayerReducer.update) with NaN at the tokens routed
+    elsewhere: NaN is in no quadrant, so every statistic leaves those out, and windows show them as NaN."""
+    if rows is None:
+        return x_gate.float(), x_in.float()
+    B, T = batch.valid.shape
+    routed = rows >= 0
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        full = torch.full((B * T, x.shape[1]), torch.nan, device=x.device)
+        full[routed] = x.float()[rows[routed]]
+        return full.view(B, T, -1)
+    return spread(x_gate), spread(x_in)
+
+
 def quadrant_codes(x_gate: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
     """The quadrant code of every (x_gate, x_in in the convention) pair, any shape; -1 where either is zero."""
     q = torch.full(x_gate.shape, -1, dtype=torch.int64, device=x_gate.device)
@@ -184,9 +200,9 @@ class Calibration:
         self.counts = torch.zeros(sign.shape[0] * N_QUADRANTS * rules.VALUE_MAG_BINS, dtype=torch.int64,
                                   device=sign.device)
 
-    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
-        x_gate = x_gate.float()
-        x_in = x_in.float() * self.sign
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> None:
+        x_gate, x_in = spread_rows(x_gate, x_in, batch, rows)
+        x_in = x_in * self.sign
         n = x_gate.shape[-1]
         q = quadrant_of(x_gate, x_in, batch.valid)
         mag = rules.value_magnitude_bin((self.act_fn(x_gate) * x_in).abs())
@@ -237,9 +253,9 @@ class TensorReducer:
         for name, like in state_tensors(self).items():
             like.copy_(torch.from_numpy(checked_state(state, name, like)))  # in place: the flat view is the state
 
-    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch) -> None:
-        x_gate = x_gate.float()
-        x_in = x_in.float() * self.setup.sign
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> None:
+        x_gate, x_in = spread_rows(x_gate, x_in, batch, rows)
+        x_in = x_in * self.setup.sign
         best, near, total, counts = self.reduce_fn(x_gate, x_in, batch.valid, self.setup.act_fn)
         magnitude, position = unpack_best(best, x_gate.shape[1])
         self.counts += counts

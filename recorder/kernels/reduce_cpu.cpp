@@ -262,9 +262,11 @@ struct BlockCounts {
 
 // One text's histograms, density and sample candidates for a block of w neurons from j0, from the block's
 // x_gate, x_in (after the weight convention) and act, which the main loop left in lg, li and la ([t, BLOCK]).
+// `routed`, when not null, lists the n_routed positions (ascending, none 0) the block's neurons saw; else every
+// position 1 .. length-1 is walked.
 void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t length,
                    const float (&bnd)[N_QUADRANTS][3][BLOCK], const uint32_t (&salt)[BLOCK], const float* lg,
-                   const float* li, const float* la, BlockCounts& counts) {
+                   const float* li, const float* la, BlockCounts& counts, const int32_t* routed, int64_t n_routed) {
   constexpr int NQ = N_QUADRANTS, NC = N_QUADRANTS * N_INTERVALS;
   const int32_t parts = args->parts;
   BlockCounts::Count* __restrict__ hist = counts.hist.data();
@@ -283,7 +285,9 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
   static_assert(BLOCK == 16, "a row of the block is one __m512i of int32");
   const __mmask16 lanes = __mmask16((1u << w) - 1);
 #endif
-  for (int64_t t = 1; t < length; ++t) {
+  const int64_t n_rows = routed ? n_routed : length - 1;
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const int64_t t = routed ? routed[i] : i + 1;
     const float* __restrict__ g_row = lg + t * BLOCK;
     const float* __restrict__ i_row = li + t * BLOCK;
     const float* __restrict__ a_row = la + t * BLOCK;
@@ -394,6 +398,9 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
   const int64_t before = args->before, after = args->after;
   const int64_t* lengths = args->lengths;
   const int64_t* text_ids = args->text_ids;
+  // An expert's reducer: its tokens' values are rows of a compact [R, n] input, and row_map[b * T + t] is the
+  // row of position t of text b, -1 where the token went to other experts. Null: [B, T, n], every token.
+  const int64_t* row_map = args->row_map;
   int64_t* counts = args->counts;
   double* total = args->total;
   float* near = args->near;
@@ -415,6 +422,7 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
   // This text's x_gate and x_in of the block, contiguous, for the windows of entering examples.
   // act too, for the distributions.
   std::vector<float> local_g(max_length * BLOCK), local_in(max_length * BLOCK), local_a(max_length * BLOCK);
+  std::vector<int32_t> routed(row_map ? max_length : 0);  // this text's positions routed here, BOS excluded
   BlockCounts block_counts;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
@@ -441,9 +449,19 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
       std::memset(sm, 0, sizeof sm);
       std::memset(bm, 0, sizeof bm);
       std::memset(bp, 0, sizeof bp);
-      for (int jj = 0; jj < w; ++jj) {  // BOS is in no statistic but starts early windows
-        local_g[jj] = G[b * T * n + j0 + jj];
-        local_in[jj] = X_IN[b * T * n + j0 + jj] * sg[jj];
+      int64_t n_routed = 0;
+      if (row_map) {  // a position not routed here has no value: NaN, in no quadrant, shown as such in windows
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        std::fill(local_g.begin(), local_g.begin() + length * BLOCK, nan);
+        std::fill(local_in.begin(), local_in.begin() + length * BLOCK, nan);
+        std::fill(local_a.begin(), local_a.begin() + length * BLOCK, nan);
+        for (int64_t t = 1; t < length; ++t)
+          if (row_map[b * T + t] >= 0) routed[n_routed++] = int32_t(t);
+      }
+      const int64_t bos = row_map ? row_map[b * T] : b * T;
+      for (int jj = 0; jj < w && bos >= 0; ++jj) {  // BOS is in no statistic but starts early windows
+        local_g[jj] = G[bos * n + j0 + jj];
+        local_in[jj] = X_IN[bos * n + j0 + jj] * sg[jj];
       }
       // Two rows per step: each accumulator is loaded and stored once for both,
       // which halves the L1 traffic that bounds this loop.
@@ -486,7 +504,7 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
     GLUSCOPE_QUADRANT(2, q2, tpos)                                                                       \
     GLUSCOPE_QUADRANT(3, q3, tpos)                                                                       \
   }
-      int64_t t = 1;
+      int64_t t = row_map ? length : 1;  // an expert's positions are walked below instead
       for (; t + 1 < length; t += 2) {
         const int64_t row = (b * T + t) * n + j0;
         const float* __restrict__ gate_row0 = G + row;
@@ -525,6 +543,16 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
 #pragma omp simd
         for (int jj = 0; jj < w; ++jj) GLUSCOPE_ROW(G + row, X_IN + row, A + row, lg0, li0, la0, t0)
       }
+      for (int64_t i = 0; i < n_routed; ++i) {  // an expert's routed positions, one row each
+        const int64_t tr = routed[i];
+        const int64_t row = row_map[b * T + tr] * n + j0;
+        float* __restrict__ lg0 = local_g.data() + tr * BLOCK;
+        float* __restrict__ li0 = local_in.data() + tr * BLOCK;
+        float* __restrict__ la0 = local_a.data() + tr * BLOCK;
+        const int32_t t0 = int32_t(tr);
+#pragma omp simd
+        for (int jj = 0; jj < w; ++jj) GLUSCOPE_ROW(G + row, X_IN + row, A + row, lg0, li0, la0, t0)
+      }
 #undef GLUSCOPE_ROW
 #undef GLUSCOPE_MEMBER
 #undef GLUSCOPE_QUADRANT
@@ -544,7 +572,7 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
       }
       if (parts)
         distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data(),
-                      block_counts);
+                      block_counts, row_map ? routed.data() : nullptr, n_routed);
     }
     if (parts & (PART_HIST | PART_DENSITY)) block_counts.flush(args, j0, w);
     for (int jj = 0; jj < w; ++jj) {
