@@ -89,16 +89,14 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
-def _router_description(block: torch.nn.Module, config) -> str:
-    router = original(getattr(block, "gate", None) or getattr(block, "router"))
-    parts = [type(router).__name__]
-    if hasattr(router, "e_score_correction_bias"):
-        parts.append("sigmoid scores, top-k within the best groups")
-    else:
-        parts.append("softmax")
-    if getattr(router, "norm_topk_prob", None) is not None or "Mixtral" in parts[0]:
-        renormalised = True if "Mixtral" in parts[0] else bool(router.norm_topk_prob)
-        parts.append("top-k weights renormalised to sum 1" if renormalised else "top-k weights as the softmax gave them")
+def _router_description(router: torch.nn.Module) -> str:
+    """The router's class and how its weights come about, read off the module (schema.sql, layers.router)."""
+    name = type(router).__name__
+    parts = [name, "sigmoid scores, top-k within the best groups" if hasattr(router, "e_score_correction_bias")
+             else "softmax"]
+    # Mixtral's router always renormalises; the others say so in norm_topk_prob.
+    renormalised = getattr(router, "norm_topk_prob", name.startswith("Mixtral"))
+    parts.append("top-k weights renormalised to sum 1" if renormalised else "top-k weights as the softmax gave them")
     scale = getattr(router, "routed_scaling_factor", None)
     if scale not in (None, 1, 1.0):
         parts.append(f"times {scale:g}")
@@ -152,7 +150,7 @@ def layer_layouts(hf_model, name: str) -> list[LayerLayout] | None:
             mlps.append(shared)
         shared_gate = getattr(block, "shared_expert_gate", None)
         router = original(getattr(block, "gate", None) or getattr(block, "router"))
-        layouts.append(LayerLayout(units, n_experts=E, top_k=int(router.top_k), router=_router_description(block, None),
+        layouts.append(LayerLayout(units, n_experts=E, top_k=int(router.top_k), router=_router_description(router),
                                    experts=experts, mlps=mlps,
                                    shared_gate=original(shared_gate) if shared_gate is not None else None))
     return layouts
@@ -179,12 +177,3 @@ def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, experts:
             x_gate = x_in = hidden.new_zeros((0, experts.down_proj.shape[-1]))
         out.append((rows, slots, x_gate, x_in))
     return out
-
-
-def expert_count(config: dict) -> int | None:
-    """The routed experts per layer a config declares, if any (the names differ by architecture)."""
-    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
