@@ -36,6 +36,10 @@ CREATE TABLE metadata (
                                           -- probe) checks both before answering for this file
     shard_index      INTEGER,             -- this file holds shard shard_index of shard_count
     shard_count      INTEGER,             -- (NULL, NULL): the whole corpus, recorded at once or merged
+    layer_first      INTEGER,             -- a part (record --layers, --experts; recorder/parts.py) holds layers
+    layer_last       INTEGER,             -- layer_first .. layer_last and of MoE layers the routed experts
+    expert_first     INTEGER,             -- expert_first .. expert_last (shared experts and dense layers go with
+    expert_last      INTEGER,             -- the part from expert 0); NULL: all. `gluscope merge` joins parts
     k                INTEGER   NOT NULL,  -- examples kept per (neuron, quadrant, hook)
     window_before    INTEGER   NOT NULL,  -- a window spans position-before ..
     window_after     INTEGER   NOT NULL,  -- .. position+after, clipped to the text

@@ -12,7 +12,7 @@ them as NaN ("not routed here").
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
@@ -28,34 +28,34 @@ def units_of(layouts: Sequence[LayerLayout]) -> list[tuple[int, Unit]]:
 
 
 @contextmanager
-def expert_hooks(layouts: Sequence[LayerLayout], reducers: Sequence[LayerReducer], current: dict,
+def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, int], LayerReducer], current: dict,
                  act_fn: Callable[..., torch.Tensor], signs: Sequence[torch.Tensor] | None = None,
                  stats: Sequence[RouterStats | None] | None = None) -> Iterator[None]:
-    """Hooks on every layer's modules while the block runs: reducers[i] gets unit i of units_of(layouts).
+    """Hooks on the layers' modules while the model runs: reducers[(layer, unit.first_neuron)] gets that unit's
+    activations (units without a reducer, another part's, are not computed).
 
     current["batch"] is the pass's Batch and current["tokens"] its token ids [B, T]. With `stats` (per layer;
-    None for a dense layer) the router's choices and the units' routed contributions are folded too, with the
-    weight convention `signs` (per layer, [n]). After the last layer's last unit the pass stops
-    (StopAtLayerException, which the bridge's run_with_hooks catches).
+    None for a dense layer or one not recorded) the router's choices and the units' routed contributions are
+    folded too, with the weight convention `signs` (per layer, [n]). After the last layer recorded, the pass
+    stops (StopAtLayerException, which the bridge's run_with_hooks catches).
     """
-    first_reducer = []
-    at = 0
-    for layout in layouts:
-        first_reducer.append(at)
-        at += len(layout.units)
-    last = len(layouts) - 1
-    calls = [int(layout.experts is not None) + len(layout.mlps) for layout in layouts]
+    stats = stats or [None] * len(layouts)
+    used = [layer for layer in range(len(layouts))
+            if stats[layer] is not None or any((layer, u.first_neuron) in reducers for u in layouts[layer].units)]
+    last = max(used)
+    calls = int(layouts[last].experts is not None) + len(layouts[last].mlps)
     handles = []
 
     def finished(layer: int) -> None:
         if layer == last:
             current["calls"] = current.get("calls", 0) + 1
-            if current["calls"] == calls[last]:
+            if current["calls"] == calls:
                 current["calls"] = 0
                 raise StopAtLayerException(torch.zeros(0))
 
     def on_experts(layer: int) -> Callable:
         layout = layouts[layer]
+        mine = [u for u in layout.routed if (layer, u.first_neuron) in reducers]
 
         def hook(module, args, kwargs) -> None:
             params = list(args) + [kwargs[name] for name in ("hidden_states", "top_k_index", "top_k_weights",
@@ -64,14 +64,14 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Sequence[LayerReducer
             batch = current["batch"]
             B, T = batch.valid.shape
             valid = batch.valid.reshape(-1)
-            layer_stats = stats[layer] if stats is not None else None
+            layer_stats = stats[layer]
             if layer_stats is not None:
                 layer_stats.route(index, weights, batch, current["tokens"])
-            for unit, (rows, slots, x_gate, x_in) in zip(layout.routed,
-                                                         routed_activations(hidden, index, module, layout.n_experts)):
+            routed = routed_activations(hidden, index, module, layout.n_experts, [u.expert for u in mine])
+            for unit, (rows, slots, x_gate, x_in) in zip(mine, routed):
                 row_map = torch.full((B * T,), -1, dtype=torch.int64, device=rows.device)
                 row_map[rows] = torch.arange(len(rows), device=rows.device)
-                reducers[first_reducer[layer] + unit.expert].update(x_gate, x_in, batch, row_map)
+                reducers[(layer, unit.first_neuron)].update(x_gate, x_in, batch, row_map)
                 if layer_stats is not None and rows.numel():
                     sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
                     layer_stats.contribute(unit.first_neuron, x_gate.float(), x_in.float() * sign,
@@ -85,27 +85,30 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Sequence[LayerReducer
         index = layout.n_experts + i
 
         def hook(module, args, kwargs) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            batch = current["batch"]
-            B, T = batch.valid.shape
-            x = x.reshape(B * T, -1)
-            x_gate = module.gate_proj(x).float()
-            x_in = module.up_proj(x).float()
-            reducers[first_reducer[layer] + index].update(x_gate.view(B, T, -1), x_in.view(B, T, -1), batch)
-            layer_stats = stats[layer] if stats is not None else None
-            if layer_stats is not None:
-                gate = layout.shared_gate
-                weight = (torch.sigmoid(gate(x).float()).reshape(-1) if gate is not None
-                          else x_gate.new_ones(B * T))
-                layer_stats.direct_weights(index, weight, batch)
-                sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
-                layer_stats.contribute(unit.first_neuron, x_gate, x_in * sign, act_fn(x_gate), weight,
-                                       batch.valid.reshape(-1))
+            reducer = reducers.get((layer, unit.first_neuron))
+            if reducer is not None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                batch = current["batch"]
+                B, T = batch.valid.shape
+                x = x.reshape(B * T, -1)
+                x_gate = module.gate_proj(x).float()
+                x_in = module.up_proj(x).float()
+                reducer.update(x_gate.view(B, T, -1), x_in.view(B, T, -1), batch)
+                layer_stats = stats[layer]
+                if layer_stats is not None:
+                    gate = layout.shared_gate
+                    weight = (torch.sigmoid(gate(x).float()).reshape(-1) if gate is not None
+                              else x_gate.new_ones(B * T))
+                    layer_stats.direct_weights(index, weight, batch)
+                    sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
+                    layer_stats.contribute(unit.first_neuron, x_gate, x_in * sign, act_fn(x_gate), weight,
+                                           batch.valid.reshape(-1))
             finished(layer)
         return hook
 
     try:
-        for layer, layout in enumerate(layouts):
+        for layer in used:
+            layout = layouts[layer]
             if layout.experts is not None:
                 handles.append(layout.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
             for i, mlp in enumerate(layout.mlps):

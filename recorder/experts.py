@@ -20,6 +20,7 @@ the routed experts first, then the shared ones, each a `Unit`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,20 +157,24 @@ def layer_layouts(hf_model, name: str) -> list[LayerLayout] | None:
     return layouts
 
 
-def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, experts: torch.nn.Module, n_experts: int):
-    """Per routed expert e: (token rows [n_e] int64 ascending, slot in the top-k [n_e], x_gate [n_e, d], x_in [n_e, d]).
+def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, experts: torch.nn.Module, n_experts: int,
+                       chosen: Sequence[int] | None = None):
+    """Per routed expert e (of `chosen`, default all): (token rows [n_e] int64 ascending, slot in the top-k [n_e],
+    x_gate [n_e, d], x_in [n_e, d]).
 
-    The same products the model's experts compute, for the same tokens (float32 on the model's device).
+    The same products the model's experts compute, for the same tokens (in the model's dtype, on its device).
     """
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # token-major input: each expert's rows come out ascending
     counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
     k = top_k_index.shape[1]
-    starts = 0
     out = []
-    for e, count in enumerate(counts):
-        picked = order[starts:starts + count]
-        starts += count
+    for e in (range(n_experts) if chosen is None else chosen):
+        count = counts[e]
+        picked = order[starts[e]:starts[e] + count]
         rows, slots = picked // k, picked % k
         if count:
             x_gate, x_in = F.linear(hidden[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)

@@ -41,11 +41,15 @@ import torch
 
 from gluscope.errors import UserError
 from gluscope.recorder import rules
+from gluscope.recorder.token_tops import TOKEN_NEURONS
 from gluscope.recorder.writer import DatabaseWriter
 from gluscope.schema import COUNT_COLUMNS
 
 # Metadata columns in which the shards of one run differ; every other column must agree.
 PER_SHARD = {"created_at", "n_texts", "n_tokens", "shard_index"}
+# The same for the parts of one run (record --layers, --experts; parts.py), which each hold the whole corpus.
+SELECTION = ("layer_first", "layer_last", "expert_first", "expert_last")
+PER_PART = {"created_at", *SELECTION}
 
 
 def _metadata(path: Path) -> dict[str, Any]:
@@ -68,11 +72,17 @@ def _metadata(path: Path) -> dict[str, Any]:
     return dict(zip(names, row))
 
 
+def is_part(meta: dict[str, Any]) -> bool:
+    return any(meta.get(column) is not None for column in SELECTION)
+
+
 def check_shards(paths: list[Path]) -> list[dict[str, Any]]:
     """The shards' metadata, in shard order, once every file is checked to be one shard of one run."""
     if len(paths) < 1:
         raise UserError("give the shard files to merge")
     metas = [_metadata(p) for p in paths]
+    if all(meta.get("shard_count") is None for meta in metas) and any(is_part(meta) for meta in metas):
+        return check_parts(paths, metas)
     for path, meta in zip(paths, metas):
         if meta.get("shard_count") is None:
             raise UserError(f"{path} is a whole recording, not a shard (record shards with --shard I/N)")
@@ -98,6 +108,37 @@ def check_shards(paths: list[Path]) -> list[dict[str, Any]]:
     return [metas[i] for i in order]
 
 
+def check_parts(paths: list[Path], metas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts' metadata, once every file is checked to be a part of one run (whether they cover the model
+    exactly once is checked on their tables, in merge)."""
+    first_path, first = paths[0], metas[0]
+    for path, meta in zip(paths, metas):
+        if not is_part(meta):
+            raise UserError(f"{path} is a whole recording, not a part (record parts with --layers, --experts)")
+        for column in first:
+            if column not in PER_PART and meta.get(column) != first[column]:
+                raise UserError(f"{path} and {first_path} are not parts of one run: their {column} differs "
+                                f"({meta.get(column)!r} against {first[column]!r})")
+    return metas
+
+
+def _check_cover(con: duckdb.DuckDBPyConnection, n: int, n_layers: int) -> None:
+    """Every neuron of every layer in exactly one part."""
+    union = " UNION ALL ".join(f"SELECT {i} AS part, layer, neuron FROM shard{i}.neurons" for i in range(n))
+    twice = con.execute(f"SELECT layer, neuron FROM ({union}) GROUP BY ALL HAVING count(*) > 1 LIMIT 1").fetchall()
+    if twice:
+        raise UserError(f"the parts overlap: neuron {twice[0][0]}.{twice[0][1]} is in more than one")
+    widths = " UNION ALL ".join(f"SELECT layer, n_neurons FROM shard{i}.layers" for i in range(n))
+    short = con.execute(f"""SELECT w.layer, w.n_neurons, coalesce(c.n, 0) FROM (SELECT DISTINCT * FROM ({widths})) w
+                            LEFT JOIN (SELECT layer, count(*) AS n FROM ({union}) GROUP BY layer) c USING (layer)
+                            WHERE coalesce(c.n, 0) <> w.n_neurons ORDER BY w.layer LIMIT 1""").fetchall()
+    layers = con.execute(f"SELECT count(DISTINCT layer) FROM ({widths})").fetchall()[0][0]
+    if short or layers != n_layers:
+        where = (f"layer {short[0][0]} has {short[0][2]} of its {short[0][1]} neurons" if short
+                 else f"they hold {layers} of the {n_layers} layers")
+        raise UserError(f"the parts do not cover the model: {where}; record the missing part with --layers/--experts")
+
+
 def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
     """Merge the shard files `paths` into `out` (written atomically); return `out`."""
     paths = [Path(p) for p in paths]
@@ -107,17 +148,27 @@ def merge(paths: list[Path], out: Path, overwrite: bool = False) -> Path:
     if any(p.resolve() == out.resolve() for p in paths if out.exists()):
         raise UserError(f"--out {out} is one of the shards")
     metas = check_shards(paths)
+    parts = is_part(metas[0])
     meta = dict(metas[0])
     meta.update(created_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), shard_index=None,
-                shard_count=None, n_texts=sum(m["n_texts"] for m in metas), n_tokens=sum(m["n_tokens"] for m in metas))
+                shard_count=None)
+    if parts:
+        meta.update({column: None for column in SELECTION})
+    else:
+        meta.update(n_texts=sum(m["n_texts"] for m in metas), n_tokens=sum(m["n_tokens"] for m in metas))
     with DatabaseWriter(out, overwrite=overwrite) as writer:
         con = writer.con
         for i, path in enumerate(paths):
             con.execute(f"ATTACH '{_quote(path)}' AS shard{i} (READ_ONLY)")
         writer.write_metadata(meta)
-        _check_intervals(con, paths)
-        _register_sample_hash(con, int(meta["sample_seed"]))
-        for statement in _statements(len(paths), int(meta["k"]), int(meta["n_random"]), int(meta["n_per_interval"])):
+        if parts:
+            _check_cover(con, len(paths), int(meta["n_layers"]))
+            statements = _part_statements(len(paths))
+        else:
+            _check_intervals(con, paths)
+            _register_sample_hash(con, int(meta["sample_seed"]))
+            statements = _statements(len(paths), int(meta["k"]), int(meta["n_random"]), int(meta["n_per_interval"]))
+        for statement in statements:
             con.execute(statement)
         writer.write_example_tokens()  # last: it reads the merged examples, samples and texts
         for i in range(len(paths)):
@@ -258,4 +309,40 @@ def _statements(n: int, k: int, n_random: int, n_per_interval: int) -> list[str]
                 f"SELECT r.*, {count_of.replace('v.', 'r.')} AS n_quadrant FROM shard{i}.routed_values r "
                 f"JOIN shard{i}.neurons n USING (layer, neuron)" for i in range(n))})
             GROUP BY ALL ORDER BY layer, neuron, quadrant""",
+    ]
+
+
+# The tables each part holds for its own neurons, with their order.
+PER_NEURON = {
+    "neurons": "layer, neuron", "value_stats": "layer, neuron, quadrant, hook",
+    "examples": "layer, neuron, quadrant, hook, rank", "samples": "layer, neuron, quadrant, kind, interval, rank",
+    "windows": "layer, neuron, text_id, position", "histograms": "layer, neuron, quadrant, hook",
+    "density": "layer, neuron, gate_bin", "intervals": "layer, neuron, quadrant, interval",
+    "weight_tokens": "layer, neuron, kind, rank", "related": "layer, neuron, direction, via, rank",
+    "routed_values": "layer, neuron, quadrant",
+    # The router's tables are written by each layer's lead part only (parts.py).
+    "experts": "layer, expert", "expert_tokens": "layer, expert, token_id", "expert_examples": "layer, expert, rank",
+}
+
+
+def _part_statements(n: int) -> list[str]:
+    """Parts hold disjoint neurons of the same texts: their tables go together as they are, but for `layers`
+    (every part of a layer has its row) and token_neurons (each part's best neurons per token, ranked again)."""
+    def union(table: str) -> str:
+        return " UNION ALL ".join(f"SELECT * FROM shard{i}.{table}" for i in range(n))
+
+    return [
+        "INSERT INTO vocab SELECT * FROM shard0.vocab ORDER BY token_id",
+        "INSERT INTO texts SELECT * FROM shard0.texts ORDER BY text_id",
+        "INSERT INTO histogram_bins SELECT * FROM shard0.histogram_bins ORDER BY axis DESC, bin",
+        *(f"INSERT INTO {table} SELECT * FROM ({union(table)}) ORDER BY {key}" for table, key in PER_NEURON.items()),
+        f"INSERT INTO layers SELECT DISTINCT * FROM ({union('layers')}) ORDER BY layer",
+        # kinds 0, 2, 4 keep the largest scores, 1, 3, 5 the smallest; equal scores in the order of their neurons.
+        f"""INSERT INTO token_neurons
+            SELECT token_id, kind, (row_number() OVER w - 1) AS rank, layer, neuron, score
+            FROM ({union('token_neurons')})
+            WINDOW w AS (PARTITION BY token_id, kind
+                         ORDER BY CASE WHEN kind % 2 = 0 THEN -score ELSE score END, layer, neuron)
+            QUALIFY row_number() OVER w <= {TOKEN_NEURONS}
+            ORDER BY token_id, kind, rank""",
     ]

@@ -29,6 +29,7 @@ from gluscope.recorder import rules
 from gluscope.recorder.expert_capture import expert_hooks
 from gluscope.recorder.experts import Unit
 from gluscope.recorder.model import GatedModel
+from gluscope.recorder.parts import Selection
 from gluscope.recorder.routing import RouterStats
 from gluscope.recorder.tensor_reducer import Calibration
 from gluscope.recorder.reducer_interface import Batch, LayerReducer, LayerSetup, choose_reducer, make_reducers
@@ -51,7 +52,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
            reducer: str = "auto", overwrite: bool = False, progress: bool = True,
            shard: tuple[int, int] | None = None, checkpoint_every: float | None = None,
            resume: bool = False, sample_seed: int = 0,
-           calibration_batches: int = rules.CALIBRATION_BATCHES) -> Path:
+           calibration_batches: int = rules.CALIBRATION_BATCHES, selection: Selection = Selection()) -> Path:
     """Record every neuron of every layer over `corpus` into the database `out`; return its path.
 
     shard: (index, count) records only that shard's batches (see shard_batches), with
@@ -64,6 +65,8 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     reducer: "kernel" folds each batch with the C++ pass of kernel_reducer.py (CPU
     only), "torch" with tensor_reducer.py's tensor code (compiled per `compile`);
     "auto" takes the kernel on the CPU where it builds.
+
+    selection: the layers and routed experts this part records (parts.py); `gluscope merge` joins the parts.
 
     sample_seed seeds the hash that picks the sampled examples; the intervals of |hook_post| they are drawn
     from are calibrated on the whole run's first `calibration_batches` batches (rules.interval_bounds), so
@@ -81,6 +84,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     meta = _metadata(model, corpus, dataset, vocab_size=len(tokens_text), texts=mine, batch_size=batch_size,
                      shard=shard, k=k, window_before=window_before, window_after=window_after,
                      refactor_glu=refactor_glu, sample_seed=sample_seed, calibration_batches=len(calibration))
+    meta.update(selection.metadata())
     run = describe_run(meta, reducer=kind, compiled=compiled, device=model.device.type,
                        shard=f"{shard[0]}/{shard[1]}" if shard else None, n_batches=len(batches))
     saved = checkpoint_path(out)
@@ -88,13 +92,15 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     checkpoint = _checkpoint_of(saved, run) if resume else None
 
     t = time.perf_counter()
+    units = model_units(model, selection)
+    kept = _kept_rows(model, units)
     token_neurons = TokenNeurons(model.token_count(), device=model.device)
-    weights = layer_weights(model, refactor_glu, progress, token_neurons)
+    weights = layer_weights(model, refactor_glu, progress, token_neurons, kept)
     log.info("weight tokens and token neurons in %.1f s", time.perf_counter() - t)
     t = time.perf_counter()
-    related = related_neurons(model, [w.sign for w in weights], progress=progress)
+    related = related_neurons(model, [w.sign for w in weights], progress=progress,
+                              kept=None if selection.whole else kept)
     log.info("related neurons in %.1f s", time.perf_counter() - t)
-    units = model_units(model)
     # Recomputed on a resume: the same batches give the same bounds.
     bounds = _calibrate(model, corpus, calibration, weights, units, progress)
     setups = [LayerSetup(k=k, before=window_before, after=window_after, sign=weights[layer].sign[_span(unit)],
@@ -102,8 +108,9 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
                          first_neuron=unit.first_neuron)
               for i, (layer, unit) in enumerate(units)]
     reducers = make_reducers(kind, setups, compiled)
-    routers = ([RouterStats(layout, len(tokens_text), k, model.device) if layout.n_experts else None
-                for layout in model.layouts] if model.layouts else [])
+    routers = ([RouterStats(layout, len(tokens_text), k, model.device)
+                if layout.n_experts and selection.has_layer(layer) else None
+                for layer, layout in enumerate(model.layouts)] if model.layouts else [])
     # What a checkpoint holds, in this order: every unit's reducer, then every MoE layer's router statistics.
     stateful = [*reducers, *(r for r in routers if r is not None)]
     first = _resume(checkpoint, stateful) if checkpoint else 0
@@ -119,7 +126,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
 
     started = time.perf_counter()
     _run(model, corpus, batches, reducers, progress, first, after_batch, routers=routers,
-         signs=[w.sign for w in weights])
+         signs=[w.sign for w in weights], units=units)
     elapsed = time.perf_counter() - started
     log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
              n_counted / max(elapsed, 1e-9), kind)
@@ -132,7 +139,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
         writer.write_texts(corpus.source_index[mine], [corpus.token_ids[i] for i in mine], text_ids=mine,
                            sources=None if corpus.sources is None else [corpus.sources[i] for i in mine])
         _write_layers(writer, reducers, weights, units, progress)
-        _write_routing(writer, model, routers)
+        _write_routing(writer, model, routers, selection)
         _write_finding(writer, token_neurons, related, model.d_mlp)
     saved.unlink(missing_ok=True)
     return Path(out)
@@ -164,11 +171,22 @@ def _resume(checkpoint: Checkpoint, stateful: list) -> int:
     return checkpoint.next_batch
 
 
-def model_units(model: GatedModel) -> list[tuple[int, Unit]]:
-    """Every (layer, unit) the recording has one reducer for: each layer's MLP, or each expert of an MoE model."""
+def model_units(model: GatedModel, selection: Selection = Selection()) -> list[tuple[int, Unit]]:
+    """Every (layer, unit) the recording has one reducer for: each layer's MLP, or each expert of an MoE model;
+    those of `selection` only."""
     if model.layouts is None:
-        return [(layer, Unit(None, False, 0, model.d_mlp)) for layer in range(model.n_layers)]
-    return [(layer, unit) for layer, layout in enumerate(model.layouts) for unit in layout.units]
+        return [(layer, Unit(None, False, 0, model.d_mlp)) for layer in range(model.n_layers)
+                if selection.has_layer(layer)]
+    return [(layer, unit) for layer, layout in enumerate(model.layouts) for unit in layout.units
+            if selection.has(layer, unit, layout.n_experts)]
+
+
+def _kept_rows(model: GatedModel, units: list[tuple[int, Unit]]) -> list[np.ndarray]:
+    """Per layer, [n] bool: the neurons this run records."""
+    kept = [np.zeros(model.layer_width(layer), bool) for layer in range(model.n_layers)]
+    for layer, unit in units:
+        kept[layer][_span(unit)] = True
+    return kept
 
 
 def _span(unit: Unit) -> slice:
@@ -182,11 +200,11 @@ def _calibrate(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], wei
         return [None] * len(units)
     calibrations = [Calibration(weights[layer].sign[_span(unit)], model.act_fn) for layer, unit in units]
     log.info("calibrating the intervals of |hook_post| on %d batches", len(batches))
-    _run(model, corpus, batches, calibrations, progress, desc="calibrating")
+    _run(model, corpus, batches, calibrations, progress, desc="calibrating", units=units)
     return [c.bounds() for c in calibrations]
 
 
-def _hooks(reducers: list[LayerReducer], current: dict) -> list[tuple[str, Callable]]:
+def _hooks(reducers: dict[int, LayerReducer], current: dict) -> list[tuple[str, Callable]]:
     """Per layer, hook_pre keeps x_gate until hook_pre_linear of the same MLP hands both to the layer's reducer.
 
     After the last layer's x_in the pass ends: the rest of that MLP, the final
@@ -195,7 +213,7 @@ def _hooks(reducers: list[LayerReducer], current: dict) -> list[tuple[str, Calla
     would run all of that; raising its StopAtLayerException here ends the
     pass the same way, and run_with_hooks returns normally.
     """
-    last = len(reducers) - 1
+    last = max(reducers)
 
     def on_gate(x_gate: torch.Tensor, hook) -> None:
         current["x_gate"] = x_gate
@@ -208,7 +226,7 @@ def _hooks(reducers: list[LayerReducer], current: dict) -> list[tuple[str, Calla
         return on_in
 
     hooks = []
-    for layer in range(len(reducers)):
+    for layer in reducers:
         hooks.append((f"blocks.{layer}.mlp.hook_pre", on_gate))
         hooks.append((f"blocks.{layer}.mlp.hook_pre_linear", on_in_of(layer)))
     return hooks
@@ -243,17 +261,20 @@ def _progress(total_tokens: int, enabled: bool, initial: int = 0, desc: str = "r
 def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
          progress: bool, first: int = 0, after_batch: Callable[[int, int], None] | None = None,
          desc: str = "recording", routers: list[RouterStats | None] | None = None,
-         signs: list[torch.Tensor] | None = None) -> None:
+         signs: list[torch.Tensor] | None = None, units: list[tuple[int, Unit]] | None = None) -> None:
     """Every text of batches[first:] through the model once, right-padded, each unit's activations to its reducer
     (and, with `routers`, each MoE layer's routing to its RouterStats, with the weight convention `signs`).
+    reducers[i] is units[i]'s (default: one per layer of a dense model).
 
     after_batch(batches done, tokens done since `first`) runs between batches, when every reducer holds whole batches.
     """
     current: dict = {}  # shared by the hooks of one forward pass
+    units = units if units is not None else model_units(model)
     if model.layouts is None:
-        hooks, capture = _hooks(reducers, current), contextlib.nullcontext()
+        hooks, capture = _hooks({layer: r for (layer, _), r in zip(units, reducers)}, current), contextlib.nullcontext()
     else:
-        hooks, capture = [], expert_hooks(model.layouts, reducers, current, model.act_fn, signs, routers)
+        by_unit = {(layer, unit.first_neuron): r for (layer, unit), r in zip(units, reducers)}
+        hooks, capture = [], expert_hooks(model.layouts, by_unit, current, model.act_fn, signs, routers)
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
     counted = [int((lengths[text_ids] - 1).sum()) for text_ids in batches]
@@ -292,20 +313,26 @@ def _write_layers(writer: DatabaseWriter, reducers: list[LayerReducer], weights:
     reducers.clear()
 
 
-def _write_routing(writer: DatabaseWriter, model: GatedModel, routers: list[RouterStats | None]) -> None:
-    """The `layers` table, and every MoE layer's experts, their tokens and examples, and the routed values."""
+def _write_routing(writer: DatabaseWriter, model: GatedModel, routers: list[RouterStats | None],
+                   selection: Selection = Selection()) -> None:
+    """The `layers` table (the layers recorded), and every MoE layer's experts, their tokens and examples (by the
+    layer's lead part), and the routed values of the experts recorded."""
     if model.layouts is None:
-        writer.write_layers([(layer, model.d_mlp, 0, 0, None, None) for layer in range(model.n_layers)])
+        writer.write_layers([(layer, model.d_mlp, 0, 0, None, None) for layer in range(model.n_layers)
+                             if selection.has_layer(layer)])
         return
     rows = []
     for layer, (layout, router) in enumerate(zip(model.layouts, routers)):
+        if not selection.has_layer(layer):
+            continue
         imbalance = None
         if router is not None:
             result = router.result()
             routed = result.tokens[:layout.n_experts]
             imbalance = float(routed.max() / routed.mean()) if routed.sum() else None
-            writer.write_experts(layer, [(u.expert, u.shared, u.first_neuron, u.n_neurons) for u in layout.units],
-                                 result)
+            units = [(u.expert, u.shared, u.first_neuron, u.n_neurons) for u in layout.units]
+            recorded = [selection.has(layer, u, layout.n_experts) for u in layout.units]
+            writer.write_experts(layer, units, result, lead=selection.leads(layer), recorded=recorded)
         rows.append((layer, layout.n_neurons, layout.n_experts, layout.top_k, layout.router, imbalance))
     writer.write_layers(rows)
 

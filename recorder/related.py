@@ -49,11 +49,14 @@ def _merge(scores: torch.Tensor, ids: torch.Tensor, new_scores: torch.Tensor, ne
     return all_scores.gather(1, keep), all_ids.gather(1, keep)
 
 
-def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, progress: bool = False) -> RelatedNeurons:
+def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, progress: bool = False,
+                    kept: list[np.ndarray] | None = None) -> RelatedNeurons:
     """Every neuron's `top` related neurons of a GatedModel, downstream and upstream, via gate and in.
 
     signs: each layer's weight convention (LayerWeights.sign), applied to w_in
-    and w_out. Runs on the model's device in float32.
+    and w_out. Runs on the model's device in float32. kept: per layer, the
+    neurons a part of the run records (parts.py); only their lists are kept,
+    and pairs of layers neither of which has one are skipped.
     """
     from tqdm.auto import tqdm
 
@@ -86,9 +89,16 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
     key = torch.full((L, 2, 2, n, top), -torch.inf, device=device) if device.type == "cpu" else None
     bar = tqdm(total=L * (L - 1) // 2, desc="related neurons", unit="pair", disable=not progress, dynamic_ncols=True)
     written = [writes(layer) for layer in range(L)] if L * n * model.d_model <= BLOCK_ELEMENTS * 8 else None
+    active = [True] * L if kept is None else [bool(k.any()) for k in kept]
     for lb in range(1, L):
+        if not any(active[:lb + 1]):
+            bar.update(lb)
+            continue
         readers = reads(lb)
         for la in range(lb):
+            if not (active[la] or active[lb]):
+                bar.update(1)
+                continue
             a = written[la] if written is not None else writes(la)
             for via, b in enumerate(readers):
                 for lo in range(0, n, rows):
@@ -113,6 +123,9 @@ def related_neurons(model, signs: list[torch.Tensor], top: int = RELATED_TOP, pr
             bar.update(1)
     bar.close()
     ids_np = ids.cpu().numpy()
+    if kept is not None:  # another part's neurons: their lists are that part's
+        mask = np.stack([np.pad(k, (0, n - len(k))) for k in kept])      # [L, n]
+        ids_np[~mask[:, None, None, :, None].repeat(2, 1).repeat(2, 2).repeat(ids_np.shape[-1], 4)] = -1
     if min(widths) < n:  # no list of a padding row, no padding row in a list
         width = np.array(widths)
         other_layer = np.clip(ids_np // n, 0, L - 1)

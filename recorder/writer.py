@@ -383,9 +383,18 @@ class DatabaseWriter:
             "imbalance": pa.array(list(columns[5]), pa.float64()),
         }))
 
-    def write_experts(self, layer: int, units: Sequence[tuple[int, bool, int, int]], r: "RouterResult") -> None:
+    def write_experts(self, layer: int, units: Sequence[tuple[int, bool, int, int]], r: "RouterResult",
+                      lead: bool = True, recorded: Sequence[bool] | None = None) -> None:
         """One MoE layer's experts, expert_tokens, expert_examples and routed_values (schema.sql) from its
-        routing.RouterResult; units: (expert, shared, first_neuron, n_neurons) in the layer's order."""
+        routing.RouterResult; units: (expert, shared, first_neuron, n_neurons) in the layer's order.
+
+        A part of a run (parts.py) writes the router's tables only where it `lead`s the layer, and the routed
+        values of the units it `recorded`."""
+        self._write_routed_values(layer, units, r, recorded)
+        if lead:
+            self._write_router(layer, units, r)
+
+    def _write_router(self, layer: int, units: Sequence[tuple[int, bool, int, int]], r: "RouterResult") -> None:
         U = len(units)
         (rows, first, counts) = dense_runs(r.weight_hist)
         first_bin = np.full(U, -1, np.int64)
@@ -419,17 +428,25 @@ class DatabaseWriter:
             "text_id": pa.array(r.top_text[expert, rank].astype(np.int32)),
             "position": pa.array(r.top_pos[expert, rank].astype(np.int16)),
         }))
+
+    def _write_routed_values(self, layer: int, units: Sequence[tuple[int, bool, int, int]], r: "RouterResult",
+                             recorded: Sequence[bool] | None) -> None:
         n = r.value_count.shape[0]
+        keep = np.ones(n, bool)
+        if recorded is not None:
+            for (_, _, first, width), on in zip(units, recorded):
+                keep[first:first + width] = on
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(r.value_count > 0, r.value_sum / r.value_count, np.nan)
         grid = np.indices((n, N_Q)).reshape(2, -1)
+        rows = keep[grid[0]]
         self._insert("routed_values", pa.table({
-            "layer": pa.array(np.full(n * N_Q, layer, np.int16)),
-            "neuron": pa.array(grid[0].astype(np.int32)),
-            "quadrant": pa.array(grid[1].astype(np.int8)),
-            "min": pa.array(r.value_min.reshape(-1).astype(np.float32), from_pandas=True),
-            "max": pa.array(r.value_max.reshape(-1).astype(np.float32), from_pandas=True),
-            "mean": pa.array(mean.reshape(-1), from_pandas=True),
+            "layer": pa.array(np.full(int(rows.sum()), layer, np.int16)),
+            "neuron": pa.array(grid[0][rows].astype(np.int32)),
+            "quadrant": pa.array(grid[1][rows].astype(np.int8)),
+            "min": pa.array(r.value_min.reshape(-1)[rows].astype(np.float32), from_pandas=True),
+            "max": pa.array(r.value_max.reshape(-1)[rows].astype(np.float32), from_pandas=True),
+            "mean": pa.array(mean.reshape(-1)[rows], from_pandas=True),
         }))
 
     def write_token_neurons(self, layer: np.ndarray, neuron: np.ndarray, score: np.ndarray) -> None:

@@ -127,6 +127,36 @@ def test_mixture_of_experts_shards_merge_to_the_single_run(tmp_path):
     assert_same_recording(out, single)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("arch, option, ranges", [("qwen2_moe", "--experts", ("3-5", "0-2")),
+                                                  ("deepseek_v3", "--layers", ("1-2", "0"))])
+def test_a_run_recorded_in_parts_merges_to_the_single_run(arch, option, ranges, tmp_path):
+    """Parts by experts (the shared expert goes with experts 0-2) and by layers (a dense layer, then MoE layers):
+    every table, token_neurons' ranks and the related lists included, as the single run writes them."""
+    from gluscope.cli import main as gluscope_main
+
+    from .test_moe_bruteforce import record
+
+    corpus = recordings.corpus("distinct")
+    single = record(arch, "kernel", True, corpus, "--k", "4")
+    parts = [record(arch, "kernel", True, corpus, "--k", "4", option, r) for r in ranges]
+    con = duckdb.connect(str(parts[0]), read_only=True)
+    assert con.execute("SELECT count(*) FROM neurons").fetchone()[0] < duckdb.connect(
+        str(single), read_only=True).execute("SELECT count(*) FROM neurons").fetchone()[0]
+    con.close()
+    out = tmp_path / "merged.duckdb"
+    assert gluscope_main(["merge", *map(str, parts), "--out", str(out)]) == 0
+    assert_same_recording(out, single)
+    # A part is not served alone; one part alone, or the same part twice, is not merged; nothing is written.
+    from gluscope.server.db import DatabaseFileError, open_databases
+    with pytest.raises(DatabaseFileError, match="a part of a recording .*; merge its parts"):
+        open_databases([parts[0]])
+    for given, says in (([parts[0]], "do not cover the model"), ([parts[0], parts[0]], "overlap")):
+        r = run_cli("merge", *map(str, given), "--out", str(tmp_path / "bad.duckdb"))
+        assert_user_error(r, says)
+        assert not (tmp_path / "bad.duckdb").exists()
+
+
 @pytest.mark.system
 def test_merge_refuses_what_is_not_one_run(shards, single, tiny_llama, corpus_file, tmp_path):
     out = tmp_path / "never.duckdb"
