@@ -31,16 +31,16 @@ from gluscope.server.probe_client import ProbeClient
 from gluscope.server.readers import Readers, freeze_startup_objects
 from gluscope.server.render import STATIC_DIR, JSONResponse, error_page, make_response, response_kind, wants_json
 from gluscope.server.validate import get_model
-from gluscope.server.views import VIEWS, Image, Redirect, run_view
+from gluscope.server.views import VIEWS, Image, Neuron, Redirect, neuron_parameter, run_view
 
 log = logging.getLogger("gluscope.server")
 
 MODEL_DESCRIPTION = "model id, as listed by /api/models"
 
 
-def endpoint(name: str, model_in_path: bool, models: list[str]) -> Callable[..., Any]:
+def endpoint(name: str, model_in_path: bool, models: list[str], moe: bool = False) -> Callable[..., Any]:
     """The FastAPI endpoint of view `name`: the view's keyword parameters, plus `model` (one of `models`)
-    for a view of one model."""
+    for a view of one model. moe: a file served has experts, so a `neuron` is N or E.I (views.neuron_parameter)."""
     v = VIEWS[name]
 
     async def answer(request: Request, **params: Any) -> Response:
@@ -67,7 +67,11 @@ def endpoint(name: str, model_in_path: bool, models: list[str]) -> Callable[...,
         signature.append(inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=str,
                                            default=where(description=MODEL_DESCRIPTION,
                                                          json_schema_extra={"enum": models})))
-    signature += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own]
+    for p in own:
+        annotation, default = hints[p.name], p.default
+        if p.name == "neuron" and p.default is Neuron:
+            annotation, default = neuron_parameter(moe)
+        signature.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default))
     answer.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]
     answer.__name__ = name
     answer.__doc__ = v.fn.__doc__
@@ -79,6 +83,12 @@ class Route:
     paths: list[str]                       # the first one is in the OpenAPI schema if `body` is set
     view: str                              # a name in views.VIEWS
     body: type[BaseModel] | None = None    # the JSON body's model: an API endpoint
+    # The body's model of an endpoint that only a file with experts answers with 200: the OpenAPI schema of a
+    # server with such a file documents it; elsewhere it answers 404s only, and its schema leaves it out.
+    moe_body: type[BaseModel] | None = None
+
+    def documented(self, moe: bool) -> type[BaseModel] | None:
+        return self.body or (self.moe_body if moe else None)
 
 
 # A `.json` twin is listed before its page: `{neuron}` would also match "7.json".
@@ -87,6 +97,8 @@ ROUTES = [
     Route(["/api/models/{model}", "/models/{model}.json", "/models/{model}"], "model", responses.ModelDetail),
     Route(["/api/models/{model}/layers/{layer}", "/models/{model}/layers/{layer}.json",
            "/models/{model}/layers/{layer}"], "layer", responses.LayerPage),
+    Route(["/api/models/{model}/layers/{layer}/experts/{expert}", "/models/{model}/layers/{layer}/experts/{expert}.json",
+           "/models/{model}/layers/{layer}/experts/{expert}"], "expert", moe_body=responses.ExpertPage),
     Route(["/api/models/{model}/layers/{layer}/scatter", "/models/{model}/layers/{layer}/scatter.json",
            "/models/{model}/layers/{layer}/scatter"], "scatter", responses.LayerScatter),
     Route(["/models/{model}/layers/{layer}/scatter.png"], "scatter_png"),
@@ -121,7 +133,8 @@ ROUTES = [
 
 # Every error a request can cause has the one shape (errors.py).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"model": responses.Error, "description": "an unknown model, layer, neuron or text"},
+    404: {"model": responses.Error, "description": "an unknown model, layer, expert, neuron or text (in a layer of "
+                                                   "experts, also a bare neuron index: its address is expert.index)"},
     422: {"model": responses.Error, "description": "a malformed or unknown parameter"},
     503: {"model": responses.Error, "description": "a reader process stopped while answering; try again"},
 }
@@ -218,11 +231,13 @@ def create_app(paths, readers: int = 1, probe: str | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.readers = pool
     app.state.probe = ProbeClient(probe)
+    moe = any(db.experts.any for db in registry.values())
     for route in ROUTES:
-        answer = endpoint(route.view, "{model}" in route.paths[0], sorted(registry))
+        answer = endpoint(route.view, "{model}" in route.paths[0], sorted(registry), moe)
+        body = route.documented(moe)
         for i, path in enumerate(route.paths):
-            in_schema = route.body is not None and i == 0
-            documented = {"response_model": route.body, "responses": ERROR_RESPONSES, "tags": ["api"]}
+            in_schema = body is not None and i == 0
+            documented = {"response_model": body, "responses": ERROR_RESPONSES, "tags": ["api"]}
             app.add_api_route(path, answer, methods=["GET"], include_in_schema=in_schema,
                               name=route.view if i == len(route.paths) - 1 else f"{route.view}_{i}",
                               response_class=JSONResponse if in_schema else Response,

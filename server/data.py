@@ -19,8 +19,9 @@ from gluscope.schema import (EXAMPLE_KINDS, GEOMETRY, HISTOGRAM_HOOKS, HOOKS, PO
 from gluscope.server import plots, queries
 from gluscope.server.db import Database, Vocabulary
 from gluscope.server.errors import ParameterError
+from gluscope.server.experts import Expert
 from gluscope.server.responses import ModelInfo
-from gluscope.server.validate import (check_choice, check_index, check_neuron, check_page, hook_code,
+from gluscope.server.validate import (check_choice, check_expert, check_index, check_neuron, check_page, hook_code,
                                       quadrant_code)
 from gluscope.server.windows import neuron_examples, window_key, window_values
 
@@ -68,11 +69,31 @@ def model_data(db: Database) -> dict[str, Any]:
 
 
 def _model_data(db: Database) -> dict[str, Any]:
-    rows = db.query(queries.LAYER_SUMMARY, {"n_tokens": max(int(db.meta["n_tokens"]), 1)})
+    rows = db.query(queries.layer_summary(db.experts.any), {"n_tokens": max(int(db.meta["n_tokens"]), 1)})
     layers = [{"layer": r[0], "n_neurons": r[1],
                "frequency": {slug: _num(r[2 + q]) for q, slug in enumerate(QUADRANT_SLUGS)},
-               "frac_flipped": _num(r[6]), "r_gate_pos_cos_in_out": _num(r[7])} for r in rows]
+               "frac_flipped": _num(r[6]), "r_gate_pos_cos_in_out": _num(r[7]),
+               **layer_router(db, r[0])} for r in rows]
     return {**model_info(db), "layers": layers}
+
+
+def layer_router(db: Database, layer: int) -> dict[str, Any]:
+    """A layer's experts and router (schema.sql, layers), in a file with experts: what its bodies add."""
+    if not db.experts.any:
+        return {}
+    lay = db.experts.layers[layer] if 0 <= layer < db.n_layers else None
+    if lay is None:
+        return {"n_experts": 0, "n_shared_experts": 0, "top_k": 0, "router": None, "imbalance": None}
+    return {"n_experts": lay.n_experts, "n_shared_experts": len(lay.shared), "top_k": lay.top_k,
+            "router": lay.router, "imbalance": _num(lay.imbalance)}
+
+
+def expert_summary(db: Database, e: Expert) -> dict[str, Any]:
+    """One expert's router statistics: how many counted tokens it received and with what weight."""
+    n_tokens = int(db.meta["n_tokens"])
+    return {"layer": e.layer, "expert": e.expert, "shared": e.shared, "first_neuron": e.first_neuron,
+            "n_neurons": e.n_neurons, "tokens": e.tokens, "share": e.tokens / n_tokens if n_tokens else None,
+            "weight_sum": _num(e.weight_sum), "mean_weight": _num(e.mean_weight)}
 
 
 def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
@@ -80,30 +101,51 @@ def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     t = db.neurons
     counts = t.counts[layer, neuron]
     if counts[0] < 0:  # a neuron the recorder never wrote
-        raise ParameterError(404, "neuron", f"neuron {layer}.{neuron} is not in this database", None)
+        raise ParameterError(404, "neuron", f"neuron {db.experts.address(layer, neuron)} is not in this database",
+                             None)
+    routed = None
+    if t.routed is not None and db.experts.expert_at(layer, neuron) is not None:
+        routed = [a[layer, neuron].tolist() for a in t.routed]
     return neuron_summary(db, layer, neuron, counts.tolist(), bool(t.flipped[layer, neuron]),
                           [t.geometry[name][layer, neuron] for name in GEOMETRY],
                           t.stat_min[layer, neuron].tolist(), t.stat_max[layer, neuron].tolist(),
-                          t.stat_mean[layer, neuron].tolist())
+                          t.stat_mean[layer, neuron].tolist(), routed)
 
 
 def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int], flipped: bool, geometry: list,
-                   mins: list[list], maxs: list[list], means: list[list]) -> dict[str, Any]:
+                   mins: list[list], maxs: list[list], means: list[list],
+                   routed: list[list] | None = None) -> dict[str, Any]:
     """A neuron's summary body (responses.NeuronSummary) from its counts (QUADRANTS order), its geometry
-    (GEOMETRY order) and its stats [quadrant][hook], wherever they were read."""
+    (GEOMETRY order) and its stats [quadrant][hook], wherever they were read; for an expert neuron also its
+    routed values ([min, max, mean][quadrant], schema.sql routed_values).
+
+    An expert neuron's frequencies are over the tokens routed to its expert (experts.Experts.tokens); in a
+    file with experts the body says so (counted_tokens), names the expert (router) and adds each quadrant's
+    routed values.
+    """
     n_tokens = int(db.meta["n_tokens"])
+    tokens = db.experts.tokens(layer, neuron, n_tokens)
+    moe = db.experts.any
     quadrants = []
     for q, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
         count = int(counts[q])
         quadrants.append({
             "quadrant": label, "slug": slug, "count": count,
-            "frequency": count / n_tokens if n_tokens else None,
+            "frequency": count / tokens if tokens else None,
             "stats": {hook: {"min": _num(mins[q][h]), "max": _num(maxs[q][h]), "mean": _num(means[q][h])}
                       for h, hook in enumerate(HOOKS)},
         })
+        if moe:
+            quadrants[-1]["routed"] = None if routed is None else {
+                "min": _num(routed[0][q]), "max": _num(routed[1][q]), "mean": _num(routed[2][q])}
     weights = {"flipped": bool(flipped), **{name: _num(g) for name, g in zip(GEOMETRY, geometry)}}
-    return {"model": db.id, "layer": layer, "neuron": neuron, "n_tokens": n_tokens,
+    body = {"model": db.id, "layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), "n_tokens": n_tokens,
             "quadrants": quadrants, "weights": weights}
+    if moe:
+        e = db.experts.expert_at(layer, neuron)
+        body["counted_tokens"] = tokens
+        body["router"] = None if e is None else {**expert_summary(db, e), **layer_router(db, layer)}
+    return body
 
 
 def weight_tokens_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
@@ -120,7 +162,8 @@ def weight_tokens_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     writes = [{"quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q],
                "promotes": "out+" if sign > 0 else "out-", "suppresses": "out-" if sign > 0 else "out+"}
               for q, sign in enumerate(POST_SIGNS)]
-    return {"model": db.id, "layer": layer, "neuron": neuron, "tokens": kinds, "writes": writes}
+    return {"model": db.id, "layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), "tokens": kinds,
+            "writes": writes}
 
 
 @dataclass
@@ -150,13 +193,16 @@ class ExampleList:
     interval: np.ndarray | None = None  # [E] each example's interval, for kind interval
     bounds: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # interval -> (lo, hi)
     selected: int | None = None    # the one interval asked for, if any
+    ref: dict[str, Any] = field(default_factory=dict)  # experts.Experts.ref: the neuron's expert and address
+    not_routed: str | None = None  # an expert neuron's: what its windows' NaN tokens were ("not routed to expert 3")
 
     def __len__(self) -> int:
         return len(self.rank)
 
     def describe(self) -> dict[str, Any]:
         """Which list this is, as the JSON body names it."""
-        return {"model": self.model, "layer": self.layer, "neuron": self.neuron, "quadrant": QUADRANTS[self.quadrant],
+        return {"model": self.model, "layer": self.layer, "neuron": self.neuron, **self.ref,
+                "quadrant": QUADRANTS[self.quadrant],
                 "slug": QUADRANT_SLUGS[self.quadrant], "hook": HOOKS[self.hook], "kind": EXAMPLE_KINDS[self.kind],
                 "interval": self.selected,
                 "intervals": [{"interval": i, "lo": lo, "hi": hi} for i, (lo, hi) in self.bounds.items()]}
@@ -199,6 +245,16 @@ def read_example_list(db: Database, layer: int, neuron: int, quadrant: str, hook
     """One list of a neuron's examples, read from the file (or the neuron's cached rows): the top list of
     (quadrant, hook), or the quadrant's random or interval samples showing `hook`."""
     check_neuron(db, layer, neuron)
+    found_list = _read_example_list(db, layer, neuron, quadrant, hook, kind, interval)
+    found_list.ref = db.experts.ref(layer, neuron)
+    e = db.experts.expert_at(layer, neuron)
+    if e is not None and not e.shared:  # a shared expert sees every token
+        found_list.not_routed = f"not routed to expert {e.expert}"
+    return found_list
+
+
+def _read_example_list(db: Database, layer: int, neuron: int, quadrant: str, hook: str, kind: str,
+                       interval: int | None) -> ExampleList:
     q, h = quadrant_code(quadrant), hook_code(hook)
     check_choice("kind", kind, EXAMPLE_KINDS)
     if interval is not None and kind != "interval":
@@ -309,6 +365,7 @@ def _histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
 
     counts = hist[:, 0].sum(axis=1)  # every token of a quadrant is in one hook_post bin
     n_tokens = int(db.meta["n_tokens"])
+    tokens = db.experts.tokens(layer, neuron, n_tokens)  # an expert neuron's: those routed to its expert
     iv = db.neuron_intervals(layer, neuron)
     bounds = [(q, i, lo, None if np.isnan(hi) else hi) for q, i, lo, hi in
               zip(iv["quadrant"].tolist(), iv["interval"].tolist(), iv["lo"].tolist(), iv["hi"].tolist())]
@@ -319,9 +376,12 @@ def _histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
         intervals = [{"interval": i, "lo": _num(lo), "hi": _num(hi), "count": _interval_count(hist[qi, post], magnitudes, lo, hi)}
                      for qq, i, lo, hi in bounds if qq == qi]
         quadrants.append({"quadrant": label, "slug": slug, "count": int(counts[qi]),
-                          "frequency": int(counts[qi]) / n_tokens if n_tokens else None, "intervals": intervals})
-    return {"model": db.id, "layer": layer, "neuron": neuron, "n_tokens": n_tokens, "values": values,
-            "density": density, "quadrants": quadrants}
+                          "frequency": int(counts[qi]) / tokens if tokens else None, "intervals": intervals})
+    body = {"model": db.id, "layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), "n_tokens": n_tokens,
+            "values": values, "density": density, "quadrants": quadrants}
+    if db.experts.any:
+        body["counted_tokens"] = tokens
+    return body
 
 
 def _nonempty(counts: np.ndarray) -> tuple[int, int]:
@@ -372,18 +432,117 @@ def text_parts(db: Database, ids: list[int], position: int | None) -> tuple[str,
 
 
 def layer_data(db: Database, layer: int, sort: str = "neuron", order: str = "asc",
-               offset: int = 0, limit: int = 100) -> dict[str, Any]:
+               offset: int = 0, limit: int = 100, expert: int | None = None) -> dict[str, Any]:
+    """One page of a layer's neurons (or of one expert's, `expert`), sorted.
+
+    In a mixture-of-experts layer each neuron's frequencies are over the tokens routed to its expert, and the
+    sort by a frequency follows them; the body adds the layer's experts (layer_experts) in a file with experts.
+    """
     check_index("layer", layer, db.n_layers)
+    e = None if expert is None else check_expert(db, layer, expert)
     check_choice("sort", sort, queries.LAYER_SORT_KEYS)
     check_choice("order", order, LAYER_ORDERS)
-    check_page(db, offset, limit)
-    rows = db.query(queries.layer_neurons(sort, order == "desc"), {"layer": layer, "limit": limit, "offset": offset})
+    width = db.experts.width(layer) if e is None else e.n_neurons
+    check_page(db, offset, limit, width)
     n_tokens = max(int(db.meta["n_tokens"]), 1)
-    neurons = [{"neuron": r[0],
-                "frequency": {slug: r[1 + q] / n_tokens for q, slug in enumerate(QUADRANT_SLUGS)},
-                "flipped": bool(r[5]), **dict(zip(GEOMETRY, map(_num, r[6:])))} for r in rows]
-    return {"model": db.id, "layer": layer, "n_neurons": db.d_mlp, "sort": sort, "order": order,
+    page = {"layer": layer, "limit": limit, "offset": offset}
+    if db.experts.is_moe(layer):
+        lo = 0 if e is None else e.first_neuron
+        rows = db.query(queries.layer_neurons(sort, order == "desc", moe=True),
+                        {**page, "n_tokens": n_tokens, "lo": lo, "hi": lo + width - 1})
+        tokens = [r[12] for r in rows]  # after the neuron and NEURON_COLUMNS
+    else:
+        rows = db.query(queries.layer_neurons(sort, order == "desc"), page)
+        tokens = [n_tokens] * len(rows)
+    neurons = [{"neuron": r[0], **db.experts.ref(layer, r[0]),
+                "frequency": {slug: r[1 + q] / t if t else None for q, slug in enumerate(QUADRANT_SLUGS)},
+                "flipped": bool(r[5]), **dict(zip(GEOMETRY, map(_num, r[6:6 + len(GEOMETRY)])))}
+               for r, t in zip(rows, tokens)]
+    body = {"model": db.id, "layer": layer, "n_neurons": width, "sort": sort, "order": order,
             "offset": offset, "limit": limit, "neurons": neurons}
+    if db.experts.any:
+        body.update(expert=expert, **layer_experts(db, layer))
+    return body
+
+
+# Tokens listed per expert and list (by count, by weight, by share), and the fewest occurrences in the corpus a
+# token needs to be ranked by share (a token seen once has a share of 1 at every expert it went to).
+EXPERT_TOP_TOKENS = 12
+SHARE_MIN_OCCURRENCES = 5
+
+
+def layer_experts(db: Database, layer: int) -> dict[str, Any]:
+    """A layer's router (schema.sql, layers) and each expert's statistics with the tokens it received most:
+    read once per process and layer (Database.derived). Empty lists for a dense layer."""
+    found = db.derived.get(("experts", layer))
+    if found is None:
+        found = _layer_experts(db, layer)
+        db.derived.put(("experts", layer), found)
+    return found
+
+
+def _layer_experts(db: Database, layer: int) -> dict[str, Any]:
+    lay = db.experts.layers[layer]
+    top: dict[int, dict[str, list]] = {e.expert: {"count": [], "weight": [], "share": []} for e in lay.experts}
+    if lay.routed:
+        rows = db.query(queries.EXPERT_TOP_TOKENS, {"layer": layer, "top_k": max(lay.top_k, 1),
+                                                    "n": EXPERT_TOP_TOKENS, "min_count": SHARE_MIN_OCCURRENCES})
+        ranked: dict[int, dict[str, list]] = {e: {"count": [], "weight": [], "share": []} for e in top}
+        for expert, token_id, tokens, weight_sum, share, occurrences, by_count, by_weight, by_share in rows:
+            if expert not in ranked:
+                continue  # a row of an expert `experts` does not hold: never from our recorder
+            entry = {"token_id": int(token_id), "token": db.vocab.token(int(token_id)), "tokens": int(tokens),
+                     "weight_sum": _num(weight_sum), "mean_weight": _num(weight_sum / tokens) if tokens else None,
+                     "share": _num(share), "occurrences": _num(occurrences)}
+            for name, rank in (("count", by_count), ("weight", by_weight), ("share", by_share)):
+                if rank <= EXPERT_TOP_TOKENS and (name != "share" or (occurrences or 0) >= SHARE_MIN_OCCURRENCES):
+                    ranked[expert][name].append((rank, entry))
+        top = {e: {name: [entry for _, entry in sorted(lists[name], key=lambda x: x[0])] for name in lists}
+               for e, lists in ranked.items()}
+    experts = [{**expert_summary(db, e), "top_tokens": top[e.expert]} for e in lay.experts]
+    return {**layer_router(db, layer), "experts": experts}
+
+
+def expert_data(db: Database, layer: int, expert: int, sort: str = "neuron", order: str = "asc",
+                offset: int = 0, limit: int = 100) -> dict[str, Any]:
+    """One expert of a mixture-of-experts layer: its router statistics, the distribution of its router weight,
+    the tokens it received most, the texts where its weight was largest, and one page of its neurons."""
+    e = check_expert(db, layer, expert)
+    neurons = layer_data(db, layer, sort, order, offset, limit, expert)
+    summary = next(x for x in layer_experts(db, layer)["experts"] if x["expert"] == expert)
+    return {"model": db.id, **summary, **layer_router(db, layer), "weights": _weight_histogram(db, e),
+            "examples": _expert_examples(db, layer, e),
+            **{k: neurons[k] for k in ("sort", "order", "offset", "limit", "neurons")},
+            "n_neurons": e.n_neurons}
+
+
+def _weight_histogram(db: Database, e: Expert) -> dict[str, Any]:
+    """The expert's router weight on the 'value' bins of histogram_bins, as a neuron's histograms give a value."""
+    edges = db.bin_edges.get("value", [])
+    counts = list(e.weight_counts or ())
+    first = e.weight_first_bin or 0
+    if not counts or not 0 <= first or first + len(counts) > len(edges) - 1:
+        return {"first_bin": 0, "edges": [], "counts": []}
+    return {"first_bin": first, "edges": edges[first:first + len(counts) + 1], "counts": counts}
+
+
+def _expert_examples(db: Database, layer: int, e: Expert) -> list[dict[str, Any]]:
+    """The texts where the expert's router weight was largest, each as a window around that token (the
+    metadata's window), without values: the file keeps the weight at that token only."""
+    if e.shared:
+        return []
+    before, after = int(db.meta["window_before"]), int(db.meta["window_after"])
+    out = []
+    for rank, weight, text_id, position in db.query(queries.EXPERT_EXAMPLES, {"layer": layer, "expert": e.expert}):
+        if not 0 <= text_id < db.n_texts:
+            continue  # never from our recorder
+        start = max(position - before, 0)
+        ids = db.texts.token_ids(text_id, start, position + after + 1).tolist()
+        out.append({"rank": int(rank), "weight": _num(weight), "text_id": int(text_id),
+                    "source_index": int(db.texts.source_index[text_id]), "source": db.texts.source[text_id],
+                    "position": int(position), "window_start": start, "token_ids": ids,
+                    "tokens": [db.vocab.token(t) for t in ids]})
+    return out
 
 
 @dataclass
@@ -396,11 +555,15 @@ class Scatter:
     cos_in_out: np.ndarray     # [N]
     r: float | None            # Pearson correlation of the two, by DuckDB's corr()
     frame: plots.ScatterFrame
+    address: list[str] | None = None  # [N] each neuron's address, in a file with experts
 
     def to_json(self, model: str) -> dict[str, Any]:
-        return {"model": model, "layer": self.layer, "n_neurons": len(self.neuron), "r": self.r,
+        body = {"model": model, "layer": self.layer, "n_neurons": len(self.neuron), "r": self.r,
                 "neuron": self.neuron.tolist(), "freq_gate_pos": _json_floats(self.freq_gate_pos),
                 "cos_in_out": _json_floats(self.cos_in_out)}
+        if self.address is not None:
+            body["address"] = self.address
+        return body
 
     def nearest(self, x: float, y: float) -> int | None:
         """The neuron whose dot is nearest to pixel (x, y) of the image."""
@@ -434,15 +597,18 @@ def scatter_png(db: Database, layer: int) -> bytes:
 
 
 def _scatter(db: Database, layer: int) -> Scatter:
-    found = db.con.execute(queries.LAYER_SCATTER, {"layer": layer, "n_tokens": max(int(db.meta["n_tokens"]), 1)}
-                           ).fetchnumpy()
+    found = db.con.execute(queries.layer_scatter(db.experts.is_moe(layer)),
+                           {"layer": layer, "n_tokens": max(int(db.meta["n_tokens"]), 1)}).fetchnumpy()
     x = np.ma.filled(np.ma.asarray(found["freq_gate_pos"], np.float64), np.nan)
     y = np.ma.filled(np.ma.asarray(found["cos_in_out"], np.float64), np.nan)
     r = found["r"]
-    return Scatter(layer=layer, neuron=np.asarray(found["neuron"], np.int64), freq_gate_pos=x, cos_in_out=y,
+    neuron = np.asarray(found["neuron"], np.int64)
+    return Scatter(layer=layer, neuron=neuron, freq_gate_pos=x, cos_in_out=y,
                    r=_num(r[0]) if len(r) and not np.ma.is_masked(r[0]) else None,
-                   frame=plots.scatter_frame(x, y, x_range=SCATTER_X_RANGE))
+                   frame=plots.scatter_frame(x, y, x_range=SCATTER_X_RANGE),
+                   address=[db.experts.address(layer, n) for n in neuron.tolist()] if db.experts.any else None)
 
 
 def random_neuron(db: Database) -> tuple[int, int]:
-    return random.randrange(db.n_layers), random.randrange(db.d_mlp)
+    layer = random.randrange(db.n_layers)
+    return layer, random.randrange(db.experts.width(layer))

@@ -22,6 +22,7 @@ import numpy as np
 from gluscope.errors import UserError
 from gluscope.schema import ACT_FNS, COUNT_COLUMNS, GEOMETRY, QUADRANTS, SCHEMA_VERSION, schema_sql
 from gluscope.server import queries
+from gluscope.server.experts import Experts, LayoutError
 
 # Every table schema.sql creates, code tables included.
 REQUIRED_TABLES = frozenset(re.findall(r"^CREATE TABLE (\w+)", schema_sql(), re.M))
@@ -70,9 +71,12 @@ class NeuronTable:
     stat_min: np.ndarray  # [L, N, 4, 4] float32 (quadrant, hook)
     stat_max: np.ndarray  # [L, N, 4, 4] float32
     stat_mean: np.ndarray  # [L, N, 4, 4] float64
+    # routed_values (expert neurons only: router weight x hook_post) as [L, N, 4] min, max, mean; None in a
+    # file without experts.
+    routed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def load(cls, con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int) -> "NeuronTable":
+    def load(cls, con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int, moe: bool = False) -> "NeuronTable":
         n = con.execute(queries.NEURONS).fetchnumpy()
         ok = (n["layer"] >= 0) & (n["layer"] < n_layers) & (n["neuron"] >= 0) & (n["neuron"] < d_mlp)
         li, ni = n["layer"][ok].astype(np.int64), n["neuron"][ok].astype(np.int64)
@@ -95,7 +99,22 @@ class NeuronTable:
             values = s[col][ok]
             a[at] = values.filled(np.nan) if np.ma.isMaskedArray(values) else values
             arrays.append(a)
-        return cls(counts, flipped, geometry, *arrays)
+        routed = _load_routed_values(con, n_layers, d_mlp) if moe else None
+        return cls(counts, flipped, geometry, *arrays, routed=routed)
+
+
+def _load_routed_values(con: duckdb.DuckDBPyConnection, n_layers: int,
+                        d_mlp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """routed_values as [layers, neurons, quadrants] min, max, mean; NaN where no row (or NULL)."""
+    r = con.execute(queries.ROUTED_VALUES).fetchnumpy()
+    at = tuple(np.asarray(np.ma.getdata(r[c]), np.int64) for c in ("layer", "neuron", "quadrant"))
+    ok = np.all([(a >= 0) & (a < n) for a, n in zip(at, (n_layers, d_mlp, len(QUADRANTS)))], axis=0)
+    out = []
+    for col, dtype in (("min", np.float32), ("max", np.float32), ("mean", np.float64)):
+        a = np.full((n_layers, d_mlp, len(QUADRANTS)), np.nan, dtype)
+        a[tuple(x[ok] for x in at)] = np.ma.filled(np.ma.asarray(r[col]).astype(dtype), np.nan)[ok]
+        out.append(a)
+    return out[0], out[1], out[2]
 
 
 
@@ -163,6 +182,7 @@ class Database:
     texts: Texts
     neurons: NeuronTable | None  # None in reader processes: no view they run reads it
     con: duckdb.DuckDBPyConnection
+    experts: Experts  # each layer's width and experts; neuron addresses (experts.py)
     bin_edges: dict[str, list[float | None]] = field(default_factory=dict)  # histogram_bins per axis (load_bin_edges)
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
     # What the model page and a layer's scatter compute from whole tables (data.py): the file never changes,
@@ -189,9 +209,10 @@ class Database:
         return self.con.execute(sql, params or {}).fetchall()
 
     def temp_table(self, name: str) -> None:
-        """Build queries.TEMP_TABLES[name] on this connection unless it already has it (once per process)."""
+        """Build queries.TEMP_TABLES[name] (MOE_TEMP_TABLES in a file with experts) on this connection unless it
+        already has it (once per process)."""
         if name not in self._prepared:
-            self.con.execute(queries.TEMP_TABLES[name])
+            self.con.execute((queries.MOE_TEMP_TABLES if self.experts.any else queries.TEMP_TABLES)[name])
             self._prepared.add(name)
 
     def load_intervals(self) -> None:
@@ -315,6 +336,11 @@ def _checked_metadata(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, A
     if meta.get("shard_count") is not None:
         raise DatabaseFileError(f"{path}: shard {meta['shard_index']}/{meta['shard_count']} of a recording; "
                                 "merge the shards first (gluscope merge)")
+    if any(meta.get(column) is not None for column in ("layer_first", "expert_first")):
+        part = ", ".join(f"{name}s {meta[name + '_first']}-{meta[name + '_last']}" for name in ("layer", "expert")
+                         if meta.get(name + "_first") is not None)
+        raise DatabaseFileError(f"{path}: a part of a recording ({part}); merge its parts with `gluscope merge` "
+                                "and serve the result")
     if meta["act_fn"] not in ACT_FNS:
         raise DatabaseFileError(f"{path}: act_fn {meta['act_fn']!r} is not an activation GLUScope computes "
                                 f"({', '.join(ACT_FNS)})")
@@ -341,9 +367,15 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
     texts = Texts(source_index=np.asarray(lengths["source_index"], dtype=np.int64),
                   source=[None if s is None else str(s) for s in sources.tolist()] if len(sources) else [],
                   offsets=offsets, ids=ids)
-    neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"])) if neuron_table else None
+    try:
+        experts = Experts(int(meta["n_layers"]), int(meta["d_mlp"]), con.execute(queries.LAYERS).fetchall(),
+                          con.execute(queries.EXPERTS).fetchall())
+    except LayoutError as e:
+        con.close()
+        raise DatabaseFileError(f"{path}: {e}") from None
+    neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"]), experts.any) if neuron_table else None
     return Database(path=path, id="", meta=meta, vocab=Vocabulary([t for t, _ in vocab], [bytes(b) for _, b in vocab]),
-                    texts=texts, neurons=neurons, con=con, bin_edges=load_bin_edges(con, path))
+                    texts=texts, neurons=neurons, con=con, experts=experts, bin_edges=load_bin_edges(con, path))
 
 
 def _check_size(con: duckdb.DuckDBPyConnection, path: Path) -> None:

@@ -45,7 +45,8 @@ FIELD_LABELS: dict[str, str] = {
     **{f"absmax_{s}": f"{q} max |hook_post|" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
 }
 FIELD_HELP: dict[str, str] = {
-    **{f"freq_{s}": f"the share of counted tokens in {q}, 0..1" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
+    **{f"freq_{s}": f"the share of counted tokens in {q}, 0..1 (an expert neuron's: of the tokens routed to its "
+                    "expert)" for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
     **{name: f"{GEOMETRY_LABELS[name]}, after the weight convention" for name in GEOMETRY},
     **{f"absmax_{s}": f"the largest |hook_post| over the tokens of {q} (none where it never occurred)"
        for s, q in zip(QUADRANT_SLUGS, QUADRANTS)},
@@ -53,14 +54,19 @@ FIELD_HELP: dict[str, str] = {
 
 
 def filter_data(db: Database, layers: str | None, bounds: dict[str, float | None], sort: str = "neuron",
-                order: str | None = None, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+                order: str | None = None, offset: int = 0, limit: int = 50,
+                expert: int | None = None) -> dict[str, Any]:
     """The neurons of the layer range within every given bound, one page of them sorted, and how many match.
 
     Each row holds layer, neuron and the fields bounded or sorted by (each
-    quadrant's frequency when there are none). order defaults to asc for
-    `neuron` and to desc for a field.
+    quadrant's frequency when there are none; an expert neuron's over the
+    tokens routed to its expert). order defaults to asc for `neuron` and to
+    desc for a field. expert: only the neurons of that expert in each layer
+    of the range (a file with experts).
     """
     lo, hi = parse_layer_range(layers, db)
+    if expert is not None:
+        check_filter_expert(db, expert, lo, hi)
     check_choice("sort", sort, queries.FILTER_SORT_KEYS)
     if order is None:  # only a missing order takes the default: an empty one is refused, as the schema says
         order = "asc" if sort == "neuron" else "desc"
@@ -72,21 +78,38 @@ def filter_data(db: Database, layers: str | None, bounds: dict[str, float | None
     shown = [f for f in queries.FILTER_FIELDS if f == sort or any(f == g for g, _ in given)] or list(DEFAULT_FIELDS)
     where = {"layer_lo": lo, "layer_hi": hi, **{f"{side}_{f}": float(bounds[f"{side}_{f}"]) for f, side in given}}
     db.temp_table("neuron_facts")
-    rows = db.query(queries.neuron_filter(given, shown, sort, order == "desc"),
-                    {**where, "limit": limit, "offset": offset})
-    (total,) = db.query(queries.neuron_filter_count(given), where)[0]
-    neurons = [{"layer": r[0], "neuron": r[1], **{f: _num(v) for f, v in zip(shown, r[2:])}} for r in rows]
-    return {"model": db.id, "layers": [lo, hi],
+    selected = expert is not None
+    rows = db.query(queries.neuron_filter(given, shown, sort, order == "desc", selected),
+                    {**where, "limit": limit, "offset": offset, **({"expert": expert} if selected else {})})
+    (total,) = db.query(queries.neuron_filter_count(given, selected), {**where, **({"expert": expert} if selected
+                                                                                   else {})})[0]
+    neurons = [{"layer": r[0], "neuron": r[1], **db.experts.ref(r[0], r[1]),
+                **{f: _num(v) for f, v in zip(shown, r[2:])}} for r in rows]
+    body = {"model": db.id, "layers": [lo, hi],
             "bounds": {f"{side}_{f}": where[f"{side}_{f}"] for f, side in given},
             "sort": sort, "order": order, "offset": offset, "limit": limit, "total": int(total),
             "fields": shown, "neurons": neurons}
+    if db.experts.any:
+        body["expert"] = expert
+    return body
 
+
+def check_filter_expert(db: Database, expert: int, lo: int, hi: int) -> None:
+    """expert= of the filter: an expert some layer of the range has (routed or shared)."""
+    most = max((len(db.experts.layers[layer].experts) for layer in range(lo, hi + 1)), default=0)
+    if not most:
+        where = "this model has no" if not db.experts.any else f"layers {lo}–{hi} have no"
+        raise ParameterError(404, "expert", f"expert {expert}: {where} mixture-of-experts layers", None)
+    if not 0 <= expert < most:
+        raise ParameterError(404, "expert", f"expert {expert} does not exist in layers {lo}–{hi}; valid: "
+                             f"0..{most - 1}", f"0..{most - 1}")
 
 def filter_query(body: dict[str, Any]) -> str:
     """The query string of this filter without its offset: what a page's links add an offset to."""
     lo, hi = body["layers"]
-    return urlencode({"layers": f"{lo}-{hi}", **body["bounds"], "sort": body["sort"], "order": body["order"],
-                      "limit": body["limit"]})
+    expert = {"expert": body["expert"]} if body.get("expert") is not None else {}
+    return urlencode({"layers": f"{lo}-{hi}", **expert, **body["bounds"], "sort": body["sort"],
+                      "order": body["order"], "limit": body["limit"]})
 
 
 def stored_neuron_summaries(db: Database, refs: list[tuple[int, int]]) -> list[dict[str, Any]]:
@@ -100,12 +123,23 @@ def stored_neuron_summaries(db: Database, refs: list[tuple[int, int]]) -> list[d
         if 0 <= q < 4 and 0 <= h < 4:
             for k, v in enumerate(values):
                 stats[i][k][q][h] = v
+    routed: list[list | None] = [None] * len(refs)
+    if db.experts.any:  # what each expert neuron adds to the residual stream (schema.sql, routed_values)
+        experts = [i for i, ref in enumerate(refs) if db.experts.expert_at(*ref) is not None]
+        sub = {f"{part}_{j}": params[f"{part}_{i}"] for j, i in enumerate(experts) for part in ("layer", "neuron")}
+        for i in experts:
+            routed[i] = [[None] * len(QUADRANTS) for _ in range(3)]
+        for j, q, *values in db.query(queries.neuron_routed_values(len(experts)), sub) if experts else []:
+            if 0 <= q < len(QUADRANTS):
+                for k, v in enumerate(values):
+                    routed[experts[j]][k][q] = v
     out = []
     for i, (layer, neuron) in enumerate(refs):
         if i not in rows:
-            raise ParameterError(404, "neurons", f"neuron {layer}.{neuron} is not in this database", None)
+            raise ParameterError(404, "neurons", f"neuron {db.experts.address(layer, neuron)} is not in this "
+                                 "database", None)
         row = rows[i]
-        out.append(neuron_summary(db, layer, neuron, list(row[:4]), row[4], list(row[5:]), *stats[i]))
+        out.append(neuron_summary(db, layer, neuron, list(row[:4]), row[4], list(row[5:]), *stats[i], routed[i]))
     return out
 
 
@@ -123,7 +157,8 @@ def related_pairs(db: Database, refs: list[tuple[int, int]]) -> dict[str, Any]:
         a, b = (r["layer"], r["neuron"]), (r["other_layer"], r["other_neuron"])
         writer, reader = (a, b) if downstream else (b, a)
         pair = pairs.setdefault((writer, reader, r["via"]), {
-            "writer": {"layer": writer[0], "neuron": writer[1]}, "reader": {"layer": reader[0], "neuron": reader[1]},
+            "writer": {"layer": writer[0], "neuron": writer[1], **db.experts.ref(*writer)},
+            "reader": {"layer": reader[0], "neuron": reader[1], **db.experts.ref(*reader)},
             "via": r["via"], "score": _num(r["score"]), "downstream": False, "upstream": False})
         pair["downstream" if downstream else "upstream"] = True
     listed = sorted(pairs.values(), key=lambda p: (-abs(p["score"] or 0.0), p["writer"]["layer"],
@@ -169,7 +204,8 @@ def compare_data(db: Database, neurons: str, quadrant: str = "pp",
         _COMPARED.put(key, cached)
     summaries, related = cached
     lists = [read_example_list(db, layer, neuron, QUADRANT_SLUGS[q], hook) for layer, neuron in refs]
-    body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron} for layer, neuron in refs],
+    body = {"model": db.id, "neurons": [{"layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron)}
+                                        for layer, neuron in refs],
             "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q], "hook": hook,
             "summaries": summaries, "related": related,
             "histograms": histogram_overlay(db, refs, q, hook)}

@@ -153,8 +153,8 @@ def _weight_hits(db: Database, ids: list[int], kind: int, lo: int, hi: int, limi
         if (layer, neuron) in seen:
             continue
         seen.add((layer, neuron))
-        hits.append({"layer": layer, "neuron": neuron, "token_id": token_id, "token": db.vocab.token(token_id),
-                     "score": _num(score)})
+        hits.append({"layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), "token_id": token_id,
+                     "token": db.vocab.token(token_id), "score": _num(score)})
         if len(hits) == limit:
             break
     return hits
@@ -168,7 +168,8 @@ def _example_hits(db: Database, ids: list[int], role: int, quadrant: int | None,
                               "limit": limit, "n_layers": db.n_layers, "d_mlp": db.d_mlp}
     params.update({f"t{i}": t for i, t in enumerate(ids)})
     rows = db.query(queries.example_tokens_search(len(ids)), params)
-    return [{"layer": layer, "neuron": neuron, "quadrant": QUADRANTS[q], "slug": QUADRANT_SLUGS[q],
+    return [{"layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), "quadrant": QUADRANTS[q],
+             "slug": QUADRANT_SLUGS[q],
              "hook": HOOKS[h], "kind": EXAMPLE_KINDS[k], "matches": matches, "best_rank": best_rank,
              "best_value": _num(value)}
             for (layer, neuron, q, h, k, matches, best_rank), value in zip(rows, _best_values(db, rows))]
@@ -226,8 +227,9 @@ def related_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     for direction, via, _rank, other_layer, other_neuron, score in db.query(
             queries.RELATED, {"layer": layer, "neuron": neuron}):
         lists[RELATED_DIRECTIONS[direction]].append(
-            {"layer": other_layer, "neuron": other_neuron, "via": RELATED_VIA[via], "score": _num(score)})
+            {"layer": other_layer, "neuron": other_neuron, **db.experts.ref(other_layer, other_neuron),
+             "via": RELATED_VIA[via], "score": _num(score)})
     for rows in lists.values():
         rows.sort(key=lambda r: (-abs(r["score"] or 0.0), r["layer"], r["neuron"], r["via"]))
-    return {"model": db.id, "layer": layer, "neuron": neuron, **lists}
+    return {"model": db.id, "layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), **lists}
 

@@ -126,12 +126,14 @@ async def respond(request: Request, answer: str, model: str, params: dict[str, A
         body = await client.answer(db, answer, _request(answer, params))
         return render.make_response(request, kind, render.encode_json(body))
     shown = {k: v for k, v in params.items() if v is not None}
+    # The probe runs dense gated MLPs only: a page of a mixture-of-experts model says so instead of its form.
+    unsupported = db.experts.any
     context: dict[str, Any] = {"info": data.model_info(db), "answer": answer, "title": TITLES[answer],
                                "modes": pp.ABLATION_MODES, "fire_top_max": pp.FIRE_TOP_MAX,
                                "form": shown, "probe": client.configured, "hint": pp.START_HINT,
-                               "result": None, "error": None, "link": None}
+                               "result": None, "error": None, "link": None, "unsupported": unsupported}
     status = 200
-    if shown.get("text") and (answer == "fire" or shown.get("neurons")):
+    if shown.get("text") and (answer == "fire" or shown.get("neurons")) and not unsupported:
         try:
             body = await client.answer(db, answer, _request(answer, params))
             context["result"] = CONTEXTS[answer](body, db.id)

@@ -24,6 +24,15 @@ METADATA = "SELECT * FROM metadata"
 
 VOCAB = "SELECT token, token_bytes FROM vocab ORDER BY token_id"
 
+# Each layer's width and router, and the experts of mixture-of-experts layers: a few rows per layer, read once
+# per process when the file is opened (experts.Experts).
+LAYERS = "SELECT layer, n_neurons, n_experts, top_k, router, imbalance FROM layers ORDER BY layer"
+EXPERTS = """
+SELECT layer, expert, shared, first_neuron, n_neurons, tokens, weight_sum, weight_first_bin, weight_counts
+FROM experts
+ORDER BY layer, expert
+"""
+
 # Loaded once at startup (its size: see docs/performance.md): a lookup in the
 # table itself would scan the one row group the token ids live in.
 TEXT_LENGTHS = "SELECT source_index, source, n_tokens FROM texts ORDER BY text_id"
@@ -38,6 +47,8 @@ TEXT_TOKENS = "SELECT unnest(token_ids) AS token_id FROM texts"
 NEURONS = f"SELECT layer, neuron, {NEURON_COLUMNS} FROM neurons"
 
 VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_stats"
+# What expert neurons add to the residual stream (router weight x hook_post), loaded beside value_stats.
+ROUTED_VALUES = "SELECT layer, neuron, quadrant, min, max, mean FROM routed_values"
 # The value of each top list's first example: within a quadrant every value of a hook has one sign, so the
 # extreme is max or min, whichever is larger in magnitude (as rank 0 is the largest |value|).
 LIST_EXTREMES = """
@@ -135,6 +146,13 @@ GROUP BY layer
 ORDER BY layer
 """
 
+
+def layer_summary(moe: bool) -> str:
+    """LAYER_SUMMARY, or for a file with experts LAYER_SUMMARY_MOE: each neuron's frequencies over its own
+    tokens (tokens_of)."""
+    return LAYER_SUMMARY_MOE if moe else LAYER_SUMMARY
+
+
 # Sort keys a layer table may be ordered by; the ORDER BY clause is picked from
 # this fixed mapping, never built from the request.
 LAYER_SORT_KEYS = {
@@ -145,10 +163,26 @@ LAYER_SORT_KEYS = {
 }
 
 
-def layer_neurons(sort: str, descending: bool) -> str:
-    """One page of a layer's neurons ordered by a key of LAYER_SORT_KEYS (ties by neuron)."""
-    key = LAYER_SORT_KEYS[sort]
+def layer_neurons(sort: str, descending: bool, moe: bool = False) -> str:
+    """One page of a layer's neurons ordered by a key of LAYER_SORT_KEYS (ties by neuron).
+
+    moe: a layer with experts, whose neurons' frequencies have different denominators: sorted by frequency
+    (not by count), each row followed by its tokens (tokens_of), the neurons restricted to $lo .. $hi (one
+    expert's, or the whole layer's).
+    """
     direction = "DESC" if descending else "ASC"
+    if moe:
+        key = LAYER_SORT_KEYS[sort]
+        if sort.startswith("freq_"):
+            key = f"({key}) / {tokens_of()}"
+        return f"""
+SELECT n.neuron, {NEURON_COLUMNS}, {tokens_of()} AS tokens
+FROM {NEURONS_WITH_EXPERTS}
+WHERE n.layer = $layer AND n.neuron BETWEEN $lo AND $hi
+ORDER BY {key} {direction}, n.neuron
+LIMIT $limit OFFSET $offset
+"""
+    key = LAYER_SORT_KEYS[sort]
     return f"""
 SELECT neuron, {NEURON_COLUMNS}
 FROM neurons
@@ -164,7 +198,8 @@ LIMIT $limit OFFSET $offset
 # over `neuron_facts` that computes it (DOUBLE, so a bound is compared with no
 # rounding of the request's number to float32). The field names come from
 # this fixed mapping, never from the request:
-# - freq_<slug>: count_<slug> / metadata.n_tokens (the frequency a neuron page shows);
+# - freq_<slug>: count_<slug> / metadata.n_tokens (the frequency a neuron page shows; an expert neuron's over its
+#   expert's tokens, in NEURON_FACTS_MOE);
 # - the weight geometry (schema.GEOMETRY);
 # - absmax_<slug>: the largest |hook_post| over the quadrant's tokens, from
 #   value_stats (hook 0): within a quadrant hook_post has one sign, so it is
@@ -202,18 +237,56 @@ LEFT JOIN (
 ORDER BY n.layer, n.neuron
 """
 
-# Temporary tables each connection builds once, by name (Database.temp_table).
+# --- mixture-of-experts layers ----------------------------------------------------
+# An expert neuron's statistics are over the tokens routed to its expert, so its frequencies are its counts over
+# experts.tokens, a dense neuron's over metadata.n_tokens. A layer's experts tile its neurons in order (schema.sql,
+# experts), so a neuron's expert is the one of its layer with the largest first_neuron <= neuron: an ASOF join,
+# one merge of the two sorted tables. Only a file with experts runs the statements below; a dense file's are the
+# ones above, as they were.
+NEURONS_WITH_EXPERTS = "neurons n ASOF LEFT JOIN experts e ON n.layer = e.layer AND n.neuron >= e.first_neuron"
+
+
+def tokens_of(n_tokens: str = "$n_tokens") -> str:
+    """A neuron's denominator over NEURONS_WITH_EXPERTS: its expert's tokens (NULL when none was routed to it:
+    no frequency), or n_tokens for a dense neuron."""
+    return f"(CASE WHEN e.expert IS NULL THEN {n_tokens} ELSE nullif(e.tokens, 0) END)"
+
+
+NEURON_FACTS_MOE = f"""
+CREATE TEMP TABLE IF NOT EXISTS neuron_facts AS
+SELECT n.layer, n.neuron, e.expert,
+       {", ".join(f"n.{c} / {tokens_of('(SELECT greatest(n_tokens, 1) FROM metadata)')}::DOUBLE AS freq_{s}"
+                  for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
+       {", ".join(f"n.{name}" for name in GEOMETRY)},
+       {", ".join(f"v.absmax_{s}" for s in QUADRANT_SLUGS)}
+FROM {NEURONS_WITH_EXPERTS}
+LEFT JOIN (
+    SELECT layer, neuron,
+           {", ".join(f"max(greatest(abs(min), abs(max))) FILTER (WHERE quadrant = {q}) AS absmax_{s}"
+                      for q, s in enumerate(QUADRANT_SLUGS))}
+    FROM value_stats
+    WHERE hook = 0
+    GROUP BY layer, neuron
+) v ON v.layer = n.layer AND v.neuron = n.neuron
+ORDER BY n.layer, n.neuron
+"""
+
+# Temporary tables each connection builds once, by name (Database.temp_table): a file with experts builds the
+# second (its neuron_facts also says each neuron's expert, for the filter's expert=).
 TEMP_TABLES = {"neuron_facts": NEURON_FACTS}
+MOE_TEMP_TABLES = {"neuron_facts": NEURON_FACTS_MOE}
 
 
-def neuron_filter(bounds: list[tuple[str, str]], shown: list[str], sort: str, descending: bool) -> str:
+def neuron_filter(bounds: list[tuple[str, str]], shown: list[str], sort: str, descending: bool,
+                  expert: bool = False) -> str:
     """One page of the neurons of layers $layer_lo..$layer_hi within these bounds (neuron_filter_count counts them).
 
     bounds: (field, "min" or "max") pairs of FILTER_FIELDS, each compared with
     the bound parameter $min_<field> or $max_<field>; shown: the fields
     returned after layer and neuron. NULLs (a quadrant that never occurred)
     match no bound and sort last either way; ties go to (layer, neuron).
-    Returns layer, neuron, then the shown fields.
+    Returns layer, neuron, then the shown fields. expert: only the neurons of expert $expert (a file with
+    experts: MOE_TEMP_TABLES).
     """
     columns = "".join(f", {FILTER_FIELDS[f]} AS {f}" for f in shown)
     key = "" if sort == "neuron" else f"{FILTER_FIELDS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, "
@@ -221,7 +294,7 @@ def neuron_filter(bounds: list[tuple[str, str]], shown: list[str], sort: str, de
     return f"""
 SELECT layer, neuron{columns}
 FROM neuron_facts
-WHERE {_filter_where(bounds)}
+WHERE {_filter_where(bounds, expert)}
 ORDER BY {key}layer {tie}, neuron {tie}
 LIMIT $limit OFFSET $offset
 """
@@ -229,12 +302,12 @@ LIMIT $limit OFFSET $offset
 
 # The number of matches, by a statement of its own: count(*) OVER () in the page's statement (a window over
 # every match) cost several times as much on the OLMo-7B shape (see docs/performance.md).
-def neuron_filter_count(bounds: list[tuple[str, str]]) -> str:
-    return f"SELECT count(*) FROM neuron_facts WHERE {_filter_where(bounds)}"
+def neuron_filter_count(bounds: list[tuple[str, str]], expert: bool = False) -> str:
+    return f"SELECT count(*) FROM neuron_facts WHERE {_filter_where(bounds, expert)}"
 
 
-def _filter_where(bounds: list[tuple[str, str]]) -> str:
-    where = ["layer BETWEEN $layer_lo AND $layer_hi"]
+def _filter_where(bounds: list[tuple[str, str]], expert: bool = False) -> str:
+    where = ["layer BETWEEN $layer_lo AND $layer_hi"] + (["expert = $expert"] if expert else [])
     where += [f"{FILTER_FIELDS[f]} {'>=' if side == 'min' else '<='} ${side}_{f}" for f, side in bounds]
     return " AND ".join(where)
 
@@ -252,6 +325,12 @@ def neuron_value_stats(n: int) -> str:
                                  f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
 
 
+
+
+def neuron_routed_values(n: int) -> str:
+    """routed_values' rows of n expert neurons ($layer_0, $neuron_0 ..), as neuron_value_stats reads value_stats."""
+    return "\nUNION ALL\n".join(f"SELECT {i} AS i, quadrant, min, max, mean FROM routed_values "
+                                 f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
 
 
 def neurons_histogram(n: int) -> str:
@@ -391,4 +470,62 @@ SELECT neuron, {FREQ_GATE_POS} AS freq_gate_pos, cos_in_out,
 FROM neurons
 WHERE layer = $layer
 ORDER BY neuron
+"""
+_FREQ_GATE_POS_MOE = f"({GATE_POS_COUNT}) / {tokens_of()}"
+LAYER_SCATTER_MOE = f"""
+SELECT n.neuron, {_FREQ_GATE_POS_MOE} AS freq_gate_pos, cos_in_out,
+       corr({_FREQ_GATE_POS_MOE}, cos_in_out) OVER () AS r
+FROM {NEURONS_WITH_EXPERTS}
+WHERE n.layer = $layer
+ORDER BY n.neuron
+"""
+LAYER_SUMMARY_MOE = f"""
+SELECT n.layer,
+       count(*) AS n_neurons,
+       {", ".join(f"avg({c} / {tokens_of()}) AS freq_{s}" for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
+       avg(flipped::INTEGER) AS frac_flipped,
+       corr({_FREQ_GATE_POS_MOE}, cos_in_out) AS r_gate_pos_cos_in_out
+FROM {NEURONS_WITH_EXPERTS}
+GROUP BY n.layer
+ORDER BY n.layer
+"""
+
+
+def layer_scatter(moe: bool) -> str:
+    return LAYER_SCATTER_MOE if moe else LAYER_SCATTER
+
+
+# --- the experts of a layer, and one expert ---------------------------------------
+
+# The tokens each routed expert of layer $layer received most: per expert the first $n by count, by summed
+# router weight and by share (tokens x top_k over the token's routed tokens in the layer, i.e. over its count in
+# the corpus: schema.sql, expert_tokens), the last among tokens that occur at least $min_count times (a token
+# seen once has a share of 1 at top_k experts). One pass over the layer's rows; read once per process and layer
+# (data.layer_experts).
+EXPERT_TOP_TOKENS = """
+SELECT expert, token_id, tokens, weight_sum, share, occurrences, by_count, by_weight, by_share
+FROM (
+    SELECT *,
+           row_number() OVER (PARTITION BY expert ORDER BY tokens DESC, token_id) AS by_count,
+           row_number() OVER (PARTITION BY expert ORDER BY weight_sum DESC, token_id) AS by_weight,
+           row_number() OVER (PARTITION BY expert ORDER BY occurrences >= $min_count DESC, share DESC,
+                              tokens DESC, token_id) AS by_share
+    FROM (
+        SELECT expert, token_id, tokens, weight_sum,
+               tokens * $top_k / sum(tokens) OVER (PARTITION BY token_id) AS share,
+               sum(tokens) OVER (PARTITION BY token_id) / $top_k AS occurrences
+        FROM expert_tokens
+        WHERE layer = $layer
+    )
+)
+WHERE by_count <= $n OR by_weight <= $n OR (by_share <= $n AND occurrences >= $min_count)
+ORDER BY expert, token_id
+"""
+
+# One routed expert's examples: the texts where its router weight was largest (schema.sql, expert_examples).
+EXPERT_EXAMPLES = """
+SELECT rank, weight, text_id, position
+FROM expert_examples
+WHERE layer = $layer AND expert = $expert
+ORDER BY rank
 """

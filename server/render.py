@@ -30,6 +30,7 @@ import numpy as np
 from gluscope.schema import (GATE_POS_SLUGS, GEOMETRY, GEOMETRY_LABELS, HISTOGRAM_HOOKS, HOOKS, POST_SIGNS,
                              QUADRANT_SIGNS, QUADRANT_SLUGS, QUADRANTS)
 from gluscope.server import plots
+from gluscope.server.experts import address_of, neuron_href
 from gluscope.server.queries import GATE_POS_COUNT
 
 if TYPE_CHECKING:
@@ -171,9 +172,11 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
-def freq_gate_pos(frequency: dict[str, float]) -> float:
-    """The frequency of x_gate > 0 from a neuron's frequency per quadrant slug (queries.FREQ_GATE_POS's sum)."""
-    return sum(frequency[s] for s in GATE_POS_SLUGS)
+def freq_gate_pos(frequency: dict[str, float | None]) -> float | None:
+    """The frequency of x_gate > 0 from a neuron's frequency per quadrant slug (queries.FREQ_GATE_POS's sum);
+    None where they are (an expert no token was routed to)."""
+    parts = [frequency[s] for s in GATE_POS_SLUGS]
+    return None if None in parts else sum(parts)
 
 
 def format_many(values: list[float | None], spec: str = "%.4g") -> list[str]:
@@ -218,24 +221,31 @@ _SPAN = ('<span class="%s" tabindex="0" title="position %d · %s&#10;' + "&#10;"
 _QUADRANT_OF = {(g > 0, x > 0): q for q, (g, x) in enumerate(QUADRANT_SIGNS)}  # (x_gate > 0, x_in > 0) -> code
 
 
-def snippet(ex: dict[str, Any], q_code: int | None, colour_by: str, scale: float) -> Markup:
+def snippet(ex: dict[str, Any], q_code: int | None, colour_by: str, scale: float,
+            not_routed: str | None = None) -> Markup:
     """One example's window as focusable token spans; the title holds all four values (gluscope.js reads it).
 
     Built here rather than in a template loop, and with one formatting call
     for all spans: a list has 16 × 27 tokens, and this is the hot path of
-    the examples page.
+    the examples page. not_routed: an expert neuron's window holds no values
+    (NaN, null in JSON) at tokens not routed to its expert; they are shown
+    uncoloured, classed `nr`, with this in their title.
     """
     acts = ex["activations"]
     n = len(ex["tokens"])
     focus = ex["position"] - ex["window_start"]
-    quads = [_QUADRANT_OF[(g > 0, x > 0)] if g and x else None
-             for g, x in zip(acts["hook_pre"], acts["hook_pre_linear"])]
+    gates, ins = acts["hook_pre"], acts["hook_pre_linear"]
+    quads = [_QUADRANT_OF[(g > 0, x > 0)] if g and x else None for g, x in zip(gates, ins)]
     classes = ["t" if q_code is None or q == q_code else "t oq" for q in quads]  # None: no list's quadrant
+    heads = ["no quadrant" if q is None else QUADRANTS[q] for q in quads]
+    if not_routed:
+        for i, (g, x) in enumerate(zip(gates, ins)):
+            if g is None and x is None:
+                classes[i], heads[i] = "t nr", not_routed
     if 0 <= focus < n:
         classes[focus] += " focus"
     text = format_many(list(chain.from_iterable(acts[h] for h in HOOKS)))
-    fields = zip(classes, range(ex["window_start"], ex["window_start"] + n),
-                 ["no quadrant" if q is None else QUADRANTS[q] for q in quads],
+    fields = zip(classes, range(ex["window_start"], ex["window_start"] + n), heads,
                  *(text[i * n:(i + 1) * n] for i in range(len(HOOKS))),
                  _styles(acts[colour_by], scale), map(show_token, ex["tokens"]))
     return Markup('<div class="snippet">' + (_SPAN * n) % tuple(chain.from_iterable(fields)) + "</div>")
@@ -279,8 +289,42 @@ def examples_context(found: ExampleList, vocab: Vocabulary, colour_by: str, comp
     else:
         rows = [found.example(i, vocab) for i in range(len(found))]
         for ex in rows:
-            ex["snippet"] = snippet(ex, found.quadrant, colour_by, scales[colour_by])
-    return {"data": found.describe(), "examples": rows, "scales": scales, "colour_by": colour_by}
+            ex["snippet"] = snippet(ex, found.quadrant, colour_by, scales[colour_by], found.not_routed)
+    return {"data": found.describe(), "examples": rows, "scales": scales, "colour_by": colour_by,
+            "not_routed": found.not_routed}
+
+
+def weight_histogram_svg(body: dict[str, Any]) -> Markup | None:
+    """An expert's router weight over its tokens (data.expert_data's `weights`), drawn as a neuron's histograms
+    are (plots.histogram_svg): log-spaced bins of the value, two per octave."""
+    w = body["weights"]
+    if not w["counts"] or not any(w["counts"]):
+        return None
+    slot, lows, highs = plots.magnitude_slots(w["edges"])
+    used = slot[np.flatnonzero(w["counts"])]
+    first, stop = int(used.min()), int(used.max()) + 1
+    if stop - first < MIN_SLOTS:
+        stop = min(len(lows), first + MIN_SLOTS)
+        first = max(0, stop - MIN_SLOTS)
+    label = f"{'shared ' if body['shared'] else ''}expert {body['expert']}"
+    return plots.histogram_svg(w["counts"], slot, lows, highs, (first, stop), 1, "w",
+                               f"router weight of {label}: {sum(w['counts']):,} tokens", width=420, height=170)
+
+
+def expert_examples(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An expert's examples (the texts where its router weight was largest) with each window as token spans,
+    the token of interest outlined as in a neuron's lists. The file keeps no values around it, so the spans
+    carry only their position (a plain title, no colour)."""
+    out = []
+    for ex in examples:
+        focus = ex["position"] - ex["window_start"]
+        spans = []
+        for i, token in enumerate(ex["tokens"]):
+            cls, title = ("t focus", f"position {ex['window_start'] + i} · router weight {fmt(ex['weight'])}") \
+                if i == focus else ("t", f"position {ex['window_start'] + i}")
+            spans.append(f'<span class="{cls}" tabindex="0" title="{title}">{show_token(token)}</span>')
+        out.append({**ex, "snippet": Markup('<div class="router-window">' + "".join(spans) + "</div>")})
+    return out
 
 
 # The sign of each histogram's value in each quadrant (its x axis is |value|).
@@ -332,7 +376,8 @@ def histograms_context(body: dict[str, Any], hook: str, base: str) -> dict[str, 
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, auto_reload=False)
-    env.filters.update(show_token=show_token, fmt=fmt, pct=pct, freq_gate_pos=freq_gate_pos)
+    env.filters.update(show_token=show_token, fmt=fmt, pct=pct, freq_gate_pos=freq_gate_pos, address=address_of,
+                       neuron_href=neuron_href)
     # gluscope.js reads the names and codes from <body>, written once in gluscope/schema.py, and the colours;
     # gluscope.css reads the colours from the same element's custom properties.
     names = {"hooks": HOOKS, "quadrants": QUADRANTS, "quadrant-signs": QUADRANT_SIGNS, "pos-rgb": POS_RGB,

@@ -30,6 +30,26 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What every neuron object adds to `layer` and `neuron` (the flat index within the layer) in a file with
+# mixture-of-experts layers (server/experts.py); a file without experts sends neither, as before.
+ADDRESS_FIELDS = {
+    "expert": (int | None, Field(None, description="a file with experts: the neuron's expert (null: a dense "
+                                                   "neuron); absent in a file without experts")),
+    "expert_neuron": (int | None, Field(None, description="a file with experts: the neuron's index within its "
+                                                          "expert (null: a dense neuron)")),
+    "address": (str | None, Field(None, description="a file with experts: `layer.neuron`, or `layer.expert.index` "
+                                                    "for an expert neuron, as its page's URL takes it")),
+}
+
+
+class Addressed(Body):
+    """A neuron object's expert and address, in a file with experts (ADDRESS_FIELDS)."""
+
+    expert: int | None = ADDRESS_FIELDS["expert"][1]
+    expert_neuron: int | None = ADDRESS_FIELDS["expert_neuron"][1]
+    address: str | None = ADDRESS_FIELDS["address"][1]
+
+
 class ModelInfo(Body):
     """What was recorded, and how (the metadata table), with the id URLs use and the file's name."""
 
@@ -74,10 +94,22 @@ Frequencies = create_model("Frequencies", __base__=Body,
                            **{slug: (float | None, ...) for slug in QUADRANT_SLUGS})  # type: ignore[call-overload]
 
 
-class LayerSummary(Body):
+class LayerRouter(Body):
+    """A layer's experts and router (schema.sql, layers): fields a file with experts adds (absent otherwise)."""
+
+    n_experts: int | None = Field(None, description="routed experts; 0: a dense layer")
+    n_shared_experts: int | None = Field(None, description="shared experts (every token passes through them)")
+    top_k: int | None = Field(None, description="experts each token is routed to; 0 for a dense layer")
+    router: str | None = Field(None, description="the model's router class and how its weights are computed")
+    imbalance: float | None = Field(None, description="the busiest routed expert's tokens over the mean of the "
+                                                      "layer's routed experts: 1 is even")
+
+
+class LayerSummary(LayerRouter):
     layer: int
     n_neurons: int
-    frequency: Frequencies = Field(description="mean frequency of each quadrant over the layer's neurons")
+    frequency: Frequencies = Field(description="mean frequency of each quadrant over the layer's neurons (an "
+                                               "expert neuron's over the tokens routed to its expert)")
     frac_flipped: float | None
     r_gate_pos_cos_in_out: float | None = Field(
         description="§5.1 of the paper: Pearson correlation across the layer's neurons between the frequency of "
@@ -92,8 +124,10 @@ class LayerScatter(Body):
     n_neurons: int
     r: float | None = Field(description="Pearson correlation of freq_gate_pos and cos_in_out over the layer")
     neuron: list[int]
-    freq_gate_pos: list[float | None] = Field(description=f"({GATE_POS_COUNT}) / n_tokens")
+    freq_gate_pos: list[float | None] = Field(description=f"({GATE_POS_COUNT}) / n_tokens (an expert neuron's "
+                                                          "over the tokens routed to its expert)")
     cos_in_out: list[float | None]
+    address: list[str] | None = Field(None, description="a file with experts: each neuron's address")
 
 
 class ModelDetail(ModelInfo):
@@ -113,32 +147,117 @@ class QuadrantSummary(Body):
     quadrant: QuadrantLabel
     slug: QuadrantSlug
     count: int
-    frequency: float | None
+    frequency: float | None = Field(description="count / the tokens the neuron's statistics are over (an expert "
+                                                "neuron's: those routed to its expert)")
     stats: HookStats = Field(description="min, max and mean of each value over the quadrant's tokens (null if none)")
+    routed: Stat | None = Field(None, description="a file with experts: router weight × hook_post over the "
+                                "quadrant's tokens, what an expert neuron adds to the residual stream along w_out "
+                                "(schema.sql, routed_values); null for a dense neuron")
+
+
+class ExpertSummary(Body):
+    """One expert's router statistics (schema.sql, experts)."""
+
+    layer: int
+    expert: int = Field(description="0 .. n_experts-1 routed, then the shared ones")
+    shared: bool
+    first_neuron: int = Field(description="the flat index of its neuron 0 within the layer")
+    n_neurons: int
+    tokens: int = Field(description="counted tokens routed to it (a shared expert: every counted token)")
+    share: float | None = Field(description="tokens / the model's n_tokens: how often it was chosen")
+    weight_sum: float | None = Field(description="its router weight summed over its tokens")
+    mean_weight: float | None = Field(description="weight_sum / tokens; null when it received none")
+
+
+class NeuronRouter(ExpertSummary, LayerRouter):
+    """The expert of an expert neuron, and its layer's router."""
 
 
 Geometry = create_model("Geometry", __base__=Body, flipped=(bool, ...),
                         **{name: (float | None, ...) for name in GEOMETRY})  # type: ignore[call-overload]
 
 
-class NeuronSummary(Body):
+class NeuronSummary(Addressed):
     model: str
     layer: int
     neuron: int
     n_tokens: int
     quadrants: list[QuadrantSummary]
     weights: Geometry
+    counted_tokens: int | None = Field(None, description="a file with experts: the tokens the statistics are over, "
+                                       "n_tokens or, for an expert neuron, those routed to its expert")
+    router: NeuronRouter | None = Field(None, description="a file with experts: an expert neuron's expert and "
+                                        "how often it was chosen; null for a dense neuron")
 
 
 class LayerNeuron(Geometry):  # type: ignore[misc, valid-type]
     neuron: int
     frequency: Frequencies
+    expert: int | None = ADDRESS_FIELDS["expert"][1]
+    expert_neuron: int | None = ADDRESS_FIELDS["expert_neuron"][1]
+    address: str | None = ADDRESS_FIELDS["address"][1]
 
 
-class LayerPage(Body):
+class TokenAtExpert(Body):
+    token_id: int
+    token: str
+    tokens: int = Field(description="occurrences of the token routed to the expert")
+    weight_sum: float | None
+    mean_weight: float | None
+    share: float | None = Field(description="tokens / the token's occurrences in the corpus: how much of it the "
+                                            "expert gets (top_k experts share each token)")
+    occurrences: float | None = Field(description="the token's counted occurrences in the corpus")
+
+
+class TopTokens(Body):
+    count: list[TokenAtExpert] = Field(description="most tokens first")
+    weight: list[TokenAtExpert] = Field(description="largest summed router weight first")
+    share: list[TokenAtExpert] = Field(description="largest share first, among tokens that occur at least 5 times")
+
+
+class ExpertDetail(ExpertSummary):
+    top_tokens: TopTokens = Field(description="the tokens routed to it most (empty for a shared expert)")
+
+
+class LayerPage(LayerRouter):
     model: str
     layer: int
-    n_neurons: int
+    n_neurons: int = Field(description="the layer's neurons (with expert=, the expert's)")
+    sort: str
+    order: Literal["asc", "desc"]
+    offset: int
+    limit: int
+    neurons: list[LayerNeuron]
+    expert: int | None = Field(None, description="a file with experts: the expert the rows are restricted to")
+    experts: list[ExpertDetail] | None = Field(None, description="a file with experts: the layer's experts, routed "
+                                                                 "then shared (empty for a dense layer)")
+
+
+class WeightHistogram(Body):
+    first_bin: int = Field(description="histogram_bins.bin (axis 'value') of counts[0]")
+    edges: list[float | None] = Field(description="bin edges, one more than counts (both empty when no token "
+                                                  "was routed); null: open end")
+    counts: list[int]
+
+
+class ExpertExample(Body):
+    rank: int = Field(description="0 = the largest router weight")
+    weight: float | None = Field(description="the router weight at the token of interest")
+    text_id: int
+    source_index: int
+    source: str | None
+    position: int
+    window_start: int
+    token_ids: list[int]
+    tokens: list[str]
+
+
+class ExpertPage(ExpertDetail, LayerRouter):
+    """One expert of a mixture-of-experts layer, and one page of its neurons."""
+
+    model: str
+    weights: WeightHistogram = Field(description="the distribution of its router weight over its tokens")
+    examples: list[ExpertExample] = Field(description="the texts where its router weight was largest")
     sort: str
     order: Literal["asc", "desc"]
     offset: int
@@ -171,7 +290,7 @@ class IntervalBounds(Body):
     hi: float | None = Field(description="|hook_post| < hi; null: unbounded")
 
 
-class ExampleListBody(Body):
+class ExampleListBody(Addressed):
     model: str
     layer: int
     neuron: int
@@ -203,7 +322,7 @@ WeightTokenKinds = create_model("WeightTokenKinds", __base__=Body,
                                 **{k: (list[WeightToken], ...) for k in WEIGHT_KINDS})  # type: ignore[call-overload]
 
 
-class WeightTokens(Body):
+class WeightTokens(Addressed):
     model: str
     layer: int
     neuron: int
@@ -223,7 +342,7 @@ class Text(Body):
 
 # One neuron of a whole-model filter: its key, and the fields the request bounded or sorted by (absent
 # otherwise; null where a quadrant never occurred). queries.FILTER_FIELDS names them.
-FilterRow = create_model("FilterRow", __base__=Body, layer=(int, ...), neuron=(int, ...),
+FilterRow = create_model("FilterRow", __base__=Body, layer=(int, ...), neuron=(int, ...), **ADDRESS_FIELDS,
                          **{name: (float | None, None) for name in FILTER_FIELDS})  # type: ignore[call-overload]
 
 
@@ -238,9 +357,10 @@ class FilterPage(Body):
     total: int = Field(description="neurons within every bound, over all pages")
     fields: list[str] = Field(description="the fields each row holds besides layer and neuron")
     neurons: list[FilterRow]  # type: ignore[valid-type]
+    expert: int | None = Field(None, description="a file with experts: the expert= the rows are restricted to")
 
 
-class NeuronRef(Body):
+class NeuronRef(Addressed):
     layer: int
     neuron: int
 
@@ -284,7 +404,7 @@ class TokenRef(Body):
     token: str
 
 
-class WeightHit(Body):
+class WeightHit(Addressed):
     layer: int
     neuron: int
     token_id: int = Field(description="the searched token this score is for")
@@ -292,7 +412,7 @@ class WeightHit(Body):
     score: float | None = Field(description="the dot product of the weight kind (schema.sql, weight_kinds)")
 
 
-class ExampleHit(Body):
+class ExampleHit(Addressed):
     layer: int
     neuron: int
     quadrant: QuadrantLabel
@@ -327,14 +447,14 @@ class Suggestions(Body):
     suggestions: list[TokenRef]
 
 
-class RelatedNeuron(Body):
+class RelatedNeuron(Addressed):
     layer: int
     neuron: int
     via: Via = Field(description="which weights of the reading neuron: gate or in")
     score: float | None = Field(description="cos(w_out of the writer, g * w_via of the reader)")
 
 
-class Related(Body):
+class Related(Addressed):
     model: str
     layer: int
     neuron: int
@@ -376,11 +496,13 @@ class QuadrantDistribution(Body):
     intervals: list[IntervalCount] = Field(description="the intervals of |hook_post| that kind=interval draws from")
 
 
-class Histograms(Body):
+class Histograms(Addressed):
     model: str
     layer: int
     neuron: int
     n_tokens: int
+    counted_tokens: int | None = Field(None, description="a file with experts: the tokens the frequencies are "
+                                       "over (an expert neuron's: those routed to its expert)")
     values: HistogramValues = Field(description="per value (hook), its bins and each quadrant's counts")
     density: Density = Field(description="the joint distribution of (x_gate, x_in) over the counted tokens")
     quadrants: list[QuadrantDistribution]

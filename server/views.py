@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal
-from urllib.parse import quote
 
 import duckdb
 from fastapi import Path, Query
@@ -24,15 +23,32 @@ from gluscope.schema import EXAMPLE_KINDS, EXAMPLE_ROLES, HISTOGRAM_HOOKS, HOOKS
 from gluscope.server import data, filter_compare, neuron_search, queries, render
 from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
+from gluscope.server.experts import expert_href, neuron_href
 from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, INTERVAL_MAX, LAYER_PAGE_MAX,
-                                      LAYERS_PATTERN, NEURONS_PATTERN, check_choice, check_index, example_interval,
-                                      get_model, hook_code, parse_neuron_ref)
+                                      LAYERS_PATTERN, NEURON_PATTERN, NEURONS_PATTERN, check_choice, check_index,
+                                      example_interval, get_model, hook_code, neuron_index, parse_neuron_ref)
 
 # Ranges and choices are documented (json_schema_extra) but checked by
 # validate.py, which knows each file's sizes and answers in the one error shape.
 INDEX = {"minimum": 0}
 Layer = Path(description="zero-based layer index", json_schema_extra=INDEX)
-Neuron = Path(description="zero-based neuron index within the layer", json_schema_extra=INDEX)
+# A neuron of the layer: its zero-based index N in a dense layer, E.I (expert E's neuron I) in a layer of experts;
+# validate.neuron_index checks it against the file and matches with the schema's pattern.
+Neuron = Path(description="the neuron within the layer: its zero-based index N, or E.I (expert E's neuron I, both "
+              "zero-based) in a mixture-of-experts layer", json_schema_extra={"pattern": NEURON_PATTERN,
+                                                                                "examples": ["117", "3.61"]})
+# A server of dense files only documents and parses the neuron as the integer it always was (app.endpoint picks
+# this one there): "1.5" is then malformed (422), as before.
+DenseNeuron = Path(description="zero-based neuron index within the layer", json_schema_extra=INDEX)
+
+
+def neuron_parameter(moe: bool) -> tuple[type, Any]:
+    """The `neuron` path parameter's type and declaration in an app serving a file with experts (moe), or not."""
+    return (str, Neuron) if moe else (int, DenseNeuron)
+
+
+ExpertP = Path(description="zero-based expert of the layer: routed experts first, then shared ones",
+               json_schema_extra=INDEX)
 TextId = Path(description="zero-based text id, 0 .. n_texts-1", json_schema_extra=INDEX)
 QuadrantQ = Query(description="quadrant slug: pp (gate+_in+), pn (gate+_in-), np (gate-_in+), nn (gate-_in-)",
                   json_schema_extra={"enum": list(QUADRANT_SLUGS)})
@@ -115,7 +131,7 @@ def run_view(registry: dict[str, Database], name: str, model: str | None, kind: 
 @view(page="index.html", per_model=False)
 def index(registry: dict[str, Database]) -> Page:
     """Every model this server reads, with its metadata."""
-    return Page(data.models_data(registry))
+    return Page(data.models_data(registry), {"moe_jump": any(db.experts.any for db in registry.values())})
 
 
 @view(page="model.html", reads_file=True)
@@ -162,47 +178,87 @@ def layer(db: Database, layer: int = Layer,
           offset: int = Query(0, description="first row", json_schema_extra=INDEX),
           limit: int = Query(100, description=f"rows, at most {LAYER_PAGE_MAX}",
                              json_schema_extra={"minimum": 1, "maximum": LAYER_PAGE_MAX})) -> Page:
-    """One page of a layer's neurons: frequency of each quadrant and weight geometry, sortable."""
-    return Page(data.layer_data(db, layer, sort, order, offset, limit))
+    """One page of a layer's neurons: frequency of each quadrant and weight geometry, sortable. A layer of experts
+    also lists its experts: how often each was chosen, with what weight, the tokens routed to it most."""
+    return Page(data.layer_data(db, layer, sort, order, offset, limit), {"experts_href": _experts_hrefs(db, layer)})
+
+
+def _experts_hrefs(db: Database, layer: int) -> list[str]:
+    return [expert_href(db.id, layer, e.expert) for e in db.experts.layers[layer].experts] \
+        if 0 <= layer < db.n_layers else []
+
+
+@view(page="expert.html", reads_file=True)
+def expert(db: Database, layer: int = Layer, expert: int = ExpertP,
+           sort: str = Query("neuron", description="column to sort the expert's neurons by",
+                             json_schema_extra={"enum": list(queries.LAYER_SORT_KEYS)}),
+           order: str = Query("asc", description="asc or desc", json_schema_extra={"enum": list(data.LAYER_ORDERS)}),
+           offset: int = Query(0, description="first row, within the expert", json_schema_extra=INDEX),
+           limit: int = Query(100, description=f"rows, at most {LAYER_PAGE_MAX}",
+                              json_schema_extra={"minimum": 1, "maximum": LAYER_PAGE_MAX})) -> Page:
+    """One expert of a mixture-of-experts layer: how often it was chosen (its share of the counted tokens), its
+    router weight's mean and distribution, the tokens routed to it most (by count, by weight, by share of the
+    token), the texts where its weight was largest, and its neurons (sortable, as a layer's)."""
+    body = data.expert_data(db, layer, expert, sort, order, offset, limit)
+    return Page(body, lambda fragment: {"weights_svg": render.weight_histogram_svg(body),
+                                        "examples": render.expert_examples(body["examples"])})
 
 
 @view(page="neuron.html")
-def neuron(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
-    """Figure 1 of the paper: count, frequency and min/max/mean of each value in each quadrant; weight geometry."""
-    return Page(data.neuron_data(db, layer, neuron))
+def neuron(db: Database, layer: int = Layer, neuron: str = Neuron) -> Page:
+    """Figure 1 of the paper: count, frequency and min/max/mean of each value in each quadrant; weight geometry.
+    An expert neuron's statistics are over the tokens routed to its expert (`router` names it)."""
+    n = neuron_index(db, layer, neuron)
+    return Page(data.neuron_data(db, layer, n), {"nav": _neighbours(db, layer, n)})
+
+
+def _neighbours(db: Database, layer: int, neuron: int) -> dict[str, str | None]:
+    """The addresses of the neurons before and after this one (across layers, each of its own width), the page
+    of its expert, and whether the probe can run it (not in a file with experts: the probe refuses those)."""
+    widths = db.experts
+    prev = (layer, neuron - 1) if neuron > 0 else (layer - 1, widths.width(layer - 1) - 1) if layer > 0 else None
+    after = (layer, neuron + 1) if neuron + 1 < widths.width(layer) else (layer + 1, 0) \
+        if layer + 1 < db.n_layers else None
+    e = widths.expert_at(layer, neuron)
+    return {"prev": None if prev is None else widths.address(*prev),
+            "next": None if after is None else widths.address(*after),
+            "expert_href": None if e is None else expert_href(db.id, layer, e.expert),
+            "probe": not widths.any}
 
 
 @view(page="examples.html", fragment="_examples.html", reads_file=True)
-def examples(db: Database, layer: int = Layer, neuron: int = Neuron, quadrant: str = QuadrantQ, hook: str = HookQ,
+def examples(db: Database, layer: int = Layer, neuron: str = Neuron, quadrant: str = QuadrantQ, hook: str = HookQ,
              kind: str = KindQ, interval: int | None = IntervalQ,
              colour: str | None = Query(None, description="page only: the value that colours the tokens",
                                         json_schema_extra={"enum": list(HOOKS)})) -> Page:
     """One list of examples with all four values per window token: the top-k of a (quadrant, value), most
     extreme first (kind=top), or the quadrant's random examples or examples across the range of |hook_post|
     (kind=random, interval; each interval example says its interval's bounds)."""
-    found = data.read_example_list(db, layer, neuron, quadrant, hook, kind, example_interval(kind, interval))
+    found = data.read_example_list(db, layer, neuron_index(db, layer, neuron), quadrant, hook, kind,
+                                   example_interval(kind, interval))
     colour_by = HOOKS[found.hook if colour is None else hook_code(colour, "colour")]
     return Page(lambda: found.to_json(db.vocab),
                 lambda fragment: render.examples_context(found, db.vocab, colour_by, compact=fragment))
 
 
 @view(page="histograms.html", fragment="_histograms.html", reads_file=True)
-def histograms(db: Database, layer: int = Layer, neuron: int = Neuron,
+def histograms(db: Database, layer: int = Layer, neuron: str = Neuron,
                hook: str = Query("hook_post", description="page only: the value whose histograms are drawn",
                                  json_schema_extra={"enum": list(HISTOGRAM_HOOKS)})) -> Page:
     """How a neuron's values are spread: per value and quadrant a histogram on fixed log-spaced bins, the joint
     density of (x_gate, x_in), and per quadrant the intervals of |hook_post| its examples across the range
     come from."""
     check_choice("hook", hook, HISTOGRAM_HOOKS)
-    body = data.histograms_data(db, layer, neuron)
-    return Page(body, lambda fragment: render.histograms_context(body, hook, _neuron_url(db, layer, neuron)))
+    n = neuron_index(db, layer, neuron)
+    body = data.histograms_data(db, layer, n)
+    return Page(body, lambda fragment: render.histograms_context(body, hook, _neuron_url(db, layer, n)))
 
 
 @view(page="tokens.html", fragment="_tokens.html", reads_file=True)
-def tokens(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
+def tokens(db: Database, layer: int = Layer, neuron: str = Neuron) -> Page:
     """Tokens the neuron's weights point at: output tokens of w_out.W_U (promoted or suppressed by
     quadrant) and input tokens of w_gate.W_E and w_in.W_E (direct path only)."""
-    return Page(data.weight_tokens_data(db, layer, neuron))
+    return Page(data.weight_tokens_data(db, layer, neuron_index(db, layer, neuron)))
 
 
 @view(page="text.html", fragment="_text.html")
@@ -216,7 +272,7 @@ def text(db: Database, text_id: int = TextId,
 
 
 def _neuron_url(db: Database, layer: int, neuron: int) -> str:
-    return f"/models/{quote(db.id)}/neurons/{layer}/{neuron}"
+    return neuron_href(db.experts.address(layer, neuron), db.id)
 
 
 @view()
@@ -227,7 +283,7 @@ def random(db: Database) -> Redirect:
 
 @view()
 def jump(db: Database, to: str = Query(...)) -> Redirect:
-    """The jump box: `layer.neuron` to that neuron's page."""
+    """The jump box: `layer.neuron` (or an expert neuron's `layer.expert.index`) to that neuron's page."""
     return Redirect(_neuron_url(db, *parse_neuron_ref(to, db)), 303)
 
 
@@ -235,6 +291,13 @@ def jump(db: Database, to: str = Query(...)) -> Redirect:
 # so. (FastAPI applies the validator only when the Query is inside the Annotated too.)
 _blank_is_none = BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v,
                                  json_schema_input_type=float | None | Literal[""])
+
+
+# The filter's expert= (a select whose "any" is sent empty: exactly "", as the schema says).
+ExpertFilterQ = Annotated[int | None, BeforeValidator(lambda v: None if v == "" else v,
+                                                      json_schema_input_type=int | None | Literal[""]),
+                          Query(description="a file with experts: only the neurons of this expert (routed 0 .. "
+                                "n_experts-1, then shared) in each layer of the range; empty: every neuron")]
 
 
 def with_bounds(fn: Callable[..., Page]) -> Callable[..., Page]:
@@ -262,18 +325,23 @@ def neuron_filter(db: Database,
                   offset: int = Query(0, description="first row of the page", json_schema_extra=INDEX),
                   limit: int = Query(50, description=f"rows, at most {FILTER_PAGE_MAX}",
                                      json_schema_extra={"minimum": 1, "maximum": FILTER_PAGE_MAX}),
+                  expert: ExpertFilterQ = None,
                   **bounds: float | None) -> Page:
     """The whole model's neurons within bounds on each quadrant's frequency, the weight geometry and each
-    quadrant's largest |hook_post|, sorted and paged; each row holds the fields bounded or sorted by."""
-    body = filter_compare.filter_data(db, layers, bounds, sort, order, offset, limit)
+    quadrant's largest |hook_post|, sorted and paged; each row holds the fields bounded or sorted by. An expert
+    neuron's frequencies are over the tokens routed to its expert; expert= keeps one expert's neurons."""
+    body = filter_compare.filter_data(db, layers, bounds, sort, order, offset, limit, expert)
     return Page(body, {"labels": filter_compare.FIELD_LABELS, "fields": list(queries.FILTER_FIELDS),
-                       "query": filter_compare.filter_query(body)})
+                       "query": filter_compare.filter_query(body),
+                       "max_experts": max((len(x.experts) for x in db.experts.layers), default=0),
+                       "n_neurons": sum(x.n_neurons for x in db.experts.layers)})
 
 
 @view(page="compare.html", fragment="_compare_lists.html", reads_file=True)
 def compare(db: Database,
-            neurons: str = Query(..., description=f"{COMPARE_MIN} to {COMPARE_MAX} layer.neuron, comma-separated; "
-                                                  "a neuron given twice is shown once",
+            neurons: str = Query(..., description=f"{COMPARE_MIN} to {COMPARE_MAX} layer.neuron (an expert "
+                                                  "neuron: layer.expert.index), comma-separated; a neuron given "
+                                                  "twice is shown once",
                                  json_schema_extra={"pattern": NEURONS_PATTERN, "example": "0.1,1.2"}),
             quadrant: str = Query("pp", description="the quadrant of the list shown for each neuron",
                                   json_schema_extra={"enum": list(QUADRANT_SLUGS)}),
@@ -282,7 +350,7 @@ def compare(db: Database,
     """2 to 4 neurons side by side (one neuron given twice is shown once): summaries, the related scores between
     them, one list of examples each."""
     body, lists = filter_compare.compare_data(db, neurons, quadrant, hook)
-    names = [f"{n['layer']}.{n['neuron']}" for n in body["neurons"]]
+    names = [db.experts.address(n["layer"], n["neuron"]) for n in body["neurons"]]
     return Page(lambda: {**body, "examples": [found.to_json(db.vocab) for found in lists]},
                 lambda fragment: {"data": body, "columns": [
                     render.examples_context(found, db.vocab, HOOKS[found.hook], compact=True) for found in lists],
@@ -331,7 +399,7 @@ def suggest(db: Database, token: str = Query(..., description="what the search b
 
 
 @view(page="related.html", fragment="_related.html", reads_file=True)
-def related(db: Database, layer: int = Layer, neuron: int = Neuron) -> Page:
+def related(db: Database, layer: int = Layer, neuron: str = Neuron) -> Page:
     """Neurons connected to this one along the direct residual path: score(A -> B) = cos(w_out of A,
     g_B * w_via of B), g_B the gain of B's pre-MLP norm; the 16 largest |score| per direction and via."""
-    return Page(neuron_search.related_data(db, layer, neuron))
+    return Page(neuron_search.related_data(db, layer, neuron_index(db, layer, neuron)))

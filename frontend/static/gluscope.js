@@ -47,6 +47,8 @@
 
   function expand(snippet) {
     var box = snippet.closest(".examples"), own = box ? box.dataset.quadrant : "";
+    // An expert neuron's window has no values (NaN) at tokens not routed to its expert (render.snippet).
+    var notRouted = box ? box.dataset.notRouted : "";
     var raw = atob(snippet.dataset.v), bytes = new Uint8Array(raw.length);
     for (var b = 0; b < raw.length; b++) bytes[b] = raw.charCodeAt(b);
     var view = new DataView(bytes.buffer), tokens = snippet.children, n = tokens.length;
@@ -54,9 +56,11 @@
     for (var j = 0; j < n; j++) {
       var v = HOOKS.map(function (_, h) { return view.getFloat32(4 * (h * n + j), true); });
       var q = quadrant(v[X_GATE], v[X_IN]), t = tokens[j];
-      t.dataset.head = "position " + (start + j) + " \u00b7 " + q;
+      var nr = notRouted && isNaN(v[X_GATE]) && isNaN(v[X_IN]);
+      t.dataset.head = "position " + (start + j) + " \u00b7 " + (nr ? notRouted : q);
       t.dataset.v = v.map(fmt).join(",");
-      if (q !== own) t.classList.add("oq");
+      if (nr) t.classList.add("nr");
+      else if (q !== own) t.classList.add("oq");
       if (j === focus) t.classList.add("focus");
     }
     snippet.removeAttribute("data-v");
