@@ -82,9 +82,6 @@ def load_for(db: Database, device: str | None, model_dir: Path | None = None,
     `loaded` shares models between databases recorded from the same weights (keyed by fingerprint and dtype).
     """
     meta = db.meta
-    if db.con.execute("SELECT count(*) FROM layers WHERE n_experts > 0").fetchall()[0][0]:
-        raise UserError(f"{db.path.name}: a mixture-of-experts recording; the probe does not run expert neurons yet "
-                        "(serve it without --probe, or probe a dense model's file)")
     key = (str(meta["weights_fingerprint"]), str(meta["dtype"]))
     model = loaded.get(key) if loaded is not None else None
     if model is None:

@@ -73,6 +73,10 @@ class LayerLayout:
         return (mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
                 mlp.down_proj.weight.detach().T.float())
 
+    def weights_of(self, units: Sequence[Unit]) -> torch.Tensor:
+        """w_out of these units' neurons, [neurons, d_model] float32, in the model's own convention."""
+        return torch.cat([self.unit_weights(u)[2] for u in units])
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w_gate, w_in, w_out) of the whole layer in its neuron numbering."""
         parts = [self.unit_weights(u) for u in self.units]

@@ -24,7 +24,9 @@ from starlette.responses import Response
 
 from gluscope import probe_protocol as pp
 from gluscope.server import data, render
+from gluscope.server.db import Database
 from gluscope.server.errors import ParameterError
+from gluscope.server.experts import neuron_href
 from gluscope.server.probe_client import ProbeClient
 from gluscope.server.validate import get_model
 
@@ -126,17 +128,15 @@ async def respond(request: Request, answer: str, model: str, params: dict[str, A
         body = await client.answer(db, answer, _request(answer, params))
         return render.make_response(request, kind, render.encode_json(body))
     shown = {k: v for k, v in params.items() if v is not None}
-    # The probe runs dense gated MLPs only: a page of a mixture-of-experts model says so instead of its form.
-    unsupported = db.experts.any
     context: dict[str, Any] = {"info": data.model_info(db), "answer": answer, "title": TITLES[answer],
                                "modes": pp.ABLATION_MODES, "fire_top_max": pp.FIRE_TOP_MAX,
                                "form": shown, "probe": client.configured, "hint": pp.START_HINT,
-                               "result": None, "error": None, "link": None, "unsupported": unsupported}
+                               "result": None, "error": None, "link": None}
     status = 200
-    if shown.get("text") and (answer == "fire" or shown.get("neurons")) and not unsupported:
+    if shown.get("text") and (answer == "fire" or shown.get("neurons")):
         try:
             body = await client.answer(db, answer, _request(answer, params))
-            context["result"] = CONTEXTS[answer](body, db.id)
+            context["result"] = CONTEXTS[answer](body, db)
             context["link"] = f"/models/{db.id}/probe/{answer}?{urlencode(shown)}"
         except ParameterError as e:
             context["error"], status = e.body()["error"], e.status
@@ -151,7 +151,13 @@ async def respond(request: Request, answer: str, model: str, params: dict[str, A
 
 # --- what the templates read -----------------------------------------------------------------
 
-def activations_context(body: dict[str, Any], model_id: str) -> dict[str, Any]:
+def _named(n: dict[str, Any], db: Database) -> dict[str, Any]:
+    """A neuron of an answer with its address (`L.N`, or `L.E.I` for an expert neuron) and its page."""
+    address = db.experts.address(n["layer"], n["neuron"])
+    return {**n, "ref": address, "href": neuron_href(address, db.id)}
+
+
+def activations_context(body: dict[str, Any], db: Database) -> dict[str, Any]:
     """Per neuron: its tokens as the examples show them (render.snippet), each coloured by hook_post relative
     to the largest |hook_post| recorded in the token's own quadrant, as a list of that quadrant's examples is
     coloured on its largest value; and per quadrant what was recorded beside the strongest value here."""
@@ -165,33 +171,31 @@ def activations_context(body: dict[str, Any], model_id: str) -> dict[str, Any]:
         for label, rel in zip(n["quadrants"], n["relative"]):
             if label is not None and rel is not None:
                 strongest[label] = max(strongest.get(label, 0.0), rel)
-        neurons.append({**n, "ref": f"{n['layer']}.{n['neuron']}",
-                        "href": f"/models/{model_id}/neurons/{n['layer']}/{n['neuron']}",
-                        "snippet": render.snippet(ex, None, RELATIVE, 1.0), "strongest": strongest})
+        neurons.append({**_named(n, db), "snippet": render.snippet(ex, None, RELATIVE, 1.0), "strongest": strongest})
     return {"neurons": neurons, "body": body}
 
 
 RELATIVE = "relative"  # the colour of a probed token: hook_post over its quadrant's recorded largest |hook_post|
 
 
-def fire_context(body: dict[str, Any], model_id: str) -> dict[str, Any]:
+def fire_context(body: dict[str, Any], db: Database) -> dict[str, Any]:
+    model_id = db.id
     query = {"text": body["text"], "layers": f"{body['layers'][0]}-{body['layers'][1]}"}
     tokens = [{"token": t["token"], "position": i, "focus": i == body["position"],
                "href": f"/models/{model_id}/probe/fire?{urlencode({**query, 'position': i})}"}
               for i, t in enumerate(body["tokens"])]
     quadrants = []
     for q in body["quadrants"]:
-        refs = ",".join(f"{n['layer']}.{n['neuron']}" for n in q["neurons"])
-        quadrants.append({**q, "test_href": f"/models/{model_id}/probe/activations?"
+        named = [_named(n, db) for n in q["neurons"]]
+        refs = ",".join(n["ref"] for n in named)
+        quadrants.append({**q, "neurons": named, "test_href": f"/models/{model_id}/probe/activations?"
                                             f"{urlencode({'text': body['text'], 'neurons': refs})}" if refs else None})
     return {"tokens": tokens, "quadrants": quadrants, "body": body,
             "focus": body["tokens"][body["position"]]["token"]}
 
 
-def ablate_context(body: dict[str, Any], model_id: str) -> dict[str, Any]:
-    return {"body": body, "positions": body["positions"],
-            "neurons": [{**n, "ref": f"{n['layer']}.{n['neuron']}",
-                         "href": f"/models/{model_id}/neurons/{n['layer']}/{n['neuron']}"} for n in body["neurons"]]}
+def ablate_context(body: dict[str, Any], db: Database) -> dict[str, Any]:
+    return {"body": body, "positions": body["positions"], "neurons": [_named(n, db) for n in body["neurons"]]}
 
 
 CONTEXTS = {"activations": activations_context, "fire": fire_context, "ablate": ablate_context}

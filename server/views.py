@@ -214,7 +214,7 @@ def neuron(db: Database, layer: int = Layer, neuron: str = Neuron) -> Page:
 
 def _neighbours(db: Database, layer: int, neuron: int) -> dict[str, str | None]:
     """The addresses of the neurons before and after this one (across layers, each of its own width), the page
-    of its expert, and whether the probe can run it (not in a file with experts: the probe refuses those)."""
+    and of its expert."""
     widths = db.experts
     prev = (layer, neuron - 1) if neuron > 0 else (layer - 1, widths.width(layer - 1) - 1) if layer > 0 else None
     after = (layer, neuron + 1) if neuron + 1 < widths.width(layer) else (layer + 1, 0) \
@@ -222,8 +222,7 @@ def _neighbours(db: Database, layer: int, neuron: int) -> dict[str, str | None]:
     e = widths.expert_at(layer, neuron)
     return {"prev": None if prev is None else widths.address(*prev),
             "next": None if after is None else widths.address(*after),
-            "expert_href": None if e is None else expert_href(db.id, layer, e.expert),
-            "probe": not widths.any}
+            "expert_href": None if e is None else expert_href(db.id, layer, e.expert)}
 
 
 @view(page="examples.html", fragment="_examples.html", reads_file=True)

@@ -282,14 +282,6 @@ def test_the_probe_refuses_a_model_whose_fingerprint_differs(tmp_path):
         load_for(db, "cpu")
 
 
-def test_the_probe_refuses_a_mixture_of_experts_recording_in_one_line():
-    from .test_moe_bruteforce import record
-
-    (db,) = open_databases([record("olmoe")]).values()
-    with pytest.raises(UserError, match="a mixture-of-experts recording; the probe does not run expert neurons yet"):
-        load_for(db, "cpu")
-
-
 # --- the queue: bounded, with deadlines, batching what waits ----------------------------------------
 
 def test_the_queue_refuses_when_full_times_out_and_batches_what_waits():
