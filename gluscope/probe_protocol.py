@@ -60,7 +60,20 @@ Number = Annotated[float, BeforeValidator(_json_number)]
 # fuzzer's requests are those the probe can answer; probe/answers.py checks each field itself, with messages
 # that name the limits. The neuron pattern counts up to the default limit.
 TEXT_SCHEMA = {"minLength": 1, "pattern": r"\S"}
-NEURONS_SCHEMA = {"pattern": rf"^ *[0-9]{{1,9}}\.[0-9]{{1,12}} *(, *[0-9]{{1,9}}\.[0-9]{{1,12}} *){{0,{MAX_NEURONS - 1}}}$"}
+# What JSON Schema's \s (ECMAScript's) matches: Python's str.isspace says more (\x1c-\x1f, \x85), and a text
+# the schema admits must not be refused as empty.
+SCHEMA_SPACE = frozenset(" \t\n\v\f\r\u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff"
+                         + "".join(chr(c) for c in range(0x2000, 0x200b)))
+
+
+def blank(text: str | None) -> bool:
+    """No character outside the schema's white space: what TEXT_SCHEMA's pattern refuses."""
+    return not text or all(c in SCHEMA_SPACE for c in text)
+
+
+# A neuron is layer.neuron, or layer.expert.index in a mixture-of-experts layer.
+NEURON_REF = r"[0-9]{1,9}\.[0-9]{1,12}(\.[0-9]{1,12})?"
+NEURONS_SCHEMA = {"pattern": rf"^ *{NEURON_REF} *(, *{NEURON_REF} *){{0,{MAX_NEURONS - 1}}}$"}
 LAYERS_SCHEMA = {"pattern": LAYERS_PATTERN}
 
 

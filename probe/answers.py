@@ -18,7 +18,7 @@ import torch
 from gluscope.probe.forward import Edit, Read, Row, RowResult
 from gluscope.probe.loaded import LoadedModel
 from gluscope.probe_protocol import (ABLATION_MODES, CHANGED_TOKENS, FIRE_TOP_MAX, MAX_NEURONS, MAX_TOKENS, TOP_TOKENS,
-                                     AblateRequest, ActivationsRequest, FireRequest)
+                                     AblateRequest, ActivationsRequest, FireRequest, blank)
 from gluscope.recorder.tensor_reducer import quadrant_codes
 from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server.errors import ParameterError, not_one_of
@@ -42,7 +42,7 @@ class Plan:
 
 def tokenize(lm: LoadedModel, text: str, limits: Limits) -> list[int]:
     """The text's ids with BOS first, as the recorder tokenizes a corpus text."""
-    if not text or not text.strip():
+    if blank(text):
         raise ParameterError(422, "text", "text is empty", "1 or more characters")
     # A text far longer than the limit cannot fit; cut it before the tokenizer spends time on it.
     ids = lm.model.tokenizer(text[:64 * (limits.max_tokens + 1)], add_special_tokens=False)["input_ids"]
