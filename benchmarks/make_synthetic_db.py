@@ -2,6 +2,14 @@
 
     python benchmarks/make_synthetic_db.py --out data/synthetic.duckdb            # OLMo-7B-0424 shape
     python benchmarks/make_synthetic_db.py --out /tmp/tiny.duckdb --layers 2 --d-mlp 64 --texts 50
+    python benchmarks/make_synthetic_db.py --out data/moe.duckdb --layers 16 --experts 64 --expert-neurons 1024
+                                                                                  # OLMoE-1B-7B shape
+
+A mixture-of-experts shape numbers each layer's neurons expert after expert
+(schema.sql, experts); each expert's neurons see only the tokens routed to it
+(top-k of the experts per token), their windows hold NaN at the neighbours
+routed elsewhere, and the router's tables (layers, experts, expert_tokens,
+expert_examples, routed_values) are filled through the writer too.
 
 The statistics are random but consistent with each other, so the server shows
 what it would show for a recorded model: every example's value is the value
@@ -25,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from gluscope.recorder import rules
-from gluscope.recorder.writer import (EXAMPLE_TOKENS, DatabaseWriter, LayerResult, insert, related_table,
-                                      token_neurons_table)
+from gluscope.recorder.writer import (EXAMPLE_TOKENS, EXAMPLE_TOKENS_MEMORY, DatabaseWriter, LayerResult, insert,
+                                      related_table, token_neurons_table)
 from gluscope.schema import GEOMETRY, QUADRANT_SIGNS, SCHEMA_VERSION
 from gluscope.server.activations import activation
 
@@ -69,8 +77,14 @@ def make_texts(n_texts: int, max_length: int, vocab: list[str], rng: np.random.G
 
 def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarray, n_tokens: int,
                window_before: int, window_after: int, refactor_glu: bool, rng: np.random.Generator,
-               vocab_size: int = 50280) -> LayerResult:
-    """Random statistics for one layer: per (quadrant, neuron), candidate tokens from which each list takes its top k."""
+               vocab_size: int = 50280, routed: float = 1.0, plant: bool | None = None) -> LayerResult:
+    """Random statistics for one layer: per (quadrant, neuron), candidate tokens from which each list takes its top k.
+
+    An expert's neurons (routed < 1, the share of tokens routed to the expert) see n_tokens tokens, and their
+    windows hold NaN where a neighbour was not routed to the expert, as schema.sql says. plant: put the planted
+    <script> example at neuron 0 (default: in layer 0).
+    """
+    plant = layer == 0 if plant is None else plant
     n_texts = len(lengths)
     c = min(n_candidates, n_texts)
     k_eff = min(k, c)
@@ -81,7 +95,7 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
     text = (rng.integers(0, step, (4, n, c)) + np.arange(c) * step).astype(np.int64)
     L = lengths[text]
     pos = 1 + (rng.random((4, n, c)) * (L - 1)).astype(np.int64)
-    if layer == 0 and n:  # the planted <script> token: neuron 0's strongest gate+_in+ example
+    if plant and n:  # the planted <script> token: neuron 0's strongest gate+_in+ example
         text[0, 0, 0] = 0
         pos[0, 0, 0] = min(PLANTED.index("<script>") + 1, int(lengths[0]) - 1)
     start = np.maximum(pos - window_before, 0)
@@ -91,9 +105,13 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
     scale_i = rng.lognormal(0.0, 0.3, (1, n, 1)).astype(np.float32)
     gate = (rng.standard_normal((4, n, c, W), dtype=np.float32) * scale_g[..., None]).astype(np.float16)
     inn = (rng.standard_normal((4, n, c, W), dtype=np.float32) * scale_i[..., None]).astype(np.float16)
+    if routed < 1:  # an expert's window: NaN at the neighbours routed elsewhere (the token itself is set below)
+        away = rng.random(gate.shape, dtype=np.float32) >= routed
+        gate[away] = inn[away] = np.float16(np.nan)
+        del away
     focal_g = (SIGNS[:, 0, None, None] * (0.5 + rng.exponential(1.5, (4, n, c)).astype(np.float32)) * scale_g)
     focal_i = (SIGNS[:, 1, None, None] * (0.5 + rng.exponential(1.5, (4, n, c)).astype(np.float32)) * scale_i)
-    if layer == 0 and n:
+    if plant and n:
         focal_g[0, 0, 0], focal_i[0, 0, 0] = 1.5 * focal_g[0, 0].max(), 1.5 * focal_i[0, 0].max()
     focal_g, focal_i = focal_g.astype(np.float16), focal_i.astype(np.float16)
     off = (pos - start)[..., None]
@@ -135,7 +153,7 @@ def make_layer(layer: int, n: int, k: int, n_candidates: int, lengths: np.ndarra
     for a in (value_min, value_max, value_mean):
         a[np.broadcast_to(empty[:, None, :], a.shape)] = np.nan
 
-    distributions = make_distributions(counts, lengths, window_before, window_after, rng)
+    distributions = make_distributions(counts, lengths, window_before, window_after, rng, routed)
 
     geometry = {
         "cos_gate_in": rng.uniform(0.0 if refactor_glu else -1.0, 1.0, n),
@@ -184,6 +202,7 @@ def write_finding_tables(con, n_layers: int, d_mlp: int, vocab_size: int, rng: n
         # related_table numbers the layers of its arrays from 0: these rows are layer `layer`'s.
         at = table.schema.get_field_index("layer")
         insert(con, "related", table.set_column(at, "layer", pa.array(np.full(table.num_rows, layer, np.int16))))
+    con.execute(f"SET memory_limit = '{EXAMPLE_TOKENS_MEMORY}'")  # as the recorder builds it (writer.py)
     con.execute(EXAMPLE_TOKENS)
 
 
@@ -207,6 +226,87 @@ def add_finding_tables(path: Path, seed: int = 0) -> None:
     con.close()
 
 
+# --- mixture-of-experts layers ---------------------------------------------------------------
+
+# Per token, how its routing spreads over the experts: Dirichlet(ROUTING_CONCENTRATION) preferences, so a token
+# goes mostly to a few experts (as real routers send a token id to a few favourites) but, over its hundreds of
+# occurrences, reaches most of them. expert_tokens gets a row per (expert, token) that occurred.
+ROUTING_CONCENTRATION = 0.5
+
+
+def route_tokens(token_counts: np.ndarray, n_experts: int, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    """[E, V] routed occurrences per (expert, token): each occurrence of token t goes to top_k distinct experts,
+    expert e with probability q_te (<= 1, summing to top_k over e) from the token's preferences."""
+    V = len(token_counts)
+    p = rng.dirichlet(np.full(n_experts, ROUTING_CONCENTRATION), V)
+    q = top_k * p
+    for _ in range(8):  # water-filling: no expert takes a token more often than it occurs
+        over = q > 1
+        excess = (q - 1).clip(min=0).sum(1, keepdims=True)
+        q = np.where(over, 1.0, q)
+        room = np.where(over, 0.0, q)
+        q = np.where(over, 1.0, q + excess * room / np.maximum(room.sum(1, keepdims=True), 1e-12))
+    return rng.binomial(token_counts[:, None], np.clip(q, 0, 1)).T.astype(np.int64)
+
+
+def router_weight_histogram(tokens: np.ndarray, n_experts: int, rng: np.random.Generator) -> np.ndarray:
+    """[U, VALUE_BINS] counts of router weights on the 'value' bins, summing to each unit's tokens: softmax weights
+    around 2^-3.5 for the routed experts (as OLMoE's top-8, not renormalised, are), 1 for a shared one."""
+    import torch
+
+    draws = rng.lognormal(np.log(0.09), 0.6, (len(tokens), 4096)).clip(max=1.0).astype(np.float32)
+    draws[n_experts:] = 1.0
+    bins = rules.value_bin(torch.from_numpy(draws)).numpy()
+    hist = np.stack([np.bincount(b, minlength=rules.VALUE_BINS) for b in bins]).astype(np.float64)
+    out = np.floor(hist / 4096 * tokens[:, None]).astype(np.int64)
+    out[np.arange(len(tokens)), hist.argmax(1)] += tokens - out.sum(1)
+    return out
+
+
+def write_moe_layer(w: DatabaseWriter, layer: int, args: argparse.Namespace, lengths: np.ndarray, own: np.ndarray,
+                    n_tokens: int, token_counts: np.ndarray, rng: np.random.Generator) -> tuple:
+    """One mixture-of-experts layer through the writer: each routed expert's neurons (written one expert at a time,
+    each seeing only its routed tokens), the shared expert's, and the router's tables. lengths: the texts of this
+    file (own: their ids). Returns the layer's row of `layers`."""
+    from gluscope.recorder.routing import RouterResult
+
+    E, d, top_k, shared = args.experts, args.expert_neurons, args.top_k, args.shared_neurons
+    routed = route_tokens(token_counts, E, top_k, rng)                  # [E, V]
+    tokens = np.concatenate([routed.sum(1), [n_tokens] if shared else []]).astype(np.int64)
+    units = [(e, False, e * d, d) for e in range(E)] + ([(E, True, E * d, shared)] if shared else [])
+    n = E * d + shared
+    value_min, value_max = np.full((n, 4), np.nan, np.float32), np.full((n, 4), np.nan, np.float32)
+    value_sum, value_count = np.zeros((n, 4)), np.zeros((n, 4), np.int64)
+    for (expert, is_shared, first, width), unit_tokens in zip(units, tokens):
+        r = make_layer(layer, width, args.k, args.candidates, lengths, int(unit_tokens), args.window_before,
+                       args.window_after, True, rng, args.vocab_size,
+                       routed=1.0 if is_shared else top_k / E, plant=layer == 0 and first == 0)
+        # Router weight * hook_post over each quadrant's tokens: hook_post's own statistics times a typical weight.
+        weight = np.ones(width, np.float32) if is_shared else rng.lognormal(np.log(0.09), 0.3, width).astype(np.float32)
+        span = slice(first, first + width)
+        value_min[span] = (r.value_min[:, 0] * weight).T
+        value_max[span] = (r.value_max[:, 0] * weight).T
+        value_count[span] = r.counts.T
+        value_sum[span] = np.nan_to_num(r.value_mean[:, 0] * weight).T * r.counts.T
+        r.example_text = np.where(r.example_text >= 0, own[np.maximum(r.example_text, 0)], -1).astype(np.int32)
+        r.sample_text = np.where(r.sample_text >= 0, own[np.maximum(r.sample_text, 0)], -1).astype(np.int32)
+        w.write_layer(layer, r, first_neuron=first)
+        del r
+    texts = np.stack([rng.choice(len(lengths), args.k, replace=False) for _ in range(E)])
+    w.write_experts(layer, units, RouterResult(
+        tokens=tokens,
+        weight_sum=tokens * np.concatenate([rng.uniform(0.08, 0.12, E), [1.0] if shared else []]),
+        weight_hist=router_weight_histogram(tokens, E, rng),
+        token_counts=routed,
+        token_weights=routed * rng.lognormal(np.log(0.09), 0.3, routed.shape),
+        top_weight=np.sort(rng.uniform(0.3, 0.9, (E, args.k)).astype(np.float32), 1)[:, ::-1],
+        top_text=own[texts],
+        top_pos=(1 + rng.random((E, args.k)) * (lengths[texts] - 1)).astype(np.int64),
+        value_min=value_min, value_max=value_max, value_sum=value_sum, value_count=value_count))
+    return (layer, n, E, top_k, f"synthetic: softmax over {E} experts, top {top_k}",
+            float(tokens[:E].max() / tokens[:E].mean()))
+
+
 def _bump(shape: tuple[int, ...], offsets: np.ndarray, sigma: float, counts: np.ndarray) -> np.ndarray:
     """counts [...] spread over len(offsets) bins as a discretised normal: [..., len(offsets)] int64 summing to counts."""
     w = np.exp(-offsets.astype(np.float64) ** 2 / (2 * sigma ** 2))
@@ -217,7 +317,7 @@ def _bump(shape: tuple[int, ...], offsets: np.ndarray, sigma: float, counts: np.
 
 
 def make_distributions(counts: np.ndarray, lengths: np.ndarray, window_before: int, window_after: int,
-                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+                       rng: np.random.Generator, routed: float = 1.0) -> dict[str, np.ndarray]:
     """Histograms, density, interval bounds and samples shaped like a real recording's (rules.py's bins).
 
     Per (neuron, quadrant, hook) the values span about 14 octaves around a random centre, as hooked
@@ -273,6 +373,10 @@ def make_distributions(counts: np.ndarray, lengths: np.ndarray, window_before: i
     xi = (SIGNS[None, :, 1, None] * rng.exponential(1.0, (n, 4, S))).astype(np.float32)
     win_g = rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16)
     win_i = rng.standard_normal((n, 4, S, W), dtype=np.float32).astype(np.float16)
+    if routed < 1:  # NaN where a neighbour was routed elsewhere, as in make_layer; the sampled token is routed
+        away = (rng.random(win_g.shape, dtype=np.float32) >= routed) & (np.arange(W) != (pos - start)[..., None])
+        win_g[away] = win_i[away] = np.float16(np.nan)
+        del away
     # Both kinds keep the tokens of smallest hash, so an interval's list starts with the random examples that
     # fall in it (rules.py): about 7 of the 16 interval examples are random ones, whose windows the writer
     # stores once. Each random example lies in interval i with the calibration's share of tokens.
@@ -313,7 +417,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="distinct tokens per (neuron, quadrant) the four lists choose from (default: 40)")
     p.add_argument("--window-before", type=int, default=24)
     p.add_argument("--window-after", type=int, default=2)
-    p.add_argument("--model-name", default="synthetic/OLMo-7B-0424-shape")
+    p.add_argument("--experts", type=int, default=0,
+                   help="routed experts per layer: a mixture-of-experts shape of --expert-neurons each, instead of "
+                        "a dense MLP of --d-mlp (default: 0, dense)")
+    p.add_argument("--expert-neurons", type=int, default=1024, help="neurons per routed expert (default: 1024)")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token (default: 8)")
+    p.add_argument("--shared-neurons", type=int, default=0,
+                   help="neurons of a shared expert after the routed ones (default: 0, none)")
+    p.add_argument("--model-name", default=None,
+                   help="default: synthetic/OLMo-7B-0424-shape, or synthetic/OLMoE-1B-7B-0924-shape with --experts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="write shard I of N of this corpus (texts I, I+N, ...), for `gluscope merge`")
@@ -322,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="add the tables that find neurons (token_neurons, related, example_tokens) to the existing "
                         "--out file instead of writing a new one, and print the growth")
     args = p.parse_args(argv)
+    if args.model_name is None:
+        args.model_name = "synthetic/OLMoE-1B-7B-0924-shape" if args.experts else "synthetic/OLMo-7B-0424-shape"
+    d_mlp = args.experts * args.expert_neurons + args.shared_neurons if args.experts else args.d_mlp
     if args.finding_only:
         t0, before = time.perf_counter(), args.out.stat().st_size
         add_finding_tables(args.out, args.seed)
@@ -342,12 +457,14 @@ def main(argv: list[str] | None = None) -> None:
         "schema_version": SCHEMA_VERSION, "tool_version": "synthetic",
         "created_at": datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0),
         "model_name": args.model_name, "model_source": "synthetic", "model_revision": None,
-        "weights_file": None, "weights_sha256": None, "quantization": None, "architecture": "OlmoForCausalLM",
-        "act_fn": "silu", "n_layers": args.layers, "d_model": 4096, "d_mlp": args.d_mlp,
+        "weights_file": None, "weights_sha256": None, "quantization": None,
+        "architecture": "OlmoeForCausalLM" if args.experts else "OlmoForCausalLM",
+        "act_fn": "silu", "n_layers": args.layers, "d_model": 2048 if args.experts else 4096, "d_mlp": d_mlp,
         "vocab_size": args.vocab_size, "dtype": "float32", "dataset": "synthetic random tokens",
         "text_column": "text", "max_length": args.max_length, "bos_token_id": 0, "n_texts": len(own),
         "n_tokens": n_tokens, "batch_size": 1, "corpus_fingerprint": f"synthetic {args.seed} {args.texts}",
         "weights_fingerprint": "synthetic", "tokenizer_fingerprint": "synthetic",
+        "layer_first": None, "layer_last": None, "expert_first": None, "expert_last": None,  # every layer and expert
         "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None, "k": args.k, "window_before": args.window_before,
         "window_after": args.window_after, "refactor_glu": True,
         "weight_convention": "w_in and w_out of each neuron are multiplied by sign(w_gate . w_in), "
@@ -361,18 +478,28 @@ def main(argv: list[str] | None = None) -> None:
         w.write_vocab(tokens, token_bytes)
         w.write_texts(own * 3, [texts[i] for i in own], text_ids=own)
         w.write_histogram_bins()
+        layer_rows = []
+        # Counted tokens per vocabulary entry, which the routers split among the experts.
+        token_counts = np.bincount(np.concatenate([texts[i][1:] for i in own]), minlength=args.vocab_size)
         for layer in range(args.layers):
             t = time.perf_counter()
+            if args.experts:  # made and written expert by expert, so the time is both
+                layer_rows.append(write_moe_layer(w, layer, args, lengths[own], own, n_tokens, token_counts, rng))
+                write_s += time.perf_counter() - t
+                print(f"layer {layer} made and written in {time.perf_counter() - t:.1f} s", flush=True)
+                continue
             r = make_layer(layer, args.d_mlp, args.k, args.candidates, lengths[own], n_tokens,
                            args.window_before, args.window_after, True, rng, args.vocab_size)
             r.example_text = np.where(r.example_text >= 0, own[np.maximum(r.example_text, 0)], -1).astype(np.int32)
             r.sample_text = np.where(r.sample_text >= 0, own[np.maximum(r.sample_text, 0)], -1).astype(np.int32)
             made = time.perf_counter()
             w.write_layer(layer, r)
+            layer_rows.append((layer, d_mlp, 0, 0, None, None))
             write_s += time.perf_counter() - made
             print(f"layer {layer} made in {made - t:.1f} s, written in {time.perf_counter() - made:.1f} s", flush=True)
+        w.write_layers(layer_rows)
         t = time.perf_counter()
-        write_finding_tables(w.con, args.layers, args.d_mlp, args.vocab_size, np.random.default_rng([args.seed, 12]))
+        write_finding_tables(w.con, args.layers, d_mlp, args.vocab_size, np.random.default_rng([args.seed, 12]))
         write_s += time.perf_counter() - t
         print(f"token_neurons, related and example_tokens written in {time.perf_counter() - t:.1f} s", flush=True)
     size = args.out.stat().st_size
@@ -381,8 +508,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         print(f"  {table:16s} {rows:>13,d} rows")
     con.close()
+    shape = f"{d_mlp}"
+    if args.experts:
+        shared = f" + {args.shared_neurons} shared" if args.shared_neurons else ""
+        shape = f"{args.experts} experts x {args.expert_neurons}{shared} = {d_mlp}"
     print(f"{args.out}: {size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s, of which writing layers {write_s:.0f} s "
-          f"({args.layers} layers x {args.d_mlp} neurons, {args.texts} texts, {n_tokens} tokens)")
+          f"({args.layers} layers x {shape} neurons, {args.texts} texts, {n_tokens} tokens; "
+          f"{size / (args.layers * d_mlp):,.0f} bytes per neuron)")
 
 
 if __name__ == "__main__":

@@ -63,16 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="record shard I of N (whole batches, every N-th from the I-th), for `gluscope merge`; "
                         "under torchrun each rank records its own shard and rank 0 merges them")
+    p.add_argument("--layers", default=None, metavar="A-B",
+                   help="record only layers A..B (inclusive): one part of a run in parts, for `gluscope merge`")
+    p.add_argument("--experts", default=None, metavar="A-B",
+                   help="record only routed experts A..B of every mixture-of-experts layer (shared experts and dense "
+                        "layers go with the part from expert 0): one part of a run, for `gluscope merge`")
     p.add_argument("--checkpoint-every", type=float, default=None, metavar="MINUTES",
                    help="save the running state beside --out every MINUTES (fractions allowed; 0: never; default: "
                         "every 10 min when the first batches say the run takes over 15 min)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint beside --out; it must be of the same model, corpus and options")
+    p.add_argument("--no-size-check", dest="size_check", action="store_false",
+                   help="record even when --out's folder seems to have too little free space for the expected "
+                        "database (the size is still printed; see docs/recording.md)")
     p.add_argument("--overwrite", action="store_true")
     _add_corpus_options(p)
 
-    p = sub.add_parser("merge", help="merge the shard files of one recording into the file a single run writes")
-    p.add_argument("shards", nargs="+", type=Path, help="the shard files (`record --shard I/N`), each exactly once")
+    p = sub.add_parser("merge", help="merge the shards or the parts of one recording into the file a single run "
+                                     "writes")
+    p.add_argument("shards", nargs="+", type=Path, help="the shard files (`record --shard I/N`), each exactly once, "
+                   "or the part files (`record --layers/--experts`), covering every neuron once")
     p.add_argument("--out", required=True, type=Path, help="the .duckdb file to write")
     p.add_argument("--overwrite", action="store_true")
 

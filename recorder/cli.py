@@ -98,8 +98,44 @@ def run_record(args: argparse.Namespace) -> None:
                             "--shard I/N to resume each alone")
         args.checkpoint_every = 0
         return _record_distributed(args)
-    with output_lock(args.out):
-        _record(args, args.out, shard)
+    missing = _missing_folders(args.out.parent)
+    try:
+        with output_lock(args.out):
+            _record(args, args.out, shard)
+    except UserError:  # refused (no space, a bad option found late): leave no folder that this run made
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something was written there after all
+                break
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of `folder`'s path that do not exist yet, deepest first (output_lock creates them)."""
+    missing = []
+    folder = folder.absolute()
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _check_size(args: argparse.Namespace, out: Path, shape, corpus, shard: tuple[int, int] | None) -> None:
+    """Print the database's expected size; refuse (UserError) when --out's folder cannot hold it (recorder/sizes.py)."""
+    import numpy as np
+
+    from gluscope.recorder import sizes
+
+    lengths = corpus.lengths
+    if shard is not None:  # about every N-th text (record.shard_batches takes every N-th batch)
+        lengths = lengths[shard[0]::shard[1]]
+    distinct = None
+    if any(layer.experts for layer in shape.layers) and corpus.n_texts:  # expert_tokens: a row per (expert, token)
+        distinct = int(np.count_nonzero(np.bincount(np.concatenate(corpus.token_ids).astype(np.int64))))
+    sizes.check_disk(out, shape, lengths, k=args.k, window_before=args.window_before,
+                     window_after=args.window_after, checkpoints=args.checkpoint_every != 0,
+                     distinct_tokens=distinct, check=args.size_check)
 
 
 def _record_distributed(args: argparse.Namespace) -> None:
@@ -145,7 +181,7 @@ def run_merge(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out} is a folder; give a .duckdb file path")
     with output_lock(args.out):
         merge(list(args.shards), args.out, overwrite=args.overwrite)
-    print(f"merged {len(args.shards)} shards into {args.out}")
+    print(f"merged {len(args.shards)} files into {args.out}")
 
 
 def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, overwrite: bool | None = None) -> None:
@@ -182,36 +218,57 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
         raise UserError("--sample-seed must be in 0 .. 2^32 - 1")
     if args.name is not None and not args.name.strip():
         raise UserError("--name must not be empty")
+    from gluscope.recorder.parts import Selection, parse_range
+    selection = Selection(parse_range("--layers", args.layers), parse_range("--experts", args.experts))
     # The model's and the dataset's paths are checked before the (slow) imports and model load.
     check_model_source(args.model)
     dataset = args.dataset
     if dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
         raise UserError(f"--dataset {dataset}: no such file or folder")
 
+    from gluscope.recorder import sizes
+    from gluscope.recorder.corpus import is_corpus_folder, load_corpus
+    from gluscope.recorder.model_source import model_folder
+
+    # The size check needs the model's shape and the corpus: a model folder's config.json and a corpus folder are
+    # read before the model is loaded; a hub model, a GGUF file or texts to tokenize are checked once loaded.
+    folder = model_folder(args.model)
+    shape = sizes.shape_from_folder(folder) if folder is not None else None
+    corpus = load_corpus(dataset) if is_corpus_folder(dataset) else None
+    if shape is not None and corpus is not None:
+        _check_size(args, out, shape, corpus, shard)
+
     # Imported after the checks above, which then answer in a second instead of after torch's import.
     import duckdb
 
-    from gluscope.recorder.corpus import is_corpus_folder, load_corpus, tokenizer_fingerprint
+    from gluscope.recorder.corpus import tokenizer_fingerprint
     from gluscope.recorder.model import load_model
     from gluscope.recorder.record import record
+
+    from gluscope.recorder.parts import check_selection
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                        display_name=args.name)
-    if is_corpus_folder(dataset):
-        corpus = load_corpus(dataset)
+    check_selection(selection, model.n_layers,
+                    [layout.n_experts for layout in model.layouts] if model.layouts else [0] * model.n_layers,
+                    args.model)
+    if corpus is not None:
         want = corpus.info.get("tokenizer_fingerprint")
         if want and want != tokenizer_fingerprint(model.tokenizer):
             raise UserError(f"{dataset} was tokenized with another tokenizer ({corpus.info.get('tokenizer')}); "
                             f"run `gluscope dataset` again with --tokenizer {args.model}")
+        if shape is None:
+            _check_size(args, out, sizes.shape_from_model(model), corpus, shard)
     else:
         corpus = _corpus_from_source(dataset, model.tokenizer, args)
+        _check_size(args, out, shape or sizes.shape_from_model(model), corpus, shard)
     try:
         record(model, corpus, out, dataset=str(corpus.info.get("source", dataset)), batch_size=args.batch_size,
                k=args.k, window_before=args.window_before, window_after=args.window_after,
                refactor_glu=args.refactor_glu, compile=args.compile, reducer=args.reducer,
                overwrite=overwrite, shard=shard, checkpoint_every=args.checkpoint_every, resume=args.resume,
-               sample_seed=args.sample_seed, calibration_batches=args.calibration_batches)
+               sample_seed=args.sample_seed, calibration_batches=args.calibration_batches, selection=selection)
     except KeyboardInterrupt:
         if saved.exists():
             raise KeyboardInterrupt(f"{saved} is kept: run the same command with --resume to continue") from None
@@ -219,4 +276,5 @@ def _record(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None, 
     except (OSError, duckdb.Error) as e:  # a full disk, a file-size limit: the writer has removed its file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot write {out} ({first[:200]}); nothing was left behind") from None
-    print(f"wrote {out}" + (f" (shard {shard[0]}/{shard[1]})" if shard else ""))
+    print(f"wrote {out}" + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
+          + ("" if selection.whole else f" ({selection.describe()}: a part, for gluscope merge)"))
