@@ -119,18 +119,19 @@ class RouterStats:
                    weight: torch.Tensor, counted: torch.Tensor) -> None:
         """Router weight * hook_post of a unit's neurons over its tokens: x_gate, x_in (in the convention), act
         [N, n], weight [N], counted [N] bool."""
-        n = x_gate.shape[1]
+        N, n = x_gate.shape
+        if N == 0:
+            return
         contribution = act * x_in * weight.float().unsqueeze(1)
         q = torch.where(counted.unsqueeze(1), quadrant_codes(x_gate, x_in), -1)
-        span = slice(first_neuron, first_neuron + n)
-        for code in range(N_QUADRANTS):
-            inside = q == code
-            self.value_min[span, code] = torch.minimum(
-                self.value_min[span, code], torch.where(inside, contribution, float("inf")).amin(0))
-            self.value_max[span, code] = torch.maximum(
-                self.value_max[span, code], torch.where(inside, contribution, -float("inf")).amax(0))
-            self.value_sum[span, code] += torch.where(inside, contribution, 0).double().sum(0)
-            self.value_count[span, code] += inside.sum(0)
+        inside = q >= 0
+        # One scatter per statistic over flat (neuron, quadrant) cells, instead of a masked pass per quadrant.
+        cell = ((torch.arange(first_neuron, first_neuron + n, device=q.device) * N_QUADRANTS).unsqueeze(0) + q)[inside]
+        values = contribution[inside]
+        self.value_min.view(-1).scatter_reduce_(0, cell, values, "amin")
+        self.value_max.view(-1).scatter_reduce_(0, cell, values, "amax")
+        self.value_sum.view(-1).index_add_(0, cell, values.double())
+        self.value_count.view(-1).index_add_(0, cell, torch.ones_like(cell))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.STATE}
