@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from tests.tiny_models import make_config, train_tokenizer  # noqa: E402
 from gluscope.recorder import rules  # noqa: E402
 from gluscope.recorder.corpus import Corpus  # noqa: E402
 from gluscope.recorder.kernel_reducer import PARTS, KernelReducer  # noqa: E402
-from gluscope.recorder.model import load_model  # noqa: E402
+from gluscope.recorder.model import GatedModel, load_model  # noqa: E402
 from gluscope.recorder.record import choose_reducer, record  # noqa: E402
 from gluscope.recorder.tensor_reducer import DISTRIBUTIONS, TensorDistributions  # noqa: E402
 
@@ -75,15 +76,44 @@ def main() -> None:
                     "histograms, density, sampling, calibration (that part switched off)")
     args = ap.parse_args()
 
+    config = make_config(args.arch, args.vocab, d_model=args.d_model, d_mlp=args.d_mlp, n_layers=args.layers,
+                         n_heads=args.heads, max_positions=max(1024, args.length))
+    if args.kv_heads:
+        config.num_key_value_heads = args.kv_heads
+    tmp, hf, model, corpus, n_tokens, sync = build(args, config)
+
+    import gluscope.recorder.record as rec
+
+    print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
+          f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
+          f"reducer={choose_reducer(torch.device(args.device), args.reducer)}, compile={args.compile}, "
+          f"torch threads={torch.get_num_threads()}")
+    summary = []
+    for variant in args.variants.split(","):
+        skip = {"all": [], "none": list(SWITCHES)}.get(variant, [variant.removeprefix("-")])
+        if not set(skip) <= set(SWITCHES):
+            raise SystemExit(f"unknown variant {variant!r}")
+        calibration_batches = switch_off(set(skip))
+        print(f"\n== variant {variant} (switched off: {', '.join(skip) or 'nothing'})")
+        summary.append((variant, measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batches)))
+    switch_off(set())
+    if len(summary) > 1:
+        print("\nsummary: recorder/forward (forward and reductions, calibration included), steady state")
+        for variant, measured in summary:
+            print(f"  {variant:14s} {measured.ratio:5.3f}  {measured.steady:5.3f}")
+
+
+def build(args, config) -> tuple[Path, torch.nn.Module, GatedModel, Corpus, int, Callable[[], None]]:
+    """Random weights of `config` and the recorder's model around a copy of them, warmed up; a random corpus.
+
+    Reads args.vocab, texts, length, device, dtype, batch_size, compile and reducer. Returns (a temporary
+    folder, the plain HF model, the recorder's model, the corpus, its counted tokens, a device sync).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="gluscope-bench-"))
     words = [f"w{i}" for i in range(600)]
     # Only config and tokenizer go to disk; the random weights are built where
     # they run, so a 7B-shaped model costs no 14 GB write.
     tokenizer = train_tokenizer([" ".join(words)] * 4, vocab_size=512)
-    config = make_config(args.arch, args.vocab, d_model=args.d_model, d_mlp=args.d_mlp, n_layers=args.layers,
-                         n_heads=args.heads, max_positions=max(1024, args.length))
-    if args.kv_heads:
-        config.num_key_value_heads = args.kv_heads
     model_dir = tmp / "model"
     config.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -110,30 +140,26 @@ def main() -> None:
     # Compile (or build the CPU kernel) once outside the measurement, as a long run amortises it.
     record(model, Corpus(corpus.source_index[:2], token_ids[:2], corpus.info), tmp / "warm.duckdb",
            dataset="bench", batch_size=2, compile=args.compile, reducer=args.reducer, progress=False)
-
-    import gluscope.recorder.record as rec
-
-    print(f"model: {args.arch} d_model={args.d_model} layers={args.layers} d_mlp={args.d_mlp} "
-          f"{args.dtype} on {args.device}; {args.texts} texts x {args.length} tokens, batch {args.batch_size}, "
-          f"reducer={choose_reducer(torch.device(args.device), args.reducer)}, compile={args.compile}, "
-          f"torch threads={torch.get_num_threads()}")
-    summary = []
-    for variant in args.variants.split(","):
-        skip = {"all": [], "none": list(SWITCHES)}.get(variant, [variant.removeprefix("-")])
-        if not set(skip) <= set(SWITCHES):
-            raise SystemExit(f"unknown variant {variant!r}")
-        calibration_batches = switch_off(set(skip))
-        print(f"\n== variant {variant} (switched off: {', '.join(skip) or 'nothing'})")
-        summary.append((variant, measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batches)))
-    switch_off(set())
-    if len(summary) > 1:
-        print("\nsummary: recorder/forward (forward and reductions, calibration included), steady state")
-        for variant, (ratio, steady) in summary:
-            print(f"  {variant:14s} {ratio:5.3f}  {steady:5.3f}")
+    return tmp, hf, model, corpus, n_tokens, sync
 
 
-def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batches: int) -> tuple[float, float]:
-    """One recording with its paired baseline; prints the table, returns (recorder/forward, steady state)."""
+class Measured(NamedTuple):
+    ratio: float                # recorder/forward, calibration included
+    steady: float               # recorder/forward over the last quarter of the batches
+    recorder_s: float           # the recorder's passes, batch by batch (calibration not included)
+    baseline_s: float
+    calibration_s: float
+    extra_s: dict[str, float]   # per label of `extra`
+    batches: int
+
+
+def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batches: int,
+            extra: dict[str, Callable[[torch.Tensor], None]] | None = None) -> Measured:
+    """One recording with its paired baseline; prints the table, returns its totals.
+
+    extra: {label: run(tokens)}, each run and timed on the same padded tokens right after each batch's
+    baseline (not in the calibration), and printed as a row of its own.
+    """
     orig_writer = rec.DatabaseWriter
     orig_calibrate = rec._calibrate
     marks: dict[str, float] = {}
@@ -163,6 +189,8 @@ def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batch
     # passes did not cancel (one run's rounds gave 1.29 and 1.73).
     pairs: list[tuple[float, float]] = []
     calibration_s = [0.0]
+    extra = extra or {}
+    extra_s = dict.fromkeys(extra, 0.0)
     run_with_hooks = model.bridge.__class__.run_with_hooks.__get__(model.bridge)
 
     def paired(tokens, *a, **kw):
@@ -181,6 +209,11 @@ def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batch
                     hf(tokens)
                 sync()
                 pairs.append((recorder_s, time.perf_counter() - t))
+                for label, run in extra.items():
+                    t = time.perf_counter()
+                    run(tokens)
+                    sync()
+                    extra_s[label] += time.perf_counter() - t
 
     model.bridge.__dict__["run_with_hooks"] = paired  # the bridge forwards attribute writes to its model
     rec.DatabaseWriter = TimedWriter
@@ -198,8 +231,8 @@ def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batch
         rec._calibrate = orig_calibrate
     total_s = time.perf_counter() - t0
     recorder_s, baseline_s = (sum(x) for x in zip(*pairs))
-    # The loop also ran the baseline; what remains is the recorder's own loop.
-    loop_s = marks["loop"] - t0 - baseline_s
+    # The loop also ran the baseline (and the extras); what remains is the recorder's own loop.
+    loop_s = marks["loop"] - t0 - baseline_s - sum(extra_s.values())
     write_s = total_s - (marks["loop"] - t0)
 
     rows = [
@@ -207,6 +240,7 @@ def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batch
         ("recorder forward and reductions, batch by batch", recorder_s),
         ("calibration passes", calibration_s[0]),
         ("recorder loop (all of it)", loop_s),
+        *extra_s.items(),
     ]
     if not args.skip_write:
         rows.append(("recorder end to end (loop + database)", loop_s + write_s))
@@ -224,7 +258,8 @@ def measure(args, rec, model, hf, corpus, tmp, n_tokens, sync, calibration_batch
         print(f"database: {(tmp / 'bench.duckdb').stat().st_size / 1e6:.1f} MB")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")
-    return (recorder_s + calibration_s[0]) / baseline_s, rec_last / base_last
+    return Measured((recorder_s + calibration_s[0]) / baseline_s, rec_last / base_last, recorder_s, baseline_s,
+                    calibration_s[0], extra_s, len(pairs))
 
 
 if __name__ == "__main__":
