@@ -181,7 +181,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("record", "dataset", "merge"):
+    if args.command in ("record", "dataset", "merge", "demo"):
         _interrupt_on_sigterm()
     try:
         if args.command == "serve":

@@ -138,6 +138,12 @@ def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+    # SIGTERM stops the probe too: uvicorn re-raises the signal after its shutdown, and without a handler the
+    # demo died before it could stop its probe, which then ran on.
+    probe_port = str(port + 1)
+    left = [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+            if "gluscope.cli probe" in line and str(out) in line and probe_port in line]
+    assert not left, left
     con = duckdb.connect(str(out), read_only=True)
     name, weights_file, quantization, dataset = con.execute(
         "SELECT model_name, weights_file, quantization, dataset FROM metadata").fetchone()
