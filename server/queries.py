@@ -211,6 +211,16 @@ FILTER_FIELDS: dict[str, str] = {
 }
 FILTER_SORT_KEYS: tuple[str, ...] = ("neuron", *FILTER_FIELDS)  # "neuron": by (layer, neuron)
 
+# Per neuron, the largest |hook_post| recorded in each quadrant (absmax_pp ...), for the neuron facts.
+ABSMAX_BY_NEURON = f"""(
+    SELECT layer, neuron,
+           {", ".join(f"max(greatest(abs(min), abs(max))) FILTER (WHERE quadrant = {q}) AS absmax_{s}"
+                      for q, s in enumerate(QUADRANT_SLUGS))}
+    FROM value_stats
+    WHERE hook = 0
+    GROUP BY layer, neuron
+)"""
+
 # The facts every filter reads, one row per neuron, built once per connection
 # as a temporary table (a read-only file accepts those). Why: the largest
 # |hook_post| lives in value_stats, 16 rows per neuron, and joining it to
@@ -226,14 +236,7 @@ SELECT n.layer, n.neuron,
        {", ".join(f"n.{name}" for name in GEOMETRY)},
        {", ".join(f"v.absmax_{s}" for s in QUADRANT_SLUGS)}
 FROM neurons n
-LEFT JOIN (
-    SELECT layer, neuron,
-           {", ".join(f"max(greatest(abs(min), abs(max))) FILTER (WHERE quadrant = {q}) AS absmax_{s}"
-                      for q, s in enumerate(QUADRANT_SLUGS))}
-    FROM value_stats
-    WHERE hook = 0
-    GROUP BY layer, neuron
-) v USING (layer, neuron)
+LEFT JOIN {ABSMAX_BY_NEURON} v USING (layer, neuron)
 ORDER BY n.layer, n.neuron
 """
 
@@ -260,14 +263,7 @@ SELECT n.layer, n.neuron, e.expert,
        {", ".join(f"n.{name}" for name in GEOMETRY)},
        {", ".join(f"v.absmax_{s}" for s in QUADRANT_SLUGS)}
 FROM {NEURONS_WITH_EXPERTS}
-LEFT JOIN (
-    SELECT layer, neuron,
-           {", ".join(f"max(greatest(abs(min), abs(max))) FILTER (WHERE quadrant = {q}) AS absmax_{s}"
-                      for q, s in enumerate(QUADRANT_SLUGS))}
-    FROM value_stats
-    WHERE hook = 0
-    GROUP BY layer, neuron
-) v ON v.layer = n.layer AND v.neuron = n.neuron
+LEFT JOIN {ABSMAX_BY_NEURON} v ON v.layer = n.layer AND v.neuron = n.neuron
 ORDER BY n.layer, n.neuron
 """
 
