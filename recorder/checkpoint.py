@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 import zipfile
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -153,10 +155,30 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, run, next_batch, arrays)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block is done, then arrive as usual.
+
+    zipfile marks a member open before it hands back the member's writer; an interrupt between the two leaves the
+    archive unclosable, and closing it on the way out replaces the KeyboardInterrupt with a ValueError (a traceback
+    and exit status 1 instead of the one-line interrupt). Held per member, an interrupt still ends a long
+    checkpoint within one array's write.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _put(z: zipfile.ZipFile, name: str, value) -> None:
     """value: a NumPy array or a tensor on any device."""
     array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-    with z.open(name + ".npy", "w", force_zip64=True) as f:
+    with _signals_held(), z.open(name + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array(f, array, allow_pickle=False)
 
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import dataclasses
@@ -120,6 +121,35 @@ def test_a_reducer_loaded_from_a_checkpoint_goes_on_exactly_as_the_one_saved(kin
     with pytest.raises(ValueError, match=r"the saved [\w.]+ is .*, this reducer.s is "):
         wrong.load_state(checkpoint.layer_state(0))
     checkpoint.close()
+
+
+@pytest.mark.unit
+def test_an_interrupt_anywhere_in_a_checkpoint_write_stays_an_interrupt_and_keeps_the_last_checkpoint(
+        tmp_path, monkeypatch):
+    path = tmp_path / "run.checkpoint"
+    state = {"a": np.arange(6.0), "b": np.ones(3)}
+
+    class Reducer:
+        def state(self) -> dict:
+            return state
+
+    save_checkpoint(path, {"run": 1}, 1, [Reducer()])
+    before = path.read_bytes()
+    # Ctrl-C in the narrowest window: zipfile has marked a member open for writing but not handed back its writer.
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    original = zipfile._ZipWriteFile.__init__
+    monkeypatch.setattr(zipfile._ZipWriteFile, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"run": 1}, 2, [Reducer()])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 @pytest.mark.unit
