@@ -251,7 +251,7 @@ class ExpertPasses:
             B, T = self._shape(hidden)
             g, x, w = self._layer(layer, hidden.device, B, T)
             for unit, (rows, slots, x_gate, x_in) in zip(layout.routed, routed_activations(
-                    hidden, index, module, layout.n_experts)):
+                    hidden, index, layout)):
                 span = slice(unit.first_neuron, unit.first_neuron + unit.n_neurons)
                 g[rows, span] = x_gate.float()
                 x[rows, span] = x_in.float()

@@ -67,7 +67,7 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
             layer_stats = stats[layer]
             if layer_stats is not None:
                 layer_stats.route(index, weights, batch, current["tokens"])
-            routed = routed_activations(hidden, index, module, layout.n_experts, [u.expert for u in mine])
+            routed = routed_activations(hidden, index, layout, [u.expert for u in mine])
             for unit, (rows, slots, x_gate, x_in) in zip(mine, routed):
                 row_map = torch.full((B * T,), -1, dtype=torch.int64, device=rows.device)
                 row_map[rows] = torch.arange(len(rows), device=rows.device)

@@ -161,13 +161,14 @@ def layer_layouts(hf_model, name: str) -> list[LayerLayout] | None:
     return layouts
 
 
-def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, experts: torch.nn.Module, n_experts: int,
+def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, layout: LayerLayout,
                        chosen: Sequence[int] | None = None):
-    """Per routed expert e (of `chosen`, default all): (token rows [n_e] int64 ascending, slot in the top-k [n_e],
-    x_gate [n_e, d], x_in [n_e, d]).
+    """Per routed expert e of the layer (of `chosen`, default all): (token rows [n_e] int64 ascending, slot in the
+    top-k [n_e], x_gate [n_e, d], x_in [n_e, d]).
 
     The same products the model's experts compute, for the same tokens (in the model's dtype, on its device).
     """
+    experts, n_experts = layout.experts, layout.n_experts
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # token-major input: each expert's rows come out ascending
     counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
