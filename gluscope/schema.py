@@ -67,7 +67,9 @@ ACT_FNS: dict[str, str] = {
     "gelu_pytorch_tanh": "gelu_tanh",  # the tanh approximation
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
+    "quick_gelu": "quick_gelu",        # x·σ(QUICK_GELU_ALPHA x): gpt-oss's experts (recorder/experts.py)
 }
+QUICK_GELU_ALPHA = 1.702
 
 
 def schema_sql() -> str:

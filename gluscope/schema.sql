@@ -17,7 +17,7 @@ CREATE TABLE metadata (
     weights_sha256   VARCHAR,             -- its SHA-256
     quantization     VARCHAR,             -- its GGUF file type (e.g. Q4_1); NULL for float checkpoints
     architecture     VARCHAR   NOT NULL,  -- e.g. LlamaForCausalLM
-    act_fn           VARCHAR   NOT NULL,  -- the config's name, e.g. silu, gelu_pytorch_tanh
+    act_fn           VARCHAR   NOT NULL,  -- the config's name, e.g. silu, gelu_pytorch_tanh; quick_gelu: gpt-oss's experts
     n_layers         INTEGER   NOT NULL,
     d_model          INTEGER   NOT NULL,
     d_mlp            INTEGER   NOT NULL,  -- neurons per layer; the largest layer's when they differ (see `layers`)

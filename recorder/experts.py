@@ -13,12 +13,19 @@ and x_in are computed from its own weight slices for the tokens routed to it
 are gated MLP modules (gate_proj, up_proj, down_proj), read by a pre-hook on
 the module the same way.
 
+gpt-oss lays its experts out otherwise (gate_up_proj [E, d_model, 2 d] with
+gate and up columns interleaved, biases) and computes a clamped SwiGLU:
+`(clamp(up, ±limit) + 1) · quick_gelu(clamp(gate, max=limit))`. We record
+what that code computes: x_gate is the clamped gate, x_in the clamped up
+plus one, act is x·σ(1.702x) (`ClampedSwiGLU`).
+
 A layer's neurons are numbered expert after expert (schema.sql, experts):
 the routed experts first, then the shared ones, each a `Unit`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gluscope.errors import UserError
+from gluscope.schema import QUICK_GELU_ALPHA
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,19 @@ class Unit:
     shared: bool
     first_neuron: int       # its neurons are first_neuron .. first_neuron + n_neurons - 1 of the layer
     n_neurons: int
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's experts (GptOssExperts._apply_gate): x_gate = clamp(gate, max=limit), x_in = clamp(up, ±limit) + 1,
+    and act(x_gate) = x_gate·σ(1.702 x_gate), the activation named quick_gelu (gluscope.schema.ACT_FNS).
+
+    The +1 is why the weight convention cannot apply: negating w_in and w_out negates up, not clamp(up) + 1.
+    """
+
+    limit: float
+
+    ACT_FN = "quick_gelu"
 
 
 @dataclass
@@ -49,6 +70,7 @@ class LayerLayout:
     experts: torch.nn.Module | None = None       # the fused routed experts
     mlps: list[torch.nn.Module] = field(default_factory=list)  # per non-routed unit: its gated MLP module
     shared_gate: torch.nn.Module | None = None   # Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales the shared expert
+    clamped: ClampedSwiGLU | None = None         # gpt-oss: its experts' layout and clamped SwiGLU
 
     @property
     def n_neurons(self) -> int:
@@ -68,7 +90,10 @@ class LayerLayout:
         if unit.expert is not None and unit.expert < self.n_experts:
             d = unit.n_neurons
             gate_up = self.experts.gate_up_proj[unit.expert].detach()
-            return gate_up[:d].float(), gate_up[d:].float(), self.experts.down_proj[unit.expert].detach().T.float()
+            down = self.experts.down_proj[unit.expert].detach()
+            if self.clamped is not None:  # [d_model, 2 d], gate and up columns interleaved; down [d, d_model]
+                return gate_up[:, ::2].T.float(), gate_up[:, 1::2].T.float(), down.float()
+            return gate_up[:d].float(), gate_up[d:].float(), down.T.float()
         mlp = self.mlps[self.units.index(unit) - self.n_experts]
         return (mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
                 mlp.down_proj.weight.detach().T.float())
@@ -97,6 +122,8 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
 def _router_description(router: torch.nn.Module) -> str:
     """The router's class and how its weights come about, read off the module (schema.sql, layers.router)."""
     name = type(router).__name__
+    if name.startswith("GptOss"):
+        return f"{name}, softmax over the top-k logits (with the router's bias)"
     parts = [name, "sigmoid scores, top-k within the best groups" if hasattr(router, "e_score_correction_bias")
              else "softmax"]
     # Mixtral's router always renormalises; the others say so in norm_topk_prob.
@@ -116,10 +143,11 @@ def layer_layouts(hf_model, name: str) -> list[LayerLayout] | None:
     layers = getattr(getattr(hf_model, "model", None), "layers", None)
     if layers is None:
         return None
+    arch = type(original(hf_model)).__name__
     blocks = [original(original(layer).mlp) if hasattr(original(layer), "mlp") else None for layer in layers]
     if not any(b is not None and hasattr(b, "experts") for b in blocks):
+        _refuse_experts_elsewhere(original(layers[0]), name, arch)
         return None
-    arch = type(original(hf_model)).__name__
     layouts = []
     for index, block in enumerate(blocks):
         if block is None:
@@ -132,16 +160,15 @@ def layer_layouts(hf_model, name: str) -> list[LayerLayout] | None:
             layouts.append(LayerLayout([Unit(None, False, 0, n)], mlps=[block]))
             continue
         experts = original(block.experts)
-        gate_up = getattr(experts, "gate_up_proj", None)
-        down = getattr(experts, "down_proj", None)
-        if (not isinstance(gate_up, torch.Tensor) or gate_up.dim() != 3 or not isinstance(down, torch.Tensor)
-                or hasattr(experts, "gate_up_proj_bias") or down.shape[-1] * 2 != gate_up.shape[1]):
+        clamped = _clamped_swiglu(experts, name, arch)
+        if clamped is None and not _fused_gate_first(experts):
             raise UserError(
                 f"--model {name} ({arch}): its experts ({type(experts).__name__}) are not laid out as GLUScope reads "
                 "them (fused gate_up_proj [experts, 2 * d, d_model] without biases, gate rows first, and down_proj "
-                "[experts, d_model, d]); gpt-oss's interleaved, clamped SwiGLU with biases is not supported yet")
-        E, two_d, _ = gate_up.shape
-        d = two_d // 2
+                "[experts, d_model, d]; or gpt-oss's interleaved gate_up_proj [experts, d_model, 2 * d] with biases "
+                "and a clamped SwiGLU)")
+        E = experts.gate_up_proj.shape[0]
+        d = experts.gate_up_proj.shape[2 if clamped else 1] // 2
         units = [Unit(e, False, e * d, d) for e in range(E)]
         mlps = []
         for attr in ("shared_expert", "shared_experts"):
@@ -157,8 +184,43 @@ def layer_layouts(hf_model, name: str) -> list[LayerLayout] | None:
         router = original(getattr(block, "gate", None) or getattr(block, "router"))
         layouts.append(LayerLayout(units, n_experts=E, top_k=int(router.top_k), router=_router_description(router),
                                    experts=experts, mlps=mlps,
-                                   shared_gate=original(shared_gate) if shared_gate is not None else None))
+                                   shared_gate=original(shared_gate) if shared_gate is not None else None,
+                                   clamped=clamped))
     return layouts
+
+
+def _refuse_experts_elsewhere(layer: torch.nn.Module, name: str, arch: str) -> None:
+    """One line where a decoder layer holds a mixture of experts somewhere other than `mlp.experts` (GraniteMoe's
+    block_sparse_moe, JetMoe's): such a model is gated, but no layout here reads it."""
+    for attr, child in layer.named_children():
+        child = original(child)
+        if attr != "mlp" and (hasattr(child, "experts") or hasattr(child, "router")):
+            raise UserError(
+                f"--model {name} ({arch}): its mixture of experts ({type(child).__name__}, at `{attr}`) is not laid "
+                "out as GLUScope reads experts: an `mlp.experts` module with fused gate_up_proj and down_proj, as in "
+                "OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and gpt-oss")
+
+
+def _fused_gate_first(experts: torch.nn.Module) -> bool:
+    """gate_up_proj [E, 2 d, d_model] (gate rows, then up rows) and down_proj [E, d_model, d], without biases."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    return (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and isinstance(down, torch.Tensor)
+            and down.dim() == 3 and not hasattr(experts, "gate_up_proj_bias")
+            and down.shape[-1] * 2 == gate_up.shape[1])
+
+
+def _clamped_swiglu(experts: torch.nn.Module, name: str, arch: str) -> ClampedSwiGLU | None:
+    """gpt-oss's layout (GptOssExperts), else None; one line where it is that layout with another activation."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and isinstance(down, torch.Tensor)
+            and down.dim() == 3 and hasattr(experts, "gate_up_proj_bias") and hasattr(experts, "limit")
+            and down.shape[1] * 2 == gate_up.shape[2]):
+        return None
+    alpha = float(getattr(experts, "alpha", math.nan))
+    if alpha != QUICK_GELU_ALPHA:
+        raise UserError(f"--model {name} ({arch}): its experts' SwiGLU has alpha {alpha:g}; GLUScope computes "
+                        f"gpt-oss's x·σ({QUICK_GELU_ALPHA}x) only")
+    return ClampedSwiGLU(limit=float(experts.limit))
 
 
 def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, layout: LayerLayout,
@@ -181,9 +243,18 @@ def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, layout: 
         count = counts[e]
         picked = order[starts[e]:starts[e] + count]
         rows, slots = picked // k, picked % k
-        if count:
-            x_gate, x_in = F.linear(hidden[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        if not count:
+            x_gate = x_in = hidden.new_zeros((0, layout.units[e].n_neurons))
+        elif layout.clamped is not None:
+            x_gate, x_in = _clamped_pre(hidden[rows], experts, e, layout.clamped.limit)
         else:
-            x_gate = x_in = hidden.new_zeros((0, experts.down_proj.shape[-1]))
+            x_gate, x_in = F.linear(hidden[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
         out.append((rows, slots, x_gate, x_in))
     return out
+
+
+def _clamped_pre(hidden: torch.Tensor, experts: torch.nn.Module, e: int, limit: float) -> tuple[torch.Tensor, ...]:
+    """gpt-oss's x_gate and x_in of expert e, in the operations GptOssExperts.forward and _apply_gate use."""
+    gate_up = hidden @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    return gate.clamp(min=None, max=limit), up.clamp(min=-limit, max=limit) + 1

@@ -12,18 +12,30 @@ from typing import Callable
 import torch
 
 from gluscope.errors import UserError
-from gluscope.schema import ACT_FNS
+from gluscope.schema import ACT_FNS, QUICK_GELU_ALPHA
 from gluscope.recorder.gguf import GGUFSource, convert, is_gguf
-from gluscope.recorder.experts import LayerLayout, layer_layouts
-from gluscope.recorder.model_source import model_folder, refuse_unsupported_experts
+from gluscope.recorder.experts import ClampedSwiGLU, LayerLayout, layer_layouts
+from gluscope.recorder.model_source import model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-_OPS = {  # gluscope.schema.ACT_FNS's functions -> (aten op, its arguments): what the HF modules call
-    "silu": (torch.ops.aten.silu, {}),
-    "gelu": (torch.ops.aten.gelu, {"approximate": "none"}),
-    "gelu_tanh": (torch.ops.aten.gelu, {"approximate": "tanh"}),
+def _aten(op, **kwargs) -> Callable[..., torch.Tensor]:
+    def act(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return op.default(x, **kwargs) if out is None else op.out(x, out=out, **kwargs)
+    return act
+
+
+def _quick_gelu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    # The operations in the order gpt-oss's experts do them (GptOssExperts._apply_gate), so the values are its own.
+    return torch.mul(x, torch.sigmoid(x * QUICK_GELU_ALPHA), out=out)
+
+
+_FUNCTIONS = {  # gluscope.schema.ACT_FNS's functions, as the HF modules compute them
+    "silu": _aten(torch.ops.aten.silu),
+    "gelu": _aten(torch.ops.aten.gelu, approximate="none"),
+    "gelu_tanh": _aten(torch.ops.aten.gelu, approximate="tanh"),
+    "quick_gelu": _quick_gelu,
 }
 
 
@@ -31,14 +43,14 @@ def activation_function(name: str) -> Callable[..., torch.Tensor]:
     """act(x, out=None): the callable a config's activation name stands for; `out` reuses a buffer."""
     if name not in ACT_FNS:
         raise UserError(f"activation {name!r} is not a GLU gate GLUScope knows ({', '.join(ACT_FNS)})")
-    op, kwargs = _OPS[ACT_FNS[name]]
-
-    def act(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return op.default(x, **kwargs) if out is None else op.out(x, out=out, **kwargs)
-    return act
+    return _FUNCTIONS[ACT_FNS[name]]
 
 
-def activation_name(config) -> str:
+def activation_name(config, layouts: list[LayerLayout] | None = None) -> str:
+    """The activation of the model's gates: its config's, unless its experts compute their own (gpt-oss)."""
+    clamped = {layout.clamped for layout in layouts or [] if layout.clamped is not None}
+    if clamped:
+        return ClampedSwiGLU.ACT_FN
     for attr in ("hidden_activation", "hidden_act", "activation_function"):
         name = getattr(config, attr, None)
         if name:
@@ -69,6 +81,12 @@ class GatedModel:
     def layer_width(self, layer: int) -> int:
         """The layer's neurons: d_mlp, or its experts' neurons together."""
         return self.d_mlp if self.layouts is None else self.layouts[layer].n_neurons
+
+    @property
+    def weight_convention_applies(self) -> bool:
+        """Whether negating a neuron's w_in and w_out leaves the model's function unchanged (the paper's
+        refactor_glu): not where x_in is clamped and shifted (gpt-oss, experts.ClampedSwiGLU)."""
+        return not any(layout.clamped is not None for layout in self.layouts or [])
 
     @property
     def act_fn(self) -> Callable[..., torch.Tensor]:
@@ -230,7 +248,6 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
     except (ValueError, KeyError, NotImplementedError) as e:
         raise UserError(f"--model {name}: TransformerLens cannot load this model ({_first_line(e)})") from None
 
-    refuse_unsupported_experts(name, bridge.original_model.config.to_dict())
     # The bridge's MoE hooks carry the block's input and output, not any expert's neurons: read the modules.
     layouts = layer_layouts(bridge.original_model, name)
     hooks = bridge.hook_dict
@@ -256,7 +273,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", rev
         name=display_name or name,
         revision=revision or getattr(config, "_commit_hash", None),
         architecture=(config.architectures or [type(hf).__name__])[0],
-        act_fn_name=activation_name(config),
+        act_fn_name=activation_name(config, layouts),
         n_layers=int(bridge.cfg.n_layers),
         d_model=int(bridge.cfg.d_model),
         d_mlp=int(bridge.cfg.d_mlp) if layouts is None else max(layout.n_neurons for layout in layouts),

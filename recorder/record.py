@@ -72,6 +72,10 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
     from are calibrated on the whole run's first `calibration_batches` batches (rules.interval_bounds), so
     every shard computes the same bounds.
     """
+    if refactor_glu and not model.weight_convention_applies:
+        log.info("raw weights: the weight convention cannot apply to %s, whose experts add 1 to a clamped x_in",
+                 model.architecture)
+        refactor_glu = False
     lengths = corpus.lengths
     batches = shard_batches(lengths, batch_size, shard)
     mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from gluscope.schema import ACT_FNS
+from gluscope.schema import ACT_FNS, QUICK_GELU_ALPHA
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -28,7 +28,12 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"silu": _silu, "gelu": _gelu, "gelu_tanh": _gelu_tanh}
+def _quick_gelu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-QUICK_GELU_ALPHA * x))
+
+
+FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"silu": _silu, "gelu": _gelu, "gelu_tanh": _gelu_tanh,
+                                                            "quick_gelu": _quick_gelu}
 assert set(ACT_FNS.values()) == set(FUNCTIONS), "every function gluscope.schema.ACT_FNS names needs a NumPy one"
 
 

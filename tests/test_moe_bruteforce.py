@@ -6,6 +6,10 @@ the model's own router outputs (a hook on the router module), and computes
 every expert's x_gate and x_in for the tokens routed to it from the
 expert's weights in float64. Nothing of the recorder is used: not its
 experts.py layout, not its hooks on the experts module.
+
+gpt-oss's experts are computed as its code says, written out here: columns
+of gate_up_proj interleaved, biases added, x_gate = clamp(gate, max=limit),
+x_in = clamp(up, ±limit) + 1, act(x) = x·σ(1.702x); no weight convention.
 """
 
 from __future__ import annotations
@@ -45,7 +49,29 @@ def record(arch: str, reducer: str = "kernel", refactor: bool = True, corpus: Pa
 
 
 def _router(block):
-    return getattr(block, "gate", None) if hasattr(block, "experts") else None
+    if not hasattr(block, "experts"):
+        return None
+    return getattr(block, "gate", None) or block.router
+
+
+def _quick_gelu(x: float) -> float:
+    return x / (1.0 + math.exp(-1.702 * x))
+
+
+def act_of(arch: str):
+    return _quick_gelu if arch == "gpt_oss" else _silu
+
+
+def _expert_parts(experts) -> tuple[list[tuple], list[tuple] | None, float | None]:
+    """Per expert (w_gate [d, d_model], w_in [d, d_model], w_out [d_model, d]) in float64; gpt-oss's biases per expert
+    (b_gate, b_in) and its clamp, else None."""
+    gate_up, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
+    if not hasattr(experts, "gate_up_proj_bias"):
+        d = down.shape[-1]
+        return [(gate_up[e, :d], gate_up[e, d:], down[e]) for e in range(gate_up.shape[0])], None, None
+    bias = experts.gate_up_proj_bias.detach().double()
+    parts = [(gate_up[e][:, 0::2].T, gate_up[e][:, 1::2].T, down[e].T) for e in range(gate_up.shape[0])]
+    return parts, [(b[0::2], b[1::2]) for b in bias], float(experts.limit)
 
 
 def reference(model_dir: Path, texts: list[np.ndarray], refactor: bool):
@@ -55,13 +81,10 @@ def reference(model_dir: Path, texts: list[np.ndarray], refactor: bool):
     for layer in model.model.layers:
         block = layer.mlp
         parts, units = [], []
-        E = 0
+        E, biases, limit = 0, None, None
         if hasattr(block, "experts"):
-            gate_up, down = block.experts.gate_up_proj.detach().double(), block.experts.down_proj.detach().double()
-            E = gate_up.shape[0]
-            for e in range(E):
-                d = down.shape[-1]
-                parts.append((gate_up[e, :d], gate_up[e, d:], down[e]))
+            parts, biases, limit = _expert_parts(block.experts)
+            E = len(parts)
         mlps = [getattr(block, name) for name in ("shared_expert", "shared_experts") if hasattr(block, name)]
         if not hasattr(block, "experts"):
             mlps = [block]
@@ -75,9 +98,12 @@ def reference(model_dir: Path, texts: list[np.ndarray], refactor: bool):
         wg = torch.cat([p[0] for p in parts])
         wi = torch.cat([p[1] for p in parts])
         wo = torch.cat([p[2] for p in parts], 1)
-        sign = torch.where((wg * wi).sum(1) < 0, -1.0, 1.0).double() if refactor else torch.ones(wg.shape[0]).double()
+        flip = refactor and limit is None  # the +1 of gpt-oss's x_in leaves no convention to apply
+        sign = torch.where((wg * wi).sum(1) < 0, -1.0, 1.0).double() if flip else torch.ones(wg.shape[0]).double()
         shared_gate = getattr(block, "shared_expert_gate", None)
-        layers.append(dict(units=units, wg=wg, wi=wi, wo=wo, sign=sign, E=E,
+        layers.append(dict(units=units, wg=wg, wi=wi, wo=wo, sign=sign, E=E, limit=limit,
+                           bg=None if biases is None else torch.cat([b[0] for b in biases]),
+                           bi=None if biases is None else torch.cat([b[1] for b in biases]),
                            shared_gate=None if shared_gate is None else shared_gate.weight.detach().double()))
 
     captured: dict = {}
@@ -97,6 +123,9 @@ def reference(model_dir: Path, texts: list[np.ndarray], refactor: bool):
                 x = captured[(i, "x")].double()
                 g = x @ L["wg"].T
                 u = (x @ L["wi"].T) * L["sign"]
+                if L["limit"] is not None:
+                    g = (g + L["bg"]).clamp(max=L["limit"])
+                    u = (u + L["bi"]).clamp(-L["limit"], L["limit"]) + 1
                 weight = torch.ones_like(g)
                 if L["E"]:
                     index, w = captured[(i, "route")]
@@ -150,15 +179,17 @@ def test_expert_neurons_match_brute_force(arch, reducer, refactor):
     layers, acts, routes = reference(moe_model(arch), texts, refactor)
     neurons = chosen_neurons(layers)
     two = {key: (g, u) for key, (g, u, _) in acts.items()}
-    stats, tops, cands = statistics_of(two, texts, neurons, _silu, k)
+    stats, tops, cands = statistics_of(two, texts, neurons, act_of(arch), k)
     check_neurons(con, stats, tops, cands, two, texts, neurons, arch)
-    _check_distributions(con, moe_model(arch), texts, two, len(layers), neurons)
+    _check_distributions(con, moe_model(arch), texts, two, len(layers), neurons, act_of(arch))
     _check_layout(con, layers)
     _check_router(con, layers, routes, texts, k)
-    _check_routed_values(con, acts, texts, neurons)
+    _check_routed_values(con, acts, texts, neurons, act_of(arch))
     model = AutoModelForCausalLM.from_pretrained(moe_model(arch), dtype=torch.float32)
     check_weight_tokens(con, model, {i: (L["wg"], L["wi"], L["wo"], neurons[i]) for i, L in enumerate(layers)},
-                        refactor)
+                        refactor and arch != "gpt_oss")
+    if arch == "gpt_oss":
+        assert con.execute("SELECT act_fn, refactor_glu FROM metadata").fetchone() == ("quick_gelu", False)
     for i, L in enumerate(layers):  # the geometry after the convention
         for neuron in neurons[i]:
             g, w_in, w_out = L["wg"][neuron], L["wi"][neuron] * L["sign"][neuron], L["wo"][:, neuron] * L["sign"][neuron]
@@ -235,7 +266,7 @@ def _check_router(con, layers: list[dict], routes: dict, texts: list[np.ndarray]
             np.testing.assert_allclose([w for w, _, _ in got_e], [w for w, _, _ in want], rtol=1e-5)
 
 
-def _check_routed_values(con, acts: dict, texts: list[np.ndarray], neurons: dict) -> None:
+def _check_routed_values(con, acts: dict, texts: list[np.ndarray], neurons: dict, act) -> None:
     for layer, chosen in neurons.items():
         for neuron in chosen:
             per_q: dict = {}
@@ -246,7 +277,7 @@ def _check_routed_values(con, acts: dict, texts: list[np.ndarray], neurons: dict
                     if np.isnan(x_g) or x_g == 0 or x_i == 0:
                         continue
                     q = (0 if x_i > 0 else 1) if x_g > 0 else (2 if x_i > 0 else 3)
-                    per_q.setdefault(q, []).append(_silu(x_g) * x_i * w[pos, neuron])
+                    per_q.setdefault(q, []).append(act(x_g) * x_i * w[pos, neuron])
             rows = con.execute("SELECT quadrant, min, max, mean FROM routed_values WHERE layer = ? AND neuron = ? "
                                "ORDER BY quadrant", [layer, neuron]).fetchall()
             experts = con.execute("SELECT count(*) FROM experts WHERE layer = ?", [layer]).fetchone()[0]

@@ -24,12 +24,12 @@ from gluscope.schema import HOOKS
 from gluscope.server.db import open_databases
 
 from . import recordings
-from .test_moe_bruteforce import moe_model, record
+from .test_moe_bruteforce import _expert_parts, _router, moe_model, record
 
 pytestmark = pytest.mark.integration
 
 UNLIMITED = Limits(max_tokens=10_000, max_neurons=10_000)
-ARCHS = ("olmoe", "qwen2_moe", "deepseek_v3")
+ARCHS = ("olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss")
 _LOADED: dict = {}
 
 
@@ -99,10 +99,12 @@ def _edited_logits(model_dir, ids: torch.Tensor, layer: int, neuron: int, factor
     block = model.model.layers[layer].mlp
     (expert, shared, first, _), = [u for u in units if u[2] <= neuron < u[2] + u[3]]
     j = neuron - first
+    b_gate = b_in = limit = None
     if expert is not None and not shared:
-        gate_up, down = block.experts.gate_up_proj[expert].double(), block.experts.down_proj[expert].double()
-        d = down.shape[1]
-        w_gate, w_in, w_out = gate_up[j], gate_up[d + j], down[:, j]
+        parts, biases, limit = _expert_parts(block.experts)
+        w_gate, w_in, w_out = parts[expert][0][j], parts[expert][1][j], parts[expert][2][:, j]
+        if biases is not None:
+            b_gate, b_in = biases[expert][0][j], biases[expert][1][j]
     else:
         mlp = block if expert is None else next(getattr(block, n) for n in ("shared_expert", "shared_experts")
                                                 if hasattr(block, n))
@@ -110,12 +112,16 @@ def _edited_logits(model_dir, ids: torch.Tensor, layer: int, neuron: int, factor
                                mlp.down_proj.weight[:, j].double())
     seen = {}
     if expert is not None and not shared:
-        block.gate.register_forward_hook(lambda m, a, out: seen.update(index=out[2], weight=out[1]))
+        _router(block).register_forward_hook(lambda m, a, out: seen.update(index=out[2], weight=out[1]))
 
     def add(module, args, output):
         x = args[0].reshape(-1, args[0].shape[-1]).double()
         g, u = x @ w_gate, x @ w_in
-        post = torch.nn.functional.silu(g) * u
+        if limit is None:
+            post = torch.nn.functional.silu(g) * u
+        else:  # gpt-oss's clamped SwiGLU
+            g, u = (g + b_gate).clamp(max=limit), (u + b_in).clamp(-limit, limit) + 1
+            post = g * torch.sigmoid(1.702 * g) * u
         if expert is not None and not shared:
             weight = (seen["weight"].double() * (seen["index"] == expert)).sum(1)   # 0 where routed elsewhere
         elif getattr(block, "shared_expert_gate", None) is not None and expert is not None:
@@ -124,6 +130,8 @@ def _edited_logits(model_dir, ids: torch.Tensor, layer: int, neuron: int, factor
             weight = torch.ones_like(g)
         delta = (factor - 1.0) * post * weight
         delta[0] = 0.0  # BOS is never edited
+        if isinstance(output, tuple):  # gpt-oss's block returns (its output, the router's scores)
+            return (add(module, args, output[0]), *output[1:])
         return output + (delta[:, None] * w_out[None, :]).to(output.dtype).view(output.shape)
 
     block.register_forward_hook(add)

@@ -321,11 +321,13 @@ def _bounds(mags: list[float], default: tuple[float, float, float]) -> tuple[flo
 
 
 def _check_distributions(con, model_dir: Path, texts: list[np.ndarray], acts: dict, n_layers: int,
-                         neurons: dict[int, tuple[int, ...]] | None = None) -> None:
-    """Histograms, density, intervals, samples and their windows of `neurons` (per layer; default NEURONS)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    act_name = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
-    act = _gelu_tanh if "tanh" in act_name else _silu
+                         neurons: dict[int, tuple[int, ...]] | None = None, act=None) -> None:
+    """Histograms, density, intervals, samples and their windows of `neurons` (per layer; default NEURONS).
+    act: the gate's activation (default: the one the model's config names)."""
+    if act is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        act_name = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
+        act = _gelu_tanh if "tanh" in act_name else _silu
     neurons = neurons or {layer: NEURONS for layer in range(n_layers)}
     seed, n_random, n_per, calib, batch_size = con.execute(
         "SELECT sample_seed, n_random, n_per_interval, calibration_batches, batch_size FROM metadata").fetchone()

@@ -165,23 +165,17 @@ def test_failed_run_leaves_no_partial_file(tiny_llama, corpus_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.system
-@pytest.mark.parametrize("folder", ["gpt-oss", "./gpt-oss", "ABSOLUTE"])
-def test_a_mixture_of_experts_layout_glu_scope_cannot_read_is_refused_plainly(folder, corpus_file, tmp_path):
-    """gpt-oss's experts (clamped SwiGLU with biases, gate and up interleaved): one line naming what is missing,
-    before torch is imported or anything is downloaded."""
-    import transformers
-
-    config = transformers.GptOssConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
-                                       num_local_experts=4)
-    path = tmp_path / "gpt-oss"
-    config.save_pretrained(path)
-    name = str(path) if folder == "ABSOLUTE" else folder
-    r = subprocess.run([sys.executable, "-m", "gluscope.cli", "record", "--model", name, "--dataset", str(corpus_file),
-                        "--out", "out.duckdb"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert_user_error(r, "mixture-of-experts model GLUScope cannot record yet", "clamped", "biases")
-    assert "huggingface.co" not in r.stderr and not (tmp_path / "out.duckdb").exists()
+@pytest.mark.integration
+def test_a_mixture_of_experts_layout_glu_scope_cannot_read_is_refused_plainly(corpus_file, tmp_path, capsys):
+    """GraniteMoe keeps its experts elsewhere than `mlp.experts`, in other tensors: one line naming what GLUScope
+    reads instead, and no output left behind."""
+    model = recordings.model("granitemoe", d_model=32, d_mlp=16, n_layers=1)
+    out = tmp_path / "out.duckdb"
+    assert gluscope_main(["record", "--model", str(model), "--dataset", str(corpus_file), "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("gluscope record: error:") and "GraniteMoeMoE, at `block_sparse_moe`" in last, last
+    assert "mlp.experts" in last and "gate_up_proj" in last
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.integration

@@ -43,11 +43,13 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                          "routed_scaling_factor": 2.5, "num_key_value_heads": 4,
                                          "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                                          "qk_nope_head_dim": 8, "v_head_dim": 16, "rope_scaling": None}),
-    # gpt-oss: its experts' clamped SwiGLU with biases is refused (see recorder/experts.py).
+    # gpt-oss: its experts' clamped SwiGLU with biases, gate and up interleaved; a low clamp so that it bites.
     "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 2,
-                                 "head_dim": 16}),
+                                 "head_dim": 16, "swiglu_limit": 1.2}),
+    # GraniteMoe: experts in block_sparse_moe, in tensors of another layout; refused.
+    "granitemoe": ("GraniteMoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 2}),
 }
-MOE_ARCHITECTURES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+MOE_ARCHITECTURES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
@@ -111,6 +113,11 @@ def save_tiny_model(out_dir: Path, arch: str, texts: list[str], *, vocab_size: i
         config.initializer_range = init_std
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
+    if arch == "gpt_oss":  # its biases start at zero: random ones, so that a reading that forgets them is wrong
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, config.initializer_range)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
