@@ -1,4 +1,4 @@
-"""The `gluscope` command: dataset, record, merge, serve, probe, demo.
+"""The `gluscope` command: dataset, record, merge, serve, probe, demo, export.
 
 Heavy imports (torch, transformers) happen inside the subcommands that need
 them, so `gluscope serve` runs in an image without torch.
@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"padded tokens in one forward pass when waiting requests are batched (default: "
                         f"{probe_protocol.BATCH_TOKENS})")
 
+    p = sub.add_parser("export", help="write a recorded database in another layout: gluscope-hf, the paper's "
+                                      "Hugging Face activation dataset (Parquet; docs/paper-layout.md)")
+    p.add_argument("file", type=Path, help="a .duckdb file recorded by `gluscope record` (or merged)")
+    p.add_argument("--format", required=True, metavar="FORMAT",
+                   help="gluscope-hf: one row per neuron with the paper's columns, and the texts they point into")
+    p.add_argument("--out", required=True, type=Path, help="folder to write; it must not exist, or be empty")
+
     p = sub.add_parser("demo", help="record SmolLM2-135M-Instruct (from PyPI) on real prose and code, and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
     p.add_argument("--model-file", default=None,
@@ -181,7 +188,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("record", "dataset", "merge", "demo"):
+    if args.command in ("record", "dataset", "merge", "demo", "export"):
         _interrupt_on_sigterm()
     try:
         if args.command == "serve":
@@ -201,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from gluscope.demo import run_demo
             run_demo(args)
+        elif args.command == "export":
+            from gluscope.paper_layout import run_export
+            run_export(args)
     except UserError as e:
         print(f"gluscope {args.command}: error: {e}", file=sys.stderr)
         return 2
