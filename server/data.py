@@ -207,6 +207,10 @@ class ExampleList:
                 "interval": self.selected,
                 "intervals": [{"interval": i, "lo": lo, "hi": hi} for i, (lo, hi) in self.bounds.items()]}
 
+    def colour(self, colour: str | None = None) -> str:
+        """The value that colours the tokens: `colour` (checked), by default the list's own."""
+        return HOOKS[self.hook if colour is None else hook_code(colour, "colour")]
+
     def scales(self) -> dict[str, float]:
         """max |value| over every token of every window, per value: one colour scale for the list."""
         with np.errstate(all="ignore"):

@@ -26,7 +26,7 @@ from gluscope.server.errors import ParameterError
 from gluscope.server.experts import expert_href, neuron_href
 from gluscope.server.validate import (COMPARE_MAX, COMPARE_MIN, FILTER_PAGE_MAX, INTERVAL_MAX, LAYER_PAGE_MAX,
                                       LAYERS_PATTERN, NEURON_PATTERN, NEURONS_PATTERN, check_choice, check_index,
-                                      example_interval, get_model, hook_code, neuron_index, parse_neuron_ref)
+                                      example_interval, get_model, neuron_index, parse_neuron_ref)
 
 # Ranges and choices are documented (json_schema_extra) but checked by
 # validate.py, which knows each file's sizes and answers in the one error shape.
@@ -235,7 +235,7 @@ def examples(db: Database, layer: int = Layer, neuron: str = Neuron, quadrant: s
     (kind=random, interval; each interval example says its interval's bounds)."""
     found = data.read_example_list(db, layer, neuron_index(db, layer, neuron), quadrant, hook, kind,
                                    example_interval(kind, interval))
-    colour_by = HOOKS[found.hook if colour is None else hook_code(colour, "colour")]
+    colour_by = found.colour(colour)
     return Page(lambda: found.to_json(db.vocab),
                 lambda fragment: render.examples_context(found, db.vocab, colour_by, compact=fragment))
 
