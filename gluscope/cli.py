@@ -1,4 +1,4 @@
-"""The `gluscope` command: dataset, record, merge, serve, probe, demo, export.
+"""The `gluscope` command: dataset, record, merge, serve, probe, demo, export, import-gluscope.
 
 Heavy imports (torch, transformers) happen inside the subcommands that need
 them, so `gluscope serve` runs in an image without torch.
@@ -127,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gluscope-hf: one row per neuron with the paper's columns, and the texts they point into")
     p.add_argument("--out", required=True, type=Path, help="folder to write; it must not exist, or be empty")
 
+    p = sub.add_parser("import-gluscope", help="read a dataset in the paper's layout (gluscope-hf: the published "
+                                               "OLMo-7B one, or an export) into a database to serve")
+    p.add_argument("hf_dir", type=Path, metavar="HF_DIR",
+                   help="the neurons: a folder of Parquet files (or data/*.parquet) with the paper's columns")
+    p.add_argument("--texts", required=True, type=Path, metavar="TEXTS_DIR",
+                   help="the texts the indices point into (Parquet with input_ids; an export's DIR/texts)")
+    p.add_argument("--out", required=True, type=Path, help="the .duckdb file to write")
+    p.add_argument("--model", default=None,
+                   help="a local model folder (as `record` takes it) to replay the listed texts through, giving each "
+                        "example its position and window")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("demo", help="record SmolLM2-135M-Instruct (from PyPI) on real prose and code, and serve it")
     p.add_argument("--out", type=Path, default=Path("data/demo.duckdb"))
     p.add_argument("--model-file", default=None,
@@ -188,7 +200,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("record", "dataset", "merge", "demo", "export"):
+    if args.command in ("record", "dataset", "merge", "demo", "export", "import-gluscope"):
         _interrupt_on_sigterm()
     try:
         if args.command == "serve":
@@ -211,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from gluscope.paper_layout import run_export
             run_export(args)
+        elif args.command == "import-gluscope":
+            from gluscope.recorder.paper_import import run_import
+            run_import(args)
     except UserError as e:
         print(f"gluscope {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ code tables and columns that schema.sql creates, so a name is spelled once.
 
 from importlib import resources
 
-SCHEMA_VERSION = 7  # 7: layers, experts, expert_tokens, expert_examples, routed_values (mixture-of-experts). 6: metadata weights_fingerprint, tokenizer_fingerprint. 5: example_tokens keyed by one integer, without best_value. 4: density bins of two octaves; samples without hash. 3: histograms, density, intervals, samples, token_neurons, related; metadata sample_seed, n_random, n_per_interval, calibration_batches. 2: model_source, weights_file, weights_sha256, quantization, batch_size, corpus_fingerprint, shard_index, shard_count; texts.source
+SCHEMA_VERSION = 8  # 8: imports of the paper's layout: metadata imported_from, bos_counted, located_with, examples_located; imported_frequencies; texts.text; NULL counts, geometry and example positions. 7: layers, experts, expert_tokens, expert_examples, routed_values (mixture-of-experts). 6: metadata weights_fingerprint, tokenizer_fingerprint. 5: example_tokens keyed by one integer, without best_value. 4: density bins of two octaves; samples without hash. 3: histograms, density, intervals, samples, token_neurons, related; metadata sample_seed, n_random, n_per_interval, calibration_batches. 2: model_source, weights_file, weights_sha256, quantization, batch_size, corpus_fingerprint, shard_index, shard_count; texts.source
 
 # Code order is the column order of the paper's Figure 1.
 QUADRANTS: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")

@@ -1,7 +1,8 @@
 -- GLUScope database schema: the contract between the recorder (which writes
 -- a file with exactly these tables) and the server (which only reads them).
 -- Layers, neurons, text ids and positions are zero-based. Position 0 of every
--- text is its BOS token; it is stored but never counted in any statistic.
+-- text is its BOS token; it is stored but never counted in any statistic
+-- (except in a file imported from the paper's layout: metadata.bos_counted).
 -- Quadrant and hook codes are small integers; the lookup tables `quadrants`
 -- and `hooks` below say what each code means, so the file describes itself.
 
@@ -19,7 +20,7 @@ CREATE TABLE metadata (
     architecture     VARCHAR   NOT NULL,  -- e.g. LlamaForCausalLM
     act_fn           VARCHAR   NOT NULL,  -- the config's name, e.g. silu, gelu_pytorch_tanh; quick_gelu: gpt-oss's experts
     n_layers         INTEGER   NOT NULL,
-    d_model          INTEGER   NOT NULL,
+    d_model          INTEGER,             -- NULL: not known (an import without --model)
     d_mlp            INTEGER   NOT NULL,  -- neurons per layer; the largest layer's when they differ (see `layers`)
     vocab_size       INTEGER   NOT NULL,
     dtype            VARCHAR   NOT NULL,  -- dtype the model ran in
@@ -48,8 +49,18 @@ CREATE TABLE metadata (
     sample_seed      BIGINT    NOT NULL,  -- seed of the sampling hash (see `samples`)
     n_random         INTEGER   NOT NULL,  -- random examples kept per (neuron, quadrant)
     n_per_interval   INTEGER   NOT NULL,  -- examples kept per interval of |hook_post|
-    calibration_batches INTEGER NOT NULL  -- the run's first batches that fixed the intervals (see `intervals`):
+    calibration_batches INTEGER NOT NULL, -- the run's first batches that fixed the intervals (see `intervals`):
                                           -- 4, or all of a run with fewer; 0: none (default bounds)
+    -- A file imported from the paper's dataset layout (`gluscope import-gluscope`) holds what that layout
+    -- has: frequencies (`imported_frequencies`; counts only where they follow exactly), means, top lists
+    -- of texts and, from the lists, each value's extreme in its quadrant. It has no windows, samples,
+    -- histograms, density, intervals, weight tokens, related or token neurons; its examples have no
+    -- position unless a model replayed their texts (located_with).
+    imported_from    VARCHAR,             -- NULL: recorded by GLUScope; else the layout and the folders read
+    bos_counted      BOOLEAN   NOT NULL,  -- true: frequencies, means and top lists count the BOS position and
+                                          -- n_tokens includes it (the original's convention, kept on import)
+    located_with     VARCHAR,             -- the model whose replay of the texts gave the examples' positions
+    examples_located BIGINT               -- how many examples that replay located (position not NULL)
 );
 
 -- Code tables, written with the schema.
@@ -152,7 +163,8 @@ CREATE TABLE texts (
     source_index BIGINT    NOT NULL,  -- row index in the source dataset
     source       VARCHAR,             -- where the text came from (a path), when the dataset says
     n_tokens     INTEGER   NOT NULL,  -- length including BOS
-    token_ids    INTEGER[] NOT NULL
+    token_ids    INTEGER[] NOT NULL,
+    text         VARCHAR              -- an import's text as its dataset gives it; NULL: decode token_ids (vocab)
 );
 
 -- The tokenizer's vocabulary, so texts decode without the tokenizer.
@@ -162,21 +174,32 @@ CREATE TABLE vocab (
     token_bytes BLOB    NOT NULL   -- the raw bytes it contributes to a text; concatenate and decode UTF-8
 );
 
--- One row per neuron: quadrant counts and weight geometry (after the weight convention).
+-- One row per neuron: quadrant counts and weight geometry (after the weight convention). Only an
+-- import leaves them NULL: counts its frequencies do not give exactly, weights it was not given.
 CREATE TABLE neurons (
     layer        SMALLINT NOT NULL,
     neuron       INTEGER  NOT NULL,
-    count_pp     BIGINT   NOT NULL,  -- tokens with x_gate > 0 and x_in > 0
-    count_pn     BIGINT   NOT NULL,  -- x_gate > 0, x_in < 0
-    count_np     BIGINT   NOT NULL,  -- x_gate < 0, x_in > 0
-    count_nn     BIGINT   NOT NULL,  -- x_gate < 0, x_in < 0
-    flipped      BOOLEAN  NOT NULL,  -- w_in, w_out were multiplied by -1
-    cos_gate_in  FLOAT    NOT NULL,
-    cos_gate_out FLOAT    NOT NULL,
-    cos_in_out   FLOAT    NOT NULL,
-    norm_gate    FLOAT    NOT NULL,
-    norm_in      FLOAT    NOT NULL,
-    norm_out     FLOAT    NOT NULL
+    count_pp     BIGINT,   -- tokens with x_gate > 0 and x_in > 0
+    count_pn     BIGINT,   -- x_gate > 0, x_in < 0
+    count_np     BIGINT,   -- x_gate < 0, x_in > 0
+    count_nn     BIGINT,   -- x_gate < 0, x_in < 0
+    flipped      BOOLEAN,  -- w_in, w_out were multiplied by -1
+    cos_gate_in  FLOAT,
+    cos_gate_out FLOAT,
+    cos_in_out   FLOAT,
+    norm_gate    FLOAT,
+    norm_in      FLOAT,
+    norm_out     FLOAT
+);
+
+-- An import's frequencies as its layout states them (Q_freq: tokens of the quadrant over metadata.n_tokens,
+-- which holds the BOS where metadata.bos_counted); one row per neuron and quadrant. Empty in a recording,
+-- whose frequencies are neurons.count_* / n_tokens.
+CREATE TABLE imported_frequencies (
+    layer     SMALLINT NOT NULL,
+    neuron    INTEGER  NOT NULL,
+    quadrant  TINYINT  NOT NULL,
+    frequency FLOAT    NOT NULL
 );
 
 -- The tokens a neuron's weights point at, read off the embeddings (the
@@ -230,7 +253,7 @@ CREATE TABLE examples (
     rank     TINYINT  NOT NULL,
     value    FLOAT    NOT NULL,
     text_id  INTEGER  NOT NULL,
-    position SMALLINT NOT NULL
+    position SMALLINT           -- NULL: not known (an import's example that no model replay located)
 );
 
 -- x_gate and x_in of one neuron around each distinct example token (of

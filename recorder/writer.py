@@ -20,7 +20,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from gluscope.recorder import rules
 from gluscope.schema import COUNT_COLUMNS, GEOMETRY, HOOKS, QUADRANTS, SAMPLE_SOURCE, schema_sql
 
 if TYPE_CHECKING:
@@ -82,6 +81,7 @@ def _list_array(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
 def _sample_windows(r: LayerStatistics) -> tuple[np.ndarray, ...]:
     """The samples' windows cut to rules.SAMPLE_WINDOW_BEFORE / _AFTER around each token: (start, len, x_gate, x_in),
     the values shifted to the front of their slots. A token that is also a top example keeps its full window."""
+    from gluscope.recorder import rules  # torch: the paper-layout import writes through here without it
     start = r.sample_window_start.astype(np.int64)
     stop = start + r.sample_window_len
     pos = r.sample_pos.astype(np.int64)
@@ -115,6 +115,10 @@ def dense_runs(counts: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray, 
 
 BLOCK_SIZE = 65536
 
+# The metadata columns that only an import (recorder/paper_import.py) sets, as a recording has them.
+RECORDED_METADATA: dict[str, Any] = {"imported_from": None, "bos_counted": False, "located_with": None,
+                                     "examples_located": None}
+
 EXAMPLE_TOKENS_MEMORY = os.environ.get("GLUSCOPE_WRITE_MEMORY", "4GB")
 
 # The activation-side token index (schema.sql, example_tokens), in SQL over
@@ -126,6 +130,7 @@ EXAMPLE_TOKENS = f"""
 INSERT INTO example_tokens
 WITH listed AS (
     SELECT layer, neuron, quadrant, hook AS source, rank AS place, text_id, position FROM examples
+    WHERE position IS NOT NULL  -- an import's examples that no replay located have no token
     UNION ALL
     SELECT layer, neuron, quadrant, {SAMPLE_SOURCE} + kind, interval * (SELECT n_per_interval FROM metadata) + rank,
            text_id, position
@@ -252,6 +257,8 @@ class DatabaseWriter:
         self._inserter.put(table, data)
 
     def write_metadata(self, meta: dict[str, Any]) -> None:
+        """The one metadata row; the import's columns default to RECORDED_METADATA."""
+        meta = {**RECORDED_METADATA, **meta}
         columns = [row[0] for row in self.con.execute("DESCRIBE metadata").fetchall()]
         missing = set(columns) - set(meta)
         if missing:
@@ -261,8 +268,9 @@ class DatabaseWriter:
                          [meta[c] for c in columns])
 
     def write_texts(self, source_index: np.ndarray, token_ids: Sequence[np.ndarray],
-                    text_ids: np.ndarray | None = None, sources: Sequence[str | None] | None = None) -> None:
-        """Texts with their ids (default 0..n-1; a shard's are the whole corpus's)."""
+                    text_ids: np.ndarray | None = None, sources: Sequence[str | None] | None = None,
+                    texts: Sequence[str | None] | None = None) -> None:
+        """Texts with their ids (default 0..n-1; a shard's are the whole corpus's), and an import's strings."""
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         flat = np.concatenate(token_ids).astype(np.int32) if len(token_ids) else np.zeros(0, np.int32)
         self._insert("texts", pa.table({
@@ -271,7 +279,13 @@ class DatabaseWriter:
             "source": pa.array(list(sources) if sources is not None else [None] * len(token_ids), pa.string()),
             "n_tokens": pa.array(lengths.astype(np.int32)),
             "token_ids": _list_array(flat, lengths),
+            "text": pa.array(list(texts) if texts is not None else [None] * len(token_ids), pa.string()),
         }))
+
+    def write_rows(self, table: str, columns: dict[str, Any]) -> None:
+        """Rows of any table from whole columns (NumPy arrays, Arrow arrays or lists; None is NULL), matched by
+        name: for a source other than the reducers (the paper-layout import), in (layer, neuron) order."""
+        self._insert(table, pa.table(columns))
 
     def write_vocab(self, tokens: Sequence[str], token_bytes: Sequence[bytes]) -> None:
         self._insert("vocab", pa.table({
@@ -464,6 +478,7 @@ class DatabaseWriter:
 
     def _write_distributions(self, layer: int, r: LayerStatistics, first_neuron: int = 0) -> None:
         """histograms, density, intervals and samples: only non-zero counts and filled slots."""
+        from gluscope.recorder import rules  # torch, as in _sample_windows
         n = r.histograms.shape[0]
         keys, first, counts = dense_runs(r.histograms)  # keys: (neuron, quadrant, hook index)
         self._insert("histograms", pa.table({
@@ -516,6 +531,7 @@ class DatabaseWriter:
 
     def write_histogram_bins(self) -> None:
         """The fixed bins of `histograms` and `density` (rules.py): the same in every file."""
+        from gluscope.recorder import rules  # torch, as in _sample_windows
         rows = [(axis, i, lo, hi) for axis, edges in (("value", rules.value_magnitude_edges()),
                                                        ("density", rules.density_magnitude_edges()))
                 for i, (lo, hi) in enumerate(rules.signed_bin_edges(edges))]

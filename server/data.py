@@ -100,19 +100,24 @@ def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     check_neuron(db, layer, neuron)
     t = db.neurons
     counts = t.counts[layer, neuron]
-    if counts[0] < 0:  # a neuron the recorder never wrote
+    if counts[0] == -1:  # a neuron the recorder never wrote
         raise ParameterError(404, "neuron", f"neuron {db.experts.address(layer, neuron)} is not in this database",
                              None)
     routed = None
     if t.routed is not None and db.experts.expert_at(layer, neuron) is not None:
         routed = [a[layer, neuron].tolist() for a in t.routed]
-    return neuron_summary(db, layer, neuron, counts.tolist(), bool(t.flipped[layer, neuron]),
-                          [t.geometry[name][layer, neuron] for name in GEOMETRY],
+    body = neuron_summary(db, layer, neuron, [None if c < 0 else c for c in counts.tolist()],
+                          bool(t.flipped[layer, neuron]), [t.geometry[name][layer, neuron] for name in GEOMETRY],
                           t.stat_min[layer, neuron].tolist(), t.stat_max[layer, neuron].tolist(),
                           t.stat_mean[layer, neuron].tolist(), routed)
+    if t.imported_frequency is not None:  # the layout's own numbers, where no count gives them
+        for q, quadrant in enumerate(body["quadrants"]):
+            if quadrant["count"] is None:
+                quadrant["frequency"] = _num(t.imported_frequency[layer, neuron, q])
+    return body
 
 
-def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int], flipped: bool, geometry: list,
+def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int | None], flipped: bool, geometry: list,
                    mins: list[list], maxs: list[list], means: list[list],
                    routed: list[list] | None = None) -> dict[str, Any]:
     """A neuron's summary body (responses.NeuronSummary) from its counts (QUADRANTS order), its geometry
@@ -128,17 +133,19 @@ def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int], fli
     moe = db.experts.any
     quadrants = []
     for q, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
-        count = int(counts[q])
+        count = None if counts[q] is None else int(counts[q])
         quadrants.append({
             "quadrant": label, "slug": slug, "count": count,
-            "frequency": count / tokens if tokens else None,
+            "frequency": count / tokens if tokens and count is not None else None,
             "stats": {hook: {"min": _num(mins[q][h]), "max": _num(maxs[q][h]), "mean": _num(means[q][h])}
                       for h, hook in enumerate(HOOKS)},
         })
         if moe:
             quadrants[-1]["routed"] = None if routed is None else {
                 "min": _num(routed[0][q]), "max": _num(routed[1][q]), "mean": _num(routed[2][q])}
-    weights = {"flipped": bool(flipped), **{name: _num(g) for name, g in zip(GEOMETRY, geometry)}}
+    weights = {name: _num(g) for name, g in zip(GEOMETRY, geometry)}
+    # An import without a model knows no weights: neither their geometry nor whether they were flipped.
+    weights = {"flipped": None if all(v is None for v in weights.values()) else bool(flipped), **weights}
     body = {"model": db.id, "layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), "n_tokens": n_tokens,
             "quadrants": quadrants, "weights": weights}
     if moe:
@@ -194,6 +201,7 @@ class ExampleList:
     bounds: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # interval -> (lo, hi)
     selected: int | None = None    # the one interval asked for, if any
     ref: dict[str, Any] = field(default_factory=dict)  # experts.Experts.ref: the neuron's expert and address
+    texts: dict[int, str] = field(default_factory=dict)  # the whole text of each example without a position
     not_routed: str | None = None  # an expert neuron's: what its windows' NaN tokens were ("not routed to expert 3")
 
     def __len__(self) -> int:
@@ -221,7 +229,7 @@ class ExampleList:
         """Example i without its window: rank, the value, where it is (and its interval's bounds)."""
         out = {"rank": int(self.rank[i]), "value": _num(self.value[i]), "text_id": int(self.text_id[i]),
                "source_index": int(self.source_index[i]), "source": self.source[i],
-               "position": int(self.position[i])}
+               "position": int(self.position[i]) if self.position[i] >= 0 else None}
         if self.interval is not None:
             out["interval"] = list(self.bounds[int(self.interval[i])])
         return out
@@ -229,8 +237,10 @@ class ExampleList:
     def example(self, i: int, vocab: Vocabulary) -> dict[str, Any]:
         """Example i as the API shows it: its window's tokens and all four values per token."""
         ids = self.token_ids[i].tolist()
+        at_text = self.position[i] < 0
         return {
-            **self.head(i), "window_start": int(self.window_start[i]), "token_ids": ids,
+            **self.head(i), "window_start": None if at_text else int(self.window_start[i]), "token_ids": ids,
+            **({"text": self.texts[int(self.text_id[i])]} if at_text else {}),
             "tokens": [vocab.token(t) for t in ids],
             "activations": {h: _json_floats(self.values[i, k, :len(ids)]) for k, h in enumerate(HOOKS)},
         }
@@ -299,16 +309,21 @@ def _with_windows(db: Database, found, layer: int, neuron: int, q: int, h: int, 
                   value: np.ndarray, text_id: np.ndarray, position: np.ndarray,
                   interval: np.ndarray | None = None) -> ExampleList:
     """The examples at these tokens, with their windows; one without a window (never from our recorder)
-    is left out."""
+    is left out, but for an imported example without a position (-1), which comes with its whole text."""
     wanted = window_key(text_id, position)
     at = np.searchsorted(found.window_key, wanted)
     has_window = at < len(found.window_key)
     has_window[has_window] = found.window_key[at[has_window]] == wanted[has_window]
+    at_text = position < 0
+    at = np.where(has_window, np.minimum(at, len(found.window_key) - 1), -1)
+    has_window |= at_text
     at = at[has_window]
     w = found.windows
-    lengths = w["length"][at]
-    values = window_values(found.x_gate, found.x_in, w["start"][at], lengths, str(db.meta["act_fn"]))
-    text_id, window_start = text_id[has_window].astype(np.int64), w["window_start"][at].astype(np.int64)
+    lengths = np.where(at >= 0, w["length"][at] if len(w["length"]) else 0, 0)
+    values = window_values(found.x_gate, found.x_in, np.where(at >= 0, w["start"][at] if len(w["start"]) else 0, 0),
+                           lengths, str(db.meta["act_fn"]))
+    text_id = text_id[has_window].astype(np.int64)
+    window_start = np.where(at >= 0, w["window_start"][at] if len(w["window_start"]) else -1, -1).astype(np.int64)
     token_ids = [db.texts.token_ids(t, s, s + n) for t, s, n in zip(text_id.tolist(), window_start.tolist(),
                                                                      lengths.tolist())]
     return ExampleList(model=db.id, layer=layer, neuron=neuron, quadrant=q, hook=h, rank=rank[has_window],
@@ -316,7 +331,17 @@ def _with_windows(db: Database, found, layer: int, neuron: int, q: int, h: int, 
                        source=[db.texts.source[t] for t in text_id.tolist()],
                        position=position[has_window].astype(np.int64), window_start=window_start,
                        token_ids=token_ids, values=values,
-                       interval=None if interval is None else interval[has_window])
+                       interval=None if interval is None else interval[has_window],
+                       texts=whole_texts(db, text_id[at_text[has_window]]))
+
+
+def whole_texts(db: Database, text_ids: np.ndarray) -> dict[int, str]:
+    """Each text as its dataset gave it (texts.text, an import's), else decoded from its tokens after the BOS."""
+    if not len(text_ids):
+        return {}
+    stored = dict(db.query(queries.TEXT_STRINGS, {"text_ids": sorted(set(text_ids.tolist()))}))
+    return {t: stored[t] if stored.get(t) is not None else db.vocab.decode(db.texts.token_ids(t, start=1))
+            for t in stored}
 
 
 def histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:

@@ -65,8 +65,8 @@ class Texts:
 class NeuronTable:
     """The neurons and value_stats tables as arrays indexed [layer, neuron, ...]; NaN/-1 where a row is missing."""
 
-    counts: np.ndarray    # [L, N, 4] int64, -1 where the neuron has no row
-    flipped: np.ndarray   # [L, N] bool
+    counts: np.ndarray    # [L, N, 4] int64, -1 where the neuron has no row, -2 where its count is NULL (an import's)
+    flipped: np.ndarray   # [L, N] bool (False where NULL: an import without weights, whose geometry is NaN)
     geometry: dict[str, np.ndarray]  # name -> [L, N] float32
     stat_min: np.ndarray  # [L, N, 4, 4] float32 (quadrant, hook)
     stat_max: np.ndarray  # [L, N, 4, 4] float32
@@ -74,6 +74,8 @@ class NeuronTable:
     # routed_values (expert neurons only: router weight x hook_post) as [L, N, 4] min, max, mean; None in a
     # file without experts.
     routed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # imported_frequencies as [L, N, 4] float32, NaN where no row; None in a recording (it has no rows).
+    imported_frequency: np.ndarray | None = None
 
     @classmethod
     def load(cls, con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int, moe: bool = False) -> "NeuronTable":
@@ -82,13 +84,13 @@ class NeuronTable:
         li, ni = n["layer"][ok].astype(np.int64), n["neuron"][ok].astype(np.int64)
         counts = np.full((n_layers, d_mlp, 4), -1, np.int64)
         for q, column in enumerate(COUNT_COLUMNS):
-            counts[li, ni, q] = n[column][ok]
+            counts[li, ni, q] = np.ma.filled(np.ma.asarray(n[column]), -2)[ok]
         flipped = np.zeros((n_layers, d_mlp), bool)
-        flipped[li, ni] = n["flipped"][ok]
+        flipped[li, ni] = np.ma.filled(np.ma.asarray(n["flipped"]), False)[ok]
         geometry = {}
         for name in GEOMETRY:
             geometry[name] = np.full((n_layers, d_mlp), np.nan, np.float32)
-            geometry[name][li, ni] = n[name][ok]
+            geometry[name][li, ni] = np.ma.filled(np.ma.asarray(n[name]).astype(np.float32), np.nan)[ok]
         s = con.execute(queries.VALUE_STATS).fetchnumpy()
         ok = ((s["layer"] >= 0) & (s["layer"] < n_layers) & (s["neuron"] >= 0) & (s["neuron"] < d_mlp)
               & (s["quadrant"] >= 0) & (s["quadrant"] < 4) & (s["hook"] >= 0) & (s["hook"] < 4))
@@ -100,7 +102,8 @@ class NeuronTable:
             a[at] = values.filled(np.nan) if np.ma.isMaskedArray(values) else values
             arrays.append(a)
         routed = _load_routed_values(con, n_layers, d_mlp) if moe else None
-        return cls(counts, flipped, geometry, *arrays, routed=routed)
+        return cls(counts, flipped, geometry, *arrays, routed=routed,
+                   imported_frequency=_load_imported_frequencies(con, n_layers, d_mlp))
 
 
 def _load_routed_values(con: duckdb.DuckDBPyConnection, n_layers: int,
@@ -116,6 +119,18 @@ def _load_routed_values(con: duckdb.DuckDBPyConnection, n_layers: int,
         out.append(a)
     return out[0], out[1], out[2]
 
+
+
+def _load_imported_frequencies(con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int) -> np.ndarray | None:
+    """imported_frequencies as [layers, neurons, quadrants] float32, NaN where no row; None where it is empty."""
+    f = con.execute(queries.IMPORTED_FREQUENCIES).fetchnumpy()
+    if not len(f["frequency"]):
+        return None
+    at = tuple(np.asarray(np.ma.getdata(f[c]), np.int64) for c in ("layer", "neuron", "quadrant"))
+    ok = np.all([(a >= 0) & (a < n) for a, n in zip(at, (n_layers, d_mlp, len(QUADRANTS)))], axis=0)
+    out = np.full((n_layers, d_mlp, len(QUADRANTS)), np.nan, np.float32)
+    out[tuple(a[ok] for a in at)] = np.asarray(np.ma.getdata(f["frequency"]), np.float32)[ok]
+    return out
 
 
 class LRUCache:

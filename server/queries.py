@@ -47,12 +47,15 @@ TEXT_TOKENS = "SELECT unnest(token_ids) AS token_id FROM texts"
 NEURONS = f"SELECT layer, neuron, {NEURON_COLUMNS} FROM neurons"
 
 VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_stats"
+# An import's frequencies as its layout states them (empty in a recording), loaded beside the neurons.
+IMPORTED_FREQUENCIES = "SELECT layer, neuron, quadrant, frequency FROM imported_frequencies"
 # What expert neurons add to the residual stream (router weight x hook_post), loaded beside value_stats.
 ROUTED_VALUES = "SELECT layer, neuron, quadrant, min, max, mean FROM routed_values"
 # The value of each top list's first example: within a quadrant every value of a hook has one sign, so the
-# extreme is max or min, whichever is larger in magnitude (as rank 0 is the largest |value|).
+# extreme is max or min, whichever is larger in magnitude (as rank 0 is the largest |value|); an import knows
+# only the extreme, the other is NULL.
 LIST_EXTREMES = """
-SELECT layer, neuron, quadrant, hook, CASE WHEN abs(max) >= abs(min) THEN max ELSE min END AS extreme
+SELECT layer, neuron, quadrant, hook, CASE WHEN abs(max) >= abs(min) OR min IS NULL THEN max ELSE min END AS extreme
 FROM value_stats
 """
 
@@ -70,7 +73,7 @@ def _examples_part(sample_columns: bool) -> str:
     # lists' statement reads and converts no more than before.
     extra, nulls = (", NULL::FLOAT AS s_gate, NULL::FLOAT AS s_in", ", NULL, NULL") if sample_columns else ("", "")
     return f"""
-SELECT 0::TINYINT AS part, quadrant, hook, rank, value, text_id, position,
+SELECT 0::TINYINT AS part, quadrant, hook, rank, value, text_id, coalesce(position, -1)::SMALLINT AS position,
        NULL::INTEGER AS window_start, NULL::SMALLINT AS x_gate, NULL::SMALLINT AS x_in{extra}
 FROM examples
 WHERE layer = $1 AND neuron = $2
@@ -132,6 +135,9 @@ FROM weight_tokens
 WHERE layer = $layer AND neuron = $neuron
 ORDER BY kind, rank
 """
+
+# The texts of an import's examples without a position, as its dataset gave them (NULL: decode the token ids).
+TEXT_STRINGS = "SELECT text_id, text FROM texts WHERE list_contains($text_ids, text_id)"
 
 # Mean frequency of each quadrant per layer, for the model page, and the paper's §5.1 analysis: the Pearson
 # correlation, across the layer's neurons, between the frequency of x_gate > 0 and cos(w_in, w_out).

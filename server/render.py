@@ -283,13 +283,19 @@ def examples_context(found: ExampleList, vocab: Vocabulary, colour_by: str, comp
     page, complete without JavaScript.
     """
     scales = found.scales()
-    if compact:
-        spans = token_spans(vocab)
-        rows = [{**found.head(i), "snippet": compact_snippet(found, i, spans)} for i in range(len(found))]
-    else:
-        rows = [found.example(i, vocab) for i in range(len(found))]
-        for ex in rows:
+    spans = token_spans(vocab) if compact else []
+    rows = []
+    for i in range(len(found)):
+        if found.position[i] < 0:  # an imported example: the text is known, its token is not
+            ex = found.head(i)
+            ex["snippet"] = Markup('<div class="snippet whole-text">{}</div>').format(
+                found.texts[int(found.text_id[i])])
+        elif compact:
+            ex = {**found.head(i), "snippet": compact_snippet(found, i, spans)}
+        else:
+            ex = found.example(i, vocab)
             ex["snippet"] = snippet(ex, found.quadrant, colour_by, scales[colour_by], found.not_routed)
+        rows.append(ex)
     return {"data": found.describe(), "examples": rows, "scales": scales, "colour_by": colour_by,
             "not_routed": found.not_routed}
 

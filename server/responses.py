@@ -62,7 +62,7 @@ class ModelInfo(Body):
     architecture: str
     act_fn: str
     n_layers: int
-    d_model: int
+    d_model: int | None
     d_mlp: int
     vocab_size: int
     dtype: str
@@ -82,6 +82,14 @@ class ModelInfo(Body):
     created_at: str = Field(description="ISO 8601")
     tool_version: str
     schema_version: int
+    imported_from: str | None = Field(description="null: recorded by GLUScope; else the paper's layout and the "
+                                      "folders it was imported from (no windows, samples or distributions; "
+                                      "examples without positions unless located_with)")
+    bos_counted: bool = Field(description="true (an import of the original's numbers): frequencies, means and "
+                              "top lists count the BOS position, and n_tokens includes it")
+    located_with: str | None = Field(description="an import's: the model that replayed the texts to locate the "
+                                     "examples' tokens")
+    examples_located: int | None = Field(description="how many examples that replay located")
     file: str
 
 
@@ -146,9 +154,10 @@ HookStats = create_model("HookStats", __base__=Body, **{h: (Stat, ...) for h in 
 class QuadrantSummary(Body):
     quadrant: QuadrantLabel
     slug: QuadrantSlug
-    count: int
+    count: int | None = Field(description="null: not known (an import whose frequencies give no exact count)")
     frequency: float | None = Field(description="count / the tokens the neuron's statistics are over (an expert "
-                                                "neuron's: those routed to its expert)")
+                                                "neuron's: those routed to its expert); an import without counts: "
+                                                "the layout's own frequency (over n_tokens)")
     stats: HookStats = Field(description="min, max and mean of each value over the quadrant's tokens (null if none)")
     routed: Stat | None = Field(None, description="a file with experts: router weight × hook_post over the "
                                 "quadrant's tokens, what an expert neuron adds to the residual stream along w_out "
@@ -173,7 +182,7 @@ class NeuronRouter(ExpertSummary, LayerRouter):
     """The expert of an expert neuron, and its layer's router."""
 
 
-Geometry = create_model("Geometry", __base__=Body, flipped=(bool, ...),
+Geometry = create_model("Geometry", __base__=Body, flipped=(bool | None, ...),
                         **{name: (float | None, ...) for name in GEOMETRY})  # type: ignore[call-overload]
 
 
@@ -275,8 +284,10 @@ class Example(Body):
     text_id: int
     source_index: int = Field(description="row in the source dataset")
     source: str | None = Field(description="where the text came from, when the dataset says (a path, a URL)")
-    position: int = Field(description="the token of interest")
-    window_start: int
+    position: int | None = Field(description="the token of interest; null: not known (an imported example: "
+                                 "the layout keeps the text, not the token)")
+    window_start: int | None
+    text: str | None = Field(None, description="where position is null: the whole text, as its dataset gives it")
     token_ids: list[int]
     tokens: list[str]
     activations: Activations = Field(description="each value at every token of the window")

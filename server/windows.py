@@ -15,7 +15,7 @@ import numpy as np
 from gluscope.server.activations import activation
 from gluscope.server.db import Database
 
-EXAMPLE_COLUMNS = ("quadrant", "hook", "rank", "value", "text_id", "position")
+EXAMPLE_COLUMNS = ("quadrant", "hook", "rank", "value", "text_id", "position")  # position -1: not known (an import)
 WINDOW_COLUMNS = ("text_id", "position", "window_start")
 SAMPLE_COLUMNS = ("quadrant", "kind", "interval", "rank", "text_id", "position", "x_gate", "x_in", "act", "hook_post")
 
