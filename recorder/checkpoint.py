@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 import zipfile
 import contextlib
@@ -162,17 +163,22 @@ def _signals_held():
     zipfile marks a member open before it hands back the member's writer; an interrupt between the two leaves the
     archive unclosable, and closing it on the way out replaces the KeyboardInterrupt with a ValueError (a traceback
     and exit status 1 instead of the one-line interrupt). Held per member, an interrupt still ends a long
-    checkpoint within one array's write.
+    checkpoint within one array's write. Held by Python's handlers, not the thread's signal mask: any other thread
+    (torch's workers) takes a signal the main thread blocks, and Python then runs its handler in the main thread.
     """
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread only: none can interrupt this one
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)  # to the handler it was meant for, now that the archive is whole
 
 
 def _put(z: zipfile.ZipFile, name: str, value) -> None:
