@@ -319,11 +319,17 @@ def _with_windows(db: Database, found, layer: int, neuron: int, q: int, h: int, 
     has_window |= at_text
     at = at[has_window]
     w = found.windows
-    lengths = np.where(at >= 0, w["length"][at] if len(w["length"]) else 0, 0)
-    values = window_values(found.x_gate, found.x_in, np.where(at >= 0, w["start"][at] if len(w["start"]) else 0, 0),
-                           lengths, str(db.meta["act_fn"]))
+
+    def per_example(column: str, missing: int) -> np.ndarray:
+        """w[column] of each example's window; `missing` for an example at text level (at -1: no window)."""
+        if not len(w[column]):
+            return np.full(len(at), missing, np.int64)
+        return np.where(at >= 0, w[column][np.maximum(at, 0)], missing)
+
+    lengths = per_example("length", 0)
+    values = window_values(found.x_gate, found.x_in, per_example("start", 0), lengths, str(db.meta["act_fn"]))
     text_id = text_id[has_window].astype(np.int64)
-    window_start = np.where(at >= 0, w["window_start"][at] if len(w["window_start"]) else -1, -1).astype(np.int64)
+    window_start = per_example("window_start", -1).astype(np.int64)
     token_ids = [db.texts.token_ids(t, s, s + n) for t, s, n in zip(text_id.tolist(), window_start.tolist(),
                                                                      lengths.tolist())]
     return ExampleList(model=db.id, layer=layer, neuron=neuron, quadrant=q, hook=h, rank=rank[has_window],
