@@ -12,16 +12,17 @@ end it (a second bridge around a copy of the weights, since the recorder's
 hooks stay on its own modules for the whole loop). Meanwhile wrappers set up
 here (the recorder itself is unchanged) time the parts of the recorder's
 batch work, outside the calibration passes: the experts hooks as a whole,
-RouterStats.route, routed_activations (each expert's x_gate and x_in), the
-reducers' update calls (with act(x_gate) inside them) and
-RouterStats.contribute.
+RouterStats.route, routed_activations (each expert's x_gate and x_in) and the
+reducers' update calls (with act(x_gate) inside them, and each unit's
+router-weighted hook_post, which the kernel folds in the same pass).
 
 After the run, two experts of the middle layer (the median and the busiest
 by tokens routed to them in the last batch) have their reducer, copied in
 its state after the last batch, handed that batch again three ways: as the
 recorder hands it (its routed rows and a row map), spread to [B, T, d] with
 NaN at the tokens routed elsewhere (as the recorder did before 38980b9), and
-spread with every row a real value, to see what rows cost the kernel.
+spread with every row a real value, to see what rows cost the kernel (each
+with its router weights, into copies of the routed values).
 
 With --dense-arch (default olmo2; `none` skips it) the same measurement runs
 for a dense model with d_mlp = top_k x d_expert, the neurons a token passes
@@ -59,7 +60,7 @@ import gluscope.recorder.record as rec  # noqa: E402
 from gluscope.recorder import rules  # noqa: E402
 from gluscope.recorder.kernel_reducer import ActBuffer  # noqa: E402
 from gluscope.recorder.model import GatedModel, load_model  # noqa: E402
-from gluscope.recorder.reducer_interface import Batch  # noqa: E402
+from gluscope.recorder.reducer_interface import Batch, Contribution  # noqa: E402
 from gluscope.recorder.routing import RouterStats  # noqa: E402
 from tests.tiny_models import make_config  # noqa: E402
 
@@ -112,7 +113,7 @@ def timed_parts(model: GatedModel, parts: Parts, reducers: list, keep: range) ->
             update = parts.wrap("update", reducer.update)
             if i in keep:
                 def update(*a, reducer=reducer, update=update):
-                    reducer.last = a  # (x_gate, x_in, batch, rows)
+                    reducer.last = a  # (x_gate, x_in, batch, rows, contribution)
                     update(*a)
             reducer.update = update
         reducers[:] = made
@@ -135,8 +136,7 @@ def timed_parts(model: GatedModel, parts: Parts, reducers: list, keep: range) ->
         stack.enter_context(patched(rec, "_hooks", hooks))
         stack.enter_context(patched(ActBuffer, "act", parts.wrap("act", ActBuffer.act)))
         if model.layouts is not None:
-            for obj, name, label in ((capture, "routed_activations", "routed"), (RouterStats, "route", "route"),
-                                     (RouterStats, "contribute", "contribute")):
+            for obj, name, label in ((capture, "routed_activations", "routed"), (RouterStats, "route", "route")):
                 stack.enter_context(patched(obj, name, parts.wrap(label, getattr(obj, name))))
             for layout in model.layouts:  # every experts hook, timed whole (its StopAtLayerException included)
                 register = layout.experts.register_forward_pre_hook
@@ -186,13 +186,11 @@ def breakdown(label: str, m: Measured, parts: Parts, idle_s: float, moe: bool) -
         rows += [("    RouterStats.route", s["route"], f"{parts.calls['route']} calls"),
                  ("    routed_activations (x_gate, x_in)", s["routed"], f"{parts.calls['routed']} calls")]
     rows += [("    reducers' update: act(x_gate)", s["act"], f"{parts.calls['act']} calls"),
-             ("    reducers' update: the kernel", kernel,
+             ("    reducers' update: the kernel" + (" (+ routed values)" if moe else ""), kernel,
               f"{parts.calls['update']} calls, {1e3 * kernel / max(parts.calls['update'], 1):.2f} ms each")]
-    if moe:
-        rows += [("    RouterStats.contribute", s["contribute"], f"{parts.calls['contribute']} calls")]
-    named = sum(s[k] for k in ("route", "routed", "update", "contribute"))
+    named = sum(s[k] for k in ("route", "routed", "update"))
     rows += [("    the rest of the hooks", s["hooks"] - named,
-              "row maps, contribute's inputs, indexing, Python" if moe else "Python"),
+              "row maps, router weights per row, indexing, Python" if moe else "Python"),
              ("  the rest (recorder - hooks)", m.recorder_s - s["hooks"], "the forward within the recording")]
     print(f"\n{label}: where the recorder's batch time went ({m.batches} batches, calibration not included)")
     print(f"{'':48s} {'s':>7s} {'ms/batch':>9s} {'/ forward':>9s}")
@@ -201,22 +199,25 @@ def breakdown(label: str, m: Measured, parts: Parts, idle_s: float, moe: bool) -
 
 
 def rows_cost(reducer, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None,
-              repeats: int) -> float:
-    """Median seconds of one update on a fresh copy of `reducer`'s state."""
+              contribution: Contribution, weight: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one update on a fresh copy of `reducer`'s state, its routed values into copies of
+    `contribution`'s, with `weight` per row."""
     times = []
     for _ in range(repeats):
-        fresh = copy.copy(reducer)
-        fresh.arrays = {name: a.copy() for name, a in reducer.arrays.items()}
+        fresh = type(reducer)(reducer.setup, reducer.buffer)
+        fresh.load_state(reducer.state())
+        values = Contribution(weight, contribution.value_min.clone(), contribution.value_max.clone(),
+                              contribution.value_sum.clone(), contribution.value_count.clone())
         t = time.perf_counter()
         with torch.inference_mode():  # as in the recording (its act buffer is an inference tensor)
-            type(reducer).update(fresh, x_gate, x_in, batch, rows)
+            fresh.update(x_gate, x_in, batch, rows, values)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def rows_compared(reducer, repeats: int) -> None:
     """One expert's update on its last batch: as recorded, spread to [B, T, d] with NaN, spread with real rows."""
-    x_gate, x_in, batch, rows = reducer.last
+    x_gate, x_in, batch, rows, contribution = reducer.last
     B, T = batch.valid.shape
     R, d = x_gate.shape
     if R == 0:
@@ -224,19 +225,22 @@ def rows_compared(reducer, repeats: int) -> None:
     at = rows >= 0
     nan_gate, nan_in = (torch.full((B * T, d), float("nan")) for _ in range(2))
     nan_gate[at], nan_in[at] = x_gate[rows[at]], x_in[rows[at]]
+    weight = torch.zeros(B * T)
+    weight[at] = contribution.weight[rows[at]]
     # Every row real: the rows routed elsewhere filled with its routed rows drawn at random.
     fill = torch.randint(0, R, (int((~at).sum()),), generator=torch.Generator().manual_seed(0))
-    real_gate, real_in = nan_gate.clone(), nan_in.clone()
-    real_gate[~at], real_in[~at] = x_gate[fill], x_in[fill]
-    cases = [(f"as recorded: its {R} rows and a row map", x_gate, x_in, rows, R),
+    real_gate, real_in, real_weight = nan_gate.clone(), nan_in.clone(), weight.clone()
+    real_gate[~at], real_in[~at], real_weight[~at] = x_gate[fill], x_in[fill], contribution.weight[fill]
+    cases = [(f"as recorded: its {R} rows and a row map", x_gate, x_in, rows, contribution.weight, R),
              ("spread to [B, T, d], NaN where routed elsewhere", nan_gate.view(B, T, d), nan_in.view(B, T, d), None,
-              B * T),
-             ("spread to [B, T, d], every row real", real_gate.view(B, T, d), real_in.view(B, T, d), None, B * T)]
+              weight, B * T),
+             ("spread to [B, T, d], every row real", real_gate.view(B, T, d), real_in.view(B, T, d), None,
+              real_weight, B * T)]
     print(f"\none expert's update (layer {reducer.setup.layer}, neurons from {reducer.setup.first_neuron}) on the "
           f"last batch, {R} of {B * T} tokens routed to it; median of {repeats}, each on a copy of its state:")
     base = None
-    for name, g, i, r, n_rows in cases:
-        sec = rows_cost(reducer, g, i, batch, r, repeats)
+    for name, g, i, r, w, n_rows in cases:
+        sec = rows_cost(reducer, g, i, batch, r, contribution, w, repeats)
         base = base or sec
         print(f"  {name:52s} {1e3 * sec:7.2f} ms  {1e6 * sec / n_rows:6.2f} us/row  {sec / base:5.2f} of as recorded")
 

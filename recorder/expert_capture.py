@@ -29,15 +29,15 @@ def units_of(layouts: Sequence[LayerLayout]) -> list[tuple[int, Unit]]:
 
 @contextmanager
 def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, int], LayerReducer], current: dict,
-                 act_fn: Callable[..., torch.Tensor], signs: Sequence[torch.Tensor] | None = None,
                  stats: Sequence[RouterStats | None] | None = None) -> Iterator[None]:
     """Hooks on the layers' modules while the model runs: reducers[(layer, unit.first_neuron)] gets that unit's
     activations (units without a reducer, another part's, are not computed).
 
     current["batch"] is the pass's Batch and current["tokens"] its token ids [B, T]. With `stats` (per layer;
-    None for a dense layer or one not recorded) the router's choices and the units' routed contributions are
-    folded too, with the weight convention `signs` (per layer, [n]). After the last layer recorded, the pass
-    stops (StopAtLayerException, which the bridge's run_with_hooks catches).
+    None for a dense layer or one not recorded) the router's choices are folded too, and each unit's reducer
+    folds its routed contribution (reducer_interface.Contribution) in its own pass. After the last layer
+    recorded, the pass stops (StopAtLayerException, which the bridge's run_with_hooks catches). Each reducer
+    applies its own activation function and weight convention (LayerSetup).
     """
     stats = stats or [None] * len(layouts)
     used = [layer for layer in range(len(layouts))
@@ -63,7 +63,6 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
             hidden, index, weights = params[:3]
             batch = current["batch"]
             B, T = batch.valid.shape
-            valid = batch.valid.reshape(-1)
             layer_stats = stats[layer]
             if layer_stats is not None:
                 layer_stats.route(index, weights, batch, current["tokens"])
@@ -71,11 +70,11 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
             for unit, (rows, slots, x_gate, x_in) in zip(mine, routed):
                 row_map = torch.full((B * T,), -1, dtype=torch.int64, device=rows.device)
                 row_map[rows] = torch.arange(len(rows), device=rows.device)
-                reducers[(layer, unit.first_neuron)].update(x_gate, x_in, batch, row_map)
-                if layer_stats is not None and rows.numel():
-                    sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
-                    layer_stats.contribute(unit.first_neuron, x_gate.float(), x_in.float() * sign,
-                                           act_fn(x_gate.float()), weights[rows, slots], valid[rows])
+                reducer = reducers[(layer, unit.first_neuron)]
+                if layer_stats is None:
+                    reducer.update(x_gate, x_in, batch, row_map)
+                else:
+                    reducer.update(x_gate, x_in, batch, row_map, layer_stats.contribution(unit, weights[rows, slots]))
             finished(layer)
         return hook
 
@@ -91,18 +90,17 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
                 batch = current["batch"]
                 B, T = batch.valid.shape
                 x = x.reshape(B * T, -1)
-                x_gate = module.gate_proj(x).float()
-                x_in = module.up_proj(x).float()
-                reducer.update(x_gate.view(B, T, -1), x_in.view(B, T, -1), batch)
+                x_gate = module.gate_proj(x).float().view(B, T, -1)
+                x_in = module.up_proj(x).float().view(B, T, -1)
                 layer_stats = stats[layer]
-                if layer_stats is not None:
+                if layer_stats is None:
+                    reducer.update(x_gate, x_in, batch)
+                else:
                     gate = layout.shared_gate
                     weight = (torch.sigmoid(gate(x).float()).reshape(-1) if gate is not None
                               else x_gate.new_ones(B * T))
                     layer_stats.direct_weights(index, weight, batch)
-                    sign = signs[layer][unit.first_neuron:unit.first_neuron + unit.n_neurons]
-                    layer_stats.contribute(unit.first_neuron, x_gate, x_in * sign, act_fn(x_gate), weight,
-                                           batch.valid.reshape(-1))
+                    reducer.update(x_gate, x_in, batch, None, layer_stats.contribution(unit, weight))
             finished(layer)
         return hook
 

@@ -37,7 +37,8 @@ import torch
 
 from gluscope.cache import cache_dir
 from gluscope.recorder import rules
-from gluscope.recorder.reducer_interface import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
+from gluscope.recorder.reducer_interface import (Batch, Contribution, LayerSetup, ReducedLayer, checked_state,
+                                                finish_layer)
 from gluscope.recorder.writer import LayerStatistics
 
 log = logging.getLogger("gluscope.record")
@@ -50,7 +51,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")
 
-_f32, _i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+_f32, _f64, _i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)
 
 # The layer's state, which the kernel updates in place: (name, C type, shape, initial value). Dimensions: n
 # neurons, Q = 4 quadrants, L = 16 lists, k examples per list, W window slots. Names that ReducedLayer also has
@@ -93,36 +94,34 @@ class ReduceArgs(ctypes.Structure):
 
     _fields_ = [
         ("x_gate", _f32), ("x_in", _f32), ("act", _f32),   # [B, T, n]; x_in before the weight convention
+        ("gate_stride", ctypes.c_int64), ("in_stride", ctypes.c_int64),  # floats between rows of x_gate, x_in
         ("sign", _f32),                                     # [n] the weight convention
         ("bounds", _f32),                                   # [n, Q, 3] the interval bounds
         ("lengths", _i64), ("text_ids", _i64),              # [B]
         ("row_map", _i64),                                  # [B * T] an expert's compact rows (-1: routed elsewhere), or null
+        ("weight", _f32),                                   # [rows] router weight of each row of x_gate, or null
         ("batch", ctypes.c_int64), ("seq_len", ctypes.c_int64), ("n", ctypes.c_int64),
         ("before", ctypes.c_int64), ("after", ctypes.c_int64), ("k", ctypes.c_int64), ("window", ctypes.c_int64),
         ("seed", ctypes.c_int64), ("layer", ctypes.c_int64), ("first_neuron", ctypes.c_int64),
         ("parts", ctypes.c_int32),
         *((name, ctypes.POINTER(ctype)) for name, ctype, _, _ in STATE),
+        # With weight: the unit's [n, Q] slices of its layer's router-weighted hook_post (reducer_interface.Contribution).
+        ("weighted_min", _f32), ("weighted_max", _f32), ("weighted_sum", _f64), ("weighted_count", _i64),
         ("n_threads", ctypes.c_int32),
     ]
-    INPUTS = ("x_gate", "x_in", "act", "sign", "bounds", "lengths", "text_ids", "row_map")
+    INPUTS = ("x_gate", "x_in", "act", "sign", "bounds", "lengths", "text_ids", "row_map", "weight")
+    ROWS = ("x_gate", "x_in")  # rows with a stride of their own: only their columns need be contiguous
 
-    @classmethod
-    def of(cls, **values) -> "ReduceArgs":
-        """Arrays and tensors become pointers, after a check of their dtype and memory order."""
-        args = cls()
-        for name, ctype in cls._fields_:
-            value = values.pop(name)
-            if value is None and issubclass(ctype, ctypes._Pointer):
-                continue  # a null pointer: an optional input left out
+    def set(self, **values) -> None:
+        """Set these fields. Arrays and tensors become pointers, after a check of their dtype and memory order;
+        None is a null pointer (an optional input left out)."""
+        for name, value in values.items():
+            ctype = _field_types().get(name)
+            if ctype is None:
+                raise TypeError(f"ReduceArgs has no field {name}")
             if issubclass(ctype, ctypes._Pointer):
-                array = value.numpy() if isinstance(value, torch.Tensor) else value
-                if array.dtype != np.dtype(ctype._type_) or not array.flags.c_contiguous:
-                    raise TypeError(f"{name}: want a C-contiguous {np.dtype(ctype._type_)} array, got {array.dtype}")
-                value = ctypes.cast(array.ctypes.data, ctype)
-            setattr(args, name, value)
-        if values:
-            raise TypeError(f"ReduceArgs has no fields {sorted(values)}")
-        return args
+                value = ctype() if value is None else _pointer(name, value, ctype)
+            setattr(self, name, value)
 
     @classmethod
     def c_declaration(cls) -> str:
@@ -147,6 +146,27 @@ class ReduceArgs(ctypes.Structure):
     def layout(cls) -> tuple[int, list[int]]:
         """(sizeof, offset of each field) as ctypes lays the struct out."""
         return ctypes.sizeof(cls), [getattr(cls, name).offset for name, _ in cls._fields_]
+
+
+@cache
+def _field_types() -> dict[str, type]:
+    return dict(ReduceArgs._fields_)
+
+
+@cache
+def _dtype(ctype: type) -> np.dtype:
+    return np.dtype(ctype)
+
+
+def _pointer(name: str, value: np.ndarray | torch.Tensor, pointer: type) -> ctypes._Pointer:
+    array = value.numpy() if isinstance(value, torch.Tensor) else value
+    dtype = _dtype(pointer._type_)
+    rows = name in ReduceArgs.ROWS
+    laid_out = array.flags.c_contiguous or rows and array.strides[-1:] == (dtype.itemsize,)
+    if array.dtype != dtype or not laid_out:
+        raise TypeError(f"{name}: want a {'column' if rows else 'C'}-contiguous {dtype} array, got "
+                        f"{array.dtype} strides {array.strides}")
+    return ctypes.cast(array.ctypes.data, pointer)
 
 
 def kernel_header() -> str:
@@ -263,6 +283,11 @@ class KernelReducer:
         self.arrays["top_slot"][:] = np.arange(setup.k, dtype=np.int32)
         self.arrays["samp_slot"][:] = np.arange(rules.SAMPLE_SLOTS, dtype=np.int32)
         self.bounds = setup.interval_bounds
+        # The fields no call changes, set once (load_state writes the arrays in place); each update sets the rest.
+        self.args = ReduceArgs()
+        self.args.set(sign=self.sign, bounds=self.bounds, before=setup.before, after=setup.after, k=setup.k,
+                      window=setup.window, seed=setup.seed, layer=setup.layer, first_neuron=setup.first_neuron,
+                      **self.arrays)
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self.arrays)
@@ -272,18 +297,17 @@ class KernelReducer:
             # In place: the arrays' memory is what the kernel is handed.
             self.arrays[name][...] = checked_state(state, name, self.arrays[name])
 
-    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> None:
-        x_gate, x_in = _contiguous_f32(x_gate), _contiguous_f32(x_in)
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
+               contribution: Contribution | None = None) -> None:
+        x_gate, x_in = _float_rows(x_gate), _float_rows(x_in)
         B, T = batch.valid.shape
         n = x_gate.shape[-1]
-        args = ReduceArgs.of(
-            x_gate=x_gate, x_in=x_in, act=self.buffer.act(self.setup.act_fn, x_gate), sign=self.sign,
-            lengths=batch.lengths, text_ids=batch.text_ids,
-            row_map=None if rows is None else rows.to(torch.int64).contiguous().numpy(), batch=B, seq_len=T, n=n,
-            before=self.setup.before, after=self.setup.after, k=self.setup.k, window=self.setup.window,
-            bounds=self.bounds, seed=self.setup.seed, layer=self.setup.layer, first_neuron=self.setup.first_neuron,
-            parts=self.parts, n_threads=torch.get_num_threads(), **self.arrays)
-        load_kernel().gluscope_reduce_update(ctypes.byref(args))
+        self.args.set(
+            x_gate=x_gate, x_in=x_in, gate_stride=x_gate.stride(0), in_stride=x_in.stride(0),
+            act=self.buffer.act(self.setup.act_fn, x_gate), lengths=batch.lengths,
+            text_ids=batch.text_ids, row_map=None if rows is None else rows.to(torch.int64).contiguous().numpy(),
+            batch=B, seq_len=T, n=n, parts=self.parts, n_threads=torch.get_num_threads(), **_weighted(contribution))
+        load_kernel().gluscope_reduce_update(ctypes.byref(self.args))
 
     def finish(self) -> LayerStatistics:
         state = self.arrays
@@ -298,6 +322,24 @@ class KernelReducer:
                       samp_win_gate=by_entry(state["samp_win_gate"], state["samp_slot"]),
                       samp_win_in=by_entry(state["samp_win_in"], state["samp_slot"]))
         return finish_layer(ReducedLayer(**handed), self.setup)
+
+
+def _weighted(contribution: Contribution | None) -> dict[str, torch.Tensor | None]:
+    """ReduceArgs' weight and weighted_* fields: the kernel writes the running values in place."""
+    if contribution is None:
+        return dict(weight=None, weighted_min=None, weighted_max=None, weighted_sum=None, weighted_count=None)
+    return dict(weight=_contiguous_f32(contribution.weight), weighted_min=contribution.value_min,
+                weighted_max=contribution.value_max, weighted_sum=contribution.value_sum,
+                weighted_count=contribution.value_count)
+
+
+def _float_rows(t: torch.Tensor) -> torch.Tensor:
+    """float32 [rows, n] of unit column stride: a view of t where it is one (an expert's x_gate and x_in are column
+    halves of one product, which the kernel reads in place instead of copying)."""
+    if t.device.type != "cpu":
+        raise ValueError("the CPU kernel takes CPU tensors")
+    rows = t.detach().to(torch.float32).reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _contiguous_f32(t: torch.Tensor) -> torch.Tensor:

@@ -129,8 +129,7 @@ def record(model: GatedModel, corpus: Corpus, out: Path, *, dataset: str, batch_
                      time.perf_counter() - began)
 
     started = time.perf_counter()
-    _run(model, corpus, batches, reducers, progress, first, after_batch, routers=routers,
-         signs=[w.sign for w in weights], units=units)
+    _run(model, corpus, batches, reducers, progress, first, after_batch, routers=routers, units=units)
     elapsed = time.perf_counter() - started
     log.info("recorded %d tokens in %.1f s (%.0f tokens/s, %s reduction)", n_counted, elapsed,
              n_counted / max(elapsed, 1e-9), kind)
@@ -265,9 +264,9 @@ def _progress(total_tokens: int, enabled: bool, initial: int = 0, desc: str = "r
 def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers: list[LayerReducer],
          progress: bool, first: int = 0, after_batch: Callable[[int, int], None] | None = None,
          desc: str = "recording", routers: list[RouterStats | None] | None = None,
-         signs: list[torch.Tensor] | None = None, units: list[tuple[int, Unit]] | None = None) -> None:
+         units: list[tuple[int, Unit]] | None = None) -> None:
     """Every text of batches[first:] through the model once, right-padded, each unit's activations to its reducer
-    (and, with `routers`, each MoE layer's routing to its RouterStats, with the weight convention `signs`).
+    (and, with `routers`, each MoE layer's routing to its RouterStats).
     reducers[i] is units[i]'s (default: one per layer of a dense model).
 
     after_batch(batches done, tokens done since `first`) runs between batches, when every reducer holds whole batches.
@@ -278,7 +277,7 @@ def _run(model: GatedModel, corpus: Corpus, batches: list[np.ndarray], reducers:
         hooks, capture = _hooks({layer: r for (layer, _), r in zip(units, reducers)}, current), contextlib.nullcontext()
     else:
         by_unit = {(layer, unit.first_neuron): r for (layer, unit), r in zip(units, reducers)}
-        hooks, capture = [], expert_hooks(model.layouts, by_unit, current, model.act_fn, signs, routers)
+        hooks, capture = [], expert_hooks(model.layouts, by_unit, current, routers)
     lengths = corpus.lengths
     pad_id = int(corpus.token_ids[0][0])
     counted = [int((lengths[text_ids] - 1).sum()) for text_ids in batches]

@@ -81,6 +81,20 @@ class Batch:
                    (positions >= 1) & (positions < lengths_t[:, None]))
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """What a unit's neurons add to the layer's output, router weight * hook_post (x_in in the weight convention),
+    folded by the unit's reducer in its pass over the unit's tokens: per (neuron, quadrant) its min, max, sum and
+    count over the counted tokens, into the unit's slices of its layer's running values (routing.RouterStats),
+    updated in place."""
+
+    weight: torch.Tensor       # float32 router weight per row of x_gate: [R] an expert's rows, or [B * T] per token
+    value_min: torch.Tensor    # [n, 4] float32, inf where no token yet
+    value_max: torch.Tensor    # [n, 4] float32, -inf where no token yet
+    value_sum: torch.Tensor    # [n, 4] float64
+    value_count: torch.Tensor  # [n, 4] int64
+
+
 @dataclass
 class ReducedLayer:
     """A reducer's totals for one layer, neuron-major, as magnitudes: finish_layer applies each list's sign.
@@ -112,11 +126,13 @@ class ReducedLayer:
 class LayerReducer(Protocol):
     """One layer's running statistics; built from a LayerSetup."""
 
-    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> None:
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
+               contribution: Contribution | None = None) -> None:
         """Fold one batch: x_gate and x_in [B, T, n] as the hooks give them (x_in before the weight convention).
 
         An expert's reducer is handed only its tokens: x_gate and x_in [R, n] and `rows` [B * T], the row of
-        each token of the batch (-1: routed to other experts), which no statistic counts."""
+        each token of the batch (-1: routed to other experts), which no statistic counts. With `contribution`
+        (an MoE layer's unit) it also folds the router-weighted hook_post of the same tokens."""
 
     def finish(self) -> LayerStatistics:
         """The layer's statistics, via finish_layer."""

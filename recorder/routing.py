@@ -3,10 +3,12 @@
 `RouterStats` folds each batch's routing (the experts chosen per token and
 their weights, as the experts module received them) into per-expert counts,
 weight sums, weight histograms, per-token counts and the texts of largest
-weight; and each expert neuron's routed contribution, router weight times
-hook_post, into per-quadrant min, max and sum. Only counted tokens enter (no
-BOS, no padding). Its state is plain tensors, so a checkpoint saves it like a
-reducer's, and shards add up (the top texts merge like the examples).
+weight; and holds each expert neuron's routed contribution, router weight
+times hook_post, as per-quadrant min, max and sum, which the unit's reducer
+folds in its own pass over the unit's tokens (`contribution`). Only counted
+tokens enter (no BOS, no padding). Its state is plain tensors, so a
+checkpoint saves it like a reducer's, and shards add up (the top texts merge
+like the examples).
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ import numpy as np
 import torch
 
 from gluscope.recorder import rules
-from gluscope.recorder.experts import LayerLayout
-from gluscope.recorder.reducer_interface import Batch, checked_state
+from gluscope.recorder.experts import LayerLayout, Unit
+from gluscope.recorder.reducer_interface import Batch, Contribution, checked_state
 from gluscope.recorder.rules import N_QUADRANTS
-from gluscope.recorder.tensor_reducer import quadrant_codes
 
 
 @dataclass
@@ -115,23 +116,12 @@ class RouterStats:
         self.weight_hist[unit_index * rules.VALUE_BINS:(unit_index + 1) * rules.VALUE_BINS] += torch.bincount(
             rules.value_bin(w), minlength=rules.VALUE_BINS)
 
-    def contribute(self, first_neuron: int, x_gate: torch.Tensor, x_in: torch.Tensor, act: torch.Tensor,
-                   weight: torch.Tensor, counted: torch.Tensor) -> None:
-        """Router weight * hook_post of a unit's neurons over its tokens: x_gate, x_in (in the convention), act
-        [N, n], weight [N], counted [N] bool."""
-        N, n = x_gate.shape
-        if N == 0:
-            return
-        contribution = act * x_in * weight.float().unsqueeze(1)
-        q = torch.where(counted.unsqueeze(1), quadrant_codes(x_gate, x_in), -1)
-        inside = q >= 0
-        # One scatter per statistic over flat (neuron, quadrant) cells, instead of a masked pass per quadrant.
-        cell = ((torch.arange(first_neuron, first_neuron + n, device=q.device) * N_QUADRANTS).unsqueeze(0) + q)[inside]
-        values = contribution[inside]
-        self.value_min.view(-1).scatter_reduce_(0, cell, values, "amin")
-        self.value_max.view(-1).scatter_reduce_(0, cell, values, "amax")
-        self.value_sum.view(-1).index_add_(0, cell, values.double())
-        self.value_count.view(-1).index_add_(0, cell, torch.ones_like(cell))
+    def contribution(self, unit: Unit, weight: torch.Tensor) -> Contribution:
+        """Where unit's reducer folds its neurons' router weight * hook_post: `weight` per row it is handed ([R] an
+        expert's rows, [B * T] a shared expert's tokens), into the unit's slices of the running values."""
+        span = slice(unit.first_neuron, unit.first_neuron + unit.n_neurons)
+        return Contribution(weight.float(), self.value_min[span], self.value_max[span], self.value_sum[span],
+                            self.value_count[span])
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.STATE}

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from gluscope.recorder import rules
-from gluscope.recorder.reducer_interface import Batch, LayerSetup, ReducedLayer, checked_state, finish_layer
+from gluscope.recorder.reducer_interface import (Batch, Contribution, LayerSetup, ReducedLayer, checked_state,
+                                                finish_layer)
 from gluscope.recorder.rules import (ACT, LIST_SIGNS, N_HOOKS, N_LISTS, N_QUADRANTS, POST, QUADRANT_SIGNS, X_GATE, X_IN,
                                      key_magnitude, list_index, magnitude_key, position_tie, text_tie, tie_position,
                                      window_bounds)
@@ -141,6 +142,35 @@ def quadrant_codes(x_gate: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
 assert all(2 * (g < 0) + (i < 0) == code for code, (g, i) in enumerate(QUADRANT_SIGNS)), "quadrant_codes' formula"
 
 
+def fold_contribution(x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None,
+                      contribution: Contribution, setup: LayerSetup) -> None:
+    """A unit's router weight * hook_post into contribution's running values, from x_gate, x_in and rows as
+    LayerReducer.update takes them: one scatter per statistic over flat (neuron, quadrant) cells."""
+    n = x_gate.shape[-1]
+    x_gate = x_gate.float().reshape(-1, n)
+    x_in = x_in.float().reshape(-1, n) * setup.sign
+    values = setup.act_fn(x_gate) * x_in * contribution.weight.float().unsqueeze(1)
+    q = torch.where(_counted_rows(batch, rows, x_gate.shape[0]).unsqueeze(1), quadrant_codes(x_gate, x_in), -1)
+    inside = q >= 0
+    cell = ((torch.arange(n, device=q.device) * N_QUADRANTS).unsqueeze(0) + q)[inside]
+    values = values[inside]
+    contribution.value_min.view(-1).scatter_reduce_(0, cell, values, "amin")
+    contribution.value_max.view(-1).scatter_reduce_(0, cell, values, "amax")
+    contribution.value_sum.view(-1).index_add_(0, cell, values.double())
+    contribution.value_count.view(-1).index_add_(0, cell, torch.ones_like(cell))
+
+
+def _counted_rows(batch: Batch, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """[n_rows] bool: which rows of x_gate are counted tokens (not BOS, not padding)."""
+    valid = batch.valid.reshape(-1)
+    if rows is None:
+        return valid
+    routed = rows >= 0
+    counted = torch.zeros(n_rows, dtype=torch.bool, device=valid.device)
+    counted[rows[routed]] = valid[routed]
+    return counted
+
+
 def quadrant_of(x_gate: torch.Tensor, x_in: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, T, n] int64 quadrant code of every token; -1: in none (a zero sign, BOS or padding)."""
     return torch.where(valid.unsqueeze(-1), quadrant_codes(x_gate, x_in), -1)
@@ -257,7 +287,10 @@ class TensorReducer:
         for name, like in state_tensors(self).items():
             like.copy_(torch.from_numpy(checked_state(state, name, like)))  # in place: the flat view is the state
 
-    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> None:
+    def update(self, x_gate: torch.Tensor, x_in: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
+               contribution: Contribution | None = None) -> None:
+        if contribution is not None:
+            fold_contribution(x_gate, x_in, batch, rows, contribution, self.setup)
         x_gate, x_in = spread_rows(x_gate, x_in, batch, rows)
         x_in = x_in * self.setup.sign
         best, near, total, counts = self.reduce_fn(x_gate, x_in, batch.valid, self.setup.act_fn)

@@ -103,6 +103,56 @@ inline uint32_t fmix32(uint32_t h) {
   return h ^ (h >> 16);
 }
 
+// float16 NaN, as to_half and torch round a float NaN: the window value of a token routed to other experts.
+constexpr uint16_t NAN_HALF = 0x7e00;
+
+// One text's values of one neuron of the block, as the lists read them: x_gate, x_in (after the weight
+// convention) and act, a row every `stride` floats. An expert's text has values only at its routed positions
+// (`routed`, n_routed of them, ascending, BOS excluded) and at BOS if `bos`; its windows show NaN at the tokens
+// routed to other experts. routed is null where every position has a value.
+struct TextValues {
+  const float* g;
+  const float* in;
+  const float* act;
+  int64_t stride, length, before, after;
+  const int32_t* routed;
+  int64_t n_routed;
+  bool bos;
+};
+
+// One column's window from start as float16 bits: `valid` values from col (a row every v.stride floats), then 0
+// up to W. An expert's local rows hold only its own tokens: its window is NaN but at those, which it looks up.
+void column_window(const TextValues& v, const float* col, int64_t start, int64_t valid, int64_t W, uint16_t* out) {
+  if (!v.routed) {
+    for (int64_t o = 0; o < W; ++o) out[o] = o < valid ? to_half(col[(start + o) * v.stride]) : 0;
+    return;
+  }
+  std::fill(out, out + valid, NAN_HALF);
+  std::fill(out + valid, out + W, uint16_t(0));
+  if (start == 0 && v.bos) out[0] = to_half(col[0]);
+  const int32_t* end = v.routed + v.n_routed;
+  for (const int32_t* t = std::lower_bound(v.routed, end, int32_t(start)); t < end && *t < start + valid; ++t)
+    out[*t - start] = to_half(col[*t * v.stride]);
+}
+
+// The window around pos (rules.window_bounds; Python stores the bounds, so a drift here shows as shifted windows
+// in test_reducers) as float16 bits, 0 past the text's end.
+void write_window(const TextValues& v, int32_t pos, int64_t W, uint16_t* wg, uint16_t* wi) {
+  const int64_t start = std::max<int64_t>(pos - v.before, 0);
+  const int64_t valid = std::min<int64_t>(pos + v.after + 1, v.length) - start;
+  column_window(v, v.g, start, valid, W, wg);
+  column_window(v, v.in, start, valid, W, wi);
+}
+
+// An entering example's window rows, which it writes once the entries below it have moved: they are seldom in
+// cache, and fetching them first overlaps those misses with the move.
+inline void prefetch_window(const uint16_t* gate, const uint16_t* in, int64_t W) {
+  for (int64_t byte = 0; byte < W * int64_t(sizeof(uint16_t)); byte += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(gate) + byte, 1);
+    __builtin_prefetch(reinterpret_cast<const char*>(in) + byte, 1);
+  }
+}
+
 struct Samples {  // one neuron's sample lists, [N_QUADRANTS, SAMPLE_SLOTS]; windows by slot, as in Lists
   int64_t* hash;
   int32_t* text;
@@ -122,11 +172,13 @@ inline bool sample_beats(const Samples& s, int64_t i, int64_t h, int32_t tid) {
 }
 
 // Offer a text's candidate to the sample list of `size` entries from `base`, as offer() does for top-k lists.
-void offer_sample(const Samples& s, int64_t base, int64_t size, int64_t h, int32_t tid, int32_t pos, const float* lg,
-                  const float* li, const float* la, int64_t stride, int64_t length, int64_t before, int64_t after) {
+void offer_sample(const Samples& s, int64_t base, int64_t size, int64_t h, int32_t tid, int32_t pos,
+                  const TextValues& v) {
   const int64_t last = base + size - 1, W = s.W;
   if (!sample_beats(s, last, h, tid)) return;
   const int32_t slot = s.slot[last];
+  const int64_t row = (base - base % SAMPLE_SLOTS) + slot;  // slots count within the quadrant
+  prefetch_window(s.win_gate + row * W, s.win_in + row * W, W);
   int64_t i = last;
   for (; i > base && sample_beats(s, i - 1, h, tid); --i) {
     s.hash[i] = s.hash[i - 1];
@@ -141,19 +193,10 @@ void offer_sample(const Samples& s, int64_t base, int64_t size, int64_t h, int32
   s.text[i] = tid;
   s.pos[i] = pos;
   s.slot[i] = slot;
-  s.gate[i] = lg[pos * stride];
-  s.in[i] = li[pos * stride];
-  s.act[i] = la[pos * stride];
-  const int64_t start = std::max<int64_t>(pos - before, 0);
-  const int64_t end = std::min<int64_t>(pos + after + 1, length);
-  const int64_t row = (base - base % SAMPLE_SLOTS) + slot;  // slots count within the quadrant
-  uint16_t* wg = s.win_gate + row * W;
-  uint16_t* wi = s.win_in + row * W;
-  for (int64_t o = 0; o < W; ++o) {
-    const int64_t t = start + o;
-    wg[o] = t < end ? to_half(lg[t * stride]) : 0;
-    wi[o] = t < end ? to_half(li[t * stride]) : 0;
-  }
+  s.gate[i] = v.g[pos * v.stride];
+  s.in[i] = v.in[pos * v.stride];
+  s.act[i] = v.act[pos * v.stride];
+  write_window(v, pos, W, s.win_gate + row * W, s.win_in + row * W);
 }
 
 struct Lists {  // one neuron's N_LISTS top-k lists, [N_LISTS, k]; windows [N_LISTS, k, W] indexed by slot
@@ -185,12 +228,11 @@ inline bool has_sign(float v) {
 
 // Offer a text's best token of one list. If it enters, the last entry leaves
 // and its window slot is reused, so windows are written once and never moved.
-// lg, li: this text's x_gate and x_in of the neuron, a row every `stride` floats.
-void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, const float* lg, const float* li,
-           int64_t stride, int64_t length, int64_t before, int64_t after) {
+void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, const TextValues& v) {
   const int64_t k = s.k, W = s.W, base = list * k;
   if (!beats(s, base + k - 1, m, tid)) return;
   const int32_t slot = s.slot[base + k - 1];
+  prefetch_window(s.win_gate + (base + slot) * W, s.win_in + (base + slot) * W, W);
   int64_t i = base + k - 1;
   for (; i > base && beats(s, i - 1, m, tid); --i) {
     s.mag[i] = s.mag[i - 1];
@@ -198,20 +240,11 @@ void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, cons
     s.pos[i] = s.pos[i - 1];
     s.slot[i] = s.slot[i - 1];
   }
-  // rules.window_bounds; Python stores the bounds, so a drift here shows as shifted windows in test_reducers.
-  const int64_t start = std::max<int64_t>(pos - before, 0);
-  const int64_t end = std::min<int64_t>(pos + after + 1, length);
   s.mag[i] = m;
   s.text[i] = tid;
   s.pos[i] = pos;
   s.slot[i] = slot;
-  uint16_t* wg = s.win_gate + (base + slot) * W;
-  uint16_t* wi = s.win_in + (base + slot) * W;
-  for (int64_t o = 0; o < W; ++o) {
-    const int64_t t = start + o;
-    wg[o] = t < end ? to_half(lg[t * stride]) : 0;
-    wi[o] = t < end ? to_half(li[t * stride]) : 0;
-  }
+  write_window(v, pos, W, s.win_gate + (base + slot) * W, s.win_in + (base + slot) * W);
 }
 
 constexpr int PART_HIST = 1, PART_DENSITY = 2, PART_SAMPLING = 4;  // ReduceArgs.parts (kernel_reducer.PARTS)
@@ -238,20 +271,29 @@ static_assert(formulas_hold(), "rules.py's quadrant codes or list signs changed:
 
 constexpr int HIST_PER_NEURON = N_QUADRANTS * N_HIST_HOOKS * HIST_SLOTS, D = 2 * DENSITY_MAG_BINS;
 
-// A block's histograms and density, counted in 32 bits (what 32-bit gathers and scatters take, and half the
-// size of int64) and added to the layer's int64 counts at the end of the block, or before they could
-// overflow. Laid out as the layer's, from neuron j0.
+// Where a block's histograms and density are counted, laid out as the layer's from neuron j0: BlockCounts or
+// LayerCounts, by the rows of the call (counts_in_block()).
+//
+// A block's own counts in 32 bits (what 32-bit gathers and scatters take, and half the size of int64), added to
+// the layer's int64 counts at the end of the block, or before they could overflow.
 struct BlockCounts {
   using Count = uint32_t;
   // A count grows by at most one per row, so none overflows within this many rows.
   static constexpr int64_t ROWS = std::numeric_limits<Count>::max();
-  std::vector<Count> hist = std::vector<Count>(BLOCK * HIST_PER_NEURON);
-  std::vector<Count> density = std::vector<Count>(BLOCK * D * D);
+  std::vector<Count> hist_counts, density_counts;
   int64_t rows = 0;  // since the last flush
 
+  explicit BlockCounts(bool used)
+      : hist_counts(used ? BLOCK * HIST_PER_NEURON : 0), density_counts(used ? BLOCK * D * D : 0) {}
+  Count* hist(const ReduceArgs*, int64_t) { return hist_counts.data(); }
+  Count* density(const ReduceArgs*, int64_t) { return density_counts.data(); }
+  void before_rows(const ReduceArgs* args, int64_t j0, int w, int64_t more) {
+    if (rows + more > ROWS) flush(args, j0, w);
+    rows += more;
+  }
   void flush(const ReduceArgs* args, int64_t j0, int w) {
-    add(args->hist + j0 * HIST_PER_NEURON, hist.data(), w * HIST_PER_NEURON);
-    add(args->density + j0 * D * D, density.data(), w * D * D);
+    add(args->hist + j0 * HIST_PER_NEURON, hist_counts.data(), w * HIST_PER_NEURON);
+    add(args->density + j0 * D * D, density_counts.data(), w * D * D);
     rows = 0;
   }
   static void add(int64_t* __restrict__ layer, Count* __restrict__ block, int64_t size) {
@@ -260,17 +302,53 @@ struct BlockCounts {
   }
 };
 
+// The layer's int64 counts themselves, for a call of few rows: the flush above walks every count of the block's
+// neurons however few rows the call had, and an expert's call has only its routed tokens.
+struct LayerCounts {
+  using Count = int64_t;
+  Count* hist(const ReduceArgs* args, int64_t j0) { return args->hist + j0 * HIST_PER_NEURON; }
+  Count* density(const ReduceArgs* args, int64_t j0) { return args->density + j0 * D * D; }
+  void before_rows(const ReduceArgs*, int64_t, int, int64_t) {}
+};
+
+// From this many rows in a call on, block counts and their flush cost less than increments straight into the
+// layer's counts, each of which may reach a line not in cache; below it, the flush dominates.
+constexpr int64_t BLOCK_COUNTS_FROM_ROWS = 512;
+
+inline bool counts_in_block(int64_t rows) { return rows >= BLOCK_COUNTS_FROM_ROWS; }
+
+// One row's histogram and density counts, a neuron at a time (c < 0: in no quadrant). Consecutive increments go
+// to different neurons, so they never wait on each other.
+template <class Count>
+inline void count_row(Count* __restrict__ hist, Count* __restrict__ density, const int32_t* c_row,
+                      const int32_t* h_row, const int32_t* d_row, int w, int32_t parts) {
+  for (int jj = 0; jj < w; ++jj) {
+    if (c_row[jj] < 0) continue;
+    if (parts & PART_HIST) {
+      ++hist[h_row[jj]];
+      ++hist[h_row[BLOCK + jj]];
+      ++hist[h_row[2 * BLOCK + jj]];
+    }
+    if (parts & PART_DENSITY) ++density[d_row[jj]];
+  }
+}
+
 // One text's histograms, density and sample candidates for a block of w neurons from j0, from the block's
 // x_gate, x_in (after the weight convention) and act, which the main loop left in lg, li and la ([t, BLOCK]).
-// `routed`, when not null, lists the n_routed positions (ascending, none 0) the block's neurons saw; else every
-// position 1 .. length-1 is walked.
+// `routed`, when not null, lists the n_routed positions (ascending, none 0) the block's neurons saw, and `bos`
+// whether BOS has values; else every position 1 .. length-1 is walked.
+template <class Counts>
 void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t length,
                    const float (&bnd)[N_QUADRANTS][3][BLOCK], const uint32_t (&salt)[BLOCK], const float* lg,
-                   const float* li, const float* la, BlockCounts& counts, const int32_t* routed, int64_t n_routed) {
+                   const float* li, const float* la, Counts& counts, const int32_t* routed, int64_t n_routed,
+                   bool bos) {
+  using Count = typename Counts::Count;
   constexpr int NQ = N_QUADRANTS, NC = N_QUADRANTS * N_INTERVALS;
   const int32_t parts = args->parts;
-  BlockCounts::Count* __restrict__ hist = counts.hist.data();
-  BlockCounts::Count* __restrict__ density = counts.density.data();
+  const int64_t n_rows = routed ? n_routed : length - 1;
+  counts.before_rows(args, j0, w, n_rows);
+  Count* __restrict__ hist = counts.hist(args, j0);
+  Count* __restrict__ density = counts.density(args, j0);
   const int32_t tid = int32_t(args->text_ids[b]);
   const uint32_t text_hash = fmix32(uint32_t(args->seed) ^ uint32_t(tid));
   // Per text, (quadrant, interval) cell and neuron of the block: the smallest hash and its position.
@@ -285,7 +363,6 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
   static_assert(BLOCK == 16, "a row of the block is one __m512i of int32");
   const __mmask16 lanes = __mmask16((1u << w) - 1);
 #endif
-  const int64_t n_rows = routed ? n_routed : length - 1;
   for (int64_t i = 0; i < n_rows; ++i) {
     const int64_t t = routed ? routed[i] : i + 1;
     const float* __restrict__ g_row = lg + t * BLOCK;
@@ -321,39 +398,35 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
                   signed_offset(density_mag(u_in), n_in);
       s_row[jj] = ((th ^ salt[jj]) * GOLDEN) >> 1;
     }
-    if (counts.rows == BlockCounts::ROWS) counts.flush(args, j0, w);
-    ++counts.rows;
 #if GLUSCOPE_SCATTER
     // Every lane's count and cell is its own neuron's, so no two lanes of a scatter share an address.
     const __m512i cv = _mm512_load_si512(c_row), one = _mm512_set1_epi32(1);
     const __mmask16 in = _mm512_mask_cmpge_epi32_mask(lanes, cv, _mm512_setzero_si512());  // c < 0: in no quadrant
-    auto increment = [&](BlockCounts::Count* table, const int32_t* row) {
-      const __m512i at = _mm512_load_si512(row);
-      const __m512i v = _mm512_mask_i32gather_epi32(one, in, at, table, sizeof(BlockCounts::Count));
-      _mm512_mask_i32scatter_epi32(table, in, at, _mm512_add_epi32(v, one), sizeof(BlockCounts::Count));
-    };
-    if (parts & PART_HIST) {
-      increment(hist, h_row);
-      increment(hist, h_row + BLOCK);
-      increment(hist, h_row + 2 * BLOCK);
+    if constexpr (sizeof(Count) == 4) {
+      auto increment = [&](Count* table, const int32_t* row) {
+        const __m512i at = _mm512_load_si512(row);
+        const __m512i v = _mm512_mask_i32gather_epi32(one, in, at, table, sizeof(Count));
+        _mm512_mask_i32scatter_epi32(table, in, at, _mm512_add_epi32(v, one), sizeof(Count));
+      };
+      if (parts & PART_HIST) {
+        increment(hist, h_row);
+        increment(hist, h_row + BLOCK);
+        increment(hist, h_row + 2 * BLOCK);
+      }
+      if (parts & PART_DENSITY) increment(density, d_row);
+    } else {
+      count_row(hist, density, c_row, h_row, d_row, w, parts);
     }
-    if (parts & PART_DENSITY) increment(density, d_row);
     const __m512i sv = _mm512_load_si512(s_row);
     const __m512i bh = _mm512_mask_i32gather_epi32(sv, in, cv, best_hash, 4);
     const __mmask16 enters = _mm512_mask_cmplt_epu32_mask(in, sv, bh);  // strict: the lower position wins a tie
     _mm512_mask_i32scatter_epi32(best_hash, enters, cv, sv, 4);
     _mm512_mask_i32scatter_epi32(best_pos, enters, cv, _mm512_set1_epi32(int32_t(t)), 4);
 #else
-    // Consecutive increments go to different neurons, so they never wait on each other.
+    count_row(hist, density, c_row, h_row, d_row, w, parts);
     for (int jj = 0; jj < w; ++jj) {
       const int32_t c = c_row[jj];
       if (c < 0) continue;
-      if (parts & PART_HIST) {
-        ++hist[h_row[jj]];
-        ++hist[h_row[BLOCK + jj]];
-        ++hist[h_row[2 * BLOCK + jj]];
-      }
-      if (parts & PART_DENSITY) ++density[d_row[jj]];
       if (s_row[jj] < best_hash[c]) {  // strict: the lower position wins a tie
         best_hash[c] = s_row[jj];
         best_pos[c] = int32_t(t);
@@ -363,6 +436,7 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
   }
   if (!(parts & PART_SAMPLING)) return;
   for (int jj = 0; jj < w; ++jj) {
+    const TextValues v{lg + jj, li + jj, la + jj, BLOCK, length, args->before, args->after, routed, n_routed, bos};
     const int64_t at = (j0 + jj) * NQ * SAMPLE_SLOTS;
     const Samples s{args->samp_hash + at, args->samp_text + at, args->samp_pos + at, args->samp_slot + at,
                     args->samp_gate + at, args->samp_in + at, args->samp_act + at,
@@ -378,22 +452,53 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
           rp = best_pos[c];
         }
         offer_sample(s, q * SAMPLE_SLOTS + N_RANDOM + i * N_PER_INTERVAL, N_PER_INTERVAL, best_hash[c], tid,
-                     best_pos[c], lg + jj, li + jj, la + jj, BLOCK, length, args->before, args->after);
+                     best_pos[c], v);
       }
-      if (rh != HASH_EMPTY)
-        offer_sample(s, q * SAMPLE_SLOTS, N_RANDOM, rh, tid, rp, lg + jj, li + jj, la + jj, BLOCK, length,
-                     args->before, args->after);
+      if (rh != HASH_EMPTY) offer_sample(s, q * SAMPLE_SLOTS, N_RANDOM, rh, tid, rp, v);
     }
   }
 }
 
-}  // namespace
+// An expert's positions (BOS excluded, ascending) per text: text b's are pos[at[b]] .. pos[at[b + 1] - 1]. Found
+// once per call for every block, so that a block's walk costs what the expert's rows do, not the whole batch.
+struct Routed {
+  std::vector<int32_t> pos;
+  std::vector<int64_t> at;
+};
 
-extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
+Routed routed_positions(const ReduceArgs* args) {
+  const int64_t B = args->batch, T = args->seq_len;
+  Routed r;
+  r.at.assign(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 1; t < args->lengths[b]; ++t)
+      if (args->row_map[b * T + t] >= 0) r.pos.push_back(int32_t(t));
+    r.at[b + 1] = int64_t(r.pos.size());
+  }
+  return r;
+}
+
+// The rows the call walks: an expert's routed positions, or every position but BOS.
+int64_t rows_walked(const ReduceArgs* args, const Routed& routed) {
+  if (args->row_map) return int64_t(routed.pos.size());
+  int64_t rows = 0;
+  for (int64_t b = 0; b < args->batch; ++b) rows += args->lengths[b] - 1;
+  return rows;
+}
+
+// WEIGHTED (ReduceArgs.weight given): also each neuron's router weight * hook_post per quadrant, as min, max and
+// sum, into the unit's slice of its layer's running values (routing.RouterStats), in the pass that already has
+// every routed token's hook_post at hand.
+template <bool WEIGHTED>
+void reduce_update(const ReduceArgs* args) {
+  // x_gate and x_in are rows gate_stride and in_stride floats apart (an expert's are column halves of one
+  // product, read in place); act's are n apart.
   const float* G = args->x_gate;
   const float* X_IN = args->x_in;
   const float* A = args->act;
+  const int64_t GS = args->gate_stride, IS = args->in_stride;
   const float* sign = args->sign;
+  const float* weight = args->weight;
   const int64_t B = args->batch, T = args->seq_len, n = args->n, k = args->k, W = args->window;
   const int64_t before = args->before, after = args->after;
   const int64_t* lengths = args->lengths;
@@ -417,13 +522,15 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
   const float inf = std::numeric_limits<float>::infinity();
   int64_t max_length = 0;
   for (int64_t b = 0; b < B; ++b) max_length = std::max(max_length, lengths[b]);
+  const Routed routed = row_map ? routed_positions(args) : Routed{};
+  const bool in_block = counts_in_block(rows_walked(args, routed));
 #pragma omp parallel num_threads(args->n_threads)
   {
   // This text's x_gate and x_in of the block, contiguous, for the windows of entering examples.
   // act too, for the distributions.
   std::vector<float> local_g(max_length * BLOCK), local_in(max_length * BLOCK), local_a(max_length * BLOCK);
-  std::vector<int32_t> routed(row_map ? max_length : 0);  // this text's positions routed here, BOS excluded
-  BlockCounts block_counts;
+  BlockCounts block_counts(in_block);
+  LayerCounts layer_counts;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * BLOCK;
@@ -436,6 +543,19 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
     alignas(64) float sg[BLOCK];
     for (int l = 0; l < NL; ++l) std::fill(nr[l], nr[l] + BLOCK, inf);
     for (int jj = 0; jj < BLOCK; ++jj) sg[jj] = jj < w ? sign[j0 + jj] : 1.0f;
+    // WEIGHTED: the running min, max and sum, and per text a float sum (as sm for total: a double accumulator
+    // stops GCC vectorising the row loops) added to the running sum after the text.
+    alignas(64) float wlo[NQ][BLOCK], whi[NQ][BLOCK], wsm[NQ][BLOCK];
+    alignas(64) double wsum[NQ][BLOCK];
+    if constexpr (WEIGHTED) {
+      for (int q = 0; q < NQ; ++q)
+        for (int jj = 0; jj < BLOCK; ++jj) {
+          const int64_t at = (j0 + jj) * NQ + q;
+          wlo[q][jj] = jj < w ? args->weighted_min[at] : inf;
+          whi[q][jj] = jj < w ? args->weighted_max[at] : -inf;
+          wsum[q][jj] = jj < w ? args->weighted_sum[at] : 0.0;
+        }
+    }
     alignas(64) float bnd[NQ][3][BLOCK];
     alignas(64) uint32_t salt[BLOCK];
     const uint32_t layer_salt = fmix32(uint32_t(args->seed) ^ uint32_t(args->layer));
@@ -446,22 +566,17 @@ extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t length = lengths[b];
+      const int32_t* text_routed = row_map ? routed.pos.data() + routed.at[b] : nullptr;
+      const int64_t n_routed = row_map ? routed.at[b + 1] - routed.at[b] : 0;
+      if (row_map && n_routed == 0) continue;  // none of the text's tokens came to this expert: nothing to fold
       std::memset(sm, 0, sizeof sm);
       std::memset(bm, 0, sizeof bm);
       std::memset(bp, 0, sizeof bp);
-      int64_t n_routed = 0;
-      if (row_map) {  // a position not routed here has no value: NaN, in no quadrant, shown as such in windows
-        const float nan = std::numeric_limits<float>::quiet_NaN();
-        std::fill(local_g.begin(), local_g.begin() + length * BLOCK, nan);
-        std::fill(local_in.begin(), local_in.begin() + length * BLOCK, nan);
-        std::fill(local_a.begin(), local_a.begin() + length * BLOCK, nan);
-        for (int64_t t = 1; t < length; ++t)
-          if (row_map[b * T + t] >= 0) routed[n_routed++] = int32_t(t);
-      }
+      if constexpr (WEIGHTED) std::memset(wsm, 0, sizeof wsm);
       const int64_t bos = row_map ? row_map[b * T] : b * T;
       for (int jj = 0; jj < w && bos >= 0; ++jj) {  // BOS is in no statistic but starts early windows
-        local_g[jj] = G[bos * n + j0 + jj];
-        local_in[jj] = X_IN[bos * n + j0 + jj] * sg[jj];
+        local_g[jj] = G[bos * GS + j0 + jj];
+        local_in[jj] = X_IN[bos * IS + j0 + jj] * sg[jj];
       }
       // Two rows per step: each accumulator is loaded and stored once for both,
       // which halves the L1 traffic that bounds this loop.
@@ -481,17 +596,26 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
   GLUSCOPE_ACC(q * N_HOOKS + HOOK_X_IN, member, abs_in, tpos)                                            \
   GLUSCOPE_ACC(q * N_HOOKS + HOOK_X_GATE, member, abs_gate, tpos)                                        \
   GLUSCOPE_ACC(q * N_HOOKS + HOOK_ACT, member, abs_act, tpos)
+// The router-weighted value v of a token in quadrant q (member) into that quadrant's min, max and sum.
+#define GLUSCOPE_WEIGH(q, member, v)                                                                     \
+  {                                                                                                      \
+    const float lo = (member) ? (v) : inf, hi = (member) ? (v) : -inf;                                   \
+    wlo[q][jj] = lo < wlo[q][jj] ? lo : wlo[q][jj];                                                      \
+    whi[q][jj] = hi > whi[q][jj] ? hi : whi[q][jj];                                                      \
+    wsm[q][jj] += (member) ? (v) : 0.0f;                                                                 \
+  }
 // Is this token in quadrant q? The quadrant's signs come from rules.QUADRANT_SIGNS.
 #define GLUSCOPE_MEMBER(q) (has_sign<QUADRANT_GATE_SIGN[q]>(g) & has_sign<QUADRANT_IN_SIGN[q]>(x_in))
 // One row of the block: its values, quadrant and the 16 lists (written out per
-// list: loops over quadrant and hook here stop GCC vectorising over jj).
-#define GLUSCOPE_ROW(gr, ir, ar, lg, li, la_, tpos)                                                           \
+// list: loops over quadrant and hook here stop GCC vectorising over jj); wt is the row's router weight.
+#define GLUSCOPE_ROW(gr, ir, ar, lg, li, la_, tpos, wt)                                                  \
   {                                                                                                      \
     const float g = (gr)[jj], x_in = (ir)[jj] * sg[jj], a = (ar)[jj];                                    \
     (lg)[jj] = g;                                                                                        \
     (li)[jj] = x_in;                                                                                     \
     (la_)[jj] = a;                                                                                       \
-    const float abs_post = std::fabs(a * x_in), abs_in = std::fabs(x_in);                                \
+    const float post = a * x_in;                                                                         \
+    const float abs_post = std::fabs(post), abs_in = std::fabs(x_in);                                    \
     const float abs_gate = std::fabs(g), abs_act = std::fabs(a);                                         \
     const bool q0 = GLUSCOPE_MEMBER(0), q1 = GLUSCOPE_MEMBER(1);                                         \
     const bool q2 = GLUSCOPE_MEMBER(2), q3 = GLUSCOPE_MEMBER(3);                                         \
@@ -503,15 +627,22 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
     GLUSCOPE_QUADRANT(1, q1, tpos)                                                                       \
     GLUSCOPE_QUADRANT(2, q2, tpos)                                                                       \
     GLUSCOPE_QUADRANT(3, q3, tpos)                                                                       \
+    if constexpr (WEIGHTED) {                                                                            \
+      const float v = post * (wt); /* (act * x_in) * weight, as the tensor code multiplies */            \
+      GLUSCOPE_WEIGH(0, q0, v)                                                                           \
+      GLUSCOPE_WEIGH(1, q1, v)                                                                           \
+      GLUSCOPE_WEIGH(2, q2, v)                                                                           \
+      GLUSCOPE_WEIGH(3, q3, v)                                                                           \
+    }                                                                                                    \
   }
       int64_t t = row_map ? length : 1;  // an expert's positions are walked below instead
       for (; t + 1 < length; t += 2) {
-        const int64_t row = (b * T + t) * n + j0;
-        const float* __restrict__ gate_row0 = G + row;
-        const float* __restrict__ in_row0 = X_IN + row;
-        const float* __restrict__ act_row0 = A + row;
-        const float* __restrict__ gate_row1 = gate_row0 + n;
-        const float* __restrict__ in_row1 = in_row0 + n;
+        const int64_t r = b * T + t;
+        const float* __restrict__ gate_row0 = G + r * GS + j0;
+        const float* __restrict__ in_row0 = X_IN + r * IS + j0;
+        const float* __restrict__ act_row0 = A + r * n + j0;
+        const float* __restrict__ gate_row1 = gate_row0 + GS;
+        const float* __restrict__ in_row1 = in_row0 + IS;
         const float* __restrict__ act_row1 = act_row0 + n;
         float* __restrict__ lg0 = local_g.data() + t * BLOCK;
         float* __restrict__ li0 = local_in.data() + t * BLOCK;
@@ -520,68 +651,100 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
         float* __restrict__ la0 = local_a.data() + t * BLOCK;
         float* __restrict__ la1 = la0 + BLOCK;
         const int32_t t0 = int32_t(t), t1 = int32_t(t + 1);
+        const float wt0 = WEIGHTED ? weight[b * T + t] : 0.0f, wt1 = WEIGHTED ? weight[b * T + t + 1] : 0.0f;
         if (t + PREFETCH + 1 < length) {
-          __builtin_prefetch(gate_row0 + PREFETCH * n);
-          __builtin_prefetch(in_row0 + PREFETCH * n);
+          __builtin_prefetch(gate_row0 + PREFETCH * GS);
+          __builtin_prefetch(in_row0 + PREFETCH * IS);
           __builtin_prefetch(act_row0 + PREFETCH * n);
-          __builtin_prefetch(gate_row1 + PREFETCH * n);
-          __builtin_prefetch(in_row1 + PREFETCH * n);
+          __builtin_prefetch(gate_row1 + PREFETCH * GS);
+          __builtin_prefetch(in_row1 + PREFETCH * IS);
           __builtin_prefetch(act_row1 + PREFETCH * n);
         }
 #pragma omp simd
         for (int jj = 0; jj < w; ++jj) {
-          GLUSCOPE_ROW(gate_row0, in_row0, act_row0, lg0, li0, la0, t0)
-          GLUSCOPE_ROW(gate_row1, in_row1, act_row1, lg1, li1, la1, t1)
+          GLUSCOPE_ROW(gate_row0, in_row0, act_row0, lg0, li0, la0, t0, wt0)
+          GLUSCOPE_ROW(gate_row1, in_row1, act_row1, lg1, li1, la1, t1, wt1)
         }
       }
       for (; t < length; ++t) {  // the odd last row
-        const int64_t row = (b * T + t) * n + j0;
+        const int64_t r = b * T + t;
         float* __restrict__ lg0 = local_g.data() + t * BLOCK;
         float* __restrict__ li0 = local_in.data() + t * BLOCK;
         float* __restrict__ la0 = local_a.data() + t * BLOCK;
         const int32_t t0 = int32_t(t);
+        const float wt0 = WEIGHTED ? weight[r] : 0.0f;
 #pragma omp simd
-        for (int jj = 0; jj < w; ++jj) GLUSCOPE_ROW(G + row, X_IN + row, A + row, lg0, li0, la0, t0)
+        for (int jj = 0; jj < w; ++jj)
+          GLUSCOPE_ROW(G + r * GS + j0, X_IN + r * IS + j0, A + r * n + j0, lg0, li0, la0, t0, wt0)
       }
       for (int64_t i = 0; i < n_routed; ++i) {  // an expert's routed positions, one row each
-        const int64_t tr = routed[i];
-        const int64_t row = row_map[b * T + tr] * n + j0;
+        const int64_t tr = text_routed[i];
+        const int64_t r = row_map[b * T + tr];
         float* __restrict__ lg0 = local_g.data() + tr * BLOCK;
         float* __restrict__ li0 = local_in.data() + tr * BLOCK;
         float* __restrict__ la0 = local_a.data() + tr * BLOCK;
         const int32_t t0 = int32_t(tr);
+        const float wt0 = WEIGHTED ? weight[r] : 0.0f;
 #pragma omp simd
-        for (int jj = 0; jj < w; ++jj) GLUSCOPE_ROW(G + row, X_IN + row, A + row, lg0, li0, la0, t0)
+        for (int jj = 0; jj < w; ++jj)
+          GLUSCOPE_ROW(G + r * GS + j0, X_IN + r * IS + j0, A + r * n + j0, lg0, li0, la0, t0, wt0)
       }
 #undef GLUSCOPE_ROW
 #undef GLUSCOPE_MEMBER
+#undef GLUSCOPE_WEIGH
 #undef GLUSCOPE_QUADRANT
 #undef GLUSCOPE_ACC
+      if constexpr (WEIGHTED) {
+        for (int q = 0; q < NQ; ++q)
+          for (int jj = 0; jj < BLOCK; ++jj) wsum[q][jj] += wsm[q][jj];
+      }
       const int32_t tid = int32_t(text_ids[b]);
       for (int jj = 0; jj < w; ++jj) {
         const int64_t j = j0 + jj;
         const int64_t at = j * NL * k;
         const Lists s{top_mag + at, top_text + at, top_pos + at, top_slot + at, win_gate + at * W, win_in + at * W,
                       k, W};
+        const TextValues v{local_g.data() + jj, local_in.data() + jj, local_a.data() + jj, BLOCK, length, before,
+                           after, text_routed, n_routed, bos >= 0};
         for (int l = 0; l < NL; ++l) {
           total[j * NL + l] += sm[l][jj];
           if (bm[l][jj] > 0)  // 0: no nonzero value of this list in the text
-            offer(s, l, bm[l][jj], tid, bp[l][jj], local_g.data() + jj, local_in.data() + jj, BLOCK, length,
-                  before, after);
+            offer(s, l, bm[l][jj], tid, bp[l][jj], v);
         }
       }
-      if (parts)
+      if (!parts) continue;
+      if (in_block)
         distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data(),
-                      block_counts, row_map ? routed.data() : nullptr, n_routed);
+                      block_counts, text_routed, n_routed, bos >= 0);
+      else
+        distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data(),
+                      layer_counts, text_routed, n_routed, bos >= 0);
     }
-    if (parts & (PART_HIST | PART_DENSITY)) block_counts.flush(args, j0, w);
+    if (in_block && (parts & (PART_HIST | PART_DENSITY))) block_counts.flush(args, j0, w);
     for (int jj = 0; jj < w; ++jj) {
       const int64_t j = j0 + jj;
       for (int q = 0; q < NQ; ++q) counts[j * NQ + q] += cnt[q][jj];
       for (int l = 0; l < NL; ++l) near[j * NL + l] = std::min(near[j * NL + l], nr[l][jj]);
+      if constexpr (WEIGHTED) {
+        for (int q = 0; q < NQ; ++q) {
+          args->weighted_min[j * NQ + q] = wlo[q][jj];
+          args->weighted_max[j * NQ + q] = whi[q][jj];
+          args->weighted_sum[j * NQ + q] = wsum[q][jj];
+          args->weighted_count[j * NQ + q] += cnt[q][jj];
+        }
+      }
     }
   }
   }  // omp parallel
+}
+
+}  // namespace
+
+extern "C" void gluscope_reduce_update(const ReduceArgs* args) {
+  if (args->weight)
+    reduce_update<true>(args);
+  else
+    reduce_update<false>(args);
 }
 
 // Running tops merged straight from a weight-stage product: once a top is
