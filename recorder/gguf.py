@@ -82,7 +82,8 @@ def _describe(path: Path) -> tuple[str, str]:
     experts = field(f"{architecture}.expert_count")
     if isinstance(experts, int) and experts > 1:
         raise UserError(f"--model {path} ({architecture}) is a mixture-of-experts model with {experts} experts per "
-                        "layer: its experts are gated MLPs, but GLUScope does not record expert neurons yet")
+                        "layer: GLUScope reads a mixture of experts from its Hugging Face folder (safetensors), not yet from a GGUF "
+                        "file")
     return quantization, architecture
 
 

@@ -13,7 +13,9 @@ this process, `system` starts processes, engines or browsers.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pytest
@@ -45,6 +47,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                     f"mark it with exactly one of {', '.join(TIERS)}")
     items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
                                  item.get_closest_marker("system") is None))
+
+
+@pytest.fixture
+def gluscope_here(capsys: pytest.CaptureFixture) -> Callable[..., subprocess.CompletedProcess]:
+    """`gluscope ARGS` run in this process, its exit status and output as the shell would see them.
+
+    For refusals, whose subject is the one-line message and what is left on disk: a process of their own would
+    import torch and transformers again for each. Tests whose subject is the process (signals, locks, what a
+    real run prints) start one (processes.run_cli).
+    """
+    from gluscope.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code if isinstance(e.code, int) else 2
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["gluscope", *args], code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

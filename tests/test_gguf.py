@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import duckdb
 import pytest
@@ -13,7 +12,7 @@ from .gguf_files import write_llama_gguf
 from gluscope.cli import main as gluscope_main
 
 from . import recordings
-from .processes import assert_user_error, record_cmd, run_cli
+from .processes import assert_user_error
 
 pytest.importorskip("gguf")
 
@@ -50,14 +49,15 @@ OPTIONS = ("--max-length", "32")
 
 
 def record_here(model: str, dataset, out, *extra: str) -> int:
-    """`gluscope record` in this process (the CLI's refusals are tested in processes of their own)."""
+    """`gluscope record` in this process."""
     return gluscope_main(["record", "--model", model, "--dataset", str(dataset), "--out", str(out),
                           *recordings.CPU, *OPTIONS, *extra])
 
 
-def record(model: str, dataset, out, *extra: str):
-    return subprocess.run(record_cmd(model, dataset, out, *OPTIONS, *extra), capture_output=True, text=True,
-                          timeout=300)
+def refusal(run, model: str, dataset, out, *extra: str):
+    """`gluscope record` in this process (`run` is the gluscope_here fixture), its output as a shell sees it."""
+    return run("record", "--model", model, "--dataset", str(dataset), "--out", str(out), *recordings.CPU, *OPTIONS,
+               *extra)
 
 
 @pytest.mark.integration
@@ -140,24 +140,25 @@ def test_dataset_takes_a_gguf_tokenizer(tiny_gguf, corpus_file, tmp_path):
     assert record_here(str(tiny_gguf), folder, out) == 0 and out.exists()
 
 
-@pytest.mark.system
-def test_bad_gguf_inputs_get_one_line(tiny_llama, gguf_cache, corpus_file, tmp_path):
+@pytest.mark.integration
+def test_bad_gguf_inputs_get_one_line(tiny_llama, gguf_cache, corpus_file, tmp_path, gluscope_here):
     out = tmp_path / "never.duckdb"
-    assert_user_error(record(str(tmp_path / "missing.gguf"), corpus_file, out), "no such GGUF file")
+    assert_user_error(refusal(gluscope_here, str(tmp_path / "missing.gguf"), corpus_file, out), "no such GGUF file")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all" * 100)
-    assert_user_error(record(str(junk), corpus_file, out), "not a readable GGUF file")
+    assert_user_error(refusal(gluscope_here, str(junk), corpus_file, out), "not a readable GGUF file")
     # A header transformers has no reader for.
     alien = write_llama_gguf(tiny_llama, tmp_path / "alien.gguf", architecture="no-such-arch")
-    assert_user_error(record(str(alien), corpus_file, out), "transformers cannot read this GGUF file")
-    assert_user_error(run_cli("record", "--model", str(tiny_llama), "--dataset", str(corpus_file), "--out", str(out),
-                              "--name", "  "), "--name")
+    assert_user_error(refusal(gluscope_here, str(alien), corpus_file, out), "transformers cannot read this GGUF file")
+    assert_user_error(gluscope_here("record", "--model", str(tiny_llama), "--dataset", str(corpus_file),
+                                    "--out", str(out), "--name", "  "), "--name")
     assert not out.exists()
     assert not [p for p in (gguf_cache / "gguf").iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.system
-def test_mixture_of_experts_gguf_is_refused_before_conversion(tiny_llama, gguf_cache, corpus_file, tmp_path):
+@pytest.mark.integration
+def test_mixture_of_experts_gguf_is_refused_before_conversion(tiny_llama, gguf_cache, corpus_file, tmp_path,
+                                                              gluscope_here):
     import gguf
 
     moe = tmp_path / "moe.gguf"
@@ -178,6 +179,6 @@ def test_mixture_of_experts_gguf_is_refused_before_conversion(tiny_llama, gguf_c
     for t in reader.tensors:
         w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    r = record(str(tmp_path / "moe2.gguf"), corpus_file, tmp_path / "never.duckdb")
+    r = refusal(gluscope_here, str(tmp_path / "moe2.gguf"), corpus_file, tmp_path / "never.duckdb")
     assert_user_error(r, "mixture-of-experts", "4 experts")
     assert "converting" not in r.stdout + r.stderr

@@ -31,7 +31,7 @@ from .tiny_models import save_tiny_model
 
 from . import recordings
 from .brute_force import require_kernel
-from .processes import assert_user_error, record_cmd as cli_record_cmd
+from .processes import GLUSCOPE, assert_user_error, record_cmd as cli_record_cmd
 
 EVERY = "0.002"  # minutes between checkpoints: about every 0.12 s, so a run of a few seconds writes many
 OPTIONS = ("--max-length", "48", "--batch-size", "1", "--k", "4")
@@ -314,7 +314,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_file_torc
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    run_chain([(stage, signal.SIGKILL) for stage in STAGES], "torch", tiny_llama, long_corpus,
+    # The final write is the same code whichever reducer ran: the kernel's chain kills it there.
+    run_chain([("loop", signal.SIGKILL), ("checkpoint", signal.SIGKILL)], "torch", tiny_llama, long_corpus,
               uninterrupted["torch"], folder, seed=14)
 
 
@@ -324,15 +325,19 @@ def test_sigterm_and_ctrl_c_in_every_stage_exit_with_one_line_and_keep_the_check
         uninterrupted, tiny_llama, long_corpus, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    # Every write-stage interrupt last: after one, the checkpoint is near the end and little loop is left.
-    steps = [("loop", signal.SIGTERM), ("checkpoint", signal.SIGINT), ("loop", signal.SIGINT),
-             ("checkpoint", signal.SIGTERM), ("write", signal.SIGTERM), ("write", signal.SIGINT)]
+    # Both signals where a checkpoint is being written, the one window where they are held and then raised; each
+    # once in the loop and the final write, where both are the KeyboardInterrupt of tests/test_recorder_faults.py
+    # (which sends each signal in each of those stages of a run that does not checkpoint). The write-stage
+    # interrupt last: after one, the checkpoint is near the end and little loop is left.
+    steps = [("loop", signal.SIGTERM), ("checkpoint", signal.SIGINT), ("checkpoint", signal.SIGTERM),
+             ("write", signal.SIGINT)]
     run_chain(steps, "kernel", tiny_llama, long_corpus, uninterrupted["kernel"], folder, seed=15)
 
 
 @pytest.mark.system
 @pytest.mark.slow
-def test_a_resume_of_another_run_is_refused_with_one_line(tiny_llama, long_corpus, tmp_path):
+def test_a_resume_of_another_run_is_refused_with_one_line(tiny_llama, long_corpus, tmp_path, gluscope_here):
+    """Only the killed run is a process of its own; the refusals after it run in this process."""
     require_kernel()
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
@@ -342,8 +347,7 @@ def test_a_resume_of_another_run_is_refused_with_one_line(tiny_llama, long_corpu
     out.parent.mkdir()
 
     def resume(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(record_cmd(model, corpus, out, "--reducer", "kernel", *extra), capture_output=True,
-                              text=True, timeout=300)
+        return gluscope_here(*record_cmd(model, corpus, out, "--reducer", "kernel", *extra)[len(GLUSCOPE):])
 
     assert_user_error(resume("--resume"), "--resume: there is no checkpoint", str(checkpoint_of(out)))
     code, _ = interrupt(record_cmd(model, corpus, out, "--reducer", "kernel", "--checkpoint-every", EVERY), out,

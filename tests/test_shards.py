@@ -16,7 +16,7 @@ from gluscope.recorder import rules
 
 from . import recordings
 from .brute_force import sample_hash
-from .processes import assert_user_error, free_port, record_cmd, run_cli
+from .processes import assert_user_error, free_port
 
 # Every table and its key; metadata is compared apart (created_at differs by design).
 TABLES = {
@@ -130,7 +130,7 @@ def test_mixture_of_experts_shards_merge_to_the_single_run(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("arch, option, ranges", [("qwen2_moe", "--experts", ("3-5", "0-2")),
                                                   ("deepseek_v3", "--layers", ("1-2", "0"))])
-def test_a_run_recorded_in_parts_merges_to_the_single_run(arch, option, ranges, tmp_path):
+def test_a_run_recorded_in_parts_merges_to_the_single_run(arch, option, ranges, tmp_path, gluscope_here):
     """Parts by experts (the shared expert goes with experts 0-2) and by layers (a dense layer, then MoE layers):
     every table, token_neurons' ranks and the related lists included, as the single run writes them."""
     from gluscope.cli import main as gluscope_main
@@ -152,29 +152,29 @@ def test_a_run_recorded_in_parts_merges_to_the_single_run(arch, option, ranges, 
     with pytest.raises(DatabaseFileError, match="a part of a recording .*; merge its parts"):
         open_databases([parts[0]])
     for given, says in (([parts[0]], "do not cover the model"), ([parts[0], parts[0]], "overlap")):
-        r = run_cli("merge", *map(str, given), "--out", str(tmp_path / "bad.duckdb"))
+        r = gluscope_here("merge", *map(str, given), "--out", str(tmp_path / "bad.duckdb"))
         assert_user_error(r, says)
         assert not (tmp_path / "bad.duckdb").exists()
 
 
-@pytest.mark.system
-def test_merge_refuses_what_is_not_one_run(shards, single, tiny_llama, corpus_file, tmp_path):
+@pytest.mark.integration
+def test_merge_refuses_what_is_not_one_run(shards, single, tiny_llama, corpus_file, tmp_path, gluscope_here):
     out = tmp_path / "never.duckdb"
-    assert_user_error(run_cli("merge", str(shards[0]), str(shards[1]), "--out", str(out)), "shard 2/3", "missing")
-    assert_user_error(run_cli("merge", str(shards[0]), str(shards[0]), str(shards[1]), "--out", str(out)),
+    assert_user_error(gluscope_here("merge", str(shards[0]), str(shards[1]), "--out", str(out)), "shard 2/3", "missing")
+    assert_user_error(gluscope_here("merge", str(shards[0]), str(shards[0]), str(shards[1]), "--out", str(out)),
                       "both shard 0/3")
-    assert_user_error(run_cli("merge", str(single), str(shards[0]), "--out", str(out)), "whole recording")
+    assert_user_error(gluscope_here("merge", str(single), str(shards[0]), "--out", str(out)), "whole recording")
     other = recordings.record(tiny_llama, corpus_file, *OPTIONS, "--shard", "1/3", "--k", "5")
-    assert_user_error(run_cli("merge", str(shards[0]), str(other), str(shards[2]), "--out", str(out)),
+    assert_user_error(gluscope_here("merge", str(shards[0]), str(other), str(shards[2]), "--out", str(out)),
                       "not shards of one run", "their k differs")
     junk = tmp_path / "junk.duckdb"
     junk.write_bytes(b"\0" * 5000)
-    assert_user_error(run_cli("merge", str(junk), "--out", str(out)), "not a readable DuckDB file")
-    assert_user_error(run_cli("merge", str(tmp_path / "missing.duckdb"), "--out", str(out)), "no such file")
+    assert_user_error(gluscope_here("merge", str(junk), "--out", str(out)), "not a readable DuckDB file")
+    assert_user_error(gluscope_here("merge", str(tmp_path / "missing.duckdb"), "--out", str(out)), "no such file")
     assert not out.exists()
     for bad in ("3/3", "x", "1/0", "-1/2"):
-        assert_user_error(subprocess.run(record_cmd(tiny_llama, corpus_file, out, *OPTIONS, "--shard", bad),
-                                         capture_output=True, text=True, timeout=300), "--shard")
+        assert_user_error(gluscope_here("record", "--model", str(tiny_llama), "--dataset", str(corpus_file),
+                                        "--out", str(out), *recordings.CPU, *OPTIONS, "--shard", bad), "--shard")
 
 
 @pytest.mark.system
