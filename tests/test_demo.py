@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from .gguf_files import write_llama_gguf
+from .notebook_run import run_notebook
 from .processes import free_port
 
 pytest.importorskip("gguf")
@@ -95,13 +96,15 @@ def expected_interesting_neuron(db: Path) -> tuple[int, int]:
 
 @pytest.mark.system
 @pytest.mark.slow
-def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
+def test_demo_records_a_gguf_file_serves_it_runs_the_notebook_and_reuses_it(tiny_llama, tmp_path):
+    """The demo as `make demo` runs it (its corpus and size), on the tiny model's GGUF file instead of SmolLM2's;
+    the example notebook runs against what it wrote and the probe it started."""
     model_file = write_llama_gguf(tiny_llama, tmp_path / "tiny-demo.gguf")
     out = tmp_path / "demo.duckdb"
     port = free_port()
     env = {**os.environ, "GLUSCOPE_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "gluscope.cli", "demo", "--model-file", str(model_file), "--out", str(out),
-           "--max-tokens", "1500", "--port", str(port)]
+           "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:
@@ -135,6 +138,7 @@ def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
                          timeout=60)
         assert live.status_code == 200, live.text
         assert [(n["layer"], n["neuron"]) for n in live.json()["neurons"]] == [(layer, neuron)]
+        run_notebook(out, url.split("/models/")[0])
     finally:
         proc.terminate()
         proc.wait(30)
@@ -145,12 +149,14 @@ def test_demo_records_a_gguf_file_serves_it_and_reuses_it(tiny_llama, tmp_path):
             if "gluscope.cli probe" in line and str(out) in line and probe_port in line]
     assert not left, left
     con = duckdb.connect(str(out), read_only=True)
-    name, weights_file, quantization, dataset = con.execute(
-        "SELECT model_name, weights_file, quantization, dataset FROM metadata").fetchone()
+    name, weights_file, quantization, dataset, n_tokens, n_texts = con.execute(
+        "SELECT model_name, weights_file, quantization, dataset, n_tokens, n_texts FROM metadata").fetchone()
     sources = con.execute("SELECT count(*), count(source) FROM texts").fetchone()
     con.close()
     assert (name, weights_file, quantization) == ("tiny-demo", "tiny-demo.gguf", "F32")
     assert dataset.startswith("demo corpus") and sources[0] == sources[1] > 0
+    from gluscope.demo import DEMO_TOKENS
+    assert n_tokens + n_texts >= DEMO_TOKENS  # the demo's size (its BOS tokens are kept, not counted)
 
     started = time.monotonic()
     again = subprocess.run([*cmd, "--no-serve"], capture_output=True, text=True, timeout=120, env=env)
