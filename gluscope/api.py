@@ -192,7 +192,8 @@ class Recording:
         """What the server's HTTP process loads at startup (db.NeuronTable), loaded on first use."""
         db = self._db
         if db.neurons is None:
-            db.neurons = NeuronTable.load(db.con, db.n_layers, db.d_mlp, db.experts.any)
+            db.neurons = NeuronTable.load(db.con, db.n_layers, db.d_mlp, int(db.meta["n_tokens"]), db.experts.any,
+                                        db.stated)
         return db.neurons
 
     @_user_errors
@@ -232,23 +233,24 @@ def _expert_neurons(db: Database, layer: int, expert: int | None) -> slice:
 
 
 def _neuron_columns(db: Database, table: NeuronTable, layer: int, which: slice) -> dict[str, Any]:
-    """The columns of Recording.neurons for the neurons `which` of `layer`, from the server's NeuronTable, with
-    frequencies over each neuron's counted tokens (experts.Experts.tokens), as data.neuron_summary computes them."""
+    """The columns of Recording.neurons for the neurons `which` of `layer`, from the server's NeuronTable: its
+    frequencies are the neuron page's (queries.frequency: over each neuron's counted tokens, or an import's stated
+    ones where its counts are not known, which are then <NA>)."""
     index = np.arange(db.experts.width(layer))[which]
-    index = index[table.counts[layer, index, 0] >= 0]  # a neuron the recorder never wrote: no row (its page is a 404)
-    n_tokens = int(db.meta["n_tokens"])
-    tokens = np.array([db.experts.tokens(layer, n, n_tokens) for n in index.tolist()], np.int64)
+    index = index[table.counts[layer, index, 0] != -1]  # a neuron the recorder never wrote: no row (its page is a 404)
     columns: dict[str, Any] = {"layer": np.full(len(index), layer, np.int64), "neuron": index}
     if db.experts.any:
         refs = [db.experts.ref(layer, n) for n in index.tolist()]
         columns.update({name: [r[name] for r in refs] for name in ADDRESS_COLUMNS})
-        columns["counted_tokens"] = tokens
+        n_tokens = int(db.meta["n_tokens"])
+        columns["counted_tokens"] = np.array([db.experts.tokens(layer, n, n_tokens) for n in index.tolist()],
+                                             np.int64)
     counts = table.counts[layer, index]
-    with np.errstate(all="ignore"):
-        frequency = np.where(tokens[:, None] > 0, counts / tokens[:, None], np.nan)
+    unknown = counts == -2  # NULL: an import whose frequencies give no exact count
     for q, label in enumerate(QUADRANTS):
-        columns[f"{label} count"] = counts[:, q]
-        columns[f"{label} frequency"] = frequency[:, q]
+        columns[f"{label} count"] = pd.arrays.IntegerArray(counts[:, q], unknown[:, q]) if unknown.any() \
+            else counts[:, q]
+        columns[f"{label} frequency"] = table.frequency[layer, index, q]
     for q, label in enumerate(QUADRANTS):
         for h, hook in enumerate(HOOKS):
             for stat, values in zip(STATS, (table.stat_min, table.stat_max, table.stat_mean)):
@@ -371,9 +373,9 @@ class Examples:
 
 
 def _examples_frame(db: Database, found: data.ExampleList) -> pd.DataFrame:
-    """One row per example: where it is, the value, the decoded text, the token of interest, and its window
-    (decoded, as tokens, and each value at each of its tokens: NaN past the text or, for an expert neuron, at a
-    token not routed to its expert)."""
+    """One row per example: where it is, the value, the text (data.whole_texts), the token of interest, and its
+    window (decoded, as tokens, and each value at each of its tokens: NaN past the text or, for an expert neuron,
+    at a token not routed to its expert)."""
     frame = pd.DataFrame({"rank": found.rank.astype(np.int64), "value": found.value.astype(np.float64),
                           "text_id": found.text_id, "source_index": found.source_index, "source": found.source,
                           "position": found.position})
@@ -381,7 +383,8 @@ def _examples_frame(db: Database, found: data.ExampleList) -> pd.DataFrame:
         frame["interval"] = found.interval.astype(np.int64)
         frame["interval_lo"] = [found.bounds[i][0] for i in found.interval.tolist()]
         frame["interval_hi"] = [_high(found.bounds[i][1]) for i in found.interval.tolist()]
-    texts = [data.text_data(db, t)["text"] for t in found.text_id.tolist()]
+    whole = data.whole_texts(db, found.text_id)
+    texts = [whole[t] for t in found.text_id.tolist()]
     windows = [ids.tolist() for ids in found.token_ids]
     frame["text"] = texts
     frame["token"] = [db.vocab.token(int(db.texts.token_ids(t)[p]))

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from gluscope.errors import UserError
-from gluscope.schema import COUNT_COLUMNS, HOOKS, QUADRANTS
+from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server.db import Database, open_database
-from gluscope.server.queries import NEURONS_WITH_EXPERTS, tokens_of
+from gluscope.server.queries import NEURONS_WITH_EXPERTS, frequency, tokens_of, with_imported
 
 FORMATS = ("gluscope-hf",)
 
@@ -86,7 +86,7 @@ def _cells() -> Iterator[tuple[int, str, int, str]]:
             yield q, quadrant, h, hook
 
 
-def _summary_columns(moe: bool) -> list[tuple[str, str]]:
+def _summary_columns(moe: bool, stated: bool) -> list[tuple[str, str]]:
     """(name, SQL) of each column of the summary, in order: the original's, and after `neuron` the neuron's
     expert and its index there in a file with experts (NULL for neurons of dense layers)."""
     columns = [("layer", "n.layer::BIGINT"), ("neuron", "n.neuron::BIGINT")]
@@ -95,7 +95,7 @@ def _summary_columns(moe: bool) -> list[tuple[str, str]]:
     for q, quadrant, h, hook in _cells():
         if h == 0:  # a quadrant's columns start with its frequency
             columns.append((f"{quadrant}_freq",
-                            f"coalesce(n.{COUNT_COLUMNS[q]} / {tokens_of()}, 'nan'::DOUBLE)::FLOAT"))
+                            f"coalesce({frequency([QUADRANT_SLUGS[q]], tokens_of(), stated)}, 'nan'::DOUBLE)::FLOAT"))
         name = f"{quadrant}_{PAPER_VALUES[hook]}"
         if has_top_list(quadrant, hook):
             columns += [(f"{name}_max_values", f"paper_values(t.v_{q}_{h}, $k)"),
@@ -104,16 +104,17 @@ def _summary_columns(moe: bool) -> list[tuple[str, str]]:
     return columns
 
 
-def summary_sql(moe: bool) -> str:
+def summary_sql(moe: bool, stated: bool) -> str:
     """The summary rows of layers $lo .. $hi, by layer then neuron; $k entries a list, $n_texts texts,
-    $n_tokens counted tokens (the denominator of a dense neuron's frequencies)."""
+    $n_tokens counted tokens (the denominator of a dense neuron's frequencies); stated: the file is an import
+    with frequencies of its own (Database.stated), which an export of it keeps where it knows no counts."""
     tops = ",\n           ".join(
         f"any_value(vals) FILTER (WHERE quadrant = {q} AND hook = {h}) AS v_{q}_{h}, "
         f"any_value(ids) FILTER (WHERE quadrant = {q} AND hook = {h}) AS i_{q}_{h}"
         for q, quadrant, h, hook in _cells() if has_top_list(quadrant, hook))
     means = ",\n           ".join(f"any_value(mean) FILTER (WHERE quadrant = {q} AND hook = {h}) AS m_{q}_{h}"
                                   for q, _, h, _ in _cells())
-    select = ",\n       ".join(f'{sql} AS "{name}"' for name, sql in _summary_columns(moe))
+    select = ",\n       ".join(f'{sql} AS "{name}"' for name, sql in _summary_columns(moe, stated))
     return f"""
 WITH lists AS (
     SELECT layer, neuron, quadrant, hook,
@@ -134,7 +135,7 @@ WITH lists AS (
     GROUP BY layer, neuron
 )
 SELECT {select}
-FROM {NEURONS_WITH_EXPERTS}
+FROM {with_imported(stated, NEURONS_WITH_EXPERTS, "layer BETWEEN $lo AND $hi")}
 LEFT JOIN tops t ON t.layer = n.layer AND t.neuron = n.neuron
 LEFT JOIN means m ON m.layer = n.layer AND m.neuron = n.neuron
 WHERE n.layer BETWEEN $lo AND $hi
@@ -172,7 +173,7 @@ def write_summary(db: Database, folder: Path) -> None:
     n_texts = len(db.texts)
     params = {"k": min(int(db.meta["k"]), n_texts), "n_texts": n_texts, "n_tokens": int(db.meta["n_tokens"])}
     ranges = shard_ranges([db.experts.width(layer) for layer in range(db.n_layers)], NEURONS_PER_SHARD)
-    sql = summary_sql(db.experts.any)
+    sql = summary_sql(db.experts.any, db.stated)
     for (lo, hi), path in zip(ranges, _shard_paths(folder, len(ranges))):
         _copy(db, sql, {**params, "lo": lo, "hi": hi}, path)
 

@@ -69,7 +69,7 @@ def model_data(db: Database) -> dict[str, Any]:
 
 
 def _model_data(db: Database) -> dict[str, Any]:
-    rows = db.query(queries.layer_summary(db.experts.any), {"n_tokens": max(int(db.meta["n_tokens"]), 1)})
+    rows = db.query(queries.layer_summary(db.experts.any, db.stated), {"n_tokens": max(int(db.meta["n_tokens"]), 1)})
     layers = [{"layer": r[0], "n_neurons": r[1],
                "frequency": {slug: _num(r[2 + q]) for q, slug in enumerate(QUADRANT_SLUGS)},
                "frac_flipped": _num(r[6]), "r_gate_pos_cos_in_out": _num(r[7]),
@@ -106,23 +106,19 @@ def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     routed = None
     if t.routed is not None and db.experts.expert_at(layer, neuron) is not None:
         routed = [a[layer, neuron].tolist() for a in t.routed]
-    body = neuron_summary(db, layer, neuron, [None if c < 0 else c for c in counts.tolist()],
-                          bool(t.flipped[layer, neuron]), [t.geometry[name][layer, neuron] for name in GEOMETRY],
-                          t.stat_min[layer, neuron].tolist(), t.stat_max[layer, neuron].tolist(),
-                          t.stat_mean[layer, neuron].tolist(), routed)
-    if t.imported_frequency is not None:  # the layout's own numbers, where no count gives them
-        for q, quadrant in enumerate(body["quadrants"]):
-            if quadrant["count"] is None:
-                quadrant["frequency"] = _num(t.imported_frequency[layer, neuron, q])
-    return body
+    return neuron_summary(db, layer, neuron, [None if c < 0 else c for c in counts.tolist()],
+                          t.frequency[layer, neuron].tolist(), bool(t.flipped[layer, neuron]),
+                          [t.geometry[name][layer, neuron] for name in GEOMETRY], t.stat_min[layer, neuron].tolist(),
+                          t.stat_max[layer, neuron].tolist(), t.stat_mean[layer, neuron].tolist(), routed)
 
 
-def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int | None], flipped: bool, geometry: list,
-                   mins: list[list], maxs: list[list], means: list[list],
+def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int | None], frequencies: list[float | None],
+                   flipped: bool, geometry: list, mins: list[list], maxs: list[list], means: list[list],
                    routed: list[list] | None = None) -> dict[str, Any]:
-    """A neuron's summary body (responses.NeuronSummary) from its counts (QUADRANTS order), its geometry
-    (GEOMETRY order) and its stats [quadrant][hook], wherever they were read; for an expert neuron also its
-    routed values ([min, max, mean][quadrant], schema.sql routed_values).
+    """A neuron's summary body (responses.NeuronSummary) from its counts and frequencies (QUADRANTS order, the
+    latter as queries.frequency() defines them), its geometry (GEOMETRY order) and its stats [quadrant][hook],
+    wherever they were read; for an expert neuron also its routed values ([min, max, mean][quadrant],
+    schema.sql routed_values).
 
     An expert neuron's frequencies are over the tokens routed to its expert (experts.Experts.tokens); in a
     file with experts the body says so (counted_tokens), names the expert (router) and adds each quadrant's
@@ -133,10 +129,9 @@ def neuron_summary(db: Database, layer: int, neuron: int, counts: list[int | Non
     moe = db.experts.any
     quadrants = []
     for q, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
-        count = None if counts[q] is None else int(counts[q])
         quadrants.append({
-            "quadrant": label, "slug": slug, "count": count,
-            "frequency": count / tokens if tokens and count is not None else None,
+            "quadrant": label, "slug": slug, "count": None if counts[q] is None else int(counts[q]),
+            "frequency": _num(frequencies[q]),
             "stats": {hook: {"min": _num(mins[q][h]), "max": _num(maxs[q][h]), "mean": _num(means[q][h])}
                       for h, hook in enumerate(HOOKS)},
         })
@@ -451,18 +446,25 @@ def _interval_count(counts: np.ndarray, magnitudes: tuple[np.ndarray, np.ndarray
 
 
 def text_data(db: Database, text_id: int) -> dict[str, Any]:
+    """One text: its token ids and tokens, and the text as whole_texts gives it."""
     check_index("text_id", text_id, db.n_texts)
     ids = db.texts.token_ids(text_id).tolist()
     return {"model": db.id, "text_id": text_id, "source_index": int(db.texts.source_index[text_id]),
-            "source": db.texts.source[text_id],
-            "token_ids": ids, "tokens": [db.vocab.token(i) for i in ids], "text": db.vocab.decode(ids[1:])}
+            "source": db.texts.source[text_id], "token_ids": ids, "tokens": [db.vocab.token(i) for i in ids],
+            "text": whole_texts(db, np.array([text_id]))[text_id]}
 
 
-def text_parts(db: Database, ids: list[int], position: int | None) -> tuple[str, str, str]:
-    """The decoded text split around the marked token (the BOS at position 0 adds nothing)."""
-    decode = db.vocab.decode
+def tokens_known(db: Database) -> bool:
+    """Whether the file has a vocabulary to decode its token ids with: an import without --model has none."""
+    return len(db.vocab) > 0
+
+
+def text_parts(db: Database, body: dict[str, Any], position: int | None) -> tuple[str, str, str]:
+    """A text body (text_data) split around the marked token (the BOS at position 0 adds nothing); the body's
+    text whole where no token is marked (none can be where the tokens are not known: tokens_known)."""
+    ids, decode = body["token_ids"], db.vocab.decode
     if position is None or position == 0:
-        return decode(ids[1:]), "", ""
+        return body["text"], "", ""
     return decode(ids[1:position]), decode(ids[position:position + 1]), decode(ids[position + 1:])
 
 
@@ -479,20 +481,17 @@ def layer_data(db: Database, layer: int, sort: str = "neuron", order: str = "asc
     check_choice("order", order, LAYER_ORDERS)
     width = db.experts.width(layer) if e is None else e.n_neurons
     check_page(db, offset, limit, width)
-    n_tokens = max(int(db.meta["n_tokens"]), 1)
-    page = {"layer": layer, "limit": limit, "offset": offset}
+    page = {"layer": layer, "limit": limit, "offset": offset, "n_tokens": max(int(db.meta["n_tokens"]), 1)}
     if db.experts.is_moe(layer):
         lo = 0 if e is None else e.first_neuron
-        rows = db.query(queries.layer_neurons(sort, order == "desc", moe=True),
-                        {**page, "n_tokens": n_tokens, "lo": lo, "hi": lo + width - 1})
-        tokens = [r[12] for r in rows]  # after the neuron and NEURON_COLUMNS
+        rows = db.query(queries.layer_neurons(sort, order == "desc", True, db.stated),
+                        {**page, "lo": lo, "hi": lo + width - 1})
     else:
-        rows = db.query(queries.layer_neurons(sort, order == "desc"), page)
-        tokens = [n_tokens] * len(rows)
+        rows = db.query(queries.layer_neurons(sort, order == "desc", False, db.stated), page)
     neurons = [{"neuron": r[0], **db.experts.ref(layer, r[0]),
-                "frequency": {slug: r[1 + q] / t if t else None for q, slug in enumerate(QUADRANT_SLUGS)},
+                "frequency": {slug: _num(r[1 + q]) for q, slug in enumerate(QUADRANT_SLUGS)},
                 "flipped": bool(r[5]), **dict(zip(GEOMETRY, map(_num, r[6:6 + len(GEOMETRY)])))}
-               for r, t in zip(rows, tokens)]
+               for r in rows]
     body = {"model": db.id, "layer": layer, "n_neurons": width, "sort": sort, "order": order,
             "offset": offset, "limit": limit, "neurons": neurons}
     if db.experts.any:
@@ -586,7 +585,7 @@ class Scatter:
 
     layer: int
     neuron: np.ndarray         # [N]
-    freq_gate_pos: np.ndarray  # [N] the frequency of x_gate > 0 (queries.FREQ_GATE_POS)
+    freq_gate_pos: np.ndarray  # [N] the frequency of x_gate > 0 (queries.frequency of GATE_POS_SLUGS)
     cos_in_out: np.ndarray     # [N]
     r: float | None            # Pearson correlation of the two, by DuckDB's corr()
     frame: plots.ScatterFrame
@@ -632,7 +631,7 @@ def scatter_png(db: Database, layer: int) -> bytes:
 
 
 def _scatter(db: Database, layer: int) -> Scatter:
-    found = db.con.execute(queries.layer_scatter(db.experts.is_moe(layer)),
+    found = db.con.execute(queries.layer_scatter(db.experts.is_moe(layer), db.stated),
                            {"layer": layer, "n_tokens": max(int(db.meta["n_tokens"]), 1)}).fetchnumpy()
     x = np.ma.filled(np.ma.asarray(found["freq_gate_pos"], np.float64), np.nan)
     y = np.ma.filled(np.ma.asarray(found["cos_in_out"], np.float64), np.nan)

@@ -20,7 +20,7 @@ import duckdb
 import numpy as np
 
 from gluscope.errors import UserError
-from gluscope.schema import ACT_FNS, COUNT_COLUMNS, GEOMETRY, QUADRANTS, SCHEMA_VERSION, schema_sql
+from gluscope.schema import ACT_FNS, COUNT_COLUMNS, GEOMETRY, QUADRANT_SLUGS, QUADRANTS, SCHEMA_VERSION, schema_sql
 from gluscope.server import queries
 from gluscope.server.experts import Experts, LayoutError
 
@@ -66,6 +66,7 @@ class NeuronTable:
     """The neurons and value_stats tables as arrays indexed [layer, neuron, ...]; NaN/-1 where a row is missing."""
 
     counts: np.ndarray    # [L, N, 4] int64, -1 where the neuron has no row, -2 where its count is NULL (an import's)
+    frequency: np.ndarray  # [L, N, 4] float64 as queries.frequency() defines it, NaN where it has none
     flipped: np.ndarray   # [L, N] bool (False where NULL: an import without weights, whose geometry is NaN)
     geometry: dict[str, np.ndarray]  # name -> [L, N] float32
     stat_min: np.ndarray  # [L, N, 4, 4] float32 (quadrant, hook)
@@ -74,17 +75,18 @@ class NeuronTable:
     # routed_values (expert neurons only: router weight x hook_post) as [L, N, 4] min, max, mean; None in a
     # file without experts.
     routed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    # imported_frequencies as [L, N, 4] float32, NaN where no row; None in a recording (it has no rows).
-    imported_frequency: np.ndarray | None = None
 
     @classmethod
-    def load(cls, con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int, moe: bool = False) -> "NeuronTable":
-        n = con.execute(queries.NEURONS).fetchnumpy()
+    def load(cls, con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int, n_tokens: int, moe: bool = False,
+             stated: bool = False) -> "NeuronTable":
+        n = con.execute(queries.neurons(moe, stated), {"n_tokens": n_tokens}).fetchnumpy()
         ok = (n["layer"] >= 0) & (n["layer"] < n_layers) & (n["neuron"] >= 0) & (n["neuron"] < d_mlp)
         li, ni = n["layer"][ok].astype(np.int64), n["neuron"][ok].astype(np.int64)
         counts = np.full((n_layers, d_mlp, 4), -1, np.int64)
-        for q, column in enumerate(COUNT_COLUMNS):
+        frequency = np.full((n_layers, d_mlp, 4), np.nan, np.float64)
+        for q, (column, slug) in enumerate(zip(COUNT_COLUMNS, QUADRANT_SLUGS)):
             counts[li, ni, q] = np.ma.filled(np.ma.asarray(n[column]), -2)[ok]
+            frequency[li, ni, q] = np.ma.filled(np.ma.asarray(n[f"freq_{slug}"], np.float64), np.nan)[ok]
         flipped = np.zeros((n_layers, d_mlp), bool)
         flipped[li, ni] = np.ma.filled(np.ma.asarray(n["flipped"]), False)[ok]
         geometry = {}
@@ -102,8 +104,7 @@ class NeuronTable:
             a[at] = values.filled(np.nan) if np.ma.isMaskedArray(values) else values
             arrays.append(a)
         routed = _load_routed_values(con, n_layers, d_mlp) if moe else None
-        return cls(counts, flipped, geometry, *arrays, routed=routed,
-                   imported_frequency=_load_imported_frequencies(con, n_layers, d_mlp))
+        return cls(counts, frequency, flipped, geometry, *arrays, routed=routed)
 
 
 def _load_routed_values(con: duckdb.DuckDBPyConnection, n_layers: int,
@@ -118,19 +119,6 @@ def _load_routed_values(con: duckdb.DuckDBPyConnection, n_layers: int,
         a[tuple(x[ok] for x in at)] = np.ma.filled(np.ma.asarray(r[col]).astype(dtype), np.nan)[ok]
         out.append(a)
     return out[0], out[1], out[2]
-
-
-
-def _load_imported_frequencies(con: duckdb.DuckDBPyConnection, n_layers: int, d_mlp: int) -> np.ndarray | None:
-    """imported_frequencies as [layers, neurons, quadrants] float32, NaN where no row; None where it is empty."""
-    f = con.execute(queries.IMPORTED_FREQUENCIES).fetchnumpy()
-    if not len(f["frequency"]):
-        return None
-    at = tuple(np.asarray(np.ma.getdata(f[c]), np.int64) for c in ("layer", "neuron", "quadrant"))
-    ok = np.all([(a >= 0) & (a < n) for a, n in zip(at, (n_layers, d_mlp, len(QUADRANTS)))], axis=0)
-    out = np.full((n_layers, d_mlp, len(QUADRANTS)), np.nan, np.float32)
-    out[tuple(a[ok] for a in at)] = np.asarray(np.ma.getdata(f["frequency"]), np.float32)[ok]
-    return out
 
 
 class LRUCache:
@@ -198,6 +186,7 @@ class Database:
     neurons: NeuronTable | None  # None in reader processes: no view they run reads it
     con: duckdb.DuckDBPyConnection
     experts: Experts  # each layer's width and experts; neuron addresses (experts.py)
+    stated: bool = False  # the file states frequencies of its own (an import's imported_frequencies): queries.STATED
     bin_edges: dict[str, list[float | None]] = field(default_factory=dict)  # histogram_bins per axis (load_bin_edges)
     examples: LRUCache = field(default_factory=lambda: LRUCache(EXAMPLE_CACHE_NEURONS), repr=False)
     # What the model page and a layer's scatter compute from whole tables (data.py): the file never changes,
@@ -224,10 +213,9 @@ class Database:
         return self.con.execute(sql, params or {}).fetchall()
 
     def temp_table(self, name: str) -> None:
-        """Build queries.TEMP_TABLES[name] (MOE_TEMP_TABLES in a file with experts) on this connection unless it
-        already has it (once per process)."""
+        """Build queries.temp_tables()[name] on this connection unless it already has it (once per process)."""
         if name not in self._prepared:
-            self.con.execute((queries.MOE_TEMP_TABLES if self.experts.any else queries.TEMP_TABLES)[name])
+            self.con.execute(queries.temp_tables(self.experts.any, self.stated)[name])
             self._prepared.add(name)
 
     def load_intervals(self) -> None:
@@ -388,9 +376,12 @@ def open_database(path: str | os.PathLike, neuron_table: bool = True) -> Databas
     except LayoutError as e:
         con.close()
         raise DatabaseFileError(f"{path}: {e}") from None
-    neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"]), experts.any) if neuron_table else None
+    stated = bool(con.execute(queries.STATED).fetchone()[0])
+    neurons = NeuronTable.load(con, int(meta["n_layers"]), int(meta["d_mlp"]), int(meta["n_tokens"]), experts.any,
+                               stated) if neuron_table else None
     return Database(path=path, id="", meta=meta, vocab=Vocabulary([t for t, _ in vocab], [bytes(b) for _, b in vocab]),
-                    texts=texts, neurons=neurons, con=con, experts=experts, bin_edges=load_bin_edges(con, path))
+                    texts=texts, neurons=neurons, con=con, experts=experts, stated=stated,
+                    bin_edges=load_bin_edges(con, path))
 
 
 def _check_size(con: duckdb.DuckDBPyConnection, path: Path) -> None:

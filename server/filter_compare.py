@@ -1,7 +1,7 @@
 """The whole-model filter of neurons, and neurons compared side by side, as JSON-ready dicts.
 
 Both run in a reader process (views.py): the filter scans the reader's
-`neuron_facts` table (queries.NEURON_FACTS), the comparison looks each neuron
+`neuron_facts` table (queries.neuron_facts), the comparison looks each neuron
 up in the file, as data.py's functions do for one neuron.
 """
 
@@ -117,7 +117,8 @@ def stored_neuron_summaries(db: Database, refs: list[tuple[int, int]]) -> list[d
     for layer, neuron in refs:
         check_neuron(db, layer, neuron)
     params = {f"{part}_{i}": value for i, ref in enumerate(refs) for part, value in zip(("layer", "neuron"), ref)}
-    rows = {r[0]: r[1:] for r in db.query(queries.neuron_rows(len(refs)), params)}
+    rows = {r[0]: r[1:] for r in db.query(queries.neuron_rows(len(refs), db.experts.any, db.stated),
+                                          {**params, "n_tokens": int(db.meta["n_tokens"])})}
     stats = [[[[None] * 4 for _ in QUADRANTS] for _ in range(3)] for _ in refs]  # [i][min, max, mean][q][hook]
     for i, q, h, *values in db.query(queries.neuron_value_stats(len(refs)), params):
         if 0 <= q < 4 and 0 <= h < 4:
@@ -138,8 +139,10 @@ def stored_neuron_summaries(db: Database, refs: list[tuple[int, int]]) -> list[d
         if i not in rows:
             raise ParameterError(404, "neurons", f"neuron {db.experts.address(layer, neuron)} is not in this "
                                  "database", None)
-        row = rows[i]
-        out.append(neuron_summary(db, layer, neuron, list(row[:4]), row[4], list(row[5:]), *stats[i], routed[i]))
+        row = rows[i]  # NEURON_COLUMNS (counts, flipped, geometry), then the frequencies
+        geometry = row[5:5 + len(GEOMETRY)]
+        out.append(neuron_summary(db, layer, neuron, list(row[:4]), list(row[5 + len(GEOMETRY):]), row[4],
+                                  list(geometry), *stats[i], routed[i]))
     return out
 
 

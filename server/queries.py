@@ -7,16 +7,61 @@ ordered by (layer, neuron), so DuckDB's zonemaps skip all row groups but one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gluscope.schema import COUNT_COLUMNS, GATE_POS_SLUGS, GEOMETRY, IN_POS_SLUGS, QUADRANT_SLUGS
 
 # What a neuron's row holds besides its key: the quadrant counts, the flip and the weight geometry.
 NEURON_COLUMNS = ", ".join((*COUNT_COLUMNS, "flipped", *GEOMETRY))
 
-# A neuron's tokens with x_gate > 0 and with x_in > 0, as sums of its counts in `neurons`; FREQ_GATE_POS is the
-# frequency of x_gate > 0 of the paper's §5.1 analysis, given $n_tokens.
+# A neuron's tokens with x_gate > 0, as a sum of its counts in `neurons`: what pages and the API documentation
+# write for the frequency of x_gate > 0 of the paper's §5.1 analysis (frequency(GATE_POS_SLUGS)).
 GATE_POS_COUNT = " + ".join(f"count_{s}" for s in GATE_POS_SLUGS)
-IN_POS_COUNT = " + ".join(f"count_{s}" for s in IN_POS_SLUGS)
-FREQ_GATE_POS = f"({GATE_POS_COUNT}) / $n_tokens"
+
+
+# --- a neuron's frequencies ---------------------------------------------------------
+# Every page, sort, filter and export reads a neuron's frequencies through frequency(): its counts over its
+# tokens, or, in an import whose frequencies give no exact count (its counts NULL: the paper's 20M-token
+# dataset), the frequencies its layout states (imported_frequencies). `stated` says whether the file has any
+# (Database.stated, from STATED when it is opened): a recording has none, and its statements then join nothing.
+# Not always joined: even an empty imported_frequencies makes a layer page's and the comparison's statements
+# several times slower at a 7B model's size (docs/performance.md); only an import pays for the join.
+STATED = "SELECT EXISTS (SELECT 1 FROM imported_frequencies)"
+
+
+def imported_by_neuron(where: str = "TRUE") -> str:
+    """imported_frequencies as one row per neuron, a column per quadrant (imported_pp ...), of the rows `where`
+    selects (a condition on layer and neuron: the table is sorted by them, so the zonemaps prune the rest)."""
+    stated = ", ".join(f"any_value(frequency) FILTER (WHERE quadrant = {q}) AS imported_{s}"
+                       for q, s in enumerate(QUADRANT_SLUGS))
+    return f"(SELECT layer, neuron, {stated} FROM imported_frequencies WHERE {where} GROUP BY layer, neuron)"
+
+
+def with_imported(stated: bool, relation: str = "neurons n", where: str = "TRUE") -> str:
+    """The FROM clause frequency() reads: `relation` (neurons as n, perhaps joined to experts) and, in a file
+    with stated frequencies, each neuron's as i; `where` narrows those as the statement narrows n."""
+    if not stated:
+        return relation
+    return f"{relation} LEFT JOIN {imported_by_neuron(where)} i ON i.layer = n.layer AND i.neuron = n.neuron"
+
+
+def frequency(slugs: Sequence[str], tokens: str, stated: bool) -> str:
+    """A neuron's frequency of these quadrants together (one slug: of that quadrant), a DOUBLE over
+    with_imported()'s n and i: its counts over `tokens`, the tokens its statistics are over; where a count is
+    NULL, the sum of the frequencies its import states. The counts are summed before dividing, as they always
+    were, so that a recording's numbers stay what they were to the last bit."""
+    counts = f"({' + '.join(f'n.count_{s}' for s in slugs)}) / {tokens}"
+    if not stated:
+        return counts
+    given = " + ".join(f"i.imported_{s}::DOUBLE" for s in slugs)
+    unknown = " OR ".join(f"n.count_{s} IS NULL" for s in slugs)
+    return f"(CASE WHEN {unknown} THEN {given} ELSE {counts} END)"
+
+
+def frequencies(tokens: str, stated: bool) -> str:
+    """Each quadrant's frequency(), as freq_pp ... freq_nn."""
+    return ", ".join(f"{frequency([s], tokens, stated)} AS freq_{s}" for s in QUADRANT_SLUGS)
+
 
 TABLES = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
 
@@ -41,14 +86,21 @@ TEXT_LENGTHS = "SELECT source_index, source, n_tokens FROM texts ORDER BY text_i
 # streams as flat integers: no per-text lists, no pyarrow in the server.
 TEXT_TOKENS = "SELECT unnest(token_ids) AS token_id FROM texts"
 
-# The per-neuron summary (counts, geometry, 16 stats) of every neuron is loaded
+# The per-neuron summary (counts, frequencies, geometry, 16 stats) of every neuron is loaded
 # once at startup (its size: see docs/performance.md): the neuron page and its
 # JSON then never wait on the file.
-NEURONS = f"SELECT layer, neuron, {NEURON_COLUMNS} FROM neurons"
+def neurons(moe: bool, stated: bool) -> str:
+    """Every neuron's row and its frequencies (freq_pp ...), each over its own tokens in a file with experts."""
+    relation, tokens = (NEURONS_WITH_EXPERTS, tokens_of(NEURON_TOKENS)) if moe else ("neurons n", NEURON_TOKENS)
+    return (f"SELECT n.layer, n.neuron, {NEURON_COLUMNS}, {frequencies(tokens, stated)} "
+            f"FROM {with_imported(stated, relation)}")
+
+
+# A dense neuron's denominator where its own summary is read (neurons, neuron_rows), given $n_tokens: no
+# frequency where nothing was counted.
+NEURON_TOKENS = "nullif($n_tokens, 0)"
 
 VALUE_STATS = "SELECT layer, neuron, quadrant, hook, min, max, mean FROM value_stats"
-# An import's frequencies as its layout states them (empty in a recording), loaded beside the neurons.
-IMPORTED_FREQUENCIES = "SELECT layer, neuron, quadrant, frequency FROM imported_frequencies"
 # What expert neurons add to the residual stream (router weight x hook_post), loaded beside value_stats.
 ROUTED_VALUES = "SELECT layer, neuron, quadrant, min, max, mean FROM routed_values"
 # The value of each top list's first example: within a quadrant every value of a hook has one sign, so the
@@ -136,64 +188,56 @@ WHERE layer = $layer AND neuron = $neuron
 ORDER BY kind, rank
 """
 
-# The texts of an import's examples without a position, as its dataset gave them (NULL: decode the token ids).
+# Texts as their dataset gave them (NULL: decode the token ids): an import's, for its examples without a
+# position and for the text page (data.whole_texts).
 TEXT_STRINGS = "SELECT text_id, text FROM texts WHERE list_contains($text_ids, text_id)"
 
 # Mean frequency of each quadrant per layer, for the model page, and the paper's §5.1 analysis: the Pearson
 # correlation, across the layer's neurons, between the frequency of x_gate > 0 and cos(w_in, w_out).
-LAYER_SUMMARY = f"""
-SELECT layer,
+def layer_summary(moe: bool, stated: bool) -> str:
+    """Per layer its neurons, each quadrant's mean frequency, the share flipped and the §5.1 r; in a file with
+    experts each neuron's frequencies are over its own tokens (tokens_of)."""
+    relation, tokens = (NEURONS_WITH_EXPERTS, tokens_of()) if moe else ("neurons n", "$n_tokens")
+    return f"""
+SELECT n.layer,
        count(*) AS n_neurons,
-       {", ".join(f"avg({c} / $n_tokens) AS freq_{s}" for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
+       {", ".join(f"avg({frequency([s], tokens, stated)}) AS freq_{s}" for s in QUADRANT_SLUGS)},
        avg(flipped::INTEGER) AS frac_flipped,
-       corr({FREQ_GATE_POS}, cos_in_out) AS r_gate_pos_cos_in_out
-FROM neurons
-GROUP BY layer
-ORDER BY layer
+       corr({frequency(GATE_POS_SLUGS, tokens, stated)}, cos_in_out) AS r_gate_pos_cos_in_out
+FROM {with_imported(stated, relation)}
+GROUP BY n.layer
+ORDER BY n.layer
 """
 
 
-def layer_summary(moe: bool) -> str:
-    """LAYER_SUMMARY, or for a file with experts LAYER_SUMMARY_MOE: each neuron's frequencies over its own
-    tokens (tokens_of)."""
-    return LAYER_SUMMARY_MOE if moe else LAYER_SUMMARY
-
-
-# Sort keys a layer table may be ordered by; the ORDER BY clause is picked from
-# this fixed mapping, never built from the request.
-LAYER_SORT_KEYS = {
-    "neuron": "neuron",
-    **{f"freq_{s}": c for s, c in zip(QUADRANT_SLUGS, COUNT_COLUMNS)},
-    "freq_gate_pos": GATE_POS_COUNT, "freq_in_pos": IN_POS_COUNT,
+# Sort keys a layer table may be ordered by: a column, or the quadrants whose frequency() it sorts by. The
+# ORDER BY clause is picked from this fixed mapping, never built from the request.
+LAYER_SORT_KEYS: dict[str, str | tuple[str, ...]] = {
+    "neuron": "n.neuron",
+    **{f"freq_{s}": (s,) for s in QUADRANT_SLUGS},
+    "freq_gate_pos": GATE_POS_SLUGS, "freq_in_pos": IN_POS_SLUGS,
     **{name: name for name in GEOMETRY},
 }
 
 
-def layer_neurons(sort: str, descending: bool, moe: bool = False) -> str:
-    """One page of a layer's neurons ordered by a key of LAYER_SORT_KEYS (ties by neuron).
+def layer_neurons(sort: str, descending: bool, moe: bool, stated: bool) -> str:
+    """One page of a layer's neurons ordered by a key of LAYER_SORT_KEYS (ties by neuron): neuron, each
+    quadrant's frequency over $n_tokens, flipped, the geometry.
 
-    moe: a layer with experts, whose neurons' frequencies have different denominators: sorted by frequency
-    (not by count), each row followed by its tokens (tokens_of), the neurons restricted to $lo .. $hi (one
-    expert's, or the whole layer's).
+    moe: a layer with experts, whose neurons' frequencies are each over its own tokens (tokens_of), the neurons
+    restricted to $lo .. $hi (one expert's, or the whole layer's).
     """
     direction = "DESC" if descending else "ASC"
-    if moe:
-        key = LAYER_SORT_KEYS[sort]
-        if sort.startswith("freq_"):
-            key = f"({key}) / {tokens_of()}"
-        return f"""
-SELECT n.neuron, {NEURON_COLUMNS}, {tokens_of()} AS tokens
-FROM {NEURONS_WITH_EXPERTS}
-WHERE n.layer = $layer AND n.neuron BETWEEN $lo AND $hi
-ORDER BY {key} {direction}, n.neuron
-LIMIT $limit OFFSET $offset
-"""
+    relation, tokens, within = (NEURONS_WITH_EXPERTS, tokens_of(), " AND n.neuron BETWEEN $lo AND $hi") if moe \
+        else ("neurons n", "$n_tokens", "")
     key = LAYER_SORT_KEYS[sort]
+    if isinstance(key, tuple):
+        key = frequency(key, tokens, stated)
     return f"""
-SELECT neuron, {NEURON_COLUMNS}
-FROM neurons
-WHERE layer = $layer
-ORDER BY {key} {direction}, neuron
+SELECT n.neuron, {frequencies(tokens, stated)}, flipped, {", ".join(GEOMETRY)}
+FROM {with_imported(stated, relation, "layer = $layer")}
+WHERE n.layer = $layer{within}
+ORDER BY {key} {direction}, n.neuron
 LIMIT $limit OFFSET $offset
 """
 
@@ -204,8 +248,8 @@ LIMIT $limit OFFSET $offset
 # over `neuron_facts` that computes it (DOUBLE, so a bound is compared with no
 # rounding of the request's number to float32). The field names come from
 # this fixed mapping, never from the request:
-# - freq_<slug>: count_<slug> / metadata.n_tokens (the frequency a neuron page shows; an expert neuron's over its
-#   expert's tokens, in NEURON_FACTS_MOE);
+# - freq_<slug>: frequency(), over metadata.n_tokens (the frequency a neuron page shows; an expert neuron's over
+#   its expert's tokens, in a file with experts);
 # - the weight geometry (schema.GEOMETRY);
 # - absmax_<slug>: the largest |hook_post| over the quadrant's tokens, from
 #   value_stats (hook 0): within a quadrant hook_post has one sign, so it is
@@ -234,24 +278,30 @@ ABSMAX_BY_NEURON = f"""(
 # table for one page and a count of the matches. It costs one aggregation
 # when a reader starts and some memory per reader (the measurements, with
 # benchmarks/bench_filter.py: see docs/performance.md).
-NEURON_FACTS = f"""
+def neuron_facts(moe: bool, stated: bool) -> str:
+    """The facts of a file's neurons; with experts, each neuron's frequencies over its own tokens, and its
+    expert."""
+    relation, tokens = ("neurons n", "(SELECT greatest(n_tokens, 1) FROM metadata)")
+    if moe:
+        relation, tokens = NEURONS_WITH_EXPERTS, tokens_of(tokens)
+    return f"""
 CREATE TEMP TABLE IF NOT EXISTS neuron_facts AS
-SELECT n.layer, n.neuron,
-       {", ".join(f"n.{c} / (SELECT greatest(n_tokens, 1) FROM metadata)::DOUBLE AS freq_{s}"
-                  for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
+SELECT n.layer, n.neuron,{" e.expert," if moe else ""}
+       {frequencies(tokens, stated)},
        {", ".join(f"n.{name}" for name in GEOMETRY)},
        {", ".join(f"v.absmax_{s}" for s in QUADRANT_SLUGS)}
-FROM neurons n
-LEFT JOIN {ABSMAX_BY_NEURON} v USING (layer, neuron)
+FROM {with_imported(stated, relation)}
+LEFT JOIN {ABSMAX_BY_NEURON} v ON v.layer = n.layer AND v.neuron = n.neuron
 ORDER BY n.layer, n.neuron
 """
+
 
 # --- mixture-of-experts layers ----------------------------------------------------
 # An expert neuron's statistics are over the tokens routed to its expert, so its frequencies are its counts over
 # experts.tokens, a dense neuron's over metadata.n_tokens. A layer's experts tile its neurons in order (schema.sql,
 # experts), so a neuron's expert is the one of its layer with the largest first_neuron <= neuron: an ASOF join,
-# one merge of the two sorted tables. Only a file with experts runs the statements below; a dense file's are the
-# ones above, as they were.
+# one merge of the two sorted tables. Only a file with experts joins them (a statement's moe=True); a dense
+# file's statements read `neurons n` alone.
 NEURONS_WITH_EXPERTS = "neurons n ASOF LEFT JOIN experts e ON n.layer = e.layer AND n.neuron >= e.first_neuron"
 
 
@@ -261,22 +311,14 @@ def tokens_of(n_tokens: str = "$n_tokens") -> str:
     return f"(CASE WHEN e.expert IS NULL THEN {n_tokens} ELSE nullif(e.tokens, 0) END)"
 
 
-NEURON_FACTS_MOE = f"""
-CREATE TEMP TABLE IF NOT EXISTS neuron_facts AS
-SELECT n.layer, n.neuron, e.expert,
-       {", ".join(f"n.{c} / {tokens_of('(SELECT greatest(n_tokens, 1) FROM metadata)')}::DOUBLE AS freq_{s}"
-                  for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
-       {", ".join(f"n.{name}" for name in GEOMETRY)},
-       {", ".join(f"v.absmax_{s}" for s in QUADRANT_SLUGS)}
-FROM {NEURONS_WITH_EXPERTS}
-LEFT JOIN {ABSMAX_BY_NEURON} v ON v.layer = n.layer AND v.neuron = n.neuron
-ORDER BY n.layer, n.neuron
-"""
+# Temporary tables each connection builds once, by name (Database.temp_table): a file with experts' neuron_facts
+# also says each neuron's expert, for the filter's expert=.
+def temp_tables(moe: bool, stated: bool) -> dict[str, str]:
+    return {"neuron_facts": neuron_facts(moe, stated)}
 
-# Temporary tables each connection builds once, by name (Database.temp_table): a file with experts builds the
-# second (its neuron_facts also says each neuron's expert, for the filter's expert=).
-TEMP_TABLES = {"neuron_facts": NEURON_FACTS}
-MOE_TEMP_TABLES = {"neuron_facts": NEURON_FACTS_MOE}
+
+# A recording's (benchmarks/bench_filter.py builds it).
+NEURON_FACTS = neuron_facts(moe=False, stated=False)
 
 
 def neuron_filter(bounds: list[tuple[str, str]], shown: list[str], sort: str, descending: bool,
@@ -288,7 +330,7 @@ def neuron_filter(bounds: list[tuple[str, str]], shown: list[str], sort: str, de
     returned after layer and neuron. NULLs (a quadrant that never occurred)
     match no bound and sort last either way; ties go to (layer, neuron).
     Returns layer, neuron, then the shown fields. expert: only the neurons of expert $expert (a file with
-    experts: MOE_TEMP_TABLES).
+    experts: its temp_tables).
     """
     columns = "".join(f", {FILTER_FIELDS[f]} AS {f}" for f in shown)
     key = "" if sort == "neuron" else f"{FILTER_FIELDS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, "
@@ -317,9 +359,15 @@ def _filter_where(bounds: list[tuple[str, str]], expert: bool = False) -> str:
 # Each of n neurons' row and 16 value_stats rows ($layer_0, $neuron_0 ..), for views that run in a reader
 # (which holds no NeuronTable): the comparison. One lookup per neuron in a UNION ALL, each pruned to its
 # row group, in one statement per table: 2 statements for 4 neurons instead of 8.
-def neuron_rows(n: int) -> str:
-    return "\nUNION ALL\n".join(f"SELECT {i} AS i, {NEURON_COLUMNS} FROM neurons "
-                                 f"WHERE layer = $layer_{i} AND neuron = $neuron_{i}" for i in range(n))
+def neuron_rows(n: int, moe: bool, stated: bool) -> str:
+    """Each neuron's NEURON_COLUMNS and its frequencies, as neurons() gives them."""
+    relation, tokens = (NEURONS_WITH_EXPERTS, tokens_of(NEURON_TOKENS)) if moe else ("neurons n", NEURON_TOKENS)
+
+    def one(i: int) -> str:
+        return (f"SELECT {i} AS i, {NEURON_COLUMNS}, {frequencies(tokens, stated)} "
+                f"FROM {with_imported(stated, relation, f'layer = $layer_{i} AND neuron = $neuron_{i}')} "
+                f"WHERE n.layer = $layer_{i} AND n.neuron = $neuron_{i}")
+    return "\nUNION ALL\n".join(one(i) for i in range(n))
 
 
 def neuron_value_stats(n: int) -> str:
@@ -466,35 +514,16 @@ def related_between(db, neurons: list[tuple[int, int]]) -> list[dict]:
 
 
 # One layer's neurons as the points of the §5.1 scatter: frequency of x_gate > 0 against cos(w_in, w_out).
-LAYER_SCATTER = f"""
-SELECT neuron, {FREQ_GATE_POS} AS freq_gate_pos, cos_in_out,
-       corr({FREQ_GATE_POS}, cos_in_out) OVER () AS r
-FROM neurons
-WHERE layer = $layer
-ORDER BY neuron
-"""
-_FREQ_GATE_POS_MOE = f"({GATE_POS_COUNT}) / {tokens_of()}"
-LAYER_SCATTER_MOE = f"""
-SELECT n.neuron, {_FREQ_GATE_POS_MOE} AS freq_gate_pos, cos_in_out,
-       corr({_FREQ_GATE_POS_MOE}, cos_in_out) OVER () AS r
-FROM {NEURONS_WITH_EXPERTS}
+def layer_scatter(moe: bool, stated: bool) -> str:
+    relation, tokens = (NEURONS_WITH_EXPERTS, tokens_of()) if moe else ("neurons n", "$n_tokens")
+    gate_pos = frequency(GATE_POS_SLUGS, tokens, stated)
+    return f"""
+SELECT n.neuron, {gate_pos} AS freq_gate_pos, cos_in_out,
+       corr({gate_pos}, cos_in_out) OVER () AS r
+FROM {with_imported(stated, relation, "layer = $layer")}
 WHERE n.layer = $layer
 ORDER BY n.neuron
 """
-LAYER_SUMMARY_MOE = f"""
-SELECT n.layer,
-       count(*) AS n_neurons,
-       {", ".join(f"avg({c} / {tokens_of()}) AS freq_{s}" for c, s in zip(COUNT_COLUMNS, QUADRANT_SLUGS))},
-       avg(flipped::INTEGER) AS frac_flipped,
-       corr({_FREQ_GATE_POS_MOE}, cos_in_out) AS r_gate_pos_cos_in_out
-FROM {NEURONS_WITH_EXPERTS}
-GROUP BY n.layer
-ORDER BY n.layer
-"""
-
-
-def layer_scatter(moe: bool) -> str:
-    return LAYER_SCATTER_MOE if moe else LAYER_SCATTER
 
 
 # --- the experts of a layer, and one expert ---------------------------------------

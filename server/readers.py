@@ -68,7 +68,7 @@ def _open(paths: list[str]) -> None:
     _registry = open_databases(paths, neuron_table=False)
     for db in _registry.values():
         token_spans(db.vocab)  # built once here, not on a user's first fragment
-        db.temp_table("neuron_facts")  # and the filter's table (queries.NEURON_FACTS), not on its first request
+        db.temp_table("neuron_facts")  # and the filter's table (queries.neuron_facts), not on its first request
         try:
             db.load_intervals()  # and every neuron's interval bounds (Database.neuron_intervals)
             db.load_extremes()  # and every list's first value (Database.top_example_value)

@@ -173,8 +173,8 @@ def pct(x: float | None) -> str:
 
 
 def freq_gate_pos(frequency: dict[str, float | None]) -> float | None:
-    """The frequency of x_gate > 0 from a neuron's frequency per quadrant slug (queries.FREQ_GATE_POS's sum);
-    None where they are (an expert no token was routed to)."""
+    """The frequency of x_gate > 0 from a neuron's frequency per quadrant slug, their sum; None where they are
+    (an expert no token was routed to)."""
     parts = [frequency[s] for s in GATE_POS_SLUGS]
     return None if None in parts else sum(parts)
 

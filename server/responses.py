@@ -117,7 +117,8 @@ class LayerSummary(LayerRouter):
     layer: int
     n_neurons: int
     frequency: Frequencies = Field(description="mean frequency of each quadrant over the layer's neurons (an "
-                                               "expert neuron's over the tokens routed to its expert)")
+                                               "expert neuron's over the tokens routed to its expert; an import's "
+                                               "without counts: the layout's own)")
     frac_flipped: float | None
     r_gate_pos_cos_in_out: float | None = Field(
         description="§5.1 of the paper: Pearson correlation across the layer's neurons between the frequency of "
@@ -201,7 +202,7 @@ class NeuronSummary(Addressed):
 
 class LayerNeuron(Geometry):  # type: ignore[misc, valid-type]
     neuron: int
-    frequency: Frequencies
+    frequency: Frequencies = Field(description="each quadrant's frequency, as the neuron's own body gives it")
     expert: int | None = ADDRESS_FIELDS["expert"][1]
     expert_neuron: int | None = ADDRESS_FIELDS["expert_neuron"][1]
     address: str | None = ADDRESS_FIELDS["address"][1]
@@ -348,7 +349,8 @@ class Text(Body):
     source: str | None
     token_ids: list[int]
     tokens: list[str]
-    text: str
+    text: str = Field(description="the text as its dataset gave it (an import's), else decoded from the "
+                                  "vocabulary after the BOS")
 
 
 # One neuron of a whole-model filter: its key, and the fields the request bounded or sorted by (absent

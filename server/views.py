@@ -260,14 +260,17 @@ def tokens(db: Database, layer: int = Layer, neuron: str = Neuron) -> Page:
     return Page(data.weight_tokens_data(db, layer, neuron_index(db, layer, neuron)))
 
 
-@view(page="text.html", fragment="_text.html")
+# It reads the file: an import's texts as its dataset gave them (texts.text) are not loaded at startup.
+@view(page="text.html", fragment="_text.html", reads_file=True)
 def text(db: Database, text_id: int = TextId,
          position: int | None = Query(None, description="page only: a token to mark")) -> Page:
-    """One recorded text: its token ids, each token, and the text decoded from the stored vocabulary."""
+    """One recorded text: its token ids, each token, and the text as its dataset gave it (an import's), else
+    decoded from the stored vocabulary."""
     result = data.text_data(db, text_id)
     if position is not None:
         check_index("position", position, len(result["token_ids"]))
-    return Page(result, {"position": position, "parts": data.text_parts(db, result["token_ids"], position)})
+    marked = position if data.tokens_known(db) else None
+    return Page(result, {"position": marked, "parts": data.text_parts(db, result, marked)})
 
 
 def _neuron_url(db: Database, layer: int, neuron: int) -> str:

@@ -1,22 +1,30 @@
 """`gluscope import-gluscope`: the recording, exported in the paper's layout and imported again, served.
 
-The expected numbers are read from the original recording's tables with plain SQL; the import is checked
-through the real server's JSON and pages, and (with --model, the tiny Llama) its examples' positions against
-the recording's own.
+The expected numbers are read from the original recording's tables with plain SQL, or, for an import whose
+counts are not known, from the layout's Parquet files; the import is checked through the real server's JSON
+and pages and the Python API, and (with --model, the tiny Llama) its examples' positions against the
+recording's own.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from markupsafe import escape
 
+import gluscope
 from gluscope.cli import main
-from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.recorder.paper_import import EXACT_COUNT_TOKENS
+from gluscope.schema import GATE_POS_SLUGS, HOOKS, QUADRANT_SLUGS, QUADRANTS
 
 
 def run(*args: str) -> int:
@@ -55,6 +63,41 @@ def client_of(path):
 def imported_client(imported):
     with client_of(imported) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def stated(exported, tmp_path_factory):
+    """An import whose counts are not known, as the paper's 20M-token dataset arrives: texts of the original's
+    convention (input_ids and text, no text_id) with more tokens than a float32 frequency gives a count of
+    exactly; here the export's texts and one long text after them, which no list names."""
+    folder = tmp_path_factory.mktemp("stated")
+    texts = pq.read_table(exported / "texts", columns=["input_ids", "text"])
+    long = pa.table({"input_ids": pa.array([np.ones(EXACT_COUNT_TOKENS, np.int32)], texts.schema.field(0).type),
+                     "text": ["a text as long as the denominator needs"]}, schema=texts.schema)
+    (folder / "texts").mkdir()
+    pq.write_table(pa.concat_tables([texts, long]), folder / "texts" / "t.parquet")
+    out = folder / "stated.duckdb"
+    assert run(str(exported), "--texts", str(folder / "texts"), "--out", str(out)) == 0
+    imp = duckdb.connect(str(out), read_only=True)
+    try:
+        assert imp.execute("SELECT count(*) FROM neurons WHERE count_pp IS NOT NULL").fetchone() == (0,)
+    finally:
+        imp.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def stated_client(stated):
+    with client_of(stated) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def layout_frequencies(exported) -> dict[tuple[int, int], list[float]]:
+    """Each neuron's four Q_freq as the layout's Parquet files state them, read apart from the import."""
+    columns = ", ".join(f'"{q}_freq"' for q in QUADRANTS)
+    rows = duckdb.sql(f"SELECT layer, neuron, {columns} FROM read_parquet('{exported}/data/*.parquet')").fetchall()
+    return {(layer, neuron): list(freqs) for layer, neuron, *freqs in rows}
 
 
 def a_neuron(con) -> tuple[int, int]:
@@ -198,3 +241,121 @@ def test_the_cli_imports_without_importing_torch(exported, tmp_path):
     subprocess.run([sys.executable, "-c", code, "import-gluscope", str(exported), "--texts", str(exported / "texts"),
                     "--out", str(out)], check=True, capture_output=True)
     assert out.is_file()
+
+
+def by_slug(freqs: list[float]) -> dict[str, float]:
+    return dict(zip(QUADRANT_SLUGS, freqs))
+
+
+def pct(x: float) -> str:
+    """A frequency as the pages print it (render.pct)."""
+    return f"{100 * x:.2f}%"
+
+
+@pytest.mark.integration
+def test_without_counts_the_layer_and_model_show_the_layouts_frequencies(stated_client, layout_frequencies):
+    c = stated_client
+    model = c.get("/api/models").json()["models"][0]["id"]
+    n_layers = 1 + max(layer for layer, _ in layout_frequencies)
+    body = c.get(f"/api/models/{model}").json()
+    for row in body["layers"]:
+        expected = np.array([f for (layer, _), f in layout_frequencies.items() if layer == row["layer"]], np.float64)
+        assert list(row["frequency"].values()) == pytest.approx(expected.mean(axis=0).tolist(), rel=1e-12)
+    page = c.get(f"/models/{model}").text
+    assert all(pct(f) in page for row in body["layers"] for f in row["frequency"].values())
+    for layer in range(n_layers):
+        mine = {n: f for (lay, n), f in layout_frequencies.items() if lay == layer}
+        neurons = c.get(f"/api/models/{model}/layers/{layer}?limit={len(mine)}").json()["neurons"]
+        assert {n["neuron"]: n["frequency"] for n in neurons} == {n: by_slug(f) for n, f in mine.items()}
+        # A sort by a frequency orders by the layout's numbers, ties by neuron; x_gate > 0 is two quadrants' sum.
+        for sort, key in (("freq_np", lambda f: f[2]), ("freq_gate_pos", lambda f: f[0] + f[1])):
+            got = c.get(f"/api/models/{model}/layers/{layer}?sort={sort}&order=desc&limit=10").json()["neurons"]
+            assert [n["neuron"] for n in got] == sorted(mine, key=lambda n: (-key(mine[n]), n))[:10]
+        top = c.get(f"/api/models/{model}/layers/{layer}?sort=freq_pp&order=desc&limit=5").json()["neurons"]
+        page = c.get(f"/models/{model}/layers/{layer}?sort=freq_pp&order=desc&limit=5")
+        assert page.status_code == 200 and "import-note" in page.text
+        assert all(pct(x) in page.text for n in top for x in n["frequency"].values())
+        scatter = c.get(f"/api/models/{model}/layers/{layer}/scatter").json()
+        assert scatter["freq_gate_pos"] == [sum(mine[n][QUADRANT_SLUGS.index(s)] for s in GATE_POS_SLUGS)
+                                            for n in scatter["neuron"]]
+    layer, neuron = next(iter(layout_frequencies))
+    summary = c.get(f"/api/models/{model}/neurons/{layer}/{neuron}").json()
+    assert [q["frequency"] for q in summary["quadrants"]] == layout_frequencies[layer, neuron]
+
+
+@pytest.mark.integration
+def test_without_counts_the_filter_and_the_comparison_use_the_layouts_frequencies(stated_client,
+                                                                                    layout_frequencies):
+    c = stated_client
+    model = c.get("/api/models").json()["models"][0]["id"]
+    bound = float(np.median([f[0] for f in layout_frequencies.values()]))
+    body = c.get(f"/api/models/{model}/neurons?min_freq_pp={bound}&sort=freq_nn&limit=500").json()
+    expected = sorted(((key, f) for key, f in layout_frequencies.items() if f[0] >= bound),
+                      key=lambda kf: (-kf[1][3], kf[0]))
+    assert body["total"] == len(expected)
+    assert [((n["layer"], n["neuron"]), n["freq_pp"], n["freq_nn"]) for n in body["neurons"]] == \
+        [(key, f[0], f[3]) for key, f in expected]
+    page = c.get(f"/models/{model}/neurons?min_freq_pp={bound}&sort=freq_nn&limit=5").text
+    assert all(pct(f[3]) in page for _, f in expected[:5])
+    (a, fa), (b, fb) = expected[:2]
+    refs = f"{a[0]}.{a[1]},{b[0]}.{b[1]}"
+    summaries = c.get(f"/api/models/{model}/compare?neurons={refs}").json()["summaries"]
+    assert [[q["frequency"] for q in s["quadrants"]] for s in summaries] == [fa, fb]
+    assert all(q["count"] is None for s in summaries for q in s["quadrants"])
+    page = c.get(f"/models/{model}/compare?neurons={refs}")
+    assert page.status_code == 200 and "count not known" in page.text and pct(fa[0]) in page.text
+
+
+@pytest.mark.integration
+def test_without_counts_the_python_api_has_the_layouts_frequencies(stated, layout_frequencies):
+    with gluscope.open(stated) as db:
+        table = db.neurons()
+        layers = db.layers()
+        summary = db.neuron(*next(iter(layout_frequencies))).summary()
+    keys = list(zip(table["layer"], table["neuron"]))
+    assert sorted(keys) == sorted(layout_frequencies)
+    for q, label in enumerate(QUADRANTS):
+        assert table[f"{label} frequency"].tolist() == [layout_frequencies[k][q] for k in keys]
+        assert table[f"{label} count"].isna().all()
+    means = np.array([[layout_frequencies[k] for k in keys if k[0] == layer] for layer in layers["layer"]])
+    np.testing.assert_allclose(layers[[f"{q} frequency" for q in QUADRANTS]].to_numpy(), means.mean(axis=1),
+                               rtol=1e-12)
+    assert summary["frequency"].tolist() == layout_frequencies[next(iter(layout_frequencies))]
+
+
+@pytest.mark.integration
+def test_a_text_of_an_import_without_a_model_is_its_datasets_text(imported_client, imported, exported,
+                                                                  planted_script_text_id):
+    ((text,),) = duckdb.sql(f"SELECT text FROM read_parquet('{exported}/texts/*.parquet') "
+                            f"WHERE text_id = {planted_script_text_id}").fetchall()
+    assert "<script>" in text
+    c = imported_client
+    model = c.get("/api/models").json()["models"][0]["id"]
+    assert c.get(f"/api/models/{model}/texts/{planted_script_text_id}").json()["text"] == text
+    for query in ("", "?position=3"):
+        page = c.get(f"/models/{model}/texts/{planted_script_text_id}{query}").text
+        decoded = re.search(r'<div class="decoded">(.*?)</div>', page, re.S).group(1)
+        assert decoded == str(escape(text)) and "<script>alert" not in page
+        assert "import-note" in page and "tokens are not known" in page
+    with gluscope.open(imported) as db:
+        layer, neuron = db.neurons().loc[0, ["layer", "neuron"]].tolist()
+        frame = db.neuron(int(layer), int(neuron)).examples("pp", "hook_pre").frame
+    texts = dict(duckdb.sql(f"SELECT text_id, text FROM read_parquet('{exported}/texts/*.parquet')").fetchall())
+    assert len(frame) and frame["text"].tolist() == [texts[t] for t in frame["text_id"]]
+
+
+@pytest.mark.integration
+def test_without_counts_an_export_keeps_the_layouts_frequencies(stated, layout_frequencies, tmp_path):
+    """The export's neurons (its texts, one of 2^23 tokens, would only cost time)."""
+    from gluscope.paper_layout import MACROS, write_summary
+    from gluscope.server.db import open_database
+
+    db = open_database(stated, neuron_table=False)
+    try:
+        db.con.execute(MACROS)
+        write_summary(db, tmp_path)
+    finally:
+        db.con.close()
+    columns = ", ".join(f'"{q}_freq"' for q in QUADRANTS)
+    rows = duckdb.sql(f"SELECT layer, neuron, {columns} FROM read_parquet('{tmp_path}/*.parquet')").fetchall()
+    assert {(layer, neuron): list(freqs) for layer, neuron, *freqs in rows} == layout_frequencies
