@@ -375,10 +375,13 @@ class Examples:
 def _examples_frame(db: Database, found: data.ExampleList) -> pd.DataFrame:
     """One row per example: where it is, the value, the text (data.whole_texts), the token of interest, and its
     window (decoded, as tokens, and each value at each of its tokens: NaN past the text or, for an expert neuron,
-    at a token not routed to its expert)."""
+    at a token not routed to its expert). An example whose position is not known (an import's, at text level)
+    has no token and no window: position, window_start, token and window are missing (the two integer columns
+    then nullable), its window's tokens and values empty."""
+    located = found.position >= 0
     frame = pd.DataFrame({"rank": found.rank.astype(np.int64), "value": found.value.astype(np.float64),
                           "text_id": found.text_id, "source_index": found.source_index, "source": found.source,
-                          "position": found.position})
+                          "position": _where_known(found.position, located)})
     if found.interval is not None:
         frame["interval"] = found.interval.astype(np.int64)
         frame["interval_lo"] = [found.bounds[i][0] for i in found.interval.tolist()]
@@ -387,26 +390,34 @@ def _examples_frame(db: Database, found: data.ExampleList) -> pd.DataFrame:
     texts = [whole[t] for t in found.text_id.tolist()]
     windows = [ids.tolist() for ids in found.token_ids]
     frame["text"] = texts
-    frame["token"] = [db.vocab.token(int(db.texts.token_ids(t)[p]))
-                      for t, p in zip(found.text_id.tolist(), found.position.tolist())]
-    frame["window_start"] = found.window_start
+    frame["token"] = [db.vocab.token(int(db.texts.token_ids(t)[p])) if known else None
+                      for t, p, known in zip(found.text_id.tolist(), found.position.tolist(), located.tolist())]
+    frame["window_start"] = _where_known(found.window_start, located)
     # The BOS at position 0 adds nothing to a decoded text (data.text_parts).
-    frame["window"] = [db.vocab.decode(ids[1:] if s == 0 else ids)
-                       for ids, s in zip(windows, found.window_start.tolist())]
+    frame["window"] = [(db.vocab.decode(ids[1:] if s == 0 else ids) if known else None)
+                       for ids, s, known in zip(windows, found.window_start.tolist(), located.tolist())]
     frame["window_tokens"] = [[db.vocab.token(t) for t in ids] for ids in windows]
     for k, hook in enumerate(HOOKS):
         frame[f"window_{hook}"] = [found.values[i, k, :len(ids)] for i, ids in enumerate(windows)]
     return frame
 
 
+def _where_known(values: np.ndarray, known: np.ndarray) -> np.ndarray | pd.arrays.IntegerArray:
+    """Integers, <NA> where not known; a plain int64 column where all are (a recording's), as they always were."""
+    values = values.astype(np.int64)
+    return values if known.all() else pd.arrays.IntegerArray(values, ~known)
+
+
 class Histograms:
     """A neuron's distributions: `frame`, the histogram of one value per quadrant; `density`, the joint
     distribution of (x_gate, x_in); `intervals`, the intervals of |hook_post| its sampled examples come from.
-    In Jupyter they are drawn as on the page."""
+    In Jupyter they are drawn as on the page. `known` is False for an import of the paper's layout, which has
+    none: the three frames are then empty (Neuron.summary has its frequencies), and Jupyter says so."""
 
     def __init__(self, body: dict[str, Any], hook: str) -> None:
         self._body = body
         self.hook = hook
+        self.known: bool = body.get("distributions_known", True)
         self.frame = _histogram_frame(body["values"][hook])
         self.density = _density_frame(body["density"])
         self.intervals = pd.DataFrame(
@@ -416,6 +427,8 @@ class Histograms:
 
     def __repr__(self) -> str:
         address = address_of(self._body)
+        if not self.known:
+            return f"<gluscope.Histograms {address}: none (an import of the paper's layout, which has none)>"
         return f"<gluscope.Histograms {address} {self.hook}: {len(self.frame)} (quadrant, bin) rows>"
 
     def _repr_html_(self) -> str:

@@ -32,7 +32,8 @@ import numpy as np
 from gluscope.errors import UserError
 from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
 from gluscope.server.db import Database, open_database
-from gluscope.server.queries import NEURONS_WITH_EXPERTS, frequency, tokens_of, with_imported
+from gluscope.server.data import whole_text
+from gluscope.server.queries import NEURONS_WITH_EXPERTS, TEXT_STRINGS_BETWEEN, frequency, tokens_of, with_imported
 
 FORMATS = ("gluscope-hf",)
 
@@ -179,12 +180,13 @@ def write_summary(db: Database, folder: Path) -> None:
 
 
 def write_texts(db: Database, folder: Path) -> None:
-    """The texts into folder/train-*.parquet, decoded with the file's own vocabulary (no tokenizer)."""
+    """The texts into folder/train-*.parquet, each as the pages show it (data.whole_text): an import's as its
+    dataset gave it, else decoded with the file's own vocabulary (no tokenizer)."""
     ranges = shard_ranges(np.diff(db.texts.offsets).tolist(), TOKENS_PER_SHARD)
     for (lo, hi), path in zip(ranges, _shard_paths(folder, len(ranges))):
         ids = np.arange(lo, hi + 1, dtype=np.int64)
-        # From position 1: position 0 is the BOS the recorder put first, no part of the text.
-        text = np.array([db.vocab.decode(db.texts.token_ids(int(i), start=1)) for i in ids], dtype=object)
+        stored = dict(db.query(TEXT_STRINGS_BETWEEN, {"lo": lo, "hi": hi}))
+        text = np.array([whole_text(db, i, stored.get(i)) for i in ids.tolist()], dtype=object)
         db.con.register("decoded_texts", {"text_id": ids, "text": text})
         try:
             _copy(db, TEXTS, {"lo": lo, "hi": hi}, path)

@@ -131,7 +131,8 @@ class Token(Body):
 class QuadrantRecord(Body):
     quadrant: str
     slug: str
-    count: int = Field(description="tokens of the recorded corpus in this quadrant")
+    count: int | None = Field(description="tokens of the recorded corpus in this quadrant; null where not known "
+                              "(an import whose layout states only the frequency)")
     max_abs: float | None = Field(description="the largest |hook_post| recorded in this quadrant")
 
 

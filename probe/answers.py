@@ -144,7 +144,8 @@ def plan_activations(lm: LoadedModel, req: ActivationsRequest, limits: Limits) -
                 "values": {h: [_num(v) for v in values[h].tolist()] for h in HOOKS},
                 "quadrants": [None if c < 0 else QUADRANTS[c] for c in q.tolist()],
                 "relative": relative,
-                "recorded": [{"quadrant": QUADRANTS[c], "slug": QUADRANT_SLUGS[c], "count": int(counts[c]),
+                "recorded": [{"quadrant": QUADRANTS[c], "slug": QUADRANT_SLUGS[c],
+                              "count": int(counts[c]) if counts[c] >= 0 else None,  # NULL (-2): an import's, not known
                               "max_abs": _num(float(best[c, 0]))} for c in range(len(QUADRANTS))],
                 "scales": {h: float(s) if np.isfinite(s) else 0.0 for h, s in zip(HOOKS, scales.tolist())},
             })

@@ -45,7 +45,10 @@ def recorded_max_abs(neurons: NeuronTable) -> np.ndarray:
     """[L, N, 4, hooks] float32: the largest |value| recorded per neuron, quadrant and hook; NaN where none."""
     with np.errstate(invalid="ignore"):
         found = np.fmax(np.abs(neurons.stat_min), np.abs(neurons.stat_max)).astype(np.float32)
-    found[neurons.counts <= 0] = np.nan
+    # A quadrant that never occurred has no scale. Whether it occurred is its frequency (queries.frequency), not
+    # its count: an import's counts can be NULL where its layout states a frequency and its lists an extreme.
+    # For a recording the two agree (a frequency is > 0 exactly where the count is).
+    found[~(neurons.frequency > 0)] = np.nan
     return found
 
 
@@ -98,6 +101,9 @@ def load_for(db: Database, device: str | None, model_dir: Path | None = None,
 
 def _load_checked(db: Database, device: str | None, model_dir: Path | None) -> GatedModel:
     meta = db.meta
+    if meta.get("imported_from") and not meta.get("weights_fingerprint"):
+        raise UserError(f"{db.path.name}: an import of the paper's layout made without --model names no model the "
+                        "probe could load and check; import it again with `gluscope import-gluscope ... --model M`")
     tried = []
     for source in candidate_sources(meta, model_dir):
         if not _loadable(source):

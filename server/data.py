@@ -337,12 +337,17 @@ def _with_windows(db: Database, found, layer: int, neuron: int, q: int, h: int, 
 
 
 def whole_texts(db: Database, text_ids: np.ndarray) -> dict[int, str]:
-    """Each text as its dataset gave it (texts.text, an import's), else decoded from its tokens after the BOS."""
+    """Each text as whole_text gives it."""
     if not len(text_ids):
         return {}
     stored = dict(db.query(queries.TEXT_STRINGS, {"text_ids": sorted(set(text_ids.tolist()))}))
-    return {t: stored[t] if stored.get(t) is not None else db.vocab.decode(db.texts.token_ids(t, start=1))
-            for t in stored}
+    return {t: whole_text(db, t, stored[t]) for t in stored}
+
+
+def whole_text(db: Database, text_id: int, stored: str | None) -> str:
+    """A text as its dataset gave it (`stored`, its texts.text: an import's), else decoded from its tokens after
+    the BOS: what every page, the Python API and an export show as a text."""
+    return stored if stored is not None else db.vocab.decode(db.texts.token_ids(text_id, start=1))
 
 
 def histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
@@ -393,9 +398,16 @@ def _histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
                "gate_edges": d_edges[g0:g1 + 1] if g1 > g0 else [], "in_edges": d_edges[i0:i1 + 1] if i1 > i0 else [],
                "counts": grid[g0:g1, i0:i1].tolist()}
 
-    counts = hist[:, 0].sum(axis=1)  # every token of a quadrant is in one hook_post bin
     n_tokens = int(db.meta["n_tokens"])
     tokens = db.experts.tokens(layer, neuron, n_tokens)  # an expert neuron's: those routed to its expert
+    known = distributions_known(db)
+    if known:
+        # A recording's histograms hold every counted token once per value (schema.sql: a quadrant's counts sum
+        # to its count in `neurons`): their sums are the neuron page's counts, with no lookup of its row.
+        counts: list[int | None] = hist[:, 0].sum(axis=1).tolist()
+        frequencies = [c / tokens if tokens else None for c in counts]
+    else:  # empty histograms would say 0: the neuron page's numbers instead, the layout's own where no count is
+        counts, frequencies = neuron_frequencies(db, layer, neuron)
     iv = db.neuron_intervals(layer, neuron)
     bounds = [(q, i, lo, None if np.isnan(hi) else hi) for q, i, lo, hi in
               zip(iv["quadrant"].tolist(), iv["interval"].tolist(), iv["lo"].tolist(), iv["hi"].tolist())]
@@ -405,13 +417,32 @@ def _histograms_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     for qi, (label, slug) in enumerate(zip(QUADRANTS, QUADRANT_SLUGS)):
         intervals = [{"interval": i, "lo": _num(lo), "hi": _num(hi), "count": _interval_count(hist[qi, post], magnitudes, lo, hi)}
                      for qq, i, lo, hi in bounds if qq == qi]
-        quadrants.append({"quadrant": label, "slug": slug, "count": int(counts[qi]),
-                          "frequency": int(counts[qi]) / tokens if tokens else None, "intervals": intervals})
+        quadrants.append({"quadrant": label, "slug": slug, "count": counts[qi], "frequency": frequencies[qi],
+                          "intervals": intervals})
     body = {"model": db.id, "layer": layer, "neuron": neuron, **db.experts.ref(layer, neuron), "n_tokens": n_tokens,
+            **({} if known else {"distributions_known": False}),
             "values": values, "density": density, "quadrants": quadrants}
     if db.experts.any:
         body["counted_tokens"] = tokens
     return body
+
+
+def distributions_known(db: Database) -> bool:
+    """Whether the file holds its neurons' distributions (histograms, density, intervals): an import of the
+    paper's layout has none, as the layout has none."""
+    return db.meta.get("imported_from") is None
+
+
+def neuron_frequencies(db: Database, layer: int, neuron: int) -> tuple[list[int | None], list[float | None]]:
+    """A neuron's count and frequency of each quadrant as its page gives them (queries.frequency: None where a
+    count is not known, an import's stated frequency), read from the file (a reader holds no NeuronTable)."""
+    rows = db.query(queries.neuron_rows(1, db.experts.any, db.stated),
+                    {"layer_0": layer, "neuron_0": neuron, "n_tokens": int(db.meta["n_tokens"])})
+    if not rows:  # a neuron the writer left out: nothing is known of it
+        return [None] * len(QUADRANTS), [None] * len(QUADRANTS)
+    row = rows[0][1:]  # NEURON_COLUMNS (the counts first), then the frequencies
+    return ([None if c is None else int(c) for c in row[:len(QUADRANTS)]],
+            [_num(f) for f in row[-len(QUADRANTS):]])
 
 
 def _nonempty(counts: np.ndarray) -> tuple[int, int]:

@@ -191,6 +191,9 @@ ORDER BY kind, rank
 # Texts as their dataset gave them (NULL: decode the token ids): an import's, for its examples without a
 # position and for the text page (data.whole_texts).
 TEXT_STRINGS = "SELECT text_id, text FROM texts WHERE list_contains($text_ids, text_id)"
+# The same for the texts $lo .. $hi: an export's shard of texts (a list of its many ids to look up would cost a
+# comparison per id and text).
+TEXT_STRINGS_BETWEEN = "SELECT text_id, text FROM texts WHERE text_id BETWEEN $lo AND $hi"
 
 # Mean frequency of each quadrant per layer, for the model page, and the paper's §5.1 analysis: the Pearson
 # correlation, across the layer's neurons, between the frequency of x_gate > 0 and cos(w_in, w_out).

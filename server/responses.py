@@ -504,8 +504,9 @@ class IntervalCount(IntervalBounds):
 class QuadrantDistribution(Body):
     quadrant: QuadrantLabel
     slug: QuadrantSlug
-    count: int = Field(description="tokens of the quadrant: the sum of each of its histograms")
-    frequency: float | None
+    count: int | None = Field(description="tokens of the quadrant: the sum of each of its histograms; an import's "
+                              "(distributions_known false) as its neuron's body gives it, null where not known")
+    frequency: float | None = Field(description="the quadrant's frequency, as the neuron's body gives it")
     intervals: list[IntervalCount] = Field(description="the intervals of |hook_post| that kind=interval draws from")
 
 
@@ -516,6 +517,9 @@ class Histograms(Addressed):
     n_tokens: int
     counted_tokens: int | None = Field(None, description="a file with experts: the tokens the frequencies are "
                                        "over (an expert neuron's: those routed to its expert)")
+    distributions_known: bool | None = Field(None, description="false: an import of the paper's layout, which has "
+                                             "no distributions, so values, density and intervals are empty (not "
+                                             "zero); absent in a recording")
     values: HistogramValues = Field(description="per value (hook), its bins and each quadrant's counts")
     density: Density = Field(description="the joint distribution of (x_gate, x_in) over the counted tokens")
     quadrants: list[QuadrantDistribution]

@@ -359,3 +359,121 @@ def test_without_counts_an_export_keeps_the_layouts_frequencies(stated, layout_f
     columns = ", ".join(f'"{q}_freq"' for q in QUADRANTS)
     rows = duckdb.sql(f"SELECT layer, neuron, {columns} FROM read_parquet('{tmp_path}/*.parquet')").fetchall()
     assert {(layer, neuron): list(freqs) for layer, neuron, *freqs in rows} == layout_frequencies
+
+
+@pytest.mark.integration
+def test_the_histograms_of_an_import_say_it_has_none_with_the_neuron_pages_frequencies(
+        imported_client, stated_client, stated, layout_frequencies, client, model_id):
+    from gluscope.server.responses import Histograms
+
+    (layer, neuron), freqs = next(iter(layout_frequencies.items()))
+    for c, counts_known in ((stated_client, False), (imported_client, True)):
+        model = c.get("/api/models").json()["models"][0]["id"]
+        base = f"/models/{model}/neurons/{layer}/{neuron}"
+        body = c.get(f"/api{base}/histograms").json()
+        Histograms.model_validate(body)
+        summary = c.get(f"/api{base}").json()["quadrants"]
+        assert body["distributions_known"] is False
+        assert body["density"]["counts"] == [] and all(
+            v["edges"] == [] and all(n == [] for n in v["counts"].values()) for v in body["values"].values())
+        assert [(q["count"], q["frequency"], q["intervals"]) for q in body["quadrants"]] == \
+            [(q["count"], q["frequency"], []) for q in summary]
+        assert [q["frequency"] for q in body["quadrants"]] == (pytest.approx(freqs, rel=1e-6) if counts_known
+                                                                else freqs)
+        assert all((q["count"] is None) != counts_known for q in body["quadrants"])
+        for headers in ({}, {"HX-Request": "true"}):
+            page = c.get(f"{base}/histograms", headers=headers)
+            assert page.status_code == 200 and "has no distributions" in page.text
+            assert "no tokens" not in page.text and all(pct(q["frequency"]) in page.text for q in summary)
+            assert ("count not known" in page.text) != counts_known
+    with gluscope.open(stated) as db:
+        found = db.neuron(layer, neuron).histograms()
+    assert found.known is False and found.frame.empty and found.density.empty and found.intervals.empty
+    assert "none" in repr(found) and "has no distributions" in found._repr_html_()
+    recorded = client.get(f"/api/models/{model_id}/neurons/{layer}/{neuron}/histograms").json()
+    assert "distributions_known" not in recorded and recorded["values"]["hook_post"]["edges"]
+
+
+@pytest.mark.integration
+def test_an_export_of_an_import_without_a_model_has_its_datasets_texts(imported, exported, tmp_path):
+    with duckdb.connect(str(imported), read_only=True) as imp:
+        assert imp.execute("SELECT count(*) FROM vocab").fetchone() == (0,)  # nothing to decode the ids with
+    out = tmp_path / "again"
+    assert main(["export", str(imported), "--format", "gluscope-hf", "--out", str(out)]) == 0
+    columns = "text_id, text, input_ids, source_index"
+    original = duckdb.sql(f"SELECT {columns} FROM read_parquet('{exported}/texts/*.parquet') ORDER BY text_id")
+    again = duckdb.sql(f"SELECT {columns} FROM read_parquet('{out}/texts/*.parquet') ORDER BY text_id")
+    assert again.fetchall() == original.fetchall()
+
+
+@pytest.mark.integration
+def test_the_python_apis_examples_without_a_position_have_no_token(imported, located):
+    with gluscope.open(imported) as db:
+        layer, neuron = db.neurons().loc[0, ["layer", "neuron"]].tolist()
+        frame = db.neuron(int(layer), int(neuron)).examples("pp", "hook_pre").frame
+    assert len(frame) and str(frame["position"].dtype) == "Int64" and str(frame["window_start"].dtype) == "Int64"
+    assert frame["position"].isna().all() and frame["window_start"].isna().all()
+    assert frame["token"].isna().all() and frame["window"].isna().all()
+    assert all(len(tokens) == 0 for tokens in frame["window_tokens"]) and frame["text"].str.len().gt(0).all()
+    with gluscope.open(located) as db:  # every example located: positions and tokens as in a recording
+        frame = db.neuron(int(layer), int(neuron)).examples("pp", "hook_pre").frame
+        ids = [db._db.texts.token_ids(t)[p] for t, p in zip(frame["text_id"], frame["position"])]
+        assert frame["token"].tolist() == [db._db.vocab.token(int(i)) for i in ids]
+    assert len(frame) and frame["position"].dtype == np.int64 and frame["window"].str.len().gt(0).all()
+
+
+@pytest.mark.integration
+def test_the_probe_scales_an_import_without_counts_by_its_stated_frequencies(located, tmp_path):
+    """A located import whose counts are NULL (as the paper's 20M-token dataset imports with --model): the probe
+    loads its model and ranks by the lists' extremes where the stated frequency is not 0; its counts are not
+    known, not -2."""
+    from gluscope.probe.answers import Limits, plan_activations
+    from gluscope.probe.forward import Passes
+    from gluscope.probe.loaded import load_for, recorded_max_abs
+    from gluscope.probe_protocol import ActivationsRequest
+    from gluscope.server.db import open_database, open_databases
+    from gluscope.server.probe_views import activations_context
+    from gluscope.server.render import templates
+
+    path = tmp_path / "located.duckdb"
+    shutil.copy(located, path)
+    with duckdb.connect(str(path)) as con:
+        con.execute("UPDATE neurons SET count_pp = NULL, count_pn = NULL, count_np = NULL, count_nn = NULL")
+    known = open_database(located)
+    try:
+        expected = recorded_max_abs(known.neurons)
+    finally:
+        known.con.close()
+    (db,) = open_databases([path]).values()
+    lm = load_for(db, "cpu")
+    np.testing.assert_array_equal(lm.max_abs, expected)
+    assert (lm.max_abs > 0).any()
+    layer, neuron = a_neuron(db.con)
+    plan = plan_activations(lm, ActivationsRequest(text="The cat sat on the mat again.",
+                                                   neurons=f"{layer}.{neuron}"), Limits())
+    body = plan.finish(Passes(lm).run(plan.rows))
+    (n,) = body["neurons"]
+    assert [q["count"] for q in n["recorded"]] == [None] * 4
+    assert [q["max_abs"] for q in n["recorded"]] == [None if np.isnan(m) else pytest.approx(float(m))
+                                                     for m in expected[layer, neuron, :, 0]]
+    assert any(r is not None for r in n["relative"])
+    html = templates.env.get_template("_probe_activations.html").render(
+        {"info": {"id": db.id}, "form": {}, "result": activations_context(body, db)})
+    assert "not known" in html
+    db.con.close()
+
+
+@pytest.mark.integration
+def test_the_probe_refuses_an_import_without_a_model_in_one_line(imported):
+    """Such a file has no model fingerprint to check a model against: the refusal says it is an import and how
+    to make one the probe can load."""
+    from gluscope.errors import UserError
+    from gluscope.probe.loaded import load_for
+    from gluscope.server.db import open_databases
+
+    (db,) = open_databases([imported]).values()
+    try:
+        with pytest.raises(UserError, match=r"an import of the paper's layout made without --model .*--model M"):
+            load_for(db, "cpu")
+    finally:
+        db.con.close()
