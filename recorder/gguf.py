@@ -25,6 +25,16 @@ from gluscope.errors import UserError
 
 SOURCE_FILE = "gluscope-gguf.json"  # written into the converted folder: where its weights came from
 
+# The mixture-of-experts GGUF architectures whose experts transformers reads into its fused layout, with the
+# header fields of their experts' sizes. transformers' GGUF reader does not take these sizes into the config
+# (it keeps the config class's defaults), so a file of other sizes would not load; they are set from the header.
+# Other architectures with experts (Mixtral's, stored as `llama`) would load as a dense model without them.
+EXPERT_SIZES = {
+    "qwen2moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                 "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
+
 
 @dataclass(frozen=True)
 class GGUFSource:
@@ -80,10 +90,10 @@ def _describe(path: Path) -> tuple[str, str]:
         quantization = "+".join(types) or "unknown"
     architecture = str(field("general.architecture") or "unknown")
     experts = field(f"{architecture}.expert_count")
-    if isinstance(experts, int) and experts > 1:
+    if isinstance(experts, int) and experts > 1 and architecture not in EXPERT_SIZES:
         raise UserError(f"--model {path} ({architecture}) is a mixture-of-experts model with {experts} experts per "
-                        "layer: GLUScope reads a mixture of experts from its Hugging Face folder (safetensors), not yet from a GGUF "
-                        "file")
+                        f"layer, in a GGUF architecture whose experts GLUScope does not read (it reads "
+                        f"{', '.join(EXPERT_SIZES)}): record it from its Hugging Face folder instead")
     return quantization, architecture
 
 
@@ -157,6 +167,21 @@ def _memoized_gguf() -> Iterator[None]:
             setattr(gguf, name, original)
 
 
+def _config_of(path: Path):
+    """transformers' config of the GGUF file, with its experts' sizes from the header where it has experts."""
+    import gguf
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    reader = gguf.GGUFReader(str(path))
+    architecture = str(reader.fields["general.architecture"].contents())
+    for key, attr in EXPERT_SIZES.get(architecture, {}).items():
+        value = reader.fields.get(f"{architecture}.{key}")
+        if value is not None:
+            setattr(config, attr, int(value.contents()))
+    return config
+
+
 def _convert_into(path: Path, out: Path) -> None:
     import logging
 
@@ -165,7 +190,9 @@ def _convert_into(path: Path, out: Path) -> None:
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        config = _config_of(path)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                      config=config)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, OSError, NotImplementedError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
