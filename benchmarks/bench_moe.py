@@ -9,12 +9,16 @@ the plain Hugging Face forward pass over the same padded tokens, so both see
 the machine at the same speed, and then by a forward pass of the recorder's
 bridge whose capture hooks do nothing but end the pass where the recorder's
 end it (a second bridge around a copy of the weights, since the recorder's
-hooks stay on its own modules for the whole loop). Meanwhile wrappers set up
-here (the recorder itself is unchanged) time the parts of the recorder's
-batch work, outside the calibration passes: the experts hooks as a whole,
-RouterStats.route, routed_activations (each expert's x_gate and x_in) and the
-reducers' update calls (with act(x_gate) inside them, and each unit's
-router-weighted hook_post, which the kernel folds in the same pass).
+hooks stay on its own modules for the whole loop; its experts run the same
+products_forward, handing their products to nothing). Meanwhile wrappers set
+up here (the recorder itself is unchanged) time the parts of the recorder's
+batch work, outside the calibration passes: the experts' forward as the
+recorder runs it (experts.products_forward: the module's own computation,
+which hands each expert's gate_up product over), the capture work it hands
+to (or a pre-hook's, where the products are computed again instead:
+routed_activations), RouterStats.route and the reducers' update calls (with
+act(x_gate) inside them, and each unit's router-weighted hook_post, which
+the kernel folds in the same pass).
 
 After the run, two experts of the middle layer (the median and the busiest
 by tokens routed to them in the last batch) have their reducer, copied in
@@ -56,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_recorder, besi
 from bench_recorder import Measured, build, measure  # noqa: E402
 
 import gluscope.recorder.expert_capture as capture  # noqa: E402
+import gluscope.recorder.experts as experts  # noqa: E402
 import gluscope.recorder.record as rec  # noqa: E402
 from gluscope.recorder import rules  # noqa: E402
 from gluscope.recorder.kernel_reducer import ActBuffer  # noqa: E402
@@ -138,7 +143,13 @@ def timed_parts(model: GatedModel, parts: Parts, reducers: list, keep: range) ->
         if model.layouts is not None:
             for obj, name, label in ((capture, "routed_activations", "routed"), (RouterStats, "route", "route")):
                 stack.enter_context(patched(obj, name, parts.wrap(label, getattr(obj, name))))
-            for layout in model.layouts:  # every experts hook, timed whole (its StopAtLayerException included)
+
+            def products_forward(layout, chosen, hand_off):  # the hand-off timed whole (StopAtLayerException too)
+                forward = orig_products(layout, chosen, parts.wrap("hooks", parts.wrap("hand-off", hand_off)))
+                return None if forward is None else parts.wrap("experts", forward)
+            orig_products = capture.products_forward
+            stack.enter_context(patched(capture, "products_forward", products_forward))
+            for layout in model.layouts:  # a pre-hook where the products are computed again, timed whole
                 register = layout.experts.register_forward_pre_hook
                 stack.enter_context(patched(layout.experts, "register_forward_pre_hook",
                                             lambda hook, register=register, **kw: register(parts.wrap("hooks", hook),
@@ -147,13 +158,18 @@ def timed_parts(model: GatedModel, parts: Parts, reducers: list, keep: range) ->
 
 
 def idle_forward(model: GatedModel) -> Callable[[torch.Tensor], None]:
-    """The recorder's forward pass with hooks that do nothing but end it where the recorder's end it."""
+    """The recorder's forward pass with capture that does nothing but end it where the recorder's end it: the
+    experts run products_forward, handing their products to nothing (or, where it does not apply, a pre-hook that
+    returns at once), and the shared or dense MLPs have a pre-hook that returns at once."""
     bridge = model.bridge
     run_with_hooks = type(bridge).run_with_hooks.__get__(bridge)
     last = model.n_layers - 1
 
     def stop(*a, **kw):
         raise StopAtLayerException(torch.zeros(0))
+
+    def nothing(*a, **kw) -> None:
+        return None
 
     def run(tokens: torch.Tensor) -> None:
         with ExitStack() as stack:
@@ -163,13 +179,18 @@ def idle_forward(model: GatedModel) -> Callable[[torch.Tensor], None]:
                 hooks = [(f"blocks.{last}.mlp.hook_pre_linear", stop)]
             else:
                 hooks = []
-                layout = model.layouts[last]
-                module = layout.mlps[-1] if layout.mlps else layout.experts
-                stack.callback(module.register_forward_pre_hook(stop).remove)
-                for earlier in model.layouts[:last]:  # a hook that returns at once, where the recorder's are
-                    for module in [earlier.experts, *earlier.mlps]:
-                        if module is not None:
-                            stack.callback(module.register_forward_pre_hook(lambda *a: None).remove)
+                for layer, layout in enumerate(model.layouts):
+                    ends = layer == last and not layout.mlps
+                    if layout.experts is not None:
+                        # experts.products_forward itself: timed_parts wraps the one expert_capture calls.
+                        forward = experts.products_forward(layout, [], stop if ends else nothing)
+                        if forward is not None:
+                            stack.enter_context(capture.forward_replaced(layout.experts, forward))
+                        else:
+                            stack.callback(layout.experts.register_forward_pre_hook(stop if ends else nothing).remove)
+                    for i, mlp in enumerate(layout.mlps):
+                        ends = layer == last and i == len(layout.mlps) - 1
+                        stack.callback(mlp.register_forward_pre_hook(stop if ends else nothing).remove)
             run_with_hooks(tokens, return_type=None, fwd_hooks=hooks)
     return run
 
@@ -180,11 +201,15 @@ def breakdown(label: str, m: Measured, parts: Parts, idle_s: float, moe: bool) -
     kernel = s["update"] - s["act"]
     rows = [("HF forward (baseline)", m.baseline_s, ""),
             ("recorder, batch by batch", m.recorder_s, ""),
-            ("  forward, capture hooks doing nothing", idle_s, "measured on a second bridge"),
-            ("  capture hooks (all of them)", s["hooks"], f"{parts.calls['hooks']} calls")]
+            ("  forward, capture hooks doing nothing", idle_s, "measured on a second bridge")]
+    if moe:
+        rows += [("  experts' forward, their own work", s["experts"] - s["hand-off"],
+                  f"products_forward, {parts.calls['experts']} calls, the hand-off not included")]
+    rows += [("  capture hooks (all of them)", s["hooks"], f"{parts.calls['hooks']} calls")]
     if moe:
         rows += [("    RouterStats.route", s["route"], f"{parts.calls['route']} calls"),
-                 ("    routed_activations (x_gate, x_in)", s["routed"], f"{parts.calls['routed']} calls")]
+                 ("    routed_activations (x_gate, x_in again)", s["routed"],
+                  f"{parts.calls['routed']} calls: pre-hooks where products_forward does not apply")]
     rows += [("    reducers' update: act(x_gate)", s["act"], f"{parts.calls['act']} calls"),
              ("    reducers' update: the kernel" + (" (+ routed values)" if moe else ""), kernel,
               f"{parts.calls['update']} calls, {1e3 * kernel / max(parts.calls['update'], 1):.2f} ms each")]

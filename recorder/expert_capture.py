@@ -1,7 +1,11 @@
 """The forward pass of a mixture-of-experts model: each expert's neurons to its own reducer.
 
-Hooks go on the Hugging Face modules themselves (experts.py says why not on
-the bridge's hook points). A routed expert's reducer is handed x_gate and
+The capture goes on the Hugging Face modules themselves (experts.py says why
+not on the bridge's hook points). Each layer's fused experts run
+experts.products_forward while the recording lasts, which hands over each
+expert's gate_up product as the module computes it; where the module's
+implementation is not reproduced there, a pre-hook computes the products
+again (routed_activations). A routed expert's reducer is handed x_gate and
 x_in of its own tokens only, [R, d], with the row of each token of the batch
 (-1: routed elsewhere): the kernel walks just those rows, the tensor code
 spreads them to [B, T, d] with NaN elsewhere. NaN is in no quadrant, so no
@@ -11,13 +15,14 @@ them as NaN ("not routed here").
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from gluscope.recorder.experts import LayerLayout, Unit, routed_activations
+from gluscope.recorder.experts import (HandOff, LayerLayout, Routed, Unit, experts_call, products_forward,
+                                       routed_activations)
 from gluscope.recorder.reducer_interface import LayerReducer
 from gluscope.recorder.routing import RouterStats
 
@@ -30,8 +35,9 @@ def units_of(layouts: Sequence[LayerLayout]) -> list[tuple[int, Unit]]:
 @contextmanager
 def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, int], LayerReducer], current: dict,
                  stats: Sequence[RouterStats | None] | None = None) -> Iterator[None]:
-    """Hooks on the layers' modules while the model runs: reducers[(layer, unit.first_neuron)] gets that unit's
-    activations (units without a reducer, another part's, are not computed).
+    """Hooks on the layers' modules, and each fused experts module's forward replaced by products_forward, while
+    the model runs (all as they were again after): reducers[(layer, unit.first_neuron)] gets that unit's
+    activations (units without a reducer, another part's, are handed nothing).
 
     current["batch"] is the pass's Batch and current["tokens"] its token ids [B, T]. With `stats` (per layer;
     None for a dense layer or one not recorded) the router's choices are folded too, and each unit's reducer
@@ -44,7 +50,6 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
             if stats[layer] is not None or any((layer, u.first_neuron) in reducers for u in layouts[layer].units)]
     last = max(used)
     calls = int(layouts[last].experts is not None) + len(layouts[last].mlps)
-    handles = []
 
     def finished(layer: int) -> None:
         if layer == last:
@@ -53,20 +58,14 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
                 current["calls"] = 0
                 raise StopAtLayerException(torch.zeros(0))
 
-    def on_experts(layer: int) -> Callable:
-        layout = layouts[layer]
-        mine = [u for u in layout.routed if (layer, u.first_neuron) in reducers]
-
-        def hook(module, args, kwargs) -> None:
-            params = list(args) + [kwargs[name] for name in ("hidden_states", "top_k_index", "top_k_weights",
-                                                               "router_indices", "routing_weights") if name in kwargs]
-            hidden, index, weights = params[:3]
+    def on_experts(layer: int, mine: list[Unit]) -> HandOff:
+        """What takes the products of the experts `mine`, the layer's routed units that have a reducer."""
+        def take(index: torch.Tensor, weights: torch.Tensor, routed: list[Routed]) -> None:
             batch = current["batch"]
             B, T = batch.valid.shape
             layer_stats = stats[layer]
             if layer_stats is not None:
                 layer_stats.route(index, weights, batch, current["tokens"])
-            routed = routed_activations(hidden, index, layout, [u.expert for u in mine])
             for unit, (rows, slots, x_gate, x_in) in zip(mine, routed):
                 row_map = torch.full((B * T,), -1, dtype=torch.int64, device=rows.device)
                 row_map[rows] = torch.arange(len(rows), device=rows.device)
@@ -76,7 +75,7 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
                 else:
                     reducer.update(x_gate, x_in, batch, row_map, layer_stats.contribution(unit, weights[rows, slots]))
             finished(layer)
-        return hook
+        return take
 
     def on_mlp(layer: int, i: int) -> Callable:
         layout = layouts[layer]
@@ -104,15 +103,43 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
             finished(layer)
         return hook
 
-    try:
+    with ExitStack() as stack:
+        stack.callback(current.pop, "calls", None)
         for layer in used:
             layout = layouts[layer]
             if layout.experts is not None:
-                handles.append(layout.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
+                mine = [u for u in layout.routed if (layer, u.first_neuron) in reducers]
+                chosen, take = [u.expert for u in mine], on_experts(layer, mine)
+                forward = products_forward(layout, chosen, take)
+                if forward is not None:
+                    stack.enter_context(forward_replaced(layout.experts, forward))
+                else:
+                    stack.callback(layout.experts.register_forward_pre_hook(
+                        recomputing(layout, chosen, take), with_kwargs=True).remove)
             for i, mlp in enumerate(layout.mlps):
-                handles.append(mlp.register_forward_pre_hook(on_mlp(layer, i), with_kwargs=True))
+                stack.callback(mlp.register_forward_pre_hook(on_mlp(layer, i), with_kwargs=True).remove)
+        yield
+
+
+def recomputing(layout: LayerLayout, chosen: Sequence[int], take: HandOff) -> Callable:
+    """A forward pre-hook on layout.experts that hands `take` the products of the experts `chosen`, computed again
+    from their weights: for a module whose implementation products_forward does not reproduce."""
+    def hook(module, args, kwargs) -> None:
+        hidden, index, weights = experts_call(args, kwargs)
+        take(index, weights, routed_activations(hidden, index, layout, chosen))
+    return hook
+
+
+@contextmanager
+def forward_replaced(module: torch.nn.Module, forward: Callable) -> Iterator[None]:
+    """module.forward is `forward` while the context lasts, and what it was again after, whatever ends it (an
+    exception, KeyboardInterrupt): module.__call__ still runs the module's hooks around it."""
+    own = vars(module).get("forward")  # an instance's own forward, set by someone else; usually none
+    module.forward = forward
+    try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
-        current.pop("calls", None)
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own

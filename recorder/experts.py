@@ -7,11 +7,15 @@ read, and TransformerLens's MoE bridge names only the block's input and
 output. What every supported block does share is the call
 `experts(hidden_states [N, d_model], top_k_index [N, k], top_k_weights [N, k])`:
 the block's input and the router's decision exactly as the model computed
-them. A forward pre-hook on that module takes both, and each expert's x_gate
-and x_in are computed from its own weight slices for the tokens routed to it
-(`routed_activations`). Shared experts and the dense layers of an MoE model
-are gated MLP modules (gate_proj, up_proj, down_proj), read by a pre-hook on
-the module the same way.
+them. While the recorder runs, that module's forward is `products_forward`:
+the module's own computation, step by step, that hands each expert's gate_up
+product (x_gate and x_in of the tokens routed to it) to the recorder before
+finishing as the module does, so that each product is computed once. Where
+the module runs an implementation that is not reproduced here, a forward
+pre-hook takes the call's arguments instead and the products are computed
+again from the experts' weight slices (`routed_activations`, which the probe
+uses too). Shared experts and the dense layers of an MoE model are gated MLP
+modules (gate_proj, up_proj, down_proj), read by a pre-hook on the module.
 
 gpt-oss lays its experts out otherwise (gate_up_proj [E, d_model, 2 d] with
 gate and up columns interleaved, biases) and computes a clamped SwiGLU:
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,13 +227,28 @@ def _clamped_swiglu(experts: torch.nn.Module, name: str, arch: str) -> ClampedSw
     return ClampedSwiGLU(limit=float(experts.limit))
 
 
-def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, layout: LayerLayout,
-                       chosen: Sequence[int] | None = None):
-    """Per routed expert e of the layer (of `chosen`, default all): (token rows [n_e] int64 ascending, slot in the
-    top-k [n_e], x_gate [n_e, d], x_in [n_e, d]).
+Routed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""One routed expert's tokens: (rows [n_e] int64, each row's token in the call's flat numbering; slots [n_e] int64,
+its place in the token's top k; x_gate [n_e, d]; x_in [n_e, d]), row i of x_gate and x_in being token rows[i]'s."""
 
-    The same products the model's experts compute, for the same tokens (in the model's dtype, on its device).
-    """
+HandOff = Callable[[torch.Tensor, torch.Tensor, list[Routed]], None]
+"""Takes an experts call's top_k_index [N, k], top_k_weights [N, k] and the Routed of the experts asked for."""
+
+
+def experts_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of a call of the fused experts, by position or by any of the
+    names the supported classes give them (gpt-oss: router_indices, routing_weights)."""
+    params = list(args) + [kwargs[name] for name in ("hidden_states", "top_k_index", "top_k_weights",
+                                                       "router_indices", "routing_weights") if name in kwargs]
+    hidden, index, weights = params[:3]
+    return hidden, index, weights
+
+
+def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, layout: LayerLayout,
+                       chosen: Sequence[int] | None = None) -> list[Routed]:
+    """Per routed expert e of the layer (of `chosen`, default all) its Routed, rows ascending, computed again from
+    the expert's weights: the products the model's experts compute, for the same tokens (in the model's dtype,
+    on its device), up to the last bits where its implementation orders the rows otherwise."""
     experts, n_experts = layout.experts, layout.n_experts
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # token-major input: each expert's rows come out ascending
@@ -246,15 +265,158 @@ def routed_activations(hidden: torch.Tensor, top_k_index: torch.Tensor, layout: 
         if not count:
             x_gate = x_in = hidden.new_zeros((0, layout.units[e].n_neurons))
         elif layout.clamped is not None:
-            x_gate, x_in = _clamped_pre(hidden[rows], experts, e, layout.clamped.limit)
+            x_gate, x_in = _clamped_split(hidden[rows] @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e],
+                                          layout.clamped.limit)
         else:
             x_gate, x_in = F.linear(hidden[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
         out.append((rows, slots, x_gate, x_in))
     return out
 
 
-def _clamped_pre(hidden: torch.Tensor, experts: torch.nn.Module, e: int, limit: float) -> tuple[torch.Tensor, ...]:
-    """gpt-oss's x_gate and x_in of expert e, in the operations GptOssExperts.forward and _apply_gate use."""
-    gate_up = hidden @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+def _clamped_split(gate_up: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss's x_gate and x_in from its gate_up product (bias added), in the operations GptOssExperts._apply_gate
+    uses."""
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     return gate.clamp(min=None, max=limit), up.clamp(min=-limit, max=limit) + 1
+
+
+# The classes whose eager forward (their own `forward`, which use_experts_implementation dispatches to under
+# "eager") is the loop that _eager_forward reproduces, as read in transformers 5's modeling files. Another class of
+# the same tensor layout may loop otherwise, so it keeps the pre-hook.
+EAGER_LOOPS = frozenset({"OlmoeExperts", "MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts",
+                         "DeepseekV3Experts", "GptOssExperts"})
+
+
+def forward_implementation(experts: torch.nn.Module) -> str | None:
+    """"grouped_mm" or "eager": the computation the module's forward runs, where products_forward reproduces it;
+    None where it does not, and the recorder computes the products again (routed_activations).
+
+    transformers 5 decorates the experts classes with use_experts_implementation, whose forward picks the function
+    named by config._experts_implementation ("grouped_mm" unless the model was loaded with another). Not
+    reproduced: "batched_mm" (one GEMV per token and slot), the GPU kernels ("deepgemm", "sonicmoe", FP8), any
+    implementation registered by the user, expert parallelism (its sentinel rows) and a norm after each expert.
+    """
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        return None
+    config = getattr(experts, "config", None)
+    # A forward set on the instance (by another library) is not the class's: it is left to run.
+    if (config is None or "forward" in vars(experts) or getattr(type(experts).forward, "__wrapped__", None) is None
+            or getattr(experts, "_is_expert_parallel", True) or getattr(experts, "has_post_expert_norm", True)
+            or not getattr(experts, "has_gate", False)):
+        return None
+    # The weights as the layout (layer_layouts) reads them: gate rows first without biases, or gpt-oss's
+    # interleaved, transposed columns with biases.
+    clamped = hasattr(experts, "gate_up_proj_bias")
+    if (getattr(experts, "is_concatenated", None), getattr(experts, "is_transposed", None),
+            getattr(experts, "has_bias", None)) != (not clamped, clamped, clamped):
+        return None
+    name = config._experts_implementation
+    if (name == "grouped_mm" and moe.ALL_EXPERTS_FUNCTIONS.get(name) is moe.grouped_mm_experts_forward
+            and hasattr(moe, "_grouped_linear")):  # the helper it calls, which _grouped_forward calls too
+        return name
+    if name == "eager" and "eager" not in moe.ALL_EXPERTS_FUNCTIONS and type(experts).__name__ in EAGER_LOOPS:
+        return name
+    return None
+
+
+def products_forward(layout: LayerLayout, chosen: Sequence[int], hand_off: HandOff) -> Callable | None:
+    """A forward for layout.experts that computes what the module's own does, bit for bit, and hands the Routed of
+    the experts `chosen` (rows in the order the module computes them) to hand_off once every expert's gate_up
+    product is computed, before any is finished; None where the module's implementation is not reproduced
+    (forward_implementation). An exception from hand_off leaves the call there.
+    """
+    implementation = forward_implementation(layout.experts)
+    if implementation == "grouped_mm":
+        return _grouped_forward(layout, list(chosen), hand_off)
+    if implementation == "eager":
+        return _eager_forward(layout, list(chosen), hand_off)
+    return None
+
+
+def _grouped_forward(layout: LayerLayout, chosen: list[int], hand_off: HandOff) -> Callable:
+    """transformers.integrations.moe.grouped_mm_experts_forward, its steps in its order and through its own
+    _grouped_linear, without the parts for expert parallelism and a post-expert norm (forward_implementation)."""
+    from transformers.integrations.moe import _grouped_linear
+
+    experts, E = layout.experts, layout.n_experts
+
+    def forward(*args, **kwargs) -> torch.Tensor:
+        hidden, index, weights = experts_call(args, kwargs)
+        k, n_tokens, d_model = index.size(-1), hidden.size(0), hidden.size(-1)
+        # Its own sort, not a stable one: ties come out in another order, and a GEMM's last bits depend on which
+        # of its rows a token is in (measured on the CPU with 40 tokens).
+        expert_ids, perm = torch.sort(index.reshape(-1))
+        rows = perm // k
+        selected = hidden[rows]
+        weights_g = weights.reshape(-1)[perm]
+        histc_input = expert_ids.float() if hidden.device.type in ("cpu", "mps") else expert_ids.int()
+        offsets = torch.cumsum(torch.histc(histc_input, bins=E, min=0, max=E - 1), dim=0, dtype=torch.int32)
+        bias = experts.gate_up_proj_bias[expert_ids] if experts.has_bias else None
+        gate_up = _grouped_linear(selected, experts.gate_up_proj, offsets, bias=bias,
+                                  is_transposed=experts.is_transposed)
+        ends = offsets.tolist()
+        hand_off(index, weights, [_routed(layout, gate_up, rows, perm % k, ends[e - 1] if e else 0, ends[e])
+                                  for e in chosen])
+        out = experts._apply_gate(gate_up)
+        bias = experts.down_proj_bias[expert_ids] if experts.has_bias else None
+        out = _grouped_linear(out, experts.down_proj, offsets, bias=bias, is_transposed=experts.is_transposed)
+        out = out * weights_g.unsqueeze(-1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.size(0), device=hidden.device)
+        return out[inv_perm].view(n_tokens, k, d_model).sum(dim=1).to(hidden.dtype)
+    return forward
+
+
+def _routed(layout: LayerLayout, gate_up: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, start: int,
+            end: int) -> Routed:
+    """The Routed of the expert whose product is gate_up[start:end] (x_gate, x_in: views where the layout allows)."""
+    part = gate_up[start:end]
+    if layout.clamped is not None:
+        x_gate, x_in = _clamped_split(part, layout.clamped.limit)
+    else:
+        x_gate, x_in = part.chunk(2, dim=-1)
+    return rows[start:end], slots[start:end], x_gate, x_in
+
+
+def _eager_forward(layout: LayerLayout, chosen: list[int], hand_off: HandOff) -> Callable:
+    """The experts class's own loop (OlmoeExperts.forward and the others of EAGER_LOOPS; GptOssExperts.forward), in
+    two passes over the experts it hits: every gate_up product, then each expert's rest, in the same order."""
+    experts, E, clamped = layout.experts, layout.n_experts, layout.clamped is not None
+
+    def forward(*args, **kwargs) -> torch.Tensor:
+        hidden, index, weights = experts_call(args, kwargs)
+        out = torch.zeros_like(hidden)
+        with torch.no_grad():
+            # gpt-oss's one_hot has no class for the sentinel index E; the others' has.
+            expert_mask = F.one_hot(index, num_classes=E if clamped else E + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        products = {}
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            if expert_idx == E:
+                continue
+            slots, rows = torch.where(expert_mask[expert_idx])
+            state = hidden[rows]
+            if clamped:
+                gate_up = state @ experts.gate_up_proj[expert_idx] + experts.gate_up_proj_bias[expert_idx]
+            else:
+                gate_up = F.linear(state, experts.gate_up_proj[expert_idx])
+            products[int(expert_idx)] = (expert_idx, rows, slots, gate_up)
+        empty = index.new_zeros(0)
+        hand_off(index, weights, [
+            _routed(layout, products[e][3], products[e][1], products[e][2], 0, len(products[e][1]))
+            if e in products else (empty, empty, *(hidden.new_zeros((0, layout.units[e].n_neurons)),) * 2)
+            for e in chosen])
+        for expert_idx, rows, slots, gate_up in products.values():
+            if clamped:
+                h = experts._apply_gate(gate_up)
+                h = h @ experts.down_proj[expert_idx] + experts.down_proj_bias[expert_idx]
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                h = F.linear(experts.act_fn(gate) * up, experts.down_proj[expert_idx])
+            h = h * weights[rows, slots, None]
+            out.index_add_(0, rows, h.to(out.dtype))
+        return out
+    return forward

@@ -680,6 +680,14 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
       for (int64_t i = 0; i < n_routed; ++i) {  // an expert's routed positions, one row each
         const int64_t tr = text_routed[i];
         const int64_t r = row_map[b * T + tr];
+        // Rows a page or more apart, in the order the experts module computed them (not the positions'): no
+        // hardware prefetcher follows them.
+        if (i + PREFETCH < n_routed) {
+          const int64_t ahead = row_map[b * T + text_routed[i + PREFETCH]];
+          __builtin_prefetch(G + ahead * GS + j0);
+          __builtin_prefetch(X_IN + ahead * IS + j0);
+          __builtin_prefetch(A + ahead * n + j0);
+        }
         float* __restrict__ lg0 = local_g.data() + tr * BLOCK;
         float* __restrict__ li0 = local_in.data() + tr * BLOCK;
         float* __restrict__ la0 = local_a.data() + tr * BLOCK;
