@@ -646,7 +646,7 @@ MOE_PATHS = ["/api/models/{model}/neurons/{layer}/{neuron}", "/api/models/{model
 @pytest.mark.parametrize("path", MOE_PATHS, ids=lambda p: p.rsplit("/", 1)[-1].strip("{}"))
 def test_a_moe_servers_schema_documents_what_it_answers(moe_schema, layout, path):
     """Schemathesis, all checks, on the endpoints an address or an expert reaches: what the schema admits
-    (`N` or `E.I` for a neuron) is answered, and conforms; half the requests name real neurons and experts."""
+    (`N` or `E.I` for a neuron) is answered, and conforms; three in four requests name real neurons and experts."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
     from schemathesis import GenerationMode
@@ -677,7 +677,10 @@ def test_a_moe_servers_schema_documents_what_it_answers(moe_schema, layout, path
     for mode in modes:
         strategy = operation.as_strategy(generation_mode=mode)
         if mode == GenerationMode.POSITIVE:
-            strategy = st.tuples(strategy, st.booleans(), st.sampled_from(real)).map(with_real)
+            # Three in four cases take real values (one real address in three is refused by design): a fair
+            # coin over 15 examples left no 200 at all about once in 400 runs.
+            strategy = st.tuples(strategy, st.sampled_from([True, True, True, False]), st.sampled_from(real)).map(
+                with_real)
 
         @given(case=strategy)
         @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
