@@ -38,7 +38,7 @@ from gluscope import notebook_html
 from gluscope.errors import UserError
 from gluscope.schema import EXAMPLE_KINDS, GEOMETRY, HISTOGRAM_HOOKS, HOOKS, QUADRANT_SLUGS, QUADRANTS, WEIGHT_KINDS
 from gluscope.server import data, responses
-from gluscope.server.db import Database, DatabaseFileError, NeuronTable, open_databases
+from gluscope.server.db import COUNT_NOT_KNOWN, NO_ROW, Database, DatabaseFileError, NeuronTable, open_databases
 from gluscope.server.errors import ParameterError
 from gluscope.server.experts import address_of
 from gluscope.server.filter_compare import check_filter_expert, stored_neuron_summaries
@@ -237,7 +237,7 @@ def _neuron_columns(db: Database, table: NeuronTable, layer: int, which: slice) 
     frequencies are the neuron page's (queries.frequency: over each neuron's counted tokens, or an import's stated
     ones where its counts are not known, which are then <NA>)."""
     index = np.arange(db.experts.width(layer))[which]
-    index = index[table.counts[layer, index, 0] != -1]  # a neuron the recorder never wrote: no row (its page is a 404)
+    index = index[table.counts[layer, index, 0] != NO_ROW]  # never written: no row (its page is a 404)
     columns: dict[str, Any] = {"layer": np.full(len(index), layer, np.int64), "neuron": index}
     if db.experts.any:
         refs = [db.experts.ref(layer, n) for n in index.tolist()]
@@ -246,7 +246,7 @@ def _neuron_columns(db: Database, table: NeuronTable, layer: int, which: slice) 
         columns["counted_tokens"] = np.array([db.experts.tokens(layer, n, n_tokens) for n in index.tolist()],
                                              np.int64)
     counts = table.counts[layer, index]
-    unknown = counts == -2  # NULL: an import whose frequencies give no exact count
+    unknown = counts == COUNT_NOT_KNOWN
     for q, label in enumerate(QUADRANTS):
         columns[f"{label} count"] = pd.arrays.IntegerArray(counts[:, q], unknown[:, q]) if unknown.any() \
             else counts[:, q]

@@ -21,6 +21,7 @@ from gluscope.probe_protocol import (ABLATION_MODES, CHANGED_TOKENS, FIRE_TOP_MA
                                      AblateRequest, ActivationsRequest, FireRequest, blank)
 from gluscope.recorder.tensor_reducer import quadrant_codes
 from gluscope.schema import HOOKS, QUADRANT_SLUGS, QUADRANTS
+from gluscope.server.db import COUNT_NOT_KNOWN
 from gluscope.server.errors import ParameterError, not_one_of
 from gluscope.server.neuron_search import vocabulary_index
 from gluscope.server.validate import parse_layer_range, parse_neuron_ref, quadrant_code
@@ -145,7 +146,7 @@ def plan_activations(lm: LoadedModel, req: ActivationsRequest, limits: Limits) -
                 "quadrants": [None if c < 0 else QUADRANTS[c] for c in q.tolist()],
                 "relative": relative,
                 "recorded": [{"quadrant": QUADRANTS[c], "slug": QUADRANT_SLUGS[c],
-                              "count": int(counts[c]) if counts[c] >= 0 else None,  # NULL (-2): an import's, not known
+                              "count": None if counts[c] == COUNT_NOT_KNOWN else int(counts[c]),
                               "max_abs": _num(float(best[c, 0]))} for c in range(len(QUADRANTS))],
                 "scales": {h: float(s) if np.isfinite(s) else 0.0 for h, s in zip(HOOKS, scales.tolist())},
             })

@@ -17,7 +17,7 @@ import numpy as np
 from gluscope.schema import (EXAMPLE_KINDS, GEOMETRY, HISTOGRAM_HOOKS, HOOKS, POST_SIGNS, QUADRANT_SLUGS, QUADRANTS,
                              SAMPLE_KINDS, WEIGHT_KINDS)
 from gluscope.server import plots, queries
-from gluscope.server.db import Database, Vocabulary
+from gluscope.server.db import COUNT_NOT_KNOWN, NO_ROW, Database, Vocabulary
 from gluscope.server.errors import ParameterError
 from gluscope.server.experts import Expert
 from gluscope.server.responses import ModelInfo
@@ -100,13 +100,13 @@ def neuron_data(db: Database, layer: int, neuron: int) -> dict[str, Any]:
     check_neuron(db, layer, neuron)
     t = db.neurons
     counts = t.counts[layer, neuron]
-    if counts[0] == -1:  # a neuron the recorder never wrote
+    if counts[0] == NO_ROW:  # a neuron the recorder never wrote
         raise ParameterError(404, "neuron", f"neuron {db.experts.address(layer, neuron)} is not in this database",
                              None)
     routed = None
     if t.routed is not None and db.experts.expert_at(layer, neuron) is not None:
         routed = [a[layer, neuron].tolist() for a in t.routed]
-    return neuron_summary(db, layer, neuron, [None if c < 0 else c for c in counts.tolist()],
+    return neuron_summary(db, layer, neuron, [None if c == COUNT_NOT_KNOWN else c for c in counts.tolist()],
                           t.frequency[layer, neuron].tolist(), bool(t.flipped[layer, neuron]),
                           [t.geometry[name][layer, neuron] for name in GEOMETRY], t.stat_min[layer, neuron].tolist(),
                           t.stat_max[layer, neuron].tolist(), t.stat_mean[layer, neuron].tolist(), routed)
@@ -340,8 +340,10 @@ def whole_texts(db: Database, text_ids: np.ndarray) -> dict[int, str]:
     """Each text as whole_text gives it."""
     if not len(text_ids):
         return {}
-    stored = dict(db.query(queries.TEXT_STRINGS, {"text_ids": sorted(set(text_ids.tolist()))}))
-    return {t: whole_text(db, t, stored[t]) for t in stored}
+    ids = sorted(set(text_ids.tolist()))
+    # Only an import stores its texts (schema.sql, texts.text): a recording's are decoded, without a query.
+    stored = dict(db.query(queries.TEXT_STRINGS, {"text_ids": ids})) if db.meta.get("imported_from") else {}
+    return {t: whole_text(db, t, stored.get(t)) for t in ids}
 
 
 def whole_text(db: Database, text_id: int, stored: str | None) -> str:

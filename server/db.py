@@ -61,11 +61,17 @@ class Texts:
         return self.ids[lo + start: hi if stop is None else min(hi, lo + stop)]
 
 
+# NeuronTable.counts where a neuron has no row (the writer left it out), and where its count is NULL (an import
+# whose frequencies give no exact count).
+NO_ROW, COUNT_NOT_KNOWN = -1, -2
+
+
 @dataclass
 class NeuronTable:
-    """The neurons and value_stats tables as arrays indexed [layer, neuron, ...]; NaN/-1 where a row is missing."""
+    """The neurons and value_stats tables as arrays indexed [layer, neuron, ...]; NaN/NO_ROW where a row is
+    missing."""
 
-    counts: np.ndarray    # [L, N, 4] int64, -1 where the neuron has no row, -2 where its count is NULL (an import's)
+    counts: np.ndarray    # [L, N, 4] int64; NO_ROW, COUNT_NOT_KNOWN
     frequency: np.ndarray  # [L, N, 4] float64 as queries.frequency() defines it, NaN where it has none
     flipped: np.ndarray   # [L, N] bool (False where NULL: an import without weights, whose geometry is NaN)
     geometry: dict[str, np.ndarray]  # name -> [L, N] float32
@@ -82,10 +88,10 @@ class NeuronTable:
         n = con.execute(queries.neurons(moe, stated), {"n_tokens": n_tokens}).fetchnumpy()
         ok = (n["layer"] >= 0) & (n["layer"] < n_layers) & (n["neuron"] >= 0) & (n["neuron"] < d_mlp)
         li, ni = n["layer"][ok].astype(np.int64), n["neuron"][ok].astype(np.int64)
-        counts = np.full((n_layers, d_mlp, 4), -1, np.int64)
+        counts = np.full((n_layers, d_mlp, 4), NO_ROW, np.int64)
         frequency = np.full((n_layers, d_mlp, 4), np.nan, np.float64)
         for q, (column, slug) in enumerate(zip(COUNT_COLUMNS, QUADRANT_SLUGS)):
-            counts[li, ni, q] = np.ma.filled(np.ma.asarray(n[column]), -2)[ok]
+            counts[li, ni, q] = np.ma.filled(np.ma.asarray(n[column]), COUNT_NOT_KNOWN)[ok]
             frequency[li, ni, q] = np.ma.filled(np.ma.asarray(n[f"freq_{slug}"], np.float64), np.nan)[ok]
         flipped = np.zeros((n_layers, d_mlp), bool)
         flipped[li, ni] = np.ma.filled(np.ma.asarray(n["flipped"]), False)[ok]
