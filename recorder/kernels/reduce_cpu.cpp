@@ -110,6 +110,7 @@ constexpr uint16_t NAN_HALF = 0x7e00;
 // convention) and act, a row every `stride` floats. An expert's text has values only at its routed positions
 // (`routed`, n_routed of them, ascending, BOS excluded) and at BOS if `bos`; its windows show NaN at the tokens
 // routed to other experts. routed is null where every position has a value.
+struct TextWindows;
 struct TextValues {
   const float* g;
   const float* in;
@@ -118,40 +119,104 @@ struct TextValues {
   const int32_t* routed;
   int64_t n_routed;
   bool bos;
+  TextWindows* windows;  // where its entering examples' windows are queued
+  int jj;                // the neuron's column in the block
 };
 
 // One column's window from start as float16 bits: `valid` values from col (a row every v.stride floats), then 0
-// up to W. An expert's local rows hold only its own tokens: its window is NaN but at those, which it looks up.
+// up to W.
 void column_window(const TextValues& v, const float* col, int64_t start, int64_t valid, int64_t W, uint16_t* out) {
-  if (!v.routed) {
-    for (int64_t o = 0; o < W; ++o) out[o] = o < valid ? to_half(col[(start + o) * v.stride]) : 0;
-    return;
-  }
-  std::fill(out, out + valid, NAN_HALF);
-  std::fill(out + valid, out + W, uint16_t(0));
-  if (start == 0 && v.bos) out[0] = to_half(col[0]);
-  const int32_t* end = v.routed + v.n_routed;
-  for (const int32_t* t = std::lower_bound(v.routed, end, int32_t(start)); t < end && *t < start + valid; ++t)
-    out[*t - start] = to_half(col[*t * v.stride]);
+  for (int64_t o = 0; o < W; ++o) out[o] = o < valid ? to_half(col[(start + o) * v.stride]) : 0;
 }
 
-// The window around pos (rules.window_bounds; Python stores the bounds, so a drift here shows as shifted windows
-// in test_reducers) as float16 bits, 0 past the text's end.
-void write_window(const TextValues& v, int32_t pos, int64_t W, uint16_t* wg, uint16_t* wi) {
-  const int64_t start = std::max<int64_t>(pos - v.before, 0);
-  const int64_t valid = std::min<int64_t>(pos + v.after + 1, v.length) - start;
-  column_window(v, v.g, start, valid, W, wg);
-  column_window(v, v.in, start, valid, W, wi);
-}
-
-// An entering example's window rows, which it writes once the entries below it have moved: they are seldom in
-// cache, and fetching them first overlaps those misses with the move.
+// An entering example's window rows, for writing.
 inline void prefetch_window(const uint16_t* gate, const uint16_t* in, int64_t W) {
   for (int64_t byte = 0; byte < W * int64_t(sizeof(uint16_t)); byte += 64) {
     __builtin_prefetch(reinterpret_cast<const char*>(gate) + byte, 1);
     __builtin_prefetch(reinterpret_cast<const char*>(in) + byte, 1);
   }
 }
+
+// The windows of one text's entering examples in a block (a thread's), written once all of the text's examples
+// have entered (flush()). Their rows are seldom in cache: each is fetched as its example enters and written after
+// the others have entered, so that the misses overlap instead of each write waiting for its own. An expert's
+// windows are copied from float16 columns of the text, NaN but at its routed tokens, built once per neuron and
+// text: looking its routed tokens up in every window cost more than the rest of an entry.
+struct TextWindows {
+  struct Pending {
+    uint16_t* gate;
+    uint16_t* in;
+    int32_t pos;
+    int jj;
+  };
+  std::vector<Pending> pending;
+  std::vector<uint16_t> gate, in;  // an expert's columns, [BLOCK, row]
+  int64_t row;
+  uint32_t built = 0;  // bit jj: neuron jj's columns hold the current text
+
+  explicit TextWindows(int64_t expert_length)
+      : gate(BLOCK * expert_length), in(BLOCK * expert_length), row(expert_length) {
+    pending.reserve(BLOCK * (N_LISTS + N_QUADRANTS * (N_INTERVALS + 1)));  // a text's offers in a block
+  }
+
+  // Queue the window around pos (rules.window_bounds) for rows wg and wi. An entry's rows are its own until it
+  // leaves its list, and a text offers each list one token, so no two queued windows share a row.
+  void add(const TextValues& v, int32_t pos, int64_t W, uint16_t* wg, uint16_t* wi) {
+    prefetch_window(wg, wi, W);
+    pending.push_back({wg, wi, pos, v.jj});
+  }
+
+  // Write the queued windows of the text whose column 0 `text` describes, and start the next text.
+  void flush(const TextValues& text, int64_t W) {
+    for (const Pending& p : pending) {
+      TextValues v = text;
+      v.g += p.jj;
+      v.in += p.jj;
+      v.act += p.jj;
+      v.jj = p.jj;
+      write(v, p.pos, W, p.gate, p.in);
+    }
+    pending.clear();
+    built = 0;
+  }
+
+ private:
+  // The window around pos as float16 bits, 0 past the text's end (Python stores the bounds, so a drift here shows
+  // as shifted windows in test_reducers).
+  void write(const TextValues& v, int32_t pos, int64_t W, uint16_t* wg, uint16_t* wi) {
+    const int64_t start = std::max<int64_t>(pos - v.before, 0);
+    const int64_t valid = std::min<int64_t>(pos + v.after + 1, v.length) - start;
+    if (!v.routed) {
+      column_window(v, v.g, start, valid, W, wg);
+      column_window(v, v.in, start, valid, W, wi);
+      return;
+    }
+    const uint16_t* g = gate.data() + v.jj * row;
+    const uint16_t* i = in.data() + v.jj * row;
+    if (!(built >> v.jj & 1u)) build_columns(v);
+    std::memcpy(wg, g + start, valid * sizeof(uint16_t));
+    std::memcpy(wi, i + start, valid * sizeof(uint16_t));
+    std::fill(wg + valid, wg + W, uint16_t(0));
+    std::fill(wi + valid, wi + W, uint16_t(0));
+  }
+
+  void build_columns(const TextValues& v) {
+    uint16_t* cg = gate.data() + v.jj * row;
+    uint16_t* ci = in.data() + v.jj * row;
+    built |= 1u << v.jj;
+    std::fill(cg, cg + v.length, NAN_HALF);
+    std::fill(ci, ci + v.length, NAN_HALF);
+    if (v.bos) {
+      cg[0] = to_half(v.g[0]);
+      ci[0] = to_half(v.in[0]);
+    }
+    for (int64_t r = 0; r < v.n_routed; ++r) {
+      const int64_t t = v.routed[r];
+      cg[t] = to_half(v.g[t * v.stride]);
+      ci[t] = to_half(v.in[t * v.stride]);
+    }
+  }
+};
 
 struct Samples {  // one neuron's sample lists, [N_QUADRANTS, SAMPLE_SLOTS]; windows by slot, as in Lists
   int64_t* hash;
@@ -166,9 +231,11 @@ struct Samples {  // one neuron's sample lists, [N_QUADRANTS, SAMPLE_SLOTS]; win
   int64_t W;
 };
 
-// Does (h, tid) rank above entry i (smaller hash, then lower text id)? Empty entries rank last.
+// Does (h, tid) rank above entry i (smaller hash, then lower text id)? Empty entries (hash -1; a candidate's is
+// >= 0) rank last. As in beats(), the text is read only on a tie.
 inline bool sample_beats(const Samples& s, int64_t i, int64_t h, int32_t tid) {
-  return s.text[i] < 0 || h < s.hash[i] || (h == s.hash[i] && tid < s.text[i]);
+  const int64_t other = s.hash[i];
+  return other < 0 || h < other || (h == other && tid < s.text[i]);
 }
 
 // Offer a text's candidate to the sample list of `size` entries from `base`, as offer() does for top-k lists.
@@ -178,7 +245,6 @@ void offer_sample(const Samples& s, int64_t base, int64_t size, int64_t h, int32
   if (!sample_beats(s, last, h, tid)) return;
   const int32_t slot = s.slot[last];
   const int64_t row = (base - base % SAMPLE_SLOTS) + slot;  // slots count within the quadrant
-  prefetch_window(s.win_gate + row * W, s.win_in + row * W, W);
   int64_t i = last;
   for (; i > base && sample_beats(s, i - 1, h, tid); --i) {
     s.hash[i] = s.hash[i - 1];
@@ -196,7 +262,7 @@ void offer_sample(const Samples& s, int64_t base, int64_t size, int64_t h, int32
   s.gate[i] = v.g[pos * v.stride];
   s.in[i] = v.in[pos * v.stride];
   s.act[i] = v.act[pos * v.stride];
-  write_window(v, pos, W, s.win_gate + row * W, s.win_in + row * W);
+  v.windows->add(v, pos, W, s.win_gate + row * W, s.win_in + row * W);
 }
 
 struct Lists {  // one neuron's N_LISTS top-k lists, [N_LISTS, k]; windows [N_LISTS, k, W] indexed by slot
@@ -214,10 +280,12 @@ inline int64_t example_key(float m, int32_t tid) {
   return (int64_t(bits(m)) << KEY_SHIFT) | (TIE_MASK - int64_t(tid));
 }
 
-// Does (m, tid) rank above entry i? Empty entries rank last.
+// Does (m, tid) rank above entry i? Empty entries (mag -1; an offered m is > 0) rank last. The text is read
+// only on a tie: most offers are decided by the magnitudes, one line of the list.
 inline bool beats(const Lists& s, int64_t i, float m, int32_t tid) {
-  const int32_t other = s.text[i];
-  return other < 0 || example_key(m, tid) > example_key(s.mag[i], other);
+  const float other = s.mag[i];
+  if (m != other) return m > other;
+  return example_key(m, tid) > example_key(other, s.text[i]);
 }
 
 // A position's sign test against a quadrant's sign for it (+1 or -1); strict, as the quadrants are.
@@ -232,7 +300,6 @@ void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, cons
   const int64_t k = s.k, W = s.W, base = list * k;
   if (!beats(s, base + k - 1, m, tid)) return;
   const int32_t slot = s.slot[base + k - 1];
-  prefetch_window(s.win_gate + (base + slot) * W, s.win_in + (base + slot) * W, W);
   int64_t i = base + k - 1;
   for (; i > base && beats(s, i - 1, m, tid); --i) {
     s.mag[i] = s.mag[i - 1];
@@ -244,7 +311,7 @@ void offer(const Lists& s, int64_t list, float m, int32_t tid, int32_t pos, cons
   s.text[i] = tid;
   s.pos[i] = pos;
   s.slot[i] = slot;
-  write_window(v, pos, W, s.win_gate + (base + slot) * W, s.win_in + (base + slot) * W);
+  v.windows->add(v, pos, W, s.win_gate + (base + slot) * W, s.win_in + (base + slot) * W);
 }
 
 constexpr int PART_HIST = 1, PART_DENSITY = 2, PART_SAMPLING = 4;  // ReduceArgs.parts (kernel_reducer.PARTS)
@@ -317,6 +384,20 @@ constexpr int64_t BLOCK_COUNTS_FROM_ROWS = 512;
 
 inline bool counts_in_block(int64_t rows) { return rows >= BLOCK_COUNTS_FROM_ROWS; }
 
+// Counting straight into the layer's counts, a call whose rows make at least as many increments per neuron (a
+// histogram slot per hook and a density bin) as a neuron's counts have cache lines reaches most of those lines,
+// seldom in cache (an expert's call comes once per batch): fetching the block's counts at its start overlaps the
+// misses that its increments would otherwise wait on.
+inline bool fetch_layer_counts(int64_t rows) {
+  constexpr int64_t lines = (HIST_PER_NEURON + D * D) * int64_t(sizeof(int64_t)) / 64;
+  return !counts_in_block(rows) && rows * (N_HIST_HOOKS + 1) >= lines;
+}
+
+// Fetch n int64 counts from p for writing.
+inline void prefetch_lines(const int64_t* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(int64_t))) __builtin_prefetch(p + i, 1);
+}
+
 // One row's histogram and density counts, a neuron at a time (c < 0: in no quadrant). Consecutive increments go
 // to different neurons, so they never wait on each other.
 template <class Count>
@@ -341,7 +422,7 @@ template <class Counts>
 void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t length,
                    const float (&bnd)[N_QUADRANTS][3][BLOCK], const uint32_t (&salt)[BLOCK], const float* lg,
                    const float* li, const float* la, Counts& counts, const int32_t* routed, int64_t n_routed,
-                   bool bos) {
+                   bool bos, TextWindows* windows) {
   using Count = typename Counts::Count;
   constexpr int NQ = N_QUADRANTS, NC = N_QUADRANTS * N_INTERVALS;
   const int32_t parts = args->parts;
@@ -436,7 +517,8 @@ void distributions(const ReduceArgs* args, int64_t b, int64_t j0, int w, int64_t
   }
   if (!(parts & PART_SAMPLING)) return;
   for (int jj = 0; jj < w; ++jj) {
-    const TextValues v{lg + jj, li + jj, la + jj, BLOCK, length, args->before, args->after, routed, n_routed, bos};
+    const TextValues v{lg + jj, li + jj, la + jj, BLOCK, length, args->before, args->after, routed, n_routed, bos,
+                       windows, jj};
     const int64_t at = (j0 + jj) * NQ * SAMPLE_SLOTS;
     const Samples s{args->samp_hash + at, args->samp_text + at, args->samp_pos + at, args->samp_slot + at,
                     args->samp_gate + at, args->samp_in + at, args->samp_act + at,
@@ -523,18 +605,24 @@ void reduce_update(const ReduceArgs* args) {
   int64_t max_length = 0;
   for (int64_t b = 0; b < B; ++b) max_length = std::max(max_length, lengths[b]);
   const Routed routed = row_map ? routed_positions(args) : Routed{};
-  const bool in_block = counts_in_block(rows_walked(args, routed));
+  const int64_t rows = rows_walked(args, routed);
+  const bool in_block = counts_in_block(rows), fetch_counts = fetch_layer_counts(rows);
 #pragma omp parallel num_threads(args->n_threads)
   {
   // This text's x_gate and x_in of the block, contiguous, for the windows of entering examples.
   // act too, for the distributions.
   std::vector<float> local_g(max_length * BLOCK), local_in(max_length * BLOCK), local_a(max_length * BLOCK);
+  TextWindows windows(row_map ? max_length : 0);
   BlockCounts block_counts(in_block);
   LayerCounts layer_counts;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * BLOCK;
     const int w = int(std::min<int64_t>(BLOCK, n - j0));
+    if (fetch_counts) {
+      if (parts & PART_HIST) prefetch_lines(args->hist + j0 * HIST_PER_NEURON, w * HIST_PER_NEURON);
+      if (parts & PART_DENSITY) prefetch_lines(args->density + j0 * D * D, w * D * D);
+    }
     alignas(64) int32_t cnt[NQ][BLOCK] = {};
     alignas(64) float nr[NL][BLOCK];
     alignas(64) float sm[NL][BLOCK];
@@ -713,20 +801,22 @@ static_assert(N_QUADRANTS == 4 && N_HOOKS == 4, "GLUSCOPE_ROW is written out for
         const Lists s{top_mag + at, top_text + at, top_pos + at, top_slot + at, win_gate + at * W, win_in + at * W,
                       k, W};
         const TextValues v{local_g.data() + jj, local_in.data() + jj, local_a.data() + jj, BLOCK, length, before,
-                           after, text_routed, n_routed, bos >= 0};
+                           after, text_routed, n_routed, bos >= 0, &windows, jj};
         for (int l = 0; l < NL; ++l) {
           total[j * NL + l] += sm[l][jj];
           if (bm[l][jj] > 0)  // 0: no nonzero value of this list in the text
             offer(s, l, bm[l][jj], tid, bp[l][jj], v);
         }
       }
-      if (!parts) continue;
-      if (in_block)
+      if (parts && in_block)
         distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data(),
-                      block_counts, text_routed, n_routed, bos >= 0);
-      else
+                      block_counts, text_routed, n_routed, bos >= 0, &windows);
+      else if (parts)
         distributions(args, b, j0, w, length, bnd, salt, local_g.data(), local_in.data(), local_a.data(),
-                      layer_counts, text_routed, n_routed, bos >= 0);
+                      layer_counts, text_routed, n_routed, bos >= 0, &windows);
+      // After the distributions, whose sampled examples queue windows too.
+      windows.flush({local_g.data(), local_in.data(), local_a.data(), BLOCK, length, before, after, text_routed,
+                     n_routed, bos >= 0, &windows, 0}, W);
     }
     if (in_block && (parts & (PART_HIST | PART_DENSITY))) block_counts.flush(args, j0, w);
     for (int jj = 0; jj < w; ++jj) {
