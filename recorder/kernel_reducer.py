@@ -5,8 +5,8 @@ CPU the same code costs more than the layer's matmuls: it makes many passes
 over [B, T, d_mlp] and merges the top-k with gathers and sorts. The C++ kernel
 in kernels/reduce_cpu.cpp reads x_gate, x_in and act(x_gate) once, keeps the
 accumulators of a block of neurons in L1, and merges each text's candidates
-into sorted top-k lists by insertion, copying an entering example's window
-while that text is still in cache.
+into sorted top-k lists by insertion, writing the windows of a text's
+entering examples once its offers are done, while the text is still in cache.
 
 The kernel is compiled on first use with the system's g++ (as torch.compile
 on the CPU also needs) into a cache folder, and called through ctypes, so
