@@ -1,7 +1,8 @@
 """The recorder on a mixture-of-experts model against a plain forward pass, and where the recorder's time goes.
 
-    python -u benchmarks/bench_moe.py [--layers 8 --experts 16 --top-k 2 --d-expert 512 --d-model 512
-                                       --texts 64 --length 256 --batch-size 8 --dense-arch olmo2]
+    python -u benchmarks/bench_moe.py [--arch olmoe --layers 8 --experts 16 --top-k 2 --d-expert 512
+                                       --d-model 512 --texts 64 --length 256 --batch-size 8
+                                       --dense-arch olmo2 --d-shared N]
 
 An OLMoE-shaped model of random weights is recorded through `record(...)`
 with bench_recorder.py's pairing: each recorder batch is followed at once by
@@ -149,18 +150,25 @@ def timed_parts(model: GatedModel, parts: Parts, reducers: list, keep: range) ->
                 return None if forward is None else parts.wrap("experts", forward)
             orig_products = capture.products_forward
             stack.enter_context(patched(capture, "products_forward", products_forward))
+
+            def gated_mlp_forward(mlp, hand_off):  # a shared expert's or dense MLP's hand-off, likewise
+                return orig_gated(mlp, parts.wrap("hooks", hand_off))
+            orig_gated = getattr(capture, "gated_mlp_forward", None)
+            if orig_gated is not None:  # an older recorder, measured against this one from a worktree, has none
+                stack.enter_context(patched(capture, "gated_mlp_forward", gated_mlp_forward))
             for layout in model.layouts:  # a pre-hook where the products are computed again, timed whole
-                register = layout.experts.register_forward_pre_hook
-                stack.enter_context(patched(layout.experts, "register_forward_pre_hook",
-                                            lambda hook, register=register, **kw: register(parts.wrap("hooks", hook),
-                                                                                            **kw)))
+                for module in [m for m in (layout.experts, *layout.mlps) if m is not None]:
+                    register = module.register_forward_pre_hook
+                    stack.enter_context(patched(module, "register_forward_pre_hook",
+                                                lambda hook, register=register, **kw: register(
+                                                    parts.wrap("hooks", hook), **kw)))
         yield
 
 
 def idle_forward(model: GatedModel) -> Callable[[torch.Tensor], None]:
     """The recorder's forward pass with capture that does nothing but end it where the recorder's end it: the
-    experts run products_forward, handing their products to nothing (or, where it does not apply, a pre-hook that
-    returns at once), and the shared or dense MLPs have a pre-hook that returns at once."""
+    experts run products_forward and the shared or dense MLPs gated_mlp_forward, handing their products to nothing
+    (or, where those do not apply, a pre-hook that returns at once)."""
     bridge = model.bridge
     run_with_hooks = type(bridge).run_with_hooks.__get__(bridge)
     last = model.n_layers - 1
@@ -190,7 +198,13 @@ def idle_forward(model: GatedModel) -> Callable[[torch.Tensor], None]:
                             stack.callback(layout.experts.register_forward_pre_hook(stop if ends else nothing).remove)
                     for i, mlp in enumerate(layout.mlps):
                         ends = layer == last and i == len(layout.mlps) - 1
-                        stack.callback(mlp.register_forward_pre_hook(stop if ends else nothing).remove)
+                        # An older recorder, measured against this one from a worktree, has no gated_mlp_forward.
+                        forward = (experts.gated_mlp_forward(mlp, stop if ends else nothing)
+                                   if hasattr(experts, "gated_mlp_forward") else None)
+                        if forward is not None:
+                            stack.enter_context(capture.forward_replaced(mlp, forward))
+                        else:
+                            stack.callback(mlp.register_forward_pre_hook(stop if ends else nothing).remove)
             run_with_hooks(tokens, return_type=None, fwd_hooks=hooks)
     return run
 
@@ -333,6 +347,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--d-expert", type=int, default=512, help="each expert's neurons (intermediate size)")
+    ap.add_argument("--d-shared", type=int, default=None,
+                    help="Qwen2-MoE's shared expert's neurons (default: tests/tiny_models.py's)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--length", type=int, default=256)
@@ -366,6 +382,10 @@ def main() -> None:
         if hasattr(config, key):
             setattr(config, key, args.experts)
     config.num_experts_per_tok = args.top_k
+    if args.d_shared is not None:
+        if not hasattr(config, "shared_expert_intermediate_size"):
+            raise SystemExit(f"--d-shared: {args.arch} has no shared_expert_intermediate_size (Qwen2-MoE has)")
+        config.shared_expert_intermediate_size = args.d_shared
     run_one(args, args.arch, config, "MoE")
     if args.dense_arch != "none":
         dense = make_config(args.dense_arch, args.vocab, d_model=args.d_model, d_mlp=args.top_k * args.d_expert,

@@ -5,7 +5,9 @@ not on the bridge's hook points). Each layer's fused experts run
 experts.products_forward while the recording lasts, which hands over each
 expert's gate_up product as the module computes it; where the module's
 implementation is not reproduced there, a pre-hook computes the products
-again (routed_activations). A routed expert's reducer is handed x_gate and
+again (routed_activations). The shared experts and dense MLPs run
+experts.gated_mlp_forward likewise (or a pre-hook that computes gate_proj
+and up_proj again). A routed expert's reducer is handed x_gate and
 x_in of its own tokens only, [R, d], with the row of each token of the batch
 (-1: routed elsewhere): the kernel walks just those rows, the tensor code
 spreads them to [B, T, d] with NaN elsewhere. NaN is in no quadrant, so no
@@ -21,8 +23,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from gluscope.recorder.experts import (HandOff, LayerLayout, Routed, Unit, experts_call, products_forward,
-                                       routed_activations)
+from gluscope.recorder.experts import (HandOff, LayerLayout, MlpHandOff, Routed, Unit, experts_call,
+                                       gated_mlp_forward, products_forward, routed_activations)
 from gluscope.recorder.reducer_interface import LayerReducer
 from gluscope.recorder.routing import RouterStats
 
@@ -77,31 +79,30 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
             finished(layer)
         return take
 
-    def on_mlp(layer: int, i: int) -> Callable:
+    def on_mlp(layer: int, i: int) -> MlpHandOff:
+        """What takes the input and products of the layer's i-th direct unit (the dense MLP or a shared expert)."""
         layout = layouts[layer]
         unit = layout.direct[i]
         index = layout.n_experts + i
+        reducer = reducers.get((layer, unit.first_neuron))  # None: another part's unit
 
-        def hook(module, args, kwargs) -> None:
-            reducer = reducers.get((layer, unit.first_neuron))
+        def take(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
             if reducer is not None:
-                x = args[0] if args else next(iter(kwargs.values()))
                 batch = current["batch"]
                 B, T = batch.valid.shape
-                x = x.reshape(B * T, -1)
-                x_gate = module.gate_proj(x).float().view(B, T, -1)
-                x_in = module.up_proj(x).float().view(B, T, -1)
+                x_gate = gate.float().reshape(B, T, -1)
+                x_in = up.float().reshape(B, T, -1)
                 layer_stats = stats[layer]
                 if layer_stats is None:
                     reducer.update(x_gate, x_in, batch)
                 else:
-                    gate = layout.shared_gate
-                    weight = (torch.sigmoid(gate(x).float()).reshape(-1) if gate is not None
-                              else x_gate.new_ones(B * T))
+                    shared_gate = layout.shared_gate
+                    weight = (torch.sigmoid(shared_gate(x.reshape(B * T, -1)).float()).reshape(-1)
+                              if shared_gate is not None else x_gate.new_ones(B * T))
                     layer_stats.direct_weights(index, weight, batch)
                     reducer.update(x_gate, x_in, batch, None, layer_stats.contribution(unit, weight))
             finished(layer)
-        return hook
+        return take
 
     with ExitStack() as stack:
         stack.callback(current.pop, "calls", None)
@@ -117,7 +118,12 @@ def expert_hooks(layouts: Sequence[LayerLayout], reducers: Mapping[tuple[int, in
                     stack.callback(layout.experts.register_forward_pre_hook(
                         recomputing(layout, chosen, take), with_kwargs=True).remove)
             for i, mlp in enumerate(layout.mlps):
-                stack.callback(mlp.register_forward_pre_hook(on_mlp(layer, i), with_kwargs=True).remove)
+                take = on_mlp(layer, i)
+                forward = gated_mlp_forward(mlp, take)
+                if forward is not None:
+                    stack.enter_context(forward_replaced(mlp, forward))
+                else:
+                    stack.callback(mlp.register_forward_pre_hook(recomputing_mlp(take), with_kwargs=True).remove)
         yield
 
 
@@ -127,6 +133,15 @@ def recomputing(layout: LayerLayout, chosen: Sequence[int], take: HandOff) -> Ca
     def hook(module, args, kwargs) -> None:
         hidden, index, weights = experts_call(args, kwargs)
         take(index, weights, routed_activations(hidden, index, layout, chosen))
+    return hook
+
+
+def recomputing_mlp(take: MlpHandOff) -> Callable:
+    """A forward pre-hook on a gated MLP whose forward gated_mlp_forward does not reproduce, that hands `take` its
+    input and its products computed again."""
+    def hook(module, args, kwargs) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        take(x, module.gate_proj(x), module.up_proj(x))
     return hook
 
 

@@ -15,7 +15,9 @@ the module runs an implementation that is not reproduced here, a forward
 pre-hook takes the call's arguments instead and the products are computed
 again from the experts' weight slices (`routed_activations`, which the probe
 uses too). Shared experts and the dense layers of an MoE model are gated MLP
-modules (gate_proj, up_proj, down_proj), read by a pre-hook on the module.
+modules (gate_proj, up_proj, down_proj); they run `gated_mlp_forward`, which
+hands their products over in the same way (a class it does not know keeps a
+pre-hook that computes them again).
 
 gpt-oss lays its experts out otherwise (gate_up_proj [E, d_model, 2 d] with
 gate and up columns interleaved, biases) and computes a clamped SwiGLU:
@@ -378,6 +380,30 @@ def _routed(layout: LayerLayout, gate_up: torch.Tensor, rows: torch.Tensor, slot
     else:
         x_gate, x_in = part.chunk(2, dim=-1)
     return rows[start:end], slots[start:end], x_gate, x_in
+
+
+# The gated MLP classes of MoE models (a shared expert, a dense layer's MLP) whose forward is
+# down_proj(act_fn(gate_proj(x)) * up_proj(x)), as read in transformers 5's modeling files. Another class may compute
+# otherwise, so it keeps the pre-hook that computes gate_proj and up_proj again.
+GATED_MLPS = frozenset({"OlmoeMLP", "Qwen2MoeMLP", "Qwen3MoeMLP", "DeepseekV3MLP"})
+
+MlpHandOff = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""Takes a gated MLP call's input x and its gate_proj(x) and up_proj(x)."""
+
+
+def gated_mlp_forward(mlp: torch.nn.Module, hand_off: MlpHandOff) -> Callable | None:
+    """A forward for a shared expert's or an MoE model's dense MLP that computes what the module's own does, bit for
+    bit, and hands (x, gate_proj(x), up_proj(x)) to hand_off before finishing: each product computed once, as
+    products_forward does for the routed experts. None for a class not in GATED_MLPS, or a forward already set on
+    the instance. An exception from hand_off leaves the call there."""
+    if type(mlp).__name__ not in GATED_MLPS or "forward" in vars(mlp):
+        return None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        hand_off(x, gate, up)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    return forward
 
 
 def _eager_forward(layout: LayerLayout, chosen: list[int], hand_off: HandOff) -> Callable:

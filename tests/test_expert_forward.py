@@ -5,12 +5,14 @@ Against the Hugging Face module itself: its output and the whole model's logits 
 (torch.equal) for every MoE architecture of tests/tiny_models.py, under the implementation transformers runs by
 default (grouped_mm) and under the class's own loop (eager), with calls where an expert gets no tokens. What is
 handed over is checked against the products computed again from the weights (routed_activations); where the
-implementation is not reproduced (batched_mm) the recorder keeps the pre-hook that recomputes them.
+implementation is not reproduced (batched_mm) the recorder keeps the pre-hook that recomputes them. The shared
+experts and dense MLPs of MoE models (experts.gated_mlp_forward) likewise.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import importlib
+from contextlib import ExitStack, contextmanager
 from functools import cache
 from typing import Iterator
 
@@ -21,13 +23,13 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 from transformers import AutoModelForCausalLM
 
 from gluscope.recorder.expert_capture import expert_hooks, forward_replaced
-from gluscope.recorder.experts import (LayerLayout, Routed, forward_implementation, layer_layouts, products_forward,
-                                       routed_activations)
+from gluscope.recorder.experts import (GATED_MLPS, LayerLayout, Routed, forward_implementation, gated_mlp_forward,
+                                       layer_layouts, products_forward, routed_activations)
 from gluscope.recorder.reducer_interface import Batch
 from gluscope.recorder.tensor_reducer import spread_rows
 
 from .test_moe_bruteforce import moe_model
-from .tiny_models import MOE_ARCHITECTURES
+from .tiny_models import MOE_ARCHITECTURES, make_config
 
 pytestmark = pytest.mark.integration
 
@@ -143,10 +145,11 @@ class Kept:
 
 
 def record_once(model: torch.nn.Module, layouts: list[LayerLayout], ids: torch.Tensor,
-                check_inside=lambda: None) -> dict[tuple[int, int], Kept]:
-    """One pass of the recorder's capture (expert_hooks) with a Kept per routed expert; check_inside() runs
-    within it, before the pass."""
-    kept = {(layer, unit.first_neuron): Kept() for layer, layout in enumerate(layouts) for unit in layout.routed}
+                check_inside=lambda: None, units: str = "routed") -> dict[tuple[int, int], Kept]:
+    """One pass of the recorder's capture (expert_hooks) with a Kept per unit of the layouts' `units` ("routed" or
+    "direct"); check_inside() runs within it, before the pass."""
+    kept = {(layer, unit.first_neuron): Kept() for layer, layout in enumerate(layouts)
+            for unit in getattr(layout, units)}
     B, T = ids.shape
     current = {"batch": Batch.of(np.full(B, T), np.arange(B), torch.device("cpu")), "tokens": ids}
     with torch.inference_mode(), expert_hooks(layouts, kept, current):
@@ -214,3 +217,68 @@ def test_the_modules_own_forward_is_back_whatever_ends_the_recording(arch):
         for layout in layouts_moe:
             assert "forward" not in vars(layout.experts) and not layout.experts._forward_pre_hooks
         assert torch.equal(model(ids).logits, own)
+
+
+# Each class of experts.GATED_MLPS, from its model's modeling file, built from that model's tiny config.
+MLP_CLASSES = {"OlmoeMLP": "olmoe", "Qwen2MoeMLP": "qwen2_moe", "Qwen3MoeMLP": "qwen3_moe",
+               "DeepseekV3MLP": "deepseek_v3"}
+
+
+def test_every_gated_mlp_class_is_checked():
+    assert set(MLP_CLASSES) == GATED_MLPS
+
+
+@pytest.mark.parametrize("name", sorted(MLP_CLASSES))
+def test_a_gated_mlp_computes_what_its_own_forward_does(name):
+    arch = MLP_CLASSES[name]
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    torch.manual_seed(0)
+    mlp = getattr(module, name)(make_config(arch, vocab_size=64, d_model=48, d_mlp=40)).eval()
+    for x in (torch.randn(3, 7, 48), torch.randn(21, 48)):  # as a dense layer and a shared expert are called
+        with torch.inference_mode():
+            own = mlp(x)
+            handed = []
+            with forward_replaced(mlp, gated_mlp_forward(mlp, lambda *a: handed.append(a))):
+                mine = mlp(x)
+            assert torch.equal(mine, own), (name, x.shape)
+            ((x_handed, gate, up),) = handed
+            assert x_handed is x
+            assert torch.equal(gate, mlp.gate_proj(x)) and torch.equal(up, mlp.up_proj(x))
+        assert "forward" not in vars(mlp)
+    # A forward that something else set on the instance is left to run.
+    with forward_replaced(mlp, mlp.forward):
+        assert gated_mlp_forward(mlp, lambda *a: None) is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_shared_experts_and_dense_layers_hand_over_their_own_products(arch):
+    """The model's logits are unchanged with every shared expert and dense MLP handing its products over, and the
+    recorder's capture hands each direct unit's reducer what the pre-hook that computes them again would."""
+    model = hf_model(arch)
+    ids = tokens(model, 2, 13, seed=5)
+    layouts = layer_layouts(model, "tiny")
+    mlps = [mlp for layout in layouts for mlp in layout.mlps]
+    assert mlps and all(gated_mlp_forward(mlp, lambda *a: None) is not None for mlp in mlps)
+    with torch.inference_mode(), ExitStack() as stack:
+        own = model(ids).logits
+        for mlp in mlps:
+            stack.enter_context(forward_replaced(mlp, gated_mlp_forward(mlp, lambda *a: None)))
+        assert torch.equal(model(ids).logits, own)
+    seen = {}
+    for replaced in (True, False):
+        with ExitStack() as stack:
+            if not replaced:  # a forward set on each instance: the capture falls back to the pre-hook
+                for mlp in mlps:
+                    stack.enter_context(forward_replaced(mlp, mlp.forward))
+
+            def inside() -> None:
+                for mlp in mlps:
+                    assert ("forward" in vars(mlp)) and len(mlp._forward_pre_hooks) == (not replaced)
+            seen[replaced] = record_once(model, layouts, ids, inside, units="direct")
+        for mlp in mlps:
+            assert "forward" not in vars(mlp) and not mlp._forward_pre_hooks
+    assert seen[True].keys() == seen[False].keys() and len(seen[True]) == len(mlps)
+    for key, kept in seen[True].items():
+        ((gate, x_in),) = kept.seen
+        ((gate2, x_in2),) = seen[False][key].seen
+        assert torch.equal(gate, gate2) and torch.equal(x_in, x_in2), key
